@@ -1,0 +1,138 @@
+//! The running application: configuration plus every long-lived part, built once at
+//! start-up and shared by all requests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
+
+use crate::auth::BearerVerifier;
+use crate::config::{Config, ConfigError, Settings, StoreConfig};
+use crate::connections::Connections;
+use crate::crypto::Keyring;
+use crate::oauth::catalog::Catalog;
+use crate::secrets::{SecretError, SecretSource, SettingsSecrets};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+pub struct App {
+    pub config: Config,
+    pub started: Instant,
+    pub started_at: i64,
+    pub keys: Arc<Keyring>,
+    pub secrets: Arc<dyn SecretSource>,
+    pub connections: Connections,
+    pub back_office: Option<BearerVerifier>,
+    /// For calls to providers' APIs through the proxy.
+    pub proxy_http: reqwest::Client,
+}
+
+/// Why the application could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("secrets: {0}")]
+    Secret(#[from] SecretError),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+impl App {
+    pub async fn build(settings: Settings, config: Config) -> Result<App, StartupError> {
+        let started = Instant::now();
+        let secrets: Arc<dyn SecretSource> = Arc::new(SettingsSecrets::new(settings));
+        let catalog = Catalog::load(&config.providers_file, config.providers_file_required)
+            .map_err(|e| ConfigError::new("PROVIDERS_FILE", e))?;
+        // Every secret the catalog names must resolve now, not at the first callback.
+        for name in catalog.secret_names() {
+            secrets.get(name).await?;
+        }
+        let keys = Arc::new(load_keys(&config, secrets.as_ref()).await?);
+        let store: Arc<dyn Store> = match &config.store {
+            StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path).map_err(StartupError::Store)?),
+        };
+        let http = outbound_client(config.oauth.upstream_timeout)?;
+        let proxy_http = outbound_client(config.oauth.upstream_timeout)?;
+        let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
+        let connections = Connections::new(
+            store,
+            keys.clone(),
+            Arc::new(catalog),
+            secrets.clone(),
+            http,
+            config.oauth.clone(),
+            config.redirect_uri.clone(),
+        );
+        Ok(App {
+            config,
+            started,
+            started_at: crate::time::now(),
+            keys,
+            secrets,
+            connections,
+            back_office,
+            proxy_http,
+        })
+    }
+}
+
+/// One pooled client per purpose: no redirects (a redirecting token endpoint is a
+/// misconfiguration, and following it would leak credentials), bounded timeouts.
+fn outbound_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("dynamics-companion/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| StartupError::Http(e.to_string()))
+}
+
+/// The token encryption keys. Without a configured key and with the SQLite store, a
+/// key is generated once and kept beside the database file, so the embedded defaults
+/// work; any other store requires a configured key.
+async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyring, StartupError> {
+    let name = &config.secrets.token_keys_secret;
+    let setting = crate::secrets::env_name(name);
+    match secrets.get(name).await {
+        Ok(spec) => Keyring::parse(spec.expose_secret()).map_err(|e| ConfigError::new(setting, e.0).into()),
+        Err(SecretError::Missing { .. }) if config.secrets.dev_key_file.is_some() => {
+            let path = config.secrets.dev_key_file.clone().unwrap_or_default();
+            let spec = match std::fs::read_to_string(&path) {
+                Ok(s) => s,
+                Err(_) => {
+                    let spec = Keyring::generate_spec("local1");
+                    if let Some(dir) = path.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    write_private(&path, &spec).map_err(|e| {
+                        ConfigError::new(&setting, format!("is not set and a local key could not be written to {}: {e}", path.display()))
+                    })?;
+                    spec
+                }
+            };
+            tracing::warn!(
+                "{setting} is not set: using the local development key in {} (set {setting} for any shared or deployed instance)",
+                path.display()
+            );
+            Keyring::parse(spec.trim()).map_err(|e| ConfigError::new(format!("{}", path.display()), e.0).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(contents.as_bytes())
+}

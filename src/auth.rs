@@ -1,0 +1,210 @@
+//! Who may call the back-office API: bearer JWTs from one OIDC issuer (Entra ID in
+//! production), typically client-credential tokens of Dynamics plug-ins, X++ or Power
+//! Automate.
+//!
+//! The signature is checked against the issuer's JWKS, found through OpenID discovery
+//! and cached; a token signed with a key id we have not seen triggers one re-fetch
+//! (at most every 30 s, so garbage tokens cannot make us hammer the issuer). The
+//! algorithm is pinned to RS256, and issuer, audience, expiry and not-before are
+//! checked. Finally the caller must be on an allow-list of client ids (`azp`/`appid`)
+//! or hold an allowed app role (`roles`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use url::Url;
+
+use crate::config::{BackOfficeAuth, parse_service_url};
+
+const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+const LEEWAY_SECS: u64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// We cannot verify anything right now (the issuer's keys are unreachable).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The verified caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub client_id: Option<String>,
+    pub subject: Option<String>,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    /// Entra v2 tokens.
+    azp: Option<String>,
+    /// Entra v1 tokens.
+    appid: Option<String>,
+    /// Other issuers' client-credential tokens.
+    client_id: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+struct Keys {
+    by_kid: HashMap<String, DecodingKey>,
+    fetched: Instant,
+}
+
+pub struct BearerVerifier {
+    cfg: BackOfficeAuth,
+    http: reqwest::Client,
+    validation: Validation,
+    keys: RwLock<Option<Keys>>,
+}
+
+impl BearerVerifier {
+    pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[cfg.issuer.as_str()]);
+        validation.set_audience(&cfg.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
+        BearerVerifier { cfg, http, validation, keys: RwLock::new(None) }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.cfg.issuer
+    }
+
+    /// Whether signing keys have been loaded (for health).
+    pub async fn keys_loaded(&self) -> bool {
+        self.keys.read().await.is_some()
+    }
+
+    /// Verifies the `Authorization` header value.
+    pub async fn verify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let token = bearer(authorization)?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
+        if header.alg != Algorithm::RS256 {
+            return Err(AuthError::Unauthenticated(format!(
+                "The bearer token is signed with {:?}; only RS256 is accepted.",
+                header.alg
+            )));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
+        let key = self.key(&kid).await?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            AuthError::Unauthenticated(match e.kind() {
+                K::ExpiredSignature => "The bearer token has expired.".into(),
+                K::ImmatureSignature => "The bearer token is not valid yet (nbf).".into(),
+                K::InvalidAudience => "The bearer token is for another audience.".into(),
+                K::InvalidIssuer => format!("The bearer token was not issued by {}.", self.cfg.issuer),
+                K::InvalidSignature => "The bearer token's signature is not valid.".into(),
+                K::MissingRequiredClaim(c) => format!("The bearer token has no {c} claim."),
+                _ => format!("The bearer token is not valid: {e}."),
+            })
+        })?;
+        let claims = data.claims;
+        let client_id = claims.azp.or(claims.appid).or(claims.client_id);
+        let by_client = client_id.as_ref().is_some_and(|c| self.cfg.allowed_client_ids.iter().any(|a| a == c));
+        let by_role = claims.roles.iter().any(|r| self.cfg.allowed_roles.contains(r));
+        if !by_client && !by_role {
+            return Err(AuthError::Forbidden(format!(
+                "The caller ({}) is not allowed: it is neither in AUTH_ALLOWED_CLIENT_IDS nor holds a role in AUTH_ALLOWED_ROLES.",
+                client_id.as_deref().unwrap_or("no client id")
+            )));
+        }
+        Ok(Caller { client_id, subject: claims.sub, roles: claims.roles })
+    }
+
+    async fn key(&self, kid: &str) -> Result<DecodingKey, AuthError> {
+        {
+            let keys = self.keys.read().await;
+            if let Some(k) = keys.as_ref().and_then(|k| k.by_kid.get(kid)) {
+                return Ok(k.clone());
+            }
+        }
+        let mut keys = self.keys.write().await;
+        // Another request may have fetched while we waited for the write lock.
+        if let Some(k) = keys.as_ref().and_then(|k| k.by_kid.get(kid)) {
+            return Ok(k.clone());
+        }
+        let may_fetch = keys.as_ref().is_none_or(|k| k.fetched.elapsed() >= REFETCH_INTERVAL);
+        if may_fetch {
+            match self.fetch_keys().await {
+                Ok(by_kid) => *keys = Some(Keys { by_kid, fetched: Instant::now() }),
+                Err(e) if keys.is_none() => return Err(AuthError::Unavailable(e)),
+                Err(e) => tracing::warn!("could not refresh the issuer's signing keys: {e}"),
+            }
+        }
+        keys.as_ref()
+            .and_then(|k| k.by_kid.get(kid).cloned())
+            .ok_or_else(|| AuthError::Unauthenticated("The bearer token is signed with a key the issuer does not publish.".into()))
+    }
+
+    async fn fetch_keys(&self) -> Result<HashMap<String, DecodingKey>, String> {
+        let jwks_url = match &self.cfg.jwks_url {
+            Some(u) => u.clone(),
+            None => self.discover().await?,
+        };
+        let set: JwkSet = self.get_json(&jwks_url).await?;
+        let mut by_kid = HashMap::new();
+        for jwk in &set.keys {
+            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) else {
+                continue;
+            };
+            by_kid.insert(kid, key);
+        }
+        if by_kid.is_empty() {
+            return Err(format!("the JWKS at {jwks_url} has no usable keys"));
+        }
+        tracing::info!(keys = by_kid.len(), "loaded the back-office issuer's signing keys");
+        Ok(by_kid)
+    }
+
+    async fn discover(&self) -> Result<Url, String> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            jwks_uri: String,
+        }
+        let base = self.cfg.issuer.trim_end_matches('/');
+        let url = Url::parse(&format!("{base}/.well-known/openid-configuration")).map_err(|e| e.to_string())?;
+        let doc: Discovery = self.get_json(&url).await?;
+        parse_service_url(&doc.jwks_uri).map_err(|e| format!("the discovery document's jwks_uri {e}"))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, String> {
+        let resp = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("{url} did not answer: {}", crate::oauth::client::describe(e)))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| format!("{url} did not return the expected JSON: {}", crate::oauth::client::describe(e)))
+    }
+}
+
+/// Extracts the token from `Authorization: Bearer <token>`.
+pub fn bearer(authorization: Option<&str>) -> Result<&str, AuthError> {
+    let value = authorization.ok_or_else(|| {
+        AuthError::Unauthenticated("Send an access token in the Authorization header: `Authorization: Bearer <token>`.".into())
+    })?;
+    let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Unauthenticated("The Authorization header must use the Bearer scheme.".into()));
+    }
+    Ok(token.trim())
+}

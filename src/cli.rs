@@ -1,0 +1,112 @@
+//! The command line: `handler` serves (what the Functions host runs); sub-commands are
+//! operator tools.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::App;
+use crate::config::{Config, Settings};
+
+#[derive(Debug, Parser)]
+#[command(name = "handler", version, about = "Dynamics Companion: OAuth callback, token keeper and portal companion for Dynamics 365")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP (the default; what the Functions host runs).
+    Serve,
+    /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
+    NewKey {
+        /// The key id to write in front of the key.
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(),
+        Command::NewKey { id } => {
+            println!("{}", crate::crypto::Keyring::generate_spec(&id));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Prints a start-up failure as one line and returns a failing exit code. No panic,
+/// no backtrace: the Functions host shows the last stderr lines as the exit reason.
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("handler: {message}");
+    ExitCode::FAILURE
+}
+
+fn serve() -> ExitCode {
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let config = match Config::from_settings(&settings) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    crate::logging::init(&config.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let listener = match crate::http::bind(config.listen.addr).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot listen on {}: {e}", config.listen.addr)),
+        };
+        if let Some(file) = &settings.local_settings_file {
+            tracing::info!("read settings from {}", file.display());
+        }
+        let addr = config.listen.addr;
+        let under_host = config.listen.under_host;
+        let app = match App::build(settings, config).await {
+            Ok(app) => Arc::new(app),
+            Err(e) => return fail(e),
+        };
+        tracing::info!(
+            %addr,
+            under_host,
+            store = app.connections.store().kind(),
+            providers = app.connections.catalog().len(),
+            startup_ms = format_args!("{:.1}", app.started.elapsed().as_secs_f64() * 1000.0),
+            "Dynamics Companion {} listening",
+            env!("CARGO_PKG_VERSION")
+        );
+        crate::http::serve(app, listener, shutdown_signal()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Completes on SIGTERM (the host or the platform stopping us) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received; finishing open requests"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received; finishing open requests"),
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

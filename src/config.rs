@@ -1,0 +1,388 @@
+//! Configuration: every setting is read once at start-up into typed structs.
+//!
+//! Settings come from the process environment. Run outside the Functions host (no
+//! `FUNCTIONS_CUSTOMHANDLER_PORT`), the handler also reads the `Values` of
+//! `local.settings.json` the way Core Tools would, and a variable set in the real
+//! environment wins over the file. A missing or malformed setting is a [`ConfigError`]
+//! that names the setting, so start-up can stop with one readable line.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+/// A setting that is missing or malformed. Displayed as one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {setting}: {problem}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError { setting: setting.into(), problem: problem.into() }
+    }
+}
+
+/// The raw name/value settings: the environment, over `local.settings.json` when the
+/// handler runs on its own.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    values: HashMap<String, String>,
+    /// Where the file values came from, for the start-up log line.
+    pub local_settings_file: Option<PathBuf>,
+    /// `Host.LocalHttpPort` / `Host.LocalHttpAddress` from local.settings.json.
+    local_host: LocalHost,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LocalHost {
+    port: Option<u16>,
+    address: Option<IpAddr>,
+}
+
+impl Settings {
+    /// Reads the environment, plus `local.settings.json` from the app root when the
+    /// Functions host did not start us.
+    pub fn load() -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let under_host = env.contains_key("FUNCTIONS_CUSTOMHANDLER_PORT");
+        let root = app_root_from(&env);
+        let mut settings = Settings::default();
+        if !under_host {
+            let path = root.join("local.settings.json");
+            if path.is_file() {
+                settings.read_local_settings(&path)?;
+                settings.local_settings_file = Some(path);
+            }
+        }
+        // The real environment wins over the file, as in Core Tools.
+        settings.values.extend(env);
+        Ok(settings)
+    }
+
+    /// Settings from an explicit map (tests and sub-commands).
+    pub fn from_map(values: HashMap<String, String>) -> Settings {
+        Settings { values, ..Settings::default() }
+    }
+
+    fn read_local_settings(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let setting = "local.settings.json";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ConfigError::new(setting, format!("is not valid JSON: {e}")))?;
+        if doc.get("IsEncrypted").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(ConfigError::new(setting, "IsEncrypted is true; the handler reads plain values only"));
+        }
+        if let Some(values) = doc.get("Values").and_then(|v| v.as_object()) {
+            for (name, value) in values {
+                let value = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => continue,
+                    other => other.to_string(),
+                };
+                self.values.insert(name.clone(), value);
+            }
+        }
+        if let Some(host) = doc.get("Host") {
+            self.local_host.port = host.get("LocalHttpPort").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok());
+            self.local_host.address =
+                host.get("LocalHttpAddress").and_then(|v| v.as_str()).and_then(|a| a.parse().ok());
+        }
+        Ok(())
+    }
+
+    /// The value of a setting; empty strings count as unset.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    pub fn require(&self, name: &str) -> Result<&str, ConfigError> {
+        self.get(name).ok_or_else(|| ConfigError::new(name, "is required but not set"))
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str, default: T, what: &str) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| ConfigError::new(name, format!("expected {what}, got {v:?}"))),
+        }
+    }
+
+    fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(name, default, "a whole number of seconds").map(Duration::from_secs)
+    }
+
+    fn list(&self, name: &str) -> Vec<String> {
+        self.get(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
+    fn url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
+        self.get(name)
+            .map(|v| parse_service_url(v).map_err(|p| ConfigError::new(name, p)))
+            .transpose()
+    }
+}
+
+/// Parses a URL the handler will call or hand out. HTTPS is required except for
+/// loopback hosts, which local development and the tests use.
+pub fn parse_service_url(v: &str) -> Result<Url, String> {
+    let url = Url::parse(v).map_err(|e| format!("is not a valid URL ({e}): {v:?}"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(format!("must use https (plain http is accepted only for localhost): {v:?}")),
+        other => Err(format!("must be an https URL, not {other}: {v:?}")),
+    }
+}
+
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn app_root_from(env: &HashMap<String, String>) -> PathBuf {
+    match env.get("FUNCTIONS_APP_ROOT_PATH").filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}
+
+/// Everything the handler needs to know, parsed once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub app_root: PathBuf,
+    /// The fixed redirect URI registered with every provider.
+    pub redirect_uri: Url,
+    pub store: StoreConfig,
+    pub providers_file: PathBuf,
+    /// Set explicitly (then a missing file is an error) or the default (then it is not).
+    pub providers_file_required: bool,
+    pub limits: Limits,
+    pub oauth: OAuthConfig,
+    /// The back-office API's bearer-token issuer; `None` leaves that API closed.
+    pub back_office: Option<BackOfficeAuth>,
+    pub secrets: SecretsConfig,
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// True when the Functions host started us (`FUNCTIONS_CUSTOMHANDLER_PORT`).
+    pub under_host: bool,
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Sqlite { .. } => "sqlite",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted, chunked or not.
+    pub max_body_bytes: usize,
+    /// Largest single OAuth callback parameter (`code`, `state`, ...).
+    pub max_param_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// States we did not issue are rejected.
+    Off,
+    /// States we did not issue are kept as capture records in the store.
+    Store,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub state_ttl: Duration,
+    pub refresh_margin: Duration,
+    /// How long a process trusts its cached access token before re-reading the store.
+    pub token_cache_ttl: Duration,
+    /// A refresh lease older than this is considered abandoned by a crashed instance.
+    pub lease_duration: Duration,
+    /// The timer refreshes tokens that expire within this window.
+    pub timer_lookahead: Duration,
+    pub capture: CaptureMode,
+    pub capture_retention: Duration,
+    /// Origins (`https://host[:port]`) a `return_url` may point to.
+    pub return_url_origins: Vec<url::Origin>,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackOfficeAuth {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Explicit JWKS URL; otherwise found through OpenID discovery on the issuer.
+    pub jwks_url: Option<Url>,
+    pub allowed_client_ids: Vec<String>,
+    pub allowed_roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretsConfig {
+    /// Comma-separated `id:base64key` list, or its secret name; see `crypto::Keyring`.
+    pub token_keys_secret: String,
+    /// Where a generated development key is kept when no key is configured (SQLite only).
+    pub dev_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
+        let app_root = match s.get("FUNCTIONS_APP_ROOT_PATH") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        };
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { app_root.join(p) }
+        };
+
+        let listen = match s.get("FUNCTIONS_CUSTOMHANDLER_PORT") {
+            Some(port) => {
+                let port: u16 = port.parse().map_err(|_| {
+                    ConfigError::new("FUNCTIONS_CUSTOMHANDLER_PORT", format!("expected a TCP port, got {port:?}"))
+                })?;
+                // The host always connects to 127.0.0.1.
+                Listen {
+                    addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                    under_host: true,
+                    worker_id: s.get("FUNCTIONS_CUSTOMHANDLER_WORKER_ID").map(str::to_string),
+                }
+            }
+            None => {
+                let port = s.parse("LOCAL_HTTP_PORT", s.local_host.port.unwrap_or(7071), "a TCP port")?;
+                let ip = s.local_host.address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                Listen { addr: SocketAddr::new(ip, port), under_host: false, worker_id: None }
+            }
+        };
+
+        let public_base = match s.url("PUBLIC_BASE_URL")? {
+            Some(u) => u,
+            None => {
+                let port = if listen.under_host { 7071 } else { listen.addr.port() };
+                Url::parse(&format!("http://localhost:{port}")).map_err(|e| ConfigError::new("PUBLIC_BASE_URL", e.to_string()))?
+            }
+        };
+        let redirect_uri = match s.url("OAUTH_REDIRECT_URI")? {
+            Some(u) => u,
+            None => public_base
+                .join("/api/oauth/callback")
+                .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("cannot build the callback URL: {e}")))?,
+        };
+
+        let store = match s.get("STORE").unwrap_or("sqlite").to_ascii_lowercase().as_str() {
+            "sqlite" => StoreConfig::Sqlite { path: resolve(s.get("SQLITE_PATH").unwrap_or(".data/companion.db")) },
+            other => {
+                return Err(ConfigError::new("STORE", format!("expected \"sqlite\", got {other:?}")));
+            }
+        };
+
+        let limits = Limits {
+            max_body_bytes: s.parse("MAX_BODY_BYTES", 1024 * 1024, "a number of bytes")?,
+            max_param_bytes: s.parse("MAX_PARAM_BYTES", 8 * 1024, "a number of bytes")?,
+        };
+
+        let capture = match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
+            "off" => CaptureMode::Off,
+            "store" => CaptureMode::Store,
+            other => return Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\" or \"off\", got {other:?}"))),
+        };
+        let mut return_url_origins = Vec::new();
+        for origin in s.list("RETURN_URL_ALLOWLIST") {
+            let url = parse_service_url(&origin).map_err(|p| ConfigError::new("RETURN_URL_ALLOWLIST", p))?;
+            return_url_origins.push(url.origin());
+        }
+        let oauth = OAuthConfig {
+            state_ttl: s.seconds("STATE_TTL_SECONDS", 600)?,
+            refresh_margin: s.seconds("REFRESH_MARGIN_SECONDS", 300)?,
+            token_cache_ttl: s.seconds("TOKEN_CACHE_SECONDS", 30)?,
+            lease_duration: s.seconds("REFRESH_LEASE_SECONDS", 60)?,
+            timer_lookahead: s.seconds("TIMER_LOOKAHEAD_SECONDS", 900)?,
+            capture,
+            capture_retention: s.seconds("CAPTURE_RETENTION_SECONDS", 7 * 24 * 3600)?,
+            return_url_origins,
+            upstream_timeout: s.seconds("UPSTREAM_TIMEOUT_SECONDS", 30)?,
+        };
+        if oauth.state_ttl.is_zero() {
+            return Err(ConfigError::new("STATE_TTL_SECONDS", "must be at least 1"));
+        }
+        if oauth.lease_duration <= oauth.upstream_timeout {
+            // A lease must outlive the refresh call it guards, or a slow provider lets a
+            // second instance take over and replay the rotating refresh token.
+            return Err(ConfigError::new(
+                "REFRESH_LEASE_SECONDS",
+                "must be longer than UPSTREAM_TIMEOUT_SECONDS, so a refresh cannot outlive its lease",
+            ));
+        }
+
+        let back_office = match s.get("AUTH_ISSUER") {
+            None => None,
+            Some(issuer) => {
+                parse_service_url(issuer).map_err(|p| ConfigError::new("AUTH_ISSUER", p))?;
+                let audiences = s.list("AUTH_AUDIENCE");
+                if audiences.is_empty() {
+                    return Err(ConfigError::new("AUTH_AUDIENCE", "is required when AUTH_ISSUER is set"));
+                }
+                let allowed_client_ids = s.list("AUTH_ALLOWED_CLIENT_IDS");
+                let allowed_roles = s.list("AUTH_ALLOWED_ROLES");
+                if allowed_client_ids.is_empty() && allowed_roles.is_empty() {
+                    return Err(ConfigError::new(
+                        "AUTH_ALLOWED_CLIENT_IDS",
+                        "set it or AUTH_ALLOWED_ROLES: without an allow-list any application of the tenant could read tokens",
+                    ));
+                }
+                Some(BackOfficeAuth {
+                    issuer: issuer.to_string(),
+                    audiences,
+                    jwks_url: s.url("AUTH_JWKS_URL")?,
+                    allowed_client_ids,
+                    allowed_roles,
+                })
+            }
+        };
+
+        let dev_key_file = match &store {
+            StoreConfig::Sqlite { path } => Some(path.with_extension("key")),
+        };
+        let secrets = SecretsConfig {
+            token_keys_secret: s.get("TOKEN_ENCRYPTION_KEYS_SECRET").unwrap_or("token-encryption-keys").to_string(),
+            dev_key_file,
+        };
+
+        Ok(Config {
+            listen,
+            app_root: app_root.clone(),
+            redirect_uri,
+            store,
+            providers_file: resolve(s.get("PROVIDERS_FILE").unwrap_or("providers.toml")),
+            providers_file_required: s.get("PROVIDERS_FILE").is_some(),
+            limits,
+            oauth,
+            back_office,
+            secrets,
+            log_filter: s.get("LOG_LEVEL").or_else(|| s.get("RUST_LOG")).unwrap_or("info").to_string(),
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! Encryption of stored secrets and the signed OAuth `state`.
+//!
+//! Tokens are sealed with AES-256-GCM before they reach any store. The sealed text is
+//! `v1.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`: the key id travels with the
+//! ciphertext so keys can rotate (encrypt with the current key, decrypt with any key
+//! still configured). The associated data binds a ciphertext to its record and field,
+//! so a sealed value copied onto another connection does not decrypt.
+//!
+//! The `state` we issue is `dc1.<payload>.<mac>`. Its HMAC lets the callback tell a
+//! state that was altered or expired from one we never issued (capture mode) before
+//! touching the store; single use is enforced by the store (only a hash is kept).
+
+use std::collections::HashMap;
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64URL};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+const NONCE_LEN: usize = 12;
+const STATE_PREFIX: &str = "dc1.";
+const STATE_NONCE_LEN: usize = 32;
+const STATE_TAG_LEN: usize = 8;
+const STATE_MAC_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("the sealed value is not in the expected format")]
+    Malformed,
+    #[error("the sealed value was encrypted with key {0:?}, which is not configured")]
+    UnknownKey(String),
+    #[error("the sealed value does not decrypt with its key (altered, or bound to another record)")]
+    Tampered,
+}
+
+/// A malformed key list, reported against the setting that holds it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyFormatError(pub String);
+
+struct Key {
+    id: String,
+    aead: Aes256Gcm,
+    state_mac: Vec<u8>,
+}
+
+/// The token encryption keys: the first is current, all decrypt.
+pub struct Keyring {
+    keys: Vec<Key>,
+    by_id: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
+        f.debug_struct("Keyring").field("key_ids", &ids).finish()
+    }
+}
+
+impl Keyring {
+    /// Parses `id:base64key[,id:base64key...]`; each key is 32 random bytes in standard
+    /// or URL-safe base64. The first entry encrypts.
+    pub fn parse(spec: &str) -> Result<Keyring, KeyFormatError> {
+        let mut keys = Vec::new();
+        let mut by_id = HashMap::new();
+        for (i, entry) in spec.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+            let (id, material) = entry
+                .split_once(':')
+                .ok_or_else(|| KeyFormatError(format!("entry {} is not `id:base64key`", i + 1)))?;
+            let id = id.trim();
+            if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(KeyFormatError(format!("key id {id:?} must be 1-32 letters, digits, '-' or '_'")));
+            }
+            let material = material.trim();
+            let bytes = STANDARD
+                .decode(material)
+                .or_else(|_| B64URL.decode(material.trim_end_matches('=')))
+                .map_err(|_| KeyFormatError(format!("key {id:?} is not valid base64")))?;
+            if bytes.len() != 32 {
+                return Err(KeyFormatError(format!("key {id:?} must be 32 bytes, found {}", bytes.len())));
+            }
+            let aead = Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyFormatError(format!("key {id:?} is unusable")))?;
+            let state_mac = hmac(&bytes, &[b"dynamics-companion/state/v1"]).to_vec();
+            if by_id.insert(id.to_string(), keys.len()).is_some() {
+                return Err(KeyFormatError(format!("key id {id:?} appears twice")));
+            }
+            keys.push(Key { id: id.to_string(), aead, state_mac });
+        }
+        if keys.is_empty() {
+            return Err(KeyFormatError("no key given".into()));
+        }
+        Ok(Keyring { keys, by_id })
+    }
+
+    /// A new random key in the format [`Keyring::parse`] reads.
+    pub fn generate_spec(id: &str) -> String {
+        format!("{id}:{}", STANDARD.encode(random_bytes::<32>()))
+    }
+
+    pub fn current_id(&self) -> &str {
+        &self.keys[0].id
+    }
+
+    /// Encrypts with the current key. `aad` names the record and field.
+    pub fn seal(&self, plaintext: &[u8], aad: &str) -> String {
+        let key = &self.keys[0];
+        let nonce = random_bytes::<NONCE_LEN>();
+        // Encryption with a valid key and a 12-byte nonce does not fail for inputs
+        // below the GCM limit (64 GiB); tokens are a few kilobytes.
+        let ct = key
+            .aead
+            .encrypt((&nonce).into(), Payload { msg: plaintext, aad: aad.as_bytes() })
+            .unwrap_or_default();
+        let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ct);
+        format!("v1.{}.{}", key.id, B64URL.encode(blob))
+    }
+
+    pub fn open(&self, sealed: &str, aad: &str) -> Result<Vec<u8>, CryptoError> {
+        let mut parts = sealed.splitn(3, '.');
+        let (Some("v1"), Some(id), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(CryptoError::Malformed);
+        };
+        let key = self.by_id.get(id).map(|&i| &self.keys[i]).ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
+        let blob = B64URL.decode(data).map_err(|_| CryptoError::Malformed)?;
+        if blob.len() < NONCE_LEN + 16 {
+            return Err(CryptoError::Malformed);
+        }
+        let (nonce, ct) = blob.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
+        key.aead
+            .decrypt((&nonce).into(), Payload { msg: ct, aad: aad.as_bytes() })
+            .map_err(|_| CryptoError::Tampered)
+    }
+
+    /// Issues a `state` for a connection, valid until `expires_at` (Unix seconds).
+    pub fn issue_state(&self, connection_id: &str, expires_at: i64) -> String {
+        let key = &self.keys[0];
+        let mut payload = Vec::with_capacity(1 + key.id.len() + 8 + STATE_TAG_LEN + STATE_NONCE_LEN);
+        payload.push(key.id.len() as u8);
+        payload.extend_from_slice(key.id.as_bytes());
+        payload.extend_from_slice(&(expires_at as u64).to_be_bytes());
+        payload.extend_from_slice(&connection_tag(connection_id));
+        payload.extend_from_slice(&random_bytes::<STATE_NONCE_LEN>());
+        let mac = hmac(&key.state_mac, &[&payload]);
+        format!("{STATE_PREFIX}{}.{}", B64URL.encode(&payload), B64URL.encode(&mac[..STATE_MAC_LEN]))
+    }
+
+    /// Checks a `state` from the callback without touching the store.
+    pub fn verify_state(&self, state: &str, now: i64) -> Result<VerifiedState, StateError> {
+        let Some(rest) = state.strip_prefix(STATE_PREFIX) else {
+            return Err(StateError::NotOurs);
+        };
+        let (payload_b64, mac_b64) = rest.split_once('.').ok_or(StateError::Tampered)?;
+        let payload = B64URL.decode(payload_b64).map_err(|_| StateError::Tampered)?;
+        let mac = B64URL.decode(mac_b64).map_err(|_| StateError::Tampered)?;
+        let id_len = *payload.first().ok_or(StateError::Tampered)? as usize;
+        if payload.len() != 1 + id_len + 8 + STATE_TAG_LEN + STATE_NONCE_LEN || mac.len() != STATE_MAC_LEN {
+            return Err(StateError::Tampered);
+        }
+        let id = std::str::from_utf8(&payload[1..1 + id_len]).map_err(|_| StateError::Tampered)?;
+        let key = self.by_id.get(id).map(|&i| &self.keys[i]).ok_or(StateError::Tampered)?;
+        let expected = hmac(&key.state_mac, &[&payload]);
+        if !constant_time_eq(&expected[..STATE_MAC_LEN], &mac) {
+            return Err(StateError::Tampered);
+        }
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&payload[1 + id_len..1 + id_len + 8]);
+        let expires_at = u64::from_be_bytes(exp) as i64;
+        let mut tag = [0u8; STATE_TAG_LEN];
+        tag.copy_from_slice(&payload[1 + id_len + 8..1 + id_len + 8 + STATE_TAG_LEN]);
+        if now >= expires_at {
+            return Err(StateError::Expired);
+        }
+        Ok(VerifiedState { expires_at, connection_tag: tag, hash: state_hash(state) })
+    }
+}
+
+/// A state whose signature and expiry check out.
+#[derive(Debug, Clone)]
+pub struct VerifiedState {
+    pub expires_at: i64,
+    connection_tag: [u8; STATE_TAG_LEN],
+    /// What the store keeps to find the pending authorization.
+    pub hash: String,
+}
+
+impl VerifiedState {
+    /// Whether this state was issued for the given connection.
+    pub fn is_for(&self, connection_id: &str) -> bool {
+        constant_time_eq(&self.connection_tag, &connection_tag(connection_id))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("the state was not issued by this service")]
+    NotOurs,
+    #[error("the state was altered or was signed with a key that is no longer configured")]
+    Tampered,
+    #[error("the state has expired")]
+    Expired,
+}
+
+/// The store's lookup key for a state: never the state itself.
+pub fn state_hash(state: &str) -> String {
+    B64URL.encode(Sha256::digest(state.as_bytes()))
+}
+
+/// A stable, non-reversible key for a value (capture de-duplication by code).
+pub fn fingerprint(value: &str) -> String {
+    B64URL.encode(Sha256::digest(value.as_bytes()))
+}
+
+fn connection_tag(connection_id: &str) -> [u8; STATE_TAG_LEN] {
+    let digest = Sha256::digest(connection_id.as_bytes());
+    let mut tag = [0u8; STATE_TAG_LEN];
+    tag.copy_from_slice(&digest[..STATE_TAG_LEN]);
+    tag
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts keys of any length.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    // getrandom fails only when the OS has no entropy source at all; nothing secure
+    // can be done then, and continuing with zeros would be worse than stopping.
+    if let Err(e) = getrandom::fill(&mut buf) {
+        panic!("the operating system's random number generator failed: {e}");
+    }
+    buf
+}
+
+/// A random URL-safe string carrying `N` bytes of entropy.
+pub fn random_token<const N: usize>() -> String {
+    B64URL.encode(random_bytes::<N>())
+}
+
+/// RFC 7636 S256: `BASE64URL(SHA256(ASCII(code_verifier)))`.
+pub fn pkce_challenge(verifier: &str) -> String {
+    B64URL.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(spec: &str) -> Keyring {
+        Keyring::parse(spec).unwrap()
+    }
+
+    #[test]
+    fn seals_and_opens_with_rotation() {
+        let old = Keyring::generate_spec("k1");
+        let new = Keyring::generate_spec("k2");
+        let before = ring(&old).seal(b"refresh-token", "conn:a/tokens");
+        let rotated = ring(&format!("{new},{old}"));
+        assert_eq!(rotated.open(&before, "conn:a/tokens").unwrap(), b"refresh-token");
+        let after = rotated.seal(b"x", "conn:a/tokens");
+        assert!(after.starts_with("v1.k2."));
+        assert_eq!(ring(&old).open(&after, "conn:a/tokens"), Err(CryptoError::UnknownKey("k2".into())));
+    }
+
+    #[test]
+    fn ciphertext_is_bound_to_its_record() {
+        let r = ring(&Keyring::generate_spec("k1"));
+        let sealed = r.seal(b"secret", "conn:a/tokens");
+        assert_eq!(r.open(&sealed, "conn:b/tokens"), Err(CryptoError::Tampered));
+        assert!(!sealed.contains("secret"));
+    }
+
+    #[test]
+    fn rejects_bad_key_specs() {
+        assert!(Keyring::parse("").is_err());
+        assert!(Keyring::parse("k1").is_err());
+        assert!(Keyring::parse("k1:c2hvcnQ=").is_err());
+        assert!(Keyring::parse("bad id:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_err());
+    }
+
+    #[test]
+    fn state_round_trip_and_failures() {
+        let r = ring(&Keyring::generate_spec("k1"));
+        let s = r.issue_state("conn-a", 1_000);
+        let v = r.verify_state(&s, 999).unwrap();
+        assert!(v.is_for("conn-a"));
+        assert!(!v.is_for("conn-b"));
+        assert_eq!(v.hash, state_hash(&s));
+        assert_eq!(r.verify_state(&s, 1_000).unwrap_err(), StateError::Expired);
+        assert_eq!(r.verify_state("some-state-from-dynamics", 0).unwrap_err(), StateError::NotOurs);
+        // Flip one character of the payload.
+        let mut chars: Vec<char> = s.chars().collect();
+        chars[6] = if chars[6] == 'A' { 'B' } else { 'A' };
+        let tampered: String = chars.into_iter().collect();
+        assert_eq!(r.verify_state(&tampered, 0).unwrap_err(), StateError::Tampered);
+        // A state from another deployment's key is not accepted.
+        let other = ring(&Keyring::generate_spec("k1"));
+        assert_eq!(other.verify_state(&s, 0).unwrap_err(), StateError::Tampered);
+    }
+
+    #[test]
+    fn pkce_matches_rfc_7636_appendix_b() {
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+}

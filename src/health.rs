@@ -1,0 +1,36 @@
+//! `GET /api/health`: version, uptime, and whether each configured dependency is
+//! ready. Says nothing secret: no URLs with credentials, no key material, no tokens.
+
+use serde_json::json;
+use warp::http::StatusCode;
+
+use crate::app::App;
+use crate::http::{ApiError, Response, response};
+
+pub async fn handle(app: &App) -> Result<Response, ApiError> {
+    let store = match app.connections.store().ping().await {
+        Ok(()) => json!({ "kind": app.connections.store().kind(), "ready": true }),
+        Err(e) => json!({ "kind": app.connections.store().kind(), "ready": false, "detail": e.to_string() }),
+    };
+    let store_ready = store["ready"].as_bool().unwrap_or(false);
+    let back_office = match &app.back_office {
+        Some(v) => json!({ "configured": true, "issuer": v.issuer(), "signing_keys_loaded": v.keys_loaded().await }),
+        None => json!({ "configured": false }),
+    };
+    let body = json!({
+        "status": if store_ready { "ok" } else { "degraded" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "started_at": crate::time::rfc3339(app.started_at),
+        "under_functions_host": app.config.listen.under_host,
+        "dependencies": {
+            "store": store,
+            "providers": { "ready": true, "count": app.connections.catalog().len() },
+            "secrets": { "source": app.secrets.describe() },
+            "encryption": { "current_key_id": app.keys.current_id() },
+            "back_office_auth": back_office,
+        },
+    });
+    let status = if store_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok(response::json(status, &body))
+}

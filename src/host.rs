@@ -1,0 +1,124 @@
+//! The Azure Functions custom-handler protocol for invocations the host does not
+//! forward: the `refresh` timer.
+//!
+//! The host `POST`s `{"Data": {...}, "Metadata": {...}}` to `/{FunctionName}`, chunked
+//! and without `Content-Length`. Plain string values arrive JSON-encoded a second time
+//! (`"\"text\""`), so every string value that is itself JSON is decoded once more. The
+//! reply must be `200` with a JSON content type and the shape
+//! `{"Outputs": {}, "Logs": [...], "ReturnValue": null}`: a non-2xx or non-JSON reply
+//! fails the invocation, and an empty body hangs it until the function timeout.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use warp::http::StatusCode;
+
+use crate::app::App;
+use crate::http::request::parse_json;
+use crate::http::{ApiError, Request, Response, response};
+
+/// The invocation payload the host sends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Invocation {
+    #[serde(default)]
+    pub data: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+/// The reply the host expects.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InvocationResult {
+    pub outputs: serde_json::Map<String, Value>,
+    pub logs: Vec<String>,
+    pub return_value: Value,
+}
+
+/// The timer binding's value (`TimerInfo`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TimerInfo {
+    #[serde(default)]
+    pub is_past_due: bool,
+    #[serde(default)]
+    pub schedule_status: Option<ScheduleStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ScheduleStatus {
+    pub next: Option<String>,
+    pub last: Option<String>,
+}
+
+impl Invocation {
+    /// The first timer binding in `Data`, whatever its binding name.
+    pub fn timer(&self) -> TimerInfo {
+        self.data
+            .values()
+            .map(unwrap_double_encoded)
+            .find_map(|v| if v.get("Schedule").is_some() || v.get("IsPastDue").is_some() {
+                serde_json::from_value(v).ok()
+            } else {
+                None
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Decodes a string that holds JSON (the host's second encoding); other values pass.
+pub fn unwrap_double_encoded(v: &Value) -> Value {
+    match v {
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(inner @ (Value::Object(_) | Value::Array(_) | Value::String(_))) => inner,
+            _ => v.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
+/// `POST /refresh`: runs the refresh timer's work and reports it in `Logs`.
+pub async fn timer(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let body = req.body_bytes().await?;
+    let invocation: Invocation = parse_json(&body)?;
+    let info = invocation.timer();
+    let next_run = info
+        .schedule_status
+        .as_ref()
+        .and_then(|s| s.next.as_deref())
+        .and_then(|n| time::OffsetDateTime::parse(n, &time::format_description::well_known::Rfc3339).ok())
+        .map(|t| t.unix_timestamp());
+    let mut logs = Vec::new();
+    if info.is_past_due {
+        logs.push("The timer is past due; running now.".to_string());
+    }
+    let report = app.connections.timer_sweep(next_run).await;
+    logs.extend(report.lines());
+    for line in &logs {
+        tracing::info!(target: "timer", "{line}");
+    }
+    let result = InvocationResult { outputs: serde_json::Map::new(), logs, return_value: Value::Null };
+    Ok(response::json(StatusCode::OK, &result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_timer_whatever_its_binding_name_and_encoding() {
+        let direct: Invocation = serde_json::from_str(
+            r#"{"Data":{"myTimer":{"Schedule":{"AdjustForDST":true},"ScheduleStatus":null,"IsPastDue":true}},"Metadata":{}}"#,
+        )
+        .unwrap();
+        assert!(direct.timer().is_past_due);
+
+        let doubled: Invocation = serde_json::from_str(
+            r#"{"Data":{"timer":"{\"Schedule\":{},\"ScheduleStatus\":{\"Next\":\"2026-11-22T10:05:00+00:00\"},\"IsPastDue\":false}"}}"#,
+        )
+        .unwrap();
+        let t = doubled.timer();
+        assert_eq!(t.schedule_status.unwrap().next.as_deref(), Some("2026-11-22T10:05:00+00:00"));
+    }
+}

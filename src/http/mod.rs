@@ -1,0 +1,93 @@
+//! The HTTP server: warp accepts connections, one catch-all filter turns each request
+//! into a [`Request`], and [`router`] sends it to the code that owns the route.
+//!
+//! Routing is done here rather than with a tree of warp filters so that an unknown
+//! route is always 404, a known route with the wrong method is always 405 with `Allow`,
+//! and each request produces exactly one log line with its route template, status and
+//! duration (never its query string, which can carry an authorization code).
+
+pub mod error;
+pub mod html;
+pub mod request;
+pub mod response;
+mod router;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Buf;
+use futures_util::StreamExt;
+use warp::Filter;
+use warp::http::{HeaderMap, Method};
+
+pub use error::{ApiError, Audience};
+pub use request::Request;
+pub use response::Response;
+
+use crate::app::App;
+
+/// Serves until `shutdown` completes, then lets open requests finish.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let max_body = app.config.limits.max_body_bytes;
+    let filter = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().map(Some).or(warp::any().map(|| None)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |method: Method, path: warp::path::FullPath, query: Option<String>, headers: HeaderMap, body| {
+            let app = app.clone();
+            let req = Request::new(method, path.as_str().to_string(), query, headers, boxed(body), max_body);
+            async move { handle(&app, req).await }
+        })
+        .recover(|_rejection: warp::Rejection| async move {
+            // The catch-all filter never rejects; this keeps the types infallible.
+            Ok::<_, Infallible>(response::empty(warp::http::StatusCode::NOT_FOUND))
+        });
+    warp::serve(filter).incoming(listener).graceful(shutdown).run().await;
+}
+
+/// Erases warp's body stream type (it cannot be named) into our boxed stream.
+fn boxed<S, B>(body: S) -> request::BodyStream
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+    B: Buf,
+{
+    Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))))
+}
+
+/// Handles one request end to end, including its log line.
+pub async fn handle(app: &App, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method.clone();
+    let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
+    let path = req.path.clone();
+    let (route, audience, result) = router::dispatch(app, req).await;
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.status.is_server_error() {
+                tracing::warn!(route, code = err.code, detail = %err.detail, "request failed");
+            }
+            err.into_response(audience, &path)
+        }
+    };
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let status = resp.status().as_u16();
+    match invocation {
+        Some(id) => tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id),
+        None => tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}")),
+    }
+    resp
+}
+
+/// Binds the listener first, so bind errors are reported instead of panicking in warp.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,116 @@
+//! One incoming request, with a body that is read lazily and with a limit.
+//!
+//! The Functions host sends invocation payloads chunked, without `Content-Length`, so
+//! the limit is enforced while the stream is read rather than by asking for a length
+//! up front (warp's `content_length_limit` answers 411 to chunked bodies).
+
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use warp::http::{HeaderMap, Method, header};
+
+use super::error::ApiError;
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send + Sync>>;
+
+pub struct Request {
+    pub method: Method,
+    /// The path as received, percent-encoded, e.g. `/api/connections/abc/token`.
+    pub path: String,
+    /// The raw query string without `?`, if any.
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    body: Option<BodyStream>,
+    max_body: usize,
+}
+
+impl Request {
+    pub fn new(
+        method: Method,
+        path: String,
+        query: Option<String>,
+        headers: HeaderMap,
+        body: BodyStream,
+        max_body: usize,
+    ) -> Request {
+        Request { method, path, query, headers, body: Some(body), max_body }
+    }
+
+    /// A request with a fixed body (tests, internal calls).
+    pub fn from_parts(method: Method, path: &str, query: Option<&str>, headers: HeaderMap, body: Bytes) -> Request {
+        let stream: BodyStream = Box::pin(futures_util::stream::once(async move { Ok(body) }));
+        Request::new(method, path.to_string(), query.map(str::to_string), headers, stream, usize::MAX)
+    }
+
+    pub fn header(&self, name: impl header::AsHeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Decoded query pairs, in order.
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        match &self.query {
+            Some(q) => url::form_urlencoded::parse(q.as_bytes()).into_owned().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The first value of a query parameter.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query_pairs().into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// Reads the whole body, failing with 413 as soon as it passes the limit.
+    pub async fn body_bytes(&mut self) -> Result<Bytes, ApiError> {
+        let Some(mut stream) = self.body.take() else {
+            return Ok(Bytes::new());
+        };
+        let limit = self.max_body;
+        if let Some(len) = self.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok()) {
+            if len > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request("body-unreadable", format!("The request body could not be read: {e}"))
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Reads and parses a JSON body. An empty body parses as `null`, which a
+    /// `#[serde(default)]` struct accepts through `Option`.
+    pub async fn json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        let content_type = self.header(header::CONTENT_TYPE).unwrap_or("").to_ascii_lowercase();
+        let bytes = self.body_bytes().await?;
+        if !bytes.is_empty() && !content_type.is_empty() && !is_json(&content_type) {
+            return Err(ApiError::new(
+                warp::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                format!("Send the body as application/json, not {content_type}."),
+            ));
+        }
+        parse_json(&bytes)
+    }
+}
+
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+/// Parses JSON with a 400 that says where the text went wrong.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"null" } else { bytes };
+    serde_json::from_slice(text).map_err(|e| {
+        let what = if e.is_data() { "does not have the expected fields" } else { "is not valid JSON" };
+        ApiError::bad_request("malformed-json", format!("The request body {what}: {e}."))
+    })
+}

@@ -1,0 +1,83 @@
+//! The route table: which code answers which path and method.
+//!
+//! Paths are those the Functions host forwards (`/api/...`, the full original path)
+//! and those it calls itself (`/` for readiness, `/refresh` for the timer).
+
+use warp::http::{Method, StatusCode};
+
+use super::error::{ApiError, Audience};
+use super::request::Request;
+use super::response::{self, Response};
+use crate::app::App;
+use crate::connections::api as connections;
+use crate::{health, host, oauth};
+
+type Outcome = (&'static str, Audience, Result<Response, ApiError>);
+
+/// Finds the route for a request and runs it. Returns the route template (for the
+/// log line), who the caller is (for the error format) and the outcome.
+pub async fn dispatch(app: &App, req: Request) -> Outcome {
+    let segments: Vec<String> = req
+        .path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode(s))
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let m = req.method.clone();
+
+    macro_rules! route {
+        ($template:expr, $audience:expr, [$($allowed:expr),+], $run:expr) => {{
+            let allowed: &[Method] = &[$($allowed),+];
+            if allowed.contains(&m) || (m == Method::HEAD && allowed.contains(&Method::GET)) {
+                ($template, $audience, $run.await)
+            } else {
+                let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                ($template, $audience, Err(ApiError::method_not_allowed(&names)))
+            }
+        }};
+    }
+
+    use Audience::{Api, Browser};
+    match segs.as_slice() {
+        // The host's readiness probe and health ping: any answer counts.
+        [] => route!("/", Api, [Method::GET], async { Ok(response::text(StatusCode::OK, "ok\n")) }),
+        // The timer function, invoked by the host with the payload protocol.
+        ["refresh"] => route!("/refresh", Api, [Method::POST], host::timer(app, req)),
+        ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app)),
+        ["api", "oauth", "callback"] => {
+            route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], oauth::callback::handle(app, req))
+        }
+        ["api", "connections"] => {
+            route!("/api/connections", Api, [Method::GET, Method::POST], connections::collection(app, req))
+        }
+        ["api", "connections", id] => {
+            route!("/api/connections/{id}", Api, [Method::GET, Method::DELETE], connections::item(app, req, id))
+        }
+        ["api", "connections", id, "token"] => {
+            route!("/api/connections/{id}/token", Api, [Method::POST], connections::token(app, req, id))
+        }
+        ["api", "connections", id, "reconnect"] => {
+            route!("/api/connections/{id}/reconnect", Api, [Method::POST], connections::reconnect(app, req, id))
+        }
+        ["api", "connections", id, "proxy", rest @ ..] => {
+            let rest = rest.join("/");
+            route!(
+                "/api/connections/{id}/proxy/{*path}",
+                Api,
+                [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
+                connections::proxy(app, req, id, &rest)
+            )
+        }
+        ["api", "captures"] => route!("/api/captures", Api, [Method::GET], connections::captures(app, req)),
+        _ => ("(unknown)", if segs.first() == Some(&"api") && segs.get(1) == Some(&"oauth") { Browser } else { Api }, Err(
+            ApiError::not_found(format!("There is no route {} {}.", m, req.path)),
+        )),
+    }
+}
+
+/// Decodes `%xx` escapes in one path segment; invalid UTF-8 is kept lossily, and the
+/// route's own validation rejects what it does not accept.
+fn percent_decode(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
+}

@@ -1,0 +1,234 @@
+//! The fixed redirect URI, `/api/oauth/callback`.
+//!
+//! An external system sends the person's browser here with `code` and `state` (RFC 6749
+//! §4.1.2) or with `error` (§4.1.2.1), in the query string, a form post
+//! (`response_mode=form_post`) or a JSON body. A `state` we issued (signed `dc1.`
+//! states) completes a managed connection; any other state is captured for Dynamics to
+//! exchange itself (capture mode). The person always gets a readable page, or a
+//! redirect to the `return_url` given when the connection was started.
+
+use warp::http::{Method, StatusCode, header};
+
+use crate::app::App;
+use crate::config::CaptureMode;
+use crate::connections::{CallbackFailure, Completed};
+use crate::crypto::StateError;
+use crate::http::html::{self, Tone};
+use crate::http::request::is_json;
+use crate::http::{ApiError, Request, Response, response};
+use crate::oauth::OAuthError;
+
+/// The parameters an authorization response may carry.
+#[derive(Debug, Default)]
+struct Params {
+    code: Option<String>,
+    state: Option<String>,
+    iss: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+const NAMES: [&str; 6] = ["code", "state", "iss", "error", "error_description", "error_uri"];
+
+pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let params = read_params(app, &mut req).await?;
+    let Some(state) = params.state.as_deref() else {
+        return Err(match &params.error {
+            Some(error) => ApiError::bad_request(
+                "provider-error",
+                format!("The provider returned {error}{} and no state, so the connection it belongs to is unknown.", describe(&params.error_description)),
+            ),
+            None => ApiError::bad_request("missing-state", "The callback has no state parameter, so it cannot be matched to a connection."),
+        });
+    };
+    match app.keys.verify_state(state, crate::time::now()) {
+        Err(StateError::NotOurs) => capture(app, state, &params).await,
+        Err(StateError::Tampered) => Err(ApiError::bad_request(
+            "state-tampered",
+            "The state parameter was altered, or was signed with a key that is no longer configured. Start the connection again.",
+        )),
+        Err(StateError::Expired) => Err(ApiError::bad_request(
+            "state-expired",
+            "This authorization link has expired. Start the connection again to get a new one.",
+        )),
+        Ok(verified) => {
+            let provider_error = params.error.as_deref().map(|e| (e, params.error_description.as_deref()));
+            let outcome = app
+                .connections
+                .complete(&verified, params.code.as_deref(), params.iss.as_deref(), provider_error)
+                .await;
+            match outcome {
+                Ok(done) => Ok(success(done)),
+                Err(failure) => failure_response(failure),
+            }
+        }
+    }
+}
+
+async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
+    let mut pairs = req.query_pairs();
+    if req.method == Method::POST {
+        let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_ascii_lowercase();
+        let body = req.body_bytes().await?;
+        if is_json(&content_type) {
+            let doc: serde_json::Map<String, serde_json::Value> = crate::http::request::parse_json(&body)?;
+            for (k, v) in doc {
+                match v {
+                    serde_json::Value::String(s) => pairs.push((k, s)),
+                    serde_json::Value::Null => {}
+                    _ => return Err(ApiError::bad_request("invalid-parameter", format!("The JSON field {k:?} must be a string."))),
+                }
+            }
+        } else if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
+            pairs.extend(url::form_urlencoded::parse(&body).into_owned());
+        } else {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                format!("The callback accepts a form post or JSON, not {content_type}."),
+            ));
+        }
+    }
+    let limit = app.config.limits.max_param_bytes;
+    let mut p = Params::default();
+    for (name, value) in pairs {
+        if !NAMES.contains(&name.as_str()) {
+            continue;
+        }
+        if value.len() > limit {
+            return Err(ApiError::bad_request(
+                "parameter-too-long",
+                format!("The {name} parameter is {} bytes long; the limit is {limit}.", value.len()),
+            ));
+        }
+        let slot = match name.as_str() {
+            "code" => &mut p.code,
+            "state" => &mut p.state,
+            "iss" => &mut p.iss,
+            "error" => &mut p.error,
+            "error_description" => &mut p.error_description,
+            _ => continue,
+        };
+        if slot.as_ref().is_some_and(|existing| existing != &value) {
+            // RFC 6749 §3.1: parameters must not be sent more than once.
+            return Err(ApiError::bad_request("repeated-parameter", format!("The {name} parameter was sent twice with different values.")));
+        }
+        *slot = Some(value).filter(|v| !v.is_empty());
+    }
+    Ok(p)
+}
+
+/// Capture mode: keep what the provider sent, once per code, for Dynamics.
+async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiError> {
+    if app.config.oauth.capture == CaptureMode::Off {
+        return Err(ApiError::bad_request("unknown-state", "This state was not issued by this service, and capture mode is off."));
+    }
+    if p.code.is_none() && p.error.is_none() {
+        return Err(ApiError::bad_request("missing-code", "The callback has neither a code nor an error."));
+    }
+    let fresh = app
+        .connections
+        .capture(state, p.code.as_deref(), p.iss.as_deref(), p.error.as_deref(), p.error_description.as_deref())
+        .await
+        .map_err(crate::connections::api::store_error)?;
+    let (title, message, tone) = match &p.error {
+        Some(error) => (
+            "Authorization not granted",
+            format!("The provider returned {error}{}. Dynamics has been told; you can close this window.", describe(&p.error_description)),
+            Tone::Error,
+        ),
+        None if fresh => ("Authorization received", "Dynamics will finish connecting. You can close this window.".to_string(), Tone::Success),
+        None => ("Authorization already received", "This authorization was already received. You can close this window.".to_string(), Tone::Success),
+    };
+    Ok(html::page(StatusCode::OK, title, &message, tone))
+}
+
+fn success(done: Completed) -> Response {
+    if let Some(mut url) = done.return_url {
+        url.query_pairs_mut().append_pair("connection_id", &done.connection_id).append_pair("status", "active");
+        return response::redirect(url.as_str());
+    }
+    html::page_with_script(
+        StatusCode::OK,
+        &format!("Connected to {}", done.provider),
+        &format!("The connection {} is active. You can close this window.", done.connection_id),
+        Tone::Success,
+        Some(&notify_opener(&done.connection_id, "active", None)),
+    )
+}
+
+/// Tells a portal page that opened the flow in a popup how it ended. Only the fixed
+/// words and the connection id (validated: letters, digits, `-_.`) are sent.
+fn notify_opener(connection_id: &str, status: &str, error: Option<&str>) -> String {
+    let msg = serde_json::json!({
+        "type": "dynamics-companion:connection",
+        "connection_id": connection_id,
+        "status": status,
+        "error": error,
+    });
+    format!("if(window.opener){{window.opener.postMessage({msg},'*');}}")
+}
+
+fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
+    Err(match failure {
+        CallbackFailure::StateUsed => ApiError::bad_request(
+            "state-used",
+            "This authorization link was already used, or a newer one replaced it. Start the connection again.",
+        ),
+        CallbackFailure::StateExpired => ApiError::bad_request(
+            "state-expired",
+            "This authorization link has expired. Start the connection again to get a new one.",
+        ),
+        CallbackFailure::StateForOtherConnection => ApiError::bad_request(
+            "state-mismatch",
+            "This state belongs to another connection than the one it was presented for.",
+        ),
+        CallbackFailure::UnknownProvider(p) => ApiError::internal(format!("the connection's provider {p} is no longer in the catalog")),
+        CallbackFailure::WrongIssuer { expected, got } => ApiError::bad_request(
+            "issuer-mismatch",
+            format!("The response came from issuer {got:?}, but this connection's provider is {expected:?} (RFC 9207). Nothing was changed."),
+        ),
+        CallbackFailure::MissingIssuer { expected } => ApiError::bad_request(
+            "issuer-missing",
+            format!("The response carries no iss parameter, but provider {expected:?} must send one (RFC 9207). Nothing was changed."),
+        ),
+        CallbackFailure::MissingCode => ApiError::bad_request("missing-code", "The callback has neither a code nor an error."),
+        CallbackFailure::Crypto => ApiError::internal("the pending authorization could not be decrypted"),
+        CallbackFailure::ProviderError { error, description, completed } => {
+            if let Some(mut url) = completed.return_url {
+                url.query_pairs_mut()
+                    .append_pair("connection_id", &completed.connection_id)
+                    .append_pair("status", "failed")
+                    .append_pair("error", &error);
+                return Ok(response::redirect(url.as_str()));
+            }
+            let mut resp = html::page_with_script(
+                StatusCode::BAD_REQUEST,
+                "Authorization not granted",
+                &format!("{} returned {error}{}. The connection {} was not authorized.", completed.provider, describe(&description), completed.connection_id),
+                Tone::Error,
+                Some(&notify_opener(&completed.connection_id, "failed", Some(&error))),
+            );
+            resp.headers_mut().insert("x-problem-type", header::HeaderValue::from_static("provider-error"));
+            return Ok(resp);
+        }
+        CallbackFailure::Exchange { error, completed } => {
+            let detail = format!("{} did not accept the authorization code: {error}", completed.provider);
+            match error {
+                OAuthError::Rejected { .. } => ApiError::bad_request("code-rejected", detail),
+                OAuthError::Config(_) => ApiError::internal(detail),
+                _ => ApiError::bad_gateway("provider-unavailable", format!("{detail}. Start the connection again.")),
+            }
+        }
+        CallbackFailure::NotSaved(_) => ApiError::unavailable(
+            "not-saved",
+            "The provider granted access, but the tokens could not be saved. The error is logged; please start the connection again.",
+            None,
+        ),
+        CallbackFailure::Store(e) => crate::connections::api::store_error(e),
+    })
+}
+
+fn describe(description: &Option<String>) -> String {
+    description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+}

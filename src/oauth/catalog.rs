@@ -1,0 +1,299 @@
+//! The provider catalog (`providers.toml`): what we need to know about each external
+//! OAuth system, including the ways it departs from RFC 6749.
+//!
+//! ```toml
+//! [providers.acme]
+//! display_name = "Acme ERP"
+//! authorization_url = "https://login.acme.example/oauth2/authorize"
+//! token_url = "https://login.acme.example/oauth2/token"
+//! revocation_url = "https://login.acme.example/oauth2/revoke"   # RFC 7009, optional
+//! issuer = "https://login.acme.example"                           # RFC 9207 `iss` check, optional
+//! client_id = "dynamics-companion"
+//! client_secret = "acme-client-secret"        # a secret NAME, resolved by the secrets layer
+//! client_auth = "client_secret_basic"         # or "client_secret_post"
+//! scopes = ["offline_access", "api.read"]
+//! scope_separator = " "
+//! pkce = true
+//! authorization_params = { prompt = "consent" }
+//! token_params = {}
+//! api_base_url = "https://api.acme.example/v1/"
+//! [providers.acme.token_response]
+//! path = "data"                 # tokens nested under this object path
+//! default_expires_in = 3600     # when the provider sends no expires_in
+//! expires_in_unit = "seconds"   # or "milliseconds"
+//! ```
+//!
+//! Client secrets are never written in the catalog, only named.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::config::parse_service_url;
+use crate::secrets;
+
+/// How the client authenticates at the token and revocation endpoints (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded id and secret.
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+    /// A public client: `client_id` in the body, no secret.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiresInUnit {
+    #[default]
+    Seconds,
+    Milliseconds,
+}
+
+/// Where a provider's token response departs from RFC 6749 §5.1.
+///
+/// Some departures need no configuration: `expires_in` sent as a string, a missing
+/// `token_type` (taken as `Bearer`), form-encoded responses (recognised by their content
+/// type), and refresh responses without a new refresh token (the old one is kept).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenResponseQuirks {
+    /// Dotted path to the object holding the token fields, e.g. `data` or `result.token`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Lifetime to assume when the provider sends no `expires_in` and the access token
+    /// is not a JWT with `exp`.
+    #[serde(default)]
+    pub default_expires_in: Option<u64>,
+    #[serde(default)]
+    pub expires_in_unit: ExpiresInUnit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderSpec {
+    display_name: Option<String>,
+    authorization_url: String,
+    token_url: String,
+    revocation_url: Option<String>,
+    issuer: Option<String>,
+    client_id: String,
+    client_secret: Option<String>,
+    client_auth: Option<ClientAuth>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    scope_separator: Option<String>,
+    pkce: Option<bool>,
+    #[serde(default)]
+    authorization_params: BTreeMap<String, String>,
+    #[serde(default)]
+    token_params: BTreeMap<String, String>,
+    api_base_url: Option<String>,
+    #[serde(default)]
+    token_response: TokenResponseQuirks,
+    /// Refresh at least this often even when the access token is still valid, for
+    /// providers that expire idle refresh tokens.
+    refresh_keepalive_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    #[serde(default)]
+    providers: BTreeMap<String, ProviderSpec>,
+}
+
+/// One provider, validated.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub display_name: String,
+    pub authorization_url: Url,
+    pub token_url: Url,
+    pub revocation_url: Option<Url>,
+    pub issuer: Option<String>,
+    pub client_id: String,
+    /// The secret's name; see [`crate::secrets`].
+    pub client_secret: Option<String>,
+    pub client_auth: ClientAuth,
+    pub scopes: Vec<String>,
+    pub scope_separator: String,
+    pub pkce: bool,
+    pub authorization_params: Vec<(String, String)>,
+    pub token_params: Vec<(String, String)>,
+    pub api_base_url: Option<Url>,
+    pub token_response: TokenResponseQuirks,
+    pub refresh_keepalive: Option<Duration>,
+}
+
+/// Parameters the handler sets itself; a catalog entry may not override them.
+const RESERVED_AUTH_PARAMS: &[&str] =
+    &["response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method", "scope"];
+const RESERVED_TOKEN_PARAMS: &[&str] =
+    &["grant_type", "code", "redirect_uri", "code_verifier", "refresh_token", "client_id", "client_secret"];
+
+/// All providers, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    providers: BTreeMap<String, Provider>,
+}
+
+impl Catalog {
+    /// Loads the catalog file. A missing file is an empty catalog when `required` is
+    /// false (the embedded defaults), an error otherwise.
+    pub fn load(path: &Path, required: bool) -> Result<Catalog, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(Catalog::default()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Catalog::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Catalog, String> {
+        let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut providers = BTreeMap::new();
+        for (name, spec) in file.providers {
+            let provider = validate(&name, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
+            providers.insert(name, provider);
+        }
+        Ok(Catalog { providers })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Provider> {
+        self.providers.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Provider> {
+        self.providers.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.providers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.providers.is_empty()
+    }
+
+    /// The names of every secret the catalog refers to.
+    pub fn secret_names(&self) -> Vec<&str> {
+        self.providers.values().filter_map(|p| p.client_secret.as_deref()).collect()
+    }
+}
+
+fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err("the name must be 1-64 lower-case letters, digits, '-' or '_'".into());
+    }
+    let url = |field: &str, v: &str| parse_service_url(v).map_err(|e| format!("{field} {e}"));
+    let authorization_url = url("authorization_url", &spec.authorization_url)?;
+    let token_url = url("token_url", &spec.token_url)?;
+    let revocation_url = spec.revocation_url.as_deref().map(|v| url("revocation_url", v)).transpose()?;
+    let mut api_base_url = spec.api_base_url.as_deref().map(|v| url("api_base_url", v)).transpose()?;
+    if let Some(base) = api_base_url.as_mut() {
+        // Joining relative paths onto the base must not drop its last segment.
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+    }
+    if spec.client_id.trim().is_empty() {
+        return Err("client_id is empty".into());
+    }
+    let client_auth = spec.client_auth.unwrap_or(if spec.client_secret.is_some() {
+        ClientAuth::ClientSecretBasic
+    } else {
+        ClientAuth::None
+    });
+    match (&spec.client_secret, client_auth) {
+        (Some(secret), ClientAuth::None) => {
+            return Err(format!("client_auth is \"none\" but client_secret names {secret:?}"));
+        }
+        (None, ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost) => {
+            return Err("client_auth needs a client_secret (the name of the secret, not its value)".into());
+        }
+        (Some(secret), _) => secrets::validate_name(secret).map_err(|e| format!("client_secret: {e}"))?,
+        (None, ClientAuth::None) => {}
+    }
+    for key in spec.authorization_params.keys() {
+        if RESERVED_AUTH_PARAMS.contains(&key.as_str()) {
+            return Err(format!("authorization_params may not set {key:?}; the handler sets it"));
+        }
+    }
+    for key in spec.token_params.keys() {
+        if RESERVED_TOKEN_PARAMS.contains(&key.as_str()) {
+            return Err(format!("token_params may not set {key:?}; the handler sets it"));
+        }
+    }
+    Ok(Provider {
+        name: name.to_string(),
+        display_name: spec.display_name.unwrap_or_else(|| name.to_string()),
+        authorization_url,
+        token_url,
+        revocation_url,
+        issuer: spec.issuer.filter(|s| !s.is_empty()),
+        client_id: spec.client_id,
+        client_secret: spec.client_secret,
+        client_auth,
+        scopes: spec.scopes,
+        scope_separator: spec.scope_separator.unwrap_or_else(|| " ".into()),
+        pkce: spec.pkce.unwrap_or(true),
+        authorization_params: spec.authorization_params.into_iter().collect(),
+        token_params: spec.token_params.into_iter().collect(),
+        api_base_url,
+        token_response: spec.token_response,
+        refresh_keepalive: spec.refresh_keepalive_seconds.map(Duration::from_secs),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [providers.acme]
+        authorization_url = "https://login.acme.example/authorize"
+        token_url = "https://login.acme.example/token"
+        client_id = "dc"
+        client_secret = "acme-client-secret"
+        scopes = ["offline_access", "api.read"]
+        api_base_url = "https://api.acme.example/v1"
+        [providers.acme.token_response]
+        path = "data"
+    "#;
+
+    #[test]
+    fn parses_a_provider_with_defaults() {
+        let c = Catalog::parse(GOOD).unwrap();
+        let p = c.get("acme").unwrap();
+        assert_eq!(p.client_auth, ClientAuth::ClientSecretBasic);
+        assert!(p.pkce);
+        assert_eq!(p.scope_separator, " ");
+        assert_eq!(p.api_base_url.as_ref().unwrap().as_str(), "https://api.acme.example/v1/");
+        assert_eq!(p.token_response.path.as_deref(), Some("data"));
+        assert_eq!(c.secret_names(), vec!["acme-client-secret"]);
+    }
+
+    #[test]
+    fn rejects_what_would_be_unsafe_or_ambiguous() {
+        let cases = [
+            (GOOD.replace("https://login.acme.example/token", "http://login.acme.example/token"), "https"),
+            (GOOD.replace("client_secret = \"acme-client-secret\"", "client_secret = \"s3cr3t value!\""), "secret name"),
+            (GOOD.replace("scopes =", "authorization_params = { state = \"x\" }\nscopes ="), "state"),
+            (GOOD.replace("client_id = \"dc\"", "client_id = \"dc\"\nclient_secrett = \"x\""), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let err = Catalog::parse(&text).unwrap_err();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! OAuth 2.0 with external systems: the provider catalog, the client calls, and the
+//! fixed callback.
+
+pub mod callback;
+pub mod catalog;
+pub mod client;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{CryptoError, Keyring};
+
+/// The tokens of one connection. Only ever stored sealed (see [`TokenSet::seal`]).
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub refresh_token: Option<SecretString>,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub scope: Option<String>,
+}
+
+/// The sealed form's plaintext. Kept private so secrets leave `SecretString` only here.
+#[derive(Serialize, Deserialize)]
+struct SealedTokens {
+    access_token: String,
+    token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    expires_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+}
+
+impl TokenSet {
+    fn aad(connection_id: &str) -> String {
+        format!("connection:{connection_id}:tokens")
+    }
+
+    pub fn seal(&self, keys: &Keyring, connection_id: &str) -> String {
+        let plain = SealedTokens {
+            access_token: self.access_token.expose_secret().to_string(),
+            token_type: self.token_type.clone(),
+            refresh_token: self.refresh_token.as_ref().map(|r| r.expose_secret().to_string()),
+            expires_at: self.expires_at,
+            scope: self.scope.clone(),
+        };
+        let json = serde_json::to_vec(&plain).unwrap_or_default();
+        keys.seal(&json, &TokenSet::aad(connection_id))
+    }
+
+    pub fn open(sealed: &str, keys: &Keyring, connection_id: &str) -> Result<TokenSet, CryptoError> {
+        let json = keys.open(sealed, &TokenSet::aad(connection_id))?;
+        let plain: SealedTokens = serde_json::from_slice(&json).map_err(|_| CryptoError::Malformed)?;
+        Ok(TokenSet {
+            access_token: SecretString::from(plain.access_token),
+            token_type: plain.token_type,
+            refresh_token: plain.refresh_token.map(SecretString::from),
+            expires_at: plain.expires_at,
+            scope: plain.scope,
+        })
+    }
+}
+
+/// A failed call to a provider's token or revocation endpoint.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OAuthError {
+    /// The provider answered with an RFC 6749 §5.2 error (`invalid_grant`, ...).
+    #[error("the provider refused: {error}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Rejected { error: String, description: Option<String>, status: u16 },
+    /// Worth retrying later: network failure, timeout, 429 or 5xx.
+    #[error("{0}")]
+    Transient(String),
+    /// The provider answered something that is not OAuth.
+    #[error("unexpected answer from the provider: {0}")]
+    Protocol(String),
+    /// Our side is missing something (a client secret).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl OAuthError {
+    /// The refresh token (or code) is dead: only a person can fix this, by reconnecting.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, OAuthError::Rejected { error, .. } if error == "invalid_grant")
+    }
+}

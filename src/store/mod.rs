@@ -1,0 +1,182 @@
+//! Where connections and captures live.
+//!
+//! Every store offers the same operations with the same concurrency rule: each
+//! connection carries an opaque [`Version`] (a version counter in SQLite, the ETag in
+//! Dataverse), and an update names the version it read. An update against a changed
+//! record fails with [`StoreError::Conflict`] instead of overwriting it. That one rule
+//! is what makes the refresh lease safe across scaled-out instances.
+//!
+//! Secrets are sealed by [`crate::crypto::Keyring`] before they get here; a store only
+//! ever sees ciphertext.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// The store's concurrency token for one connection record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Version(pub String);
+
+/// Where a connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Created; the user has not completed the authorization yet.
+    Pending,
+    /// Tokens are stored and refreshable.
+    Active,
+    /// The provider refused the refresh token (`invalid_grant`): a person must reconnect.
+    NeedsReauth,
+    /// The authorization failed (the provider sent an error, or the code exchange failed).
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Active => "active",
+            Status::NeedsReauth => "needs_reauth",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "active" => Status::Active,
+            "needs_reauth" => Status::NeedsReauth,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// An authorization the user has been sent to and has not finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAuth {
+    /// SHA-256 of the `state` (the state itself is never stored).
+    pub state_hash: String,
+    /// Sealed JSON: the PKCE verifier and the validated `return_url`.
+    pub sealed: String,
+    pub expires_at: i64,
+}
+
+/// A connection's claim on the right to refresh its tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    /// Unix milliseconds after which the lease is abandoned.
+    pub until_ms: i64,
+}
+
+/// One OAuth connection: a provider, an owner, and (once authorized) sealed tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub id: String,
+    pub provider: String,
+    pub owner: Option<String>,
+    pub scopes: Vec<String>,
+    pub status: Status,
+    /// The provider's message for the last failure, for people to read.
+    pub status_detail: Option<String>,
+    /// Sealed token set (see `oauth::TokenSet`).
+    pub tokens: Option<String>,
+    pub access_expires_at: Option<i64>,
+    pub has_refresh_token: bool,
+    pub pending: Option<PendingAuth>,
+    pub lease: Option<Lease>,
+    /// Consecutive transient refresh failures, and when the next try is allowed.
+    pub failures: u32,
+    pub next_attempt_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub refreshed_at: Option<i64>,
+    pub version: Version,
+}
+
+/// What an OAuth redirect delivered for a `state` we did not issue (capture mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// De-duplication key: a fingerprint of the code (or of state + error).
+    pub key: String,
+    pub state: String,
+    /// Sealed authorization code.
+    pub code: Option<String>,
+    pub iss: Option<String>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub received_at: i64,
+}
+
+/// Filters for listing connections.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub provider: Option<String>,
+    pub owner: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} was not found")]
+    NotFound(String),
+    /// The record changed since it was read (or already exists, on insert).
+    #[error("{0} was changed by someone else")]
+    Conflict(String),
+    /// Worth retrying: the store is busy, throttled or unreachable.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short name for logs and health (`sqlite`, `dataverse`).
+    fn kind(&self) -> &'static str;
+
+    /// Cheap round trip proving the store answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn get(&self, id: &str) -> StoreResult<Option<Connection>>;
+
+    /// The connection whose pending authorization has this state hash.
+    async fn find_by_state(&self, state_hash: &str) -> StoreResult<Option<Connection>>;
+
+    /// Creates a connection; [`StoreError::Conflict`] when the id exists.
+    async fn insert(&self, conn: &Connection) -> StoreResult<Version>;
+
+    /// Replaces a connection if it still has `expected`; returns the new version.
+    async fn update(&self, conn: &Connection, expected: &Version) -> StoreResult<Version>;
+
+    /// Deletes a connection if it still has `expected`.
+    async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()>;
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Connection>>;
+
+    /// Active connections with a refresh token that expire before `before`, or that
+    /// were last refreshed before `idle_before` (keep-alive), at most `limit`.
+    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>>;
+
+    /// Connections whose pending authorization expired before `now`.
+    async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>>;
+
+    /// Stores a capture unless one with the same key exists; true when it was new.
+    async fn insert_capture(&self, capture: &Capture) -> StoreResult<bool>;
+
+    async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>>;
+
+    /// Deletes captures received before `before`; returns how many.
+    async fn purge_captures(&self, before: i64) -> StoreResult<u64>;
+}

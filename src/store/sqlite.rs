@@ -1,0 +1,359 @@
+//! The embedded store: one SQLite file, the default for local work and first runs.
+//!
+//! It behaves like the Dataverse store, concurrency included: every update is
+//! `UPDATE ... WHERE id = ? AND version = ?`, so two handler processes sharing the file
+//! race exactly as two instances racing on a Dataverse ETag. WAL mode lets readers
+//! run beside a writer; a busy timeout absorbs short write contention.
+//!
+//! rusqlite is synchronous, so each call runs on tokio's blocking pool with the single
+//! connection behind a mutex. Token reads are served from the in-memory cache in
+//! `connections`, so the store is off the hot path.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, Row, params};
+
+use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS connections (
+    id                TEXT PRIMARY KEY,
+    provider          TEXT NOT NULL,
+    owner             TEXT,
+    scopes            TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    status_detail     TEXT,
+    tokens            TEXT,
+    access_expires_at INTEGER,
+    has_refresh_token INTEGER NOT NULL DEFAULT 0,
+    state_hash        TEXT UNIQUE,
+    pending_sealed    TEXT,
+    state_expires_at  INTEGER,
+    lease_owner       TEXT,
+    lease_until_ms    INTEGER,
+    failures          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   INTEGER,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    refreshed_at      INTEGER,
+    version           INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS connections_expiry ON connections (status, access_expires_at);
+CREATE INDEX IF NOT EXISTS connections_owner ON connections (owner);
+CREATE TABLE IF NOT EXISTS captures (
+    key               TEXT PRIMARY KEY,
+    state             TEXT NOT NULL,
+    code              TEXT,
+    iss               TEXT,
+    error             TEXT,
+    error_description TEXT,
+    received_at       INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS captures_state ON captures (state);
+CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
+"#;
+
+const COLUMNS: &str = "id, provider, owner, scopes, status, status_detail, tokens, access_expires_at, \
+has_refresh_token, state_hash, pending_sealed, state_expires_at, lease_owner, lease_until_ms, failures, \
+next_attempt_at, created_at, updated_at, refreshed_at, version";
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<rusqlite::Connection>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and its tables.
+    pub fn open(path: &Path) -> Result<SqliteStore, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let conn = rusqlite::Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
+        conn.execute_batch(SCHEMA).map_err(|e| format!("cannot create the tables in {}: {e}", path.display()))?;
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| StoreError::Other("the SQLite connection lock is poisoned".into()))?;
+            f(&mut guard).map_err(map_err)
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("the SQLite task failed: {e}")))?
+    }
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+        {
+            StoreError::Unavailable(format!("SQLite is busy: {e}"))
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(format!("a record with the same key ({e})"))
+        }
+        _ => StoreError::Other(format!("SQLite: {e}")),
+    }
+}
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<Connection> {
+    let scopes: String = row.get(3)?;
+    let status: String = row.get(4)?;
+    let state_hash: Option<String> = row.get(9)?;
+    let pending = match (state_hash, row.get::<_, Option<String>>(10)?, row.get::<_, Option<i64>>(11)?) {
+        (Some(state_hash), Some(sealed), Some(expires_at)) => Some(PendingAuth { state_hash, sealed, expires_at }),
+        _ => None,
+    };
+    let lease = match (row.get::<_, Option<String>>(12)?, row.get::<_, Option<i64>>(13)?) {
+        (Some(owner), Some(until_ms)) => Some(Lease { owner, until_ms }),
+        _ => None,
+    };
+    Ok(Connection {
+        id: row.get(0)?,
+        provider: row.get(1)?,
+        owner: row.get(2)?,
+        scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+        status: Status::parse(&status).unwrap_or(Status::Failed),
+        status_detail: row.get(5)?,
+        tokens: row.get(6)?,
+        access_expires_at: row.get(7)?,
+        has_refresh_token: row.get::<_, i64>(8)? != 0,
+        pending,
+        lease,
+        failures: row.get::<_, i64>(14)?.clamp(0, u32::MAX as i64) as u32,
+        next_attempt_at: row.get(15)?,
+        created_at: row.get(16)?,
+        updated_at: row.get(17)?,
+        refreshed_at: row.get(18)?,
+        version: Version(row.get::<_, i64>(19)?.to_string()),
+    })
+}
+
+fn capture_from_row(row: &Row<'_>) -> rusqlite::Result<Capture> {
+    Ok(Capture {
+        key: row.get(0)?,
+        state: row.get(1)?,
+        code: row.get(2)?,
+        iss: row.get(3)?,
+        error: row.get(4)?,
+        error_description: row.get(5)?,
+        received_at: row.get(6)?,
+    })
+}
+
+/// The column values of a connection, in `COLUMNS` order minus `version`.
+fn values(c: &Connection) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value as V;
+    let opt_s = |v: &Option<String>| v.clone().map(V::Text).unwrap_or(V::Null);
+    let opt_i = |v: Option<i64>| v.map(V::Integer).unwrap_or(V::Null);
+    vec![
+        V::Text(c.id.clone()),
+        V::Text(c.provider.clone()),
+        opt_s(&c.owner),
+        V::Text(serde_json::to_string(&c.scopes).unwrap_or_else(|_| "[]".into())),
+        V::Text(c.status.as_str().into()),
+        opt_s(&c.status_detail),
+        opt_s(&c.tokens),
+        opt_i(c.access_expires_at),
+        V::Integer(c.has_refresh_token as i64),
+        opt_s(&c.pending.as_ref().map(|p| p.state_hash.clone())),
+        opt_s(&c.pending.as_ref().map(|p| p.sealed.clone())),
+        opt_i(c.pending.as_ref().map(|p| p.expires_at)),
+        opt_s(&c.lease.as_ref().map(|l| l.owner.clone())),
+        opt_i(c.lease.as_ref().map(|l| l.until_ms)),
+        V::Integer(c.failures as i64),
+        opt_i(c.next_attempt_at),
+        V::Integer(c.created_at),
+        V::Integer(c.updated_at),
+        opt_i(c.refreshed_at),
+    ]
+}
+
+fn parse_version(v: &Version) -> i64 {
+    v.0.parse().unwrap_or(-1)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
+                .query_row([id], from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn find_by_state(&self, state_hash: &str) -> StoreResult<Option<Connection>> {
+        let hash = state_hash.to_string();
+        self.with(move |c| {
+            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE state_hash = ?1"))?
+                .query_row([hash], from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn insert(&self, conn: &Connection) -> StoreResult<Version> {
+        let mut vals = values(conn);
+        vals.push(rusqlite::types::Value::Integer(1));
+        let id = conn.id.clone();
+        self.with(move |c| {
+            let placeholders = (1..=vals.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+            c.prepare_cached(&format!("INSERT INTO connections ({COLUMNS}) VALUES ({placeholders})"))?
+                .execute(rusqlite::params_from_iter(vals))
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("connection {id:?} already exists")),
+            other => other,
+        })?;
+        Ok(Version("1".into()))
+    }
+
+    async fn update(&self, conn: &Connection, expected: &Version) -> StoreResult<Version> {
+        let mut vals = values(conn);
+        let expected = parse_version(expected);
+        let id = conn.id.clone();
+        vals.push(rusqlite::types::Value::Integer(expected + 1));
+        vals.push(rusqlite::types::Value::Integer(expected));
+        let id_for_query = id.clone();
+        let changed = self
+            .with(move |c| {
+                let sets = COLUMNS
+                    .split(", ")
+                    .enumerate()
+                    .skip(1)
+                    .map(|(i, col)| format!("{col} = ?{}", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let n = vals.len();
+                let changed = c
+                    .prepare_cached(&format!("UPDATE connections SET {sets} WHERE id = ?1 AND version = ?{n}"))?
+                    .execute(rusqlite::params_from_iter(vals))?;
+                let exists =
+                    changed == 1 || c.prepare_cached("SELECT 1 FROM connections WHERE id = ?1")?.exists([&id_for_query])?;
+                Ok((changed, exists))
+            })
+            .await;
+        match changed {
+            Ok((1, _)) => Ok(Version((expected + 1).to_string())),
+            Ok((_, true)) => Err(StoreError::Conflict(format!("connection {id:?}"))),
+            Ok((_, false)) => Err(StoreError::NotFound(format!("connection {id:?}"))),
+            Err(StoreError::Conflict(_)) => Err(StoreError::Conflict(format!("connection {id:?} (state already in use)"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()> {
+        let id = id.to_string();
+        let expected = parse_version(expected);
+        let id2 = id.clone();
+        let (deleted, exists) = self
+            .with(move |c| {
+                let n = c.execute("DELETE FROM connections WHERE id = ?1 AND version = ?2", params![id2, expected])?;
+                let exists = n == 1 || c.prepare_cached("SELECT 1 FROM connections WHERE id = ?1")?.exists([&id2])?;
+                Ok((n, exists))
+            })
+            .await?;
+        match (deleted, exists) {
+            (1, _) => Ok(()),
+            (_, true) => Err(StoreError::Conflict(format!("connection {id:?}"))),
+            (_, false) => Err(StoreError::NotFound(format!("connection {id:?}"))),
+        }
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Connection>> {
+        let f = filter.clone();
+        self.with(move |c| {
+            let limit = if f.limit == 0 { 1000 } else { f.limit } as i64;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM connections WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR owner = ?2) \
+                 AND (?3 IS NULL OR status = ?3) ORDER BY created_at, id LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(params![f.provider, f.owner, f.status.map(Status::as_str), limit], from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM connections WHERE status = 'active' AND has_refresh_token = 1 \
+                 AND (access_expires_at < ?1 OR COALESCE(refreshed_at, created_at) < ?2) \
+                 ORDER BY access_expires_at LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![before, idle_before, limit as i64], from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now, limit as i64], from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn insert_capture(&self, cap: &Capture) -> StoreResult<bool> {
+        let cap = cap.clone();
+        self.with(move |c| {
+            let n = c.prepare_cached(
+                "INSERT INTO captures (key, state, code, iss, error, error_description, received_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![cap.key, cap.state, cap.code, cap.iss, cap.error, cap.error_description, cap.received_at])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>> {
+        let state = state.to_string();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, state, code, iss, error, error_description, received_at FROM captures \
+                 WHERE state = ?1 ORDER BY received_at",
+            )?;
+            let rows = stmt.query_map([state], capture_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
+        self.with(move |c| c.execute("DELETE FROM captures WHERE received_at < ?1", [before]).map(|n| n as u64)).await
+    }
+}

@@ -1,0 +1,81 @@
+//! An Entra ID-like token issuer for the back-office API: OpenID discovery and a JWKS
+//! over HTTP, and RS256 client-credential tokens signed with a committed test key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use warp::Filter;
+
+pub const KID: &str = "test-signing-key-1";
+pub const AUDIENCE: &str = "api://dynamics-companion";
+pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+
+pub struct Issuer {
+    pub url: String,
+    key: EncodingKey,
+    pub jwks_requests: Arc<AtomicUsize>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+impl Issuer {
+    pub async fn start() -> Issuer {
+        let key = EncodingKey::from_rsa_pem(&fixture("issuer-key.pem")).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some(KID.into());
+        let jwks = serde_json::to_value(JwkSet { keys: vec![jwk] }).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}/tenant-1/v2.0", listener.local_addr().unwrap().port());
+        let jwks_requests = Arc::new(AtomicUsize::new(0));
+        let counter = jwks_requests.clone();
+        let issuer = url.clone();
+        let discovery = warp::path!("tenant-1" / "v2.0" / ".well-known" / "openid-configuration").map(move || {
+            warp::reply::json(&json!({ "issuer": issuer, "jwks_uri": format!("{issuer}/discovery/v2.0/keys") }))
+        });
+        let keys = warp::path!("tenant-1" / "v2.0" / "discovery" / "v2.0" / "keys").map(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            warp::reply::json(&jwks)
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(warp::serve(discovery.or(keys)).incoming(listener).graceful(async { let _ = rx.await; }).run());
+        Issuer { url, key, jwks_requests, _shutdown: tx }
+    }
+
+    /// Claims of a valid app-only token for the allowed client.
+    pub fn claims(&self) -> Value {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        json!({ "iss": self.url, "aud": AUDIENCE, "azp": CLIENT_ID, "sub": CLIENT_ID, "iat": now, "nbf": now - 5, "exp": now + 3600, "roles": [] })
+    }
+
+    pub fn token(&self) -> String {
+        self.sign(&self.claims())
+    }
+
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(KID.into());
+        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+    }
+
+    /// A token with the right kid and claims, signed by a key the issuer never published.
+    pub fn forged(&self) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(KID.into());
+        jsonwebtoken::encode(&header, &self.claims(), &EncodingKey::from_rsa_pem(&fixture("attacker-key.pem")).unwrap()).unwrap()
+    }
+
+    /// The settings that point the handler's back-office API at this issuer.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AUTH_ISSUER", self.url.clone()),
+            ("AUTH_AUDIENCE", AUDIENCE.into()),
+            ("AUTH_ALLOWED_CLIENT_IDS", CLIENT_ID.into()),
+        ]
+    }
+}

@@ -1,0 +1,380 @@
+//! Test support: drives the built `handler` binary the way the Azure Functions host
+//! does (see `shared/reference/functions-host.md`):
+//! - spawns it with the host's environment (`FUNCTIONS_CUSTOMHANDLER_PORT`, worker id,
+//!   `FUNCTIONS_APP_ROOT_PATH`, app settings) and nothing else from ours;
+//! - polls `GET /` every 25 ms until any answer;
+//! - forwards HTTP with the host's query-string rebuilding (repeated keys joined with
+//!   commas, re-encoded), its `X-Azure-Functions-*` headers, no redirects followed, and a
+//!   body only when `Content-Length` > 0;
+//! - invokes the timer with a chunked JSON payload.
+//! Everything the process prints is kept so tests can assert on the logs.
+
+#![allow(dead_code)]
+
+pub mod issuer;
+pub mod oidc;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_handler");
+
+/// A fresh, valid token encryption key list for a test.
+pub fn test_keys() -> String {
+    use base64::Engine;
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).unwrap();
+    format!("t1:{}", base64::engine::general_purpose::STANDARD.encode(k))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What the handler printed, by stream.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<(bool, String)>>>);
+
+impl Logs {
+    fn push(&self, stderr: bool, line: String) {
+        self.0.lock().unwrap().push((stderr, line));
+    }
+    pub fn all(&self) -> String {
+        self.0.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+    pub fn stderr(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|(e, _)| *e).map(|(_, l)| l.clone()).collect()
+    }
+    pub fn stdout(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|(e, _)| !*e).map(|(_, l)| l.clone()).collect()
+    }
+}
+
+/// A shared record of every log line of every handler a test binary ran, so a test can
+/// check that no secret ever reached the logs.
+pub static ALL_LOGS: std::sync::LazyLock<Logs> = std::sync::LazyLock::new(Logs::default);
+
+pub struct HandlerBuilder {
+    env: BTreeMap<String, String>,
+    root: PathBuf,
+    under_host: bool,
+    port: u16,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl HandlerBuilder {
+    /// A handler in a fresh app root (a temp dir), with a test encryption key.
+    pub fn new() -> HandlerBuilder {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let mut b = HandlerBuilder {
+            env: BTreeMap::new(),
+            root: tmp.path().to_path_buf(),
+            under_host: true,
+            port: free_port(),
+            _tmp: Some(tmp),
+        };
+        b.env.insert("TOKEN_ENCRYPTION_KEYS".into(), test_keys());
+        b
+    }
+
+    /// Shares another handler's app root (same SQLite file, same keys).
+    pub fn sharing(other: &Handler) -> HandlerBuilder {
+        HandlerBuilder {
+            env: other.env.clone(),
+            root: other.root.clone(),
+            under_host: true,
+            port: free_port(),
+            _tmp: other._tmp.clone(),
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn without_env(mut self, k: &str) -> Self {
+        self.env.remove(k);
+        self
+    }
+
+    /// Runs the handler on its own (no `FUNCTIONS_CUSTOMHANDLER_PORT`), as `cargo run` does.
+    pub fn standalone(mut self) -> Self {
+        self.under_host = false;
+        self
+    }
+
+    pub fn file(self, name: &str, contents: &str) -> Self {
+        std::fs::write(self.root.join(name), contents).unwrap();
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear().current_dir(&self.root);
+        for var in ["PATH", "HOME", "SSL_CERT_FILE", "LLVM_PROFILE_FILE"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        if self.under_host {
+            let worker = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), self.port);
+            cmd.env("FUNCTIONS_CUSTOMHANDLER_PORT", self.port.to_string())
+                .env("FUNCTIONS_HTTPWORKER_PORT", self.port.to_string())
+                .env("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", &worker)
+                .env("FUNCTIONS_HTTPWORKER_ID", &worker)
+                .env("FUNCTIONS_APP_ROOT_PATH", &self.root)
+                .env("FUNCTIONS_WORKER_RUNTIME", "custom")
+                .env("AzureWebJobsScriptRoot", &self.root);
+        }
+        cmd.envs(&self.env);
+        cmd
+    }
+
+    /// Runs the handler to completion (for start-up failures).
+    pub fn run_to_exit(self) -> (Option<i32>, String, String) {
+        let out = self.command().stdin(Stdio::null()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// Spawns the handler and waits for readiness as the host does.
+    pub async fn start(self) -> Handler {
+        let started = Instant::now();
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the handler binary starts");
+        let logs = Logs::default();
+        for (stderr, pipe) in [
+            (false, Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>),
+            (true, Box::new(child.stderr.take().unwrap())),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    ALL_LOGS.push(stderr, line.clone());
+                    logs.push(stderr, line);
+                }
+            });
+        }
+        let port = if self.under_host { self.port } else { self.env.get("LOCAL_HTTP_PORT").and_then(|p| p.parse().ok()).unwrap_or(7071) };
+        let base = format!("http://127.0.0.1:{port}");
+        let probe = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        let ready_after = loop {
+            if probe.get(format!("{base}/")).send().await.is_ok() {
+                break started.elapsed();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the handler exited during start-up with {status}:\n{}", logs.all());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "the handler did not become ready:\n{}", logs.all());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        Handler {
+            child,
+            port,
+            base,
+            logs,
+            ready_after,
+            env: self.env,
+            root: self.root,
+            _tmp: self._tmp,
+            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+        }
+    }
+}
+
+pub struct Handler {
+    child: Child,
+    pub port: u16,
+    pub base: String,
+    pub logs: Logs,
+    /// Exec to first answer on `GET /`.
+    pub ready_after: Duration,
+    env: BTreeMap<String, String>,
+    pub root: PathBuf,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+    http: reqwest::Client,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The response as a test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+    pub fn content_type(&self) -> &str {
+        self.header("content-type")
+    }
+    /// Asserts an RFC 9457 problem with this status and type slug.
+    pub fn assert_problem(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert_eq!(self.content_type(), "application/problem+json", "{}", self.body);
+        let p = self.json();
+        assert_eq!(p["type"], format!("urn:dynamics-companion:problem:{code}"), "{}", self.body);
+        assert!(p["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        p
+    }
+    pub fn assert_html(&self, status: u16) {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert!(self.content_type().starts_with("text/html"), "{}", self.content_type());
+    }
+}
+
+/// Encodes like .NET's `UrlEncoder.Default` as used by `QueryHelpers.AddQueryString`:
+/// everything but ASCII letters, digits and `-._~` is percent-encoded.
+fn dotnet_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The query string the host forwards: parsed, repeated keys joined with commas,
+/// re-encoded, in first-seen key order.
+pub fn host_rebuilt_query(query: &str) -> String {
+    let mut keys: Vec<String> = Vec::new();
+    let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if !values.contains_key(k.as_ref()) {
+            keys.push(k.to_string());
+        }
+        values.entry(k.to_string()).or_default().push(v.to_string());
+    }
+    keys.iter().map(|k| format!("{}={}", dotnet_encode(k), dotnet_encode(&values[k].join(",")))).collect::<Vec<_>>().join("&")
+}
+
+impl Handler {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the handler did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Forwards a request as the host does (`enableForwardingHttpRequest`).
+    pub async fn forward(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Reply {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        let mut url = format!("{}{}", self.base, path);
+        let rebuilt = host_rebuilt_query(query);
+        if !rebuilt.is_empty() {
+            url = format!("{url}?{rebuilt}");
+        }
+        let mut req = self
+            .http
+            .request(method, url)
+            .header("X-Azure-Functions-HostVersion", "4.1040.300.0")
+            .header("X-Azure-Functions-InvocationId", invocation_id())
+            .header("User-Agent", "test-browser/1.0 Azure-Functions-Host/4.1040.300.0");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        // The host copies a body only when Content-Length > 0.
+        if let Some(body) = body.filter(|b| !b.is_empty()) {
+            req = req.body(body);
+        }
+        let resp = req.send().await.expect("the handler answers");
+        Reply { status: resp.status().as_u16(), headers: resp.headers().clone(), body: resp.text().await.unwrap_or_default() }
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.forward(Method::GET, path, headers, None).await
+    }
+
+    /// A JSON request through the host.
+    pub async fn json(&self, method: Method, path: &str, bearer: Option<&str>, body: &Value) -> Reply {
+        let auth = bearer.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        self.forward(method, path, &headers, Some(serde_json::to_vec(body).unwrap())).await
+    }
+
+    /// Invokes the `refresh` timer with the payload protocol: chunked JSON, no length.
+    pub async fn invoke_timer(&self, payload: &Value) -> Reply {
+        let bytes = serde_json::to_vec(payload).unwrap();
+        self.post_chunked("/refresh", bytes, "application/json; charset=utf-8").await
+    }
+
+    /// POSTs a body with `Transfer-Encoding: chunked` (split in 8 KiB chunks).
+    pub async fn post_chunked(&self, path: &str, bytes: Vec<u8>, content_type: &str) -> Reply {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+        let resp = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header("Content-Type", content_type)
+            .header("X-Azure-Functions-HostVersion", "4.1040.300.0")
+            .header("X-Azure-Functions-InvocationId", invocation_id())
+            .header("User-Agent", "Azure-Functions-Host/4.1040.300.0")
+            .body(body)
+            .send()
+            .await
+            .expect("the handler answers");
+        Reply { status: resp.status().as_u16(), headers: resp.headers().clone(), body: resp.text().await.unwrap_or_default() }
+    }
+}
+
+fn invocation_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The timer payload as the host sends it (host 4.x, observed shape).
+pub fn timer_payload(past_due: bool) -> Value {
+    serde_json::json!({
+        "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": past_due } },
+        "Metadata": { "sys": { "MethodName": "refresh", "UtcNow": "2026-11-22T10:00:00.0000000Z", "RandGuid": "35e6e68c-0000-4000-8000-000000000000" } }
+    })
+}
