@@ -66,16 +66,7 @@ impl App {
             config.oauth.clone(),
             config.redirect_uri.clone(),
         );
-        Ok(App {
-            config,
-            started,
-            started_at: crate::time::now(),
-            keys,
-            secrets,
-            connections,
-            back_office,
-            proxy_http,
-        })
+        Ok(App { config, started, started_at: crate::time::now(), keys, secrets, connections, back_office, proxy_http })
     }
 }
 
@@ -110,7 +101,10 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
                         let _ = std::fs::create_dir_all(dir);
                     }
                     write_private(&path, &spec).map_err(|e| {
-                        ConfigError::new(&setting, format!("is not set and a local key could not be written to {}: {e}", path.display()))
+                        ConfigError::new(
+                            &setting,
+                            format!("is not set and a local key could not be written to {}: {e}", path.display()),
+                        )
                     })?;
                     spec
                 }

@@ -90,17 +90,19 @@ impl BearerVerifier {
     /// Verifies the `Authorization` header value.
     pub async fn verify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
         let token = bearer(authorization)?;
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
-        if header.alg != Algorithm::RS256 {
+        // Read `alg` as text first: `none` and unknown algorithms are not even variants of
+        // jsonwebtoken's enum, and the caller deserves to hear which one was refused.
+        let alg = raw_alg(token)
+            .ok_or_else(|| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
+        if alg != "RS256" {
             return Err(AuthError::Unauthenticated(format!(
-                "The bearer token is signed with {:?}; only RS256 is accepted.",
-                header.alg
+                "The bearer token is signed with {alg:?}; only RS256 is accepted."
             )));
         }
-        let kid = header
-            .kid
-            .ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
+        let kid =
+            header.kid.ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
         let key = self.key(&kid).await?;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
@@ -147,9 +149,9 @@ impl BearerVerifier {
                 Err(e) => tracing::warn!("could not refresh the issuer's signing keys: {e}"),
             }
         }
-        keys.as_ref()
-            .and_then(|k| k.by_kid.get(kid).cloned())
-            .ok_or_else(|| AuthError::Unauthenticated("The bearer token is signed with a key the issuer does not publish.".into()))
+        keys.as_ref().and_then(|k| k.by_kid.get(kid).cloned()).ok_or_else(|| {
+            AuthError::Unauthenticated("The bearer token is signed with a key the issuer does not publish.".into())
+        })
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, DecodingKey>, String> {
@@ -193,14 +195,27 @@ impl BearerVerifier {
         if !resp.status().is_success() {
             return Err(format!("{url} answered {}", resp.status()));
         }
-        resp.json().await.map_err(|e| format!("{url} did not return the expected JSON: {}", crate::oauth::client::describe(e)))
+        resp.json()
+            .await
+            .map_err(|e| format!("{url} did not return the expected JSON: {}", crate::oauth::client::describe(e)))
     }
+}
+
+/// The `alg` of a JWT's header, unverified.
+fn raw_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("alg")?.as_str().map(str::to_string)
 }
 
 /// Extracts the token from `Authorization: Bearer <token>`.
 pub fn bearer(authorization: Option<&str>) -> Result<&str, AuthError> {
     let value = authorization.ok_or_else(|| {
-        AuthError::Unauthenticated("Send an access token in the Authorization header: `Authorization: Bearer <token>`.".into())
+        AuthError::Unauthenticated(
+            "Send an access token in the Authorization header: `Authorization: Bearer <token>`.".into(),
+        )
     })?;
     let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {

@@ -10,7 +10,11 @@ use crate::app::App;
 use crate::config::{Config, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "handler", version, about = "Dynamics Companion: OAuth callback, token keeper and portal companion for Dynamics 365")]
+#[command(
+    name = "handler",
+    version,
+    about = "Dynamics Companion: OAuth callback, token keeper and portal companion for Dynamics 365"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -73,8 +73,8 @@ impl Settings {
         let setting = "local.settings.json";
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
-        let doc: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ConfigError::new(setting, format!("is not valid JSON: {e}")))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ConfigError::new(setting, format!("is not valid JSON: {e}")))?;
         if doc.get("IsEncrypted").and_then(|v| v.as_bool()) == Some(true) {
             return Err(ConfigError::new(setting, "IsEncrypted is true; the handler reads plain values only"));
         }
@@ -89,7 +89,8 @@ impl Settings {
             }
         }
         if let Some(host) = doc.get("Host") {
-            self.local_host.port = host.get("LocalHttpPort").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok());
+            self.local_host.port =
+                host.get("LocalHttpPort").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok());
             self.local_host.address =
                 host.get("LocalHttpAddress").and_then(|v| v.as_str()).and_then(|a| a.parse().ok());
         }
@@ -123,9 +124,7 @@ impl Settings {
     }
 
     fn url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
-        self.get(name)
-            .map(|v| parse_service_url(v).map_err(|p| ConfigError::new(name, p)))
-            .transpose()
+        self.get(name).map(|v| parse_service_url(v).map_err(|p| ConfigError::new(name, p))).transpose()
     }
 }
 
@@ -282,7 +281,8 @@ impl Config {
             Some(u) => u,
             None => {
                 let port = if listen.under_host { 7071 } else { listen.addr.port() };
-                Url::parse(&format!("http://localhost:{port}")).map_err(|e| ConfigError::new("PUBLIC_BASE_URL", e.to_string()))?
+                Url::parse(&format!("http://localhost:{port}"))
+                    .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", e.to_string()))?
             }
         };
         let redirect_uri = match s.url("OAUTH_REDIRECT_URI")? {
@@ -307,7 +307,9 @@ impl Config {
         let capture = match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
             "off" => CaptureMode::Off,
             "store" => CaptureMode::Store,
-            other => return Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\" or \"off\", got {other:?}"))),
+            other => {
+                return Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\" or \"off\", got {other:?}")));
+            }
         };
         let mut return_url_origins = Vec::new();
         for origin in s.list("RETURN_URL_ALLOWLIST") {

@@ -70,7 +70,10 @@ impl Keyring {
                 .split_once(':')
                 .ok_or_else(|| KeyFormatError(format!("entry {} is not `id:base64key`", i + 1)))?;
             let id = id.trim();
-            if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if id.is_empty()
+                || id.len() > 32
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 return Err(KeyFormatError(format!("key id {id:?} must be 1-32 letters, digits, '-' or '_'")));
             }
             let material = material.trim();
@@ -81,7 +84,8 @@ impl Keyring {
             if bytes.len() != 32 {
                 return Err(KeyFormatError(format!("key {id:?} must be 32 bytes, found {}", bytes.len())));
             }
-            let aead = Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyFormatError(format!("key {id:?} is unusable")))?;
+            let aead =
+                Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyFormatError(format!("key {id:?} is unusable")))?;
             let state_mac = hmac(&bytes, &[b"dynamics-companion/state/v1"]).to_vec();
             if by_id.insert(id.to_string(), keys.len()).is_some() {
                 return Err(KeyFormatError(format!("key id {id:?} appears twice")));
@@ -109,10 +113,7 @@ impl Keyring {
         let nonce = random_bytes::<NONCE_LEN>();
         // Encryption with a valid key and a 12-byte nonce does not fail for inputs
         // below the GCM limit (64 GiB); tokens are a few kilobytes.
-        let ct = key
-            .aead
-            .encrypt((&nonce).into(), Payload { msg: plaintext, aad: aad.as_bytes() })
-            .unwrap_or_default();
+        let ct = key.aead.encrypt((&nonce).into(), Payload { msg: plaintext, aad: aad.as_bytes() }).unwrap_or_default();
         let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ct);
@@ -131,9 +132,7 @@ impl Keyring {
         }
         let (nonce, ct) = blob.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Malformed)?;
-        key.aead
-            .decrypt((&nonce).into(), Payload { msg: ct, aad: aad.as_bytes() })
-            .map_err(|_| CryptoError::Tampered)
+        key.aead.decrypt((&nonce).into(), Payload { msg: ct, aad: aad.as_bytes() }).map_err(|_| CryptoError::Tampered)
     }
 
     /// Issues a `state` for a connection, valid until `expires_at` (Unix seconds).

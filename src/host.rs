@@ -58,10 +58,12 @@ impl Invocation {
         self.data
             .values()
             .map(unwrap_double_encoded)
-            .find_map(|v| if v.get("Schedule").is_some() || v.get("IsPastDue").is_some() {
-                serde_json::from_value(v).ok()
-            } else {
-                None
+            .find_map(|v| {
+                if v.get("Schedule").is_some() || v.get("IsPastDue").is_some() {
+                    serde_json::from_value(v).ok()
+                } else {
+                    None
+                }
             })
             .unwrap_or_default()
     }

@@ -14,8 +14,8 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 use tracing::Level;
-use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
 pub fn init(filter: &str) {

@@ -33,7 +33,7 @@ async fn answers_readiness_and_health_as_the_host_starts_it() {
     assert!(!health.body.contains("TOKEN_ENCRYPTION_KEYS"));
     assert!(!health.body.contains(&keys.display().to_string()));
     // One log line per request, with route, status and duration.
-    let line = h.logs.stdout().into_iter().find(|l| l.contains("route=\"/api/health\"")).expect("a request log line");
+    let line = h.logs.wait_for_line(|l| l.contains("route=\"/api/health\"")).expect("a request log line");
     assert!(line.contains("status=200") && line.contains("method=GET") && line.contains("ms="), "{line}");
 }
 
@@ -59,7 +59,7 @@ async fn without_the_host_it_serves_port_7071_and_reads_local_settings() {
     assert_eq!(direct.status(), 200);
     let v: Value = direct.json().await.unwrap();
     assert_eq!(v["under_functions_host"], false);
-    assert!(h.logs.all().contains("local.settings.json"));
+    assert!(h.logs.wait_for_line(|l| l.contains("local.settings.json")).is_some());
 }
 
 #[tokio::test]
@@ -133,7 +133,12 @@ async fn caller_errors_are_clear_and_the_process_keeps_serving() {
     h.post_chunked("/refresh", big.clone(), "application/json").await.assert_problem(413, "body-too-large");
     // Browser-facing: the callback answers with a page, not JSON.
     let page = h
-        .forward(Method::POST, "/api/oauth/callback", &[("Content-Type", "application/x-www-form-urlencoded")], Some(big))
+        .forward(
+            Method::POST,
+            "/api/oauth/callback",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            Some(big),
+        )
         .await;
     page.assert_html(413);
 
@@ -167,7 +172,7 @@ async fn sigterm_stops_it_gracefully() {
     let mut h = HandlerBuilder::new().start().await;
     assert_eq!(h.get("/api/health", &[]).await.status, 200);
     assert_eq!(h.terminate(), Some(0));
-    assert!(h.logs.all().contains("SIGTERM received"), "{}", h.logs.all());
+    assert!(h.logs.wait_for_line(|l| l.contains("SIGTERM received")).is_some(), "{}", h.logs.all());
 }
 
 #[test]
@@ -186,12 +191,16 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
     assert_eq!(host["customHandler"]["description"]["defaultExecutablePath"], "handler");
     assert_eq!(host["customHandler"]["enableForwardingHttpRequest"], true);
     assert!(host["extensionBundle"]["id"].is_string());
-    let local: Value = serde_json::from_str(&std::fs::read_to_string(root.join("local.settings.json")).unwrap()).unwrap();
+    let local: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("local.settings.json")).unwrap()).unwrap();
     assert_eq!(local["IsEncrypted"], false);
     assert!(local["Values"]["FUNCTIONS_WORKER_RUNTIME"].as_str().unwrap().eq_ignore_ascii_case("custom"));
     for (k, v) in local["Values"].as_object().unwrap() {
         let lower = k.to_ascii_lowercase();
-        assert!(!(lower.contains("secret") || lower.contains("key") && lower != "azurewebjobsstorage"), "{k} looks secret: {v}");
+        assert!(
+            !(lower.contains("secret") || lower.contains("key") && lower != "azurewebjobsstorage"),
+            "{k} looks secret: {v}"
+        );
     }
 
     let name_ok = |n: &str| {
@@ -211,18 +220,27 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
         }
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         assert!(name_ok(&name), "invalid function name {name}");
-        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&fj).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(&fj).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let bindings = doc["bindings"].as_array().unwrap_or_else(|| panic!("{name}: no bindings"));
         assert!(!bindings.is_empty(), "{name}: at least one binding");
         functions.push(name.clone());
-        if let Some(trigger) = bindings.iter().find(|b| b["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("httpTrigger"))) {
+        if let Some(trigger) =
+            bindings.iter().find(|b| b["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("httpTrigger")))
+        {
             // Forwarded functions need exactly one httpTrigger in and one http out.
             assert_eq!(bindings.len(), 2, "{name}: forwarding needs exactly httpTrigger + http");
             assert!(bindings.iter().any(|b| b["type"] == "http" && b["direction"] == "out"), "{name}");
-            assert_eq!(trigger["authLevel"], "anonymous", "{name}: the handler authenticates; a key would swallow ?code=");
+            assert_eq!(
+                trigger["authLevel"], "anonymous",
+                "{name}: the handler authenticates; a key would swallow ?code="
+            );
             let route = trigger["route"].as_str().unwrap_or(&name).to_ascii_lowercase();
             assert!(!route.starts_with("admin") && !route.starts_with("runtime"), "{name}: reserved route {route}");
-            let methods: Vec<String> = trigger["methods"].as_array().map(|m| m.iter().map(|x| x.as_str().unwrap().to_ascii_lowercase()).collect()).unwrap_or_default();
+            let methods: Vec<String> = trigger["methods"]
+                .as_array()
+                .map(|m| m.iter().map(|x| x.as_str().unwrap().to_ascii_lowercase()).collect())
+                .unwrap_or_default();
             routes.push((route.trim_end_matches('/').to_string(), methods));
         }
     }
@@ -237,9 +255,11 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
     functions.sort();
     assert_eq!(functions, ["captures", "connections", "health", "oauth", "refresh"]);
     // The callback is anonymous and takes GET and POST (form_post responses).
-    let oauth: Value = serde_json::from_str(&std::fs::read_to_string(root.join("oauth/function.json")).unwrap()).unwrap();
+    let oauth: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("oauth/function.json")).unwrap()).unwrap();
     assert_eq!(oauth["bindings"][0]["route"], "oauth/{*rest}");
     assert_eq!(oauth["bindings"][0]["methods"], json!(["get", "post"]));
-    let refresh: Value = serde_json::from_str(&std::fs::read_to_string(root.join("refresh/function.json")).unwrap()).unwrap();
+    let refresh: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("refresh/function.json")).unwrap()).unwrap();
     assert_eq!(refresh["bindings"][0]["type"], "timerTrigger");
 }

@@ -37,7 +37,9 @@ impl From<ConnectionError> for ApiError {
 
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::Unavailable(m) => ApiError::unavailable("store-unavailable", format!("The store is unavailable: {m}"), Some(5)),
+        StoreError::Unavailable(m) => {
+            ApiError::unavailable("store-unavailable", format!("The store is unavailable: {m}"), Some(5))
+        }
         other => ApiError::internal(other),
     }
 }
@@ -47,9 +49,11 @@ impl From<AuthError> for ApiError {
         match e {
             AuthError::Unauthenticated(m) => ApiError::unauthorized(m),
             AuthError::Forbidden(m) => ApiError::forbidden(m),
-            AuthError::Unavailable(m) => {
-                ApiError::unavailable("auth-unavailable", format!("Bearer tokens cannot be verified right now: {m}"), Some(10))
-            }
+            AuthError::Unavailable(m) => ApiError::unavailable(
+                "auth-unavailable",
+                format!("Bearer tokens cannot be verified right now: {m}"),
+                Some(10),
+            ),
         }
     }
 }
@@ -82,13 +86,17 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
             "owner" => filter.owner = Some(v),
             "status" => {
                 filter.status = Some(Status::parse(&v).ok_or_else(|| {
-                    ApiError::bad_request("invalid-status", format!("status {v:?} is not one of pending, active, needs_reauth, failed."))
+                    ApiError::bad_request(
+                        "invalid-status",
+                        format!("status {v:?} is not one of pending, active, needs_reauth, failed."),
+                    )
                 })?)
             }
             "limit" => {
-                filter.limit = v.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-                    ApiError::bad_request("invalid-limit", "limit must be a number from 1 to 1000.")
-                })?
+                filter.limit =
+                    v.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                        ApiError::bad_request("invalid-limit", "limit must be a number from 1 to 1000.")
+                    })?
             }
             _ => {}
         }
@@ -110,7 +118,9 @@ pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiErro
             )),
             Err(ConnectionError::Provider(e)) => Err(ApiError::bad_gateway(
                 "revocation-failed",
-                format!("The provider did not confirm the revocation ({e}); the connection is kept. Retry, or delete with ?skip_revocation=true."),
+                format!(
+                    "The provider did not confirm the revocation ({e}); the connection is kept. Retry, or delete with ?skip_revocation=true."
+                ),
             )),
             Err(e) => Err(e.into()),
         };
@@ -153,8 +163,8 @@ fn token_response(id: &str, t: &CachedToken) -> Response {
 pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let body: Option<TokenRequest> = req.json().await?;
-    let force = body.map(|b| b.force_refresh).unwrap_or(false)
-        || req.query_param("force_refresh").is_some_and(|v| v == "true");
+    let force =
+        body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
     let token = app.connections.access_token(id, force).await?;
     Ok(token_response(id, &token))
 }
@@ -196,9 +206,24 @@ pub async fn captures(app: &App, req: Request) -> Result<Response, ApiError> {
 fn forwardable_request_header(name: &str) -> bool {
     !matches!(
         name,
-        "host" | "authorization" | "cookie" | "connection" | "content-length" | "transfer-encoding" | "te" | "trailer"
-            | "upgrade" | "keep-alive" | "proxy-authorization" | "proxy-connection" | "max-forwards" | "origin"
-            | "referer" | "x-functions-key" | "disguised-host" | "traceparent"
+        "host"
+            | "authorization"
+            | "cookie"
+            | "connection"
+            | "content-length"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "max-forwards"
+            | "origin"
+            | "referer"
+            | "x-functions-key"
+            | "disguised-host"
+            | "traceparent"
     ) && !name.starts_with("x-forwarded-")
         && !name.starts_with("x-azure-")
         && !name.starts_with("x-arr-")
@@ -209,8 +234,16 @@ fn forwardable_request_header(name: &str) -> bool {
 fn forwardable_response_header(name: &str) -> bool {
     !matches!(
         name,
-        "connection" | "transfer-encoding" | "keep-alive" | "te" | "trailer" | "upgrade" | "set-cookie" | "content-length"
-            | "www-authenticate" | "proxy-authenticate"
+        "connection"
+            | "transfer-encoding"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "set-cookie"
+            | "content-length"
+            | "www-authenticate"
+            | "proxy-authenticate"
     )
 }
 
@@ -218,13 +251,14 @@ fn forwardable_response_header(name: &str) -> bool {
 pub async fn proxy(app: &App, mut req: Request, id: &str, _decoded_rest: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let conn = app.connections.get(id).await?;
-    let provider = app
-        .connections
-        .catalog()
-        .get(&conn.provider)
-        .ok_or_else(|| ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", conn.provider)))?;
+    let provider = app.connections.catalog().get(&conn.provider).ok_or_else(|| {
+        ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", conn.provider))
+    })?;
     let base = provider.api_base_url.clone().ok_or_else(|| {
-        ApiError::bad_request("no-api-base-url", format!("Provider {} has no api_base_url in the catalog; the proxy cannot be used.", provider.name))
+        ApiError::bad_request(
+            "no-api-base-url",
+            format!("Provider {} has no api_base_url in the catalog; the proxy cannot be used.", provider.name),
+        )
     })?;
     let target = proxy_target(&base, &req.path, req.query.as_deref())?;
     let body = req.body_bytes().await?;
@@ -240,13 +274,19 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
         decoded == ".." || decoded == "." || decoded.contains('/') || decoded.contains('\\')
     });
     if escapes || rest.starts_with('/') || rest.contains("//") {
-        return Err(ApiError::bad_request("invalid-proxy-path", "The proxied path may not contain '.', '..' or empty segments."));
+        return Err(ApiError::bad_request(
+            "invalid-proxy-path",
+            "The proxied path may not contain '.', '..' or empty segments.",
+        ));
     }
     let mut url = base
         .join(rest)
         .map_err(|e| ApiError::bad_request("invalid-proxy-path", format!("The proxied path is not valid: {e}.")))?;
     if !url.as_str().starts_with(base.as_str()) {
-        return Err(ApiError::bad_request("invalid-proxy-path", "The proxied path leaves the provider's API base URL."));
+        return Err(ApiError::bad_request(
+            "invalid-proxy-path",
+            "The proxied path leaves the provider's API base URL.",
+        ));
     }
     url.set_query(query);
     Ok(url)
@@ -273,7 +313,10 @@ pub async fn send_with_token(
         }
         out = out.header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
         let resp = out.send().await.map_err(|e| {
-            ApiError::bad_gateway("provider-api-unreachable", format!("The provider's API did not answer: {}", crate::oauth::client::describe(e)))
+            ApiError::bad_gateway(
+                "provider-api-unreachable",
+                format!("The provider's API did not answer: {}", crate::oauth::client::describe(e)),
+            )
         })?;
         if resp.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
@@ -310,7 +353,12 @@ mod tests {
         let base = url::Url::parse("https://api.example/v1/").unwrap();
         let ok = proxy_target(&base, "/api/connections/c/proxy/items/42", Some("a=1")).unwrap();
         assert_eq!(ok.as_str(), "https://api.example/v1/items/42?a=1");
-        for bad in ["/api/connections/c/proxy/../admin", "/api/connections/c/proxy/a/%2e%2e/b", "/api/connections/c/proxy//evil.example/x", "/api/connections/c/proxy/a%2Fb"] {
+        for bad in [
+            "/api/connections/c/proxy/../admin",
+            "/api/connections/c/proxy/a/%2e%2e/b",
+            "/api/connections/c/proxy//evil.example/x",
+            "/api/connections/c/proxy/a%2Fb",
+        ] {
             assert!(proxy_target(&base, bad, None).is_err(), "{bad} should be refused");
         }
     }

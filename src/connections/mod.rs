@@ -245,10 +245,10 @@ impl Connections {
             Some(id) => validate_id(&id)?,
             None => new_id(),
         };
-        if let Some(owner) = &req.owner {
-            if owner.is_empty() || owner.len() > 200 || owner.chars().any(char::is_control) {
-                return Err(ConnectionError::Invalid("invalid-owner", "owner must be 1-200 printable characters.".into()));
-            }
+        if let Some(owner) = &req.owner
+            && (owner.is_empty() || owner.len() > 200 || owner.chars().any(char::is_control))
+        {
+            return Err(ConnectionError::Invalid("invalid-owner", "owner must be 1-200 printable characters.".into()));
         }
         let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
@@ -325,7 +325,8 @@ impl Connections {
             connection_id: c.id.clone(),
             provider: p.name.clone(),
             status: c.status,
-            authorization_url: client::authorization_url(p, &self.redirect_uri, state, challenge, &c.scopes).to_string(),
+            authorization_url: client::authorization_url(p, &self.redirect_uri, state, challenge, &c.scopes)
+                .to_string(),
             authorization_expires_at: crate::time::rfc3339(expires_at),
         }
     }
@@ -370,7 +371,8 @@ impl Connections {
         if pending.expires_at <= t {
             return Err(CallbackFailure::StateExpired);
         }
-        let provider = self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?.clone();
+        let provider =
+            self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?.clone();
         // RFC 9207: when the provider declares its issuer, the response must carry it.
         if let Some(expected) = provider.issuer.as_deref() {
             match iss {
@@ -389,7 +391,11 @@ impl Connections {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(CallbackFailure::Crypto)?;
         let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
-        let done = |return_url| Completed { connection_id: conn.id.clone(), provider: provider.display_name.clone(), return_url };
+        let done = |return_url| Completed {
+            connection_id: conn.id.clone(),
+            provider: provider.display_name.clone(),
+            return_url,
+        };
 
         // Single use: remove the pending authorization before acting on it. A replay,
         // or a duplicate racing this one, finds the state gone.
@@ -412,14 +418,16 @@ impl Connections {
             });
         }
         let code = code.unwrap_or_default();
-        let tokens = match self.client().exchange_code(&provider, code, secret.verifier.as_deref(), &self.redirect_uri, t).await {
-            Ok(tokens) => tokens,
-            Err(e) => {
-                let detail = format!("The code exchange failed: {e}");
-                self.record_failure(&consumed, &detail).await;
-                return Err(CallbackFailure::Exchange { error: e, completed: done(return_url) });
-            }
-        };
+        let tokens =
+            match self.client().exchange_code(&provider, code, secret.verifier.as_deref(), &self.redirect_uri, t).await
+            {
+                Ok(tokens) => tokens,
+                Err(e) => {
+                    let detail = format!("The code exchange failed: {e}");
+                    self.record_failure(&consumed, &detail).await;
+                    return Err(CallbackFailure::Exchange { error: e, completed: done(return_url) });
+                }
+            };
         // The code is spent; these tokens exist nowhere else. Keep trying to store them.
         let stored = self
             .modify(&conn.id, Some(consumed), |c| {
@@ -490,7 +498,8 @@ impl Connections {
             .map(|c| {
                 let code = match &c.code {
                     Some(sealed) => Some(
-                        String::from_utf8(self.keys.open(sealed, &capture_aad(&c.key))?).map_err(|_| CryptoError::Malformed)?,
+                        String::from_utf8(self.keys.open(sealed, &capture_aad(&c.key))?)
+                            .map_err(|_| CryptoError::Malformed)?,
                     ),
                     None => None,
                 };
@@ -569,33 +578,36 @@ impl Connections {
                     // Nothing to refresh with; the token is still good for a while.
                     return Ok(current);
                 }
-                return Err(self.mark_needs_reauth(conn, "the access token expired and the provider issued no refresh token").await);
+                return Err(self
+                    .mark_needs_reauth(conn, "the access token expired and the provider issued no refresh token")
+                    .await);
             };
-            if let (Some(next), Want::ValidUntil(_)) = (conn.next_attempt_at, want) {
-                if next > t {
-                    // Backing off after a transient failure: serve what is still valid.
-                    if tokens.expires_at > t {
-                        return Ok(current);
-                    }
+            if let (Some(next), Want::ValidUntil(_)) = (conn.next_attempt_at, want)
+                && next > t
+            {
+                // Backing off after a transient failure: serve what is still valid.
+                if tokens.expires_at > t {
+                    return Ok(current);
+                }
+                return Err(ConnectionError::Backoff {
+                    detail: conn.status_detail.clone().unwrap_or_else(|| "an earlier refresh failed".into()),
+                    retry_after: (next - t) as u64,
+                });
+            }
+            if let Some(lease) = &conn.lease
+                && lease.owner != self.instance
+                && lease.until_ms > now_millis()
+            {
+                // Another instance is refreshing. Wait for its result.
+                if now_millis() > deadline {
                     return Err(ConnectionError::Backoff {
-                        detail: conn.status_detail.clone().unwrap_or_else(|| "an earlier refresh failed".into()),
-                        retry_after: (next - t) as u64,
+                        detail: "another instance holds the refresh lease".into(),
+                        retry_after: 1,
                     });
                 }
-            }
-            if let Some(lease) = &conn.lease {
-                if lease.owner != self.instance && lease.until_ms > now_millis() {
-                    // Another instance is refreshing. Wait for its result.
-                    if now_millis() > deadline {
-                        return Err(ConnectionError::Backoff {
-                            detail: "another instance holds the refresh lease".into(),
-                            retry_after: 1,
-                        });
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_millis(400));
-                    continue;
-                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(400));
+                continue;
             }
             // Take the lease. A conflict means someone else changed the record: re-read.
             let mut leased = conn.clone();
@@ -722,17 +734,17 @@ impl Connections {
         let conn = self.get(id).await?;
         let provider = self.catalog.get(&conn.provider);
         let mut revoked = false;
-        if let (Some(provider), Some(sealed), false) = (provider, &conn.tokens, skip_revocation) {
-            if provider.revocation_url.is_some() {
-                let tokens = TokenSet::open(sealed, &self.keys, id)?;
-                // Revoking the refresh token ends the grant; the access token is revoked
-                // too for providers that keep them apart.
-                if let Some(rt) = &tokens.refresh_token {
-                    self.client().revoke(provider, rt, "refresh_token").await?;
-                }
-                self.client().revoke(provider, &tokens.access_token, "access_token").await?;
-                revoked = true;
+        if let (Some(provider), Some(sealed), false) = (provider, &conn.tokens, skip_revocation)
+            && provider.revocation_url.is_some()
+        {
+            let tokens = TokenSet::open(sealed, &self.keys, id)?;
+            // Revoking the refresh token ends the grant; the access token is revoked
+            // too for providers that keep them apart.
+            if let Some(rt) = &tokens.refresh_token {
+                self.client().revoke(provider, rt, "refresh_token").await?;
             }
+            self.client().revoke(provider, &tokens.access_token, "access_token").await?;
+            revoked = true;
         }
         let mut current = conn;
         for _ in 0..5 {
@@ -765,7 +777,8 @@ impl Connections {
                 let results: Vec<_> = futures_util::stream::iter(due)
                     .map(|c| async move {
                         let keep = self.catalog.get(&c.provider).and_then(|p| p.refresh_keepalive);
-                        let idle = keep.is_some_and(|k| c.refreshed_at.unwrap_or(c.created_at) < t - k.as_secs() as i64);
+                        let idle =
+                            keep.is_some_and(|k| c.refreshed_at.unwrap_or(c.created_at) < t - k.as_secs() as i64);
                         let want = if idle { Want::RefreshedAfter(now_millis()) } else { Want::ValidUntil(horizon) };
                         (c.id.clone(), self.refresh_single_flight(&c.id, want).await)
                     })
@@ -811,7 +824,12 @@ impl Connections {
     /// Applies `change` to the latest version of a connection and stores it, re-reading
     /// on a version conflict and retrying transient store errors with backoff (for up to
     /// about half a minute: what is being stored may exist nowhere else).
-    async fn modify<F>(&self, id: &str, mut known: Option<Connection>, mut change: F) -> Result<Connection, ConnectionError>
+    async fn modify<F>(
+        &self,
+        id: &str,
+        mut known: Option<Connection>,
+        mut change: F,
+    ) -> Result<Connection, ConnectionError>
     where
         F: FnMut(&mut Connection) -> Result<(), ConnectionError>,
     {
@@ -938,7 +956,9 @@ fn validate_id(id: &str) -> Result<String, ConnectionError> {
     } else {
         Err(ConnectionError::Invalid(
             "invalid-connection-id",
-            format!("connection_id must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit."),
+            format!(
+                "connection_id must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit."
+            ),
         ))
     }
 }
@@ -948,10 +968,16 @@ fn validate_scopes(scopes: Vec<String>, provider: &Provider) -> Result<Vec<Strin
         return Err(ConnectionError::Invalid("invalid-scopes", "At most 50 scopes may be requested.".into()));
     }
     for s in &scopes {
-        if s.is_empty() || s.len() > 200 || s.chars().any(|c| c.is_whitespace() || c.is_control()) || s.contains(provider.scope_separator.as_str()) {
+        if s.is_empty()
+            || s.len() > 200
+            || s.chars().any(|c| c.is_whitespace() || c.is_control())
+            || s.contains(provider.scope_separator.as_str())
+        {
             return Err(ConnectionError::Invalid(
                 "invalid-scopes",
-                format!("Scope {s:?} is not valid: scopes are 1-200 characters without spaces or the provider's separator."),
+                format!(
+                    "Scope {s:?} is not valid: scopes are 1-200 characters without spaces or the provider's separator."
+                ),
             ));
         }
     }

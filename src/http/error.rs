@@ -55,11 +55,8 @@ impl ApiError {
 
     pub fn method_not_allowed(allowed: &[&str]) -> ApiError {
         let allow = allowed.join(", ");
-        let mut e = ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            format!("This route accepts {allow}."),
-        );
+        let mut e =
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", format!("This route accepts {allow}."));
         if let Ok(v) = HeaderValue::from_str(&allow) {
             e.headers.push((header::ALLOW, v));
         }
@@ -118,9 +115,7 @@ impl ApiError {
                 });
                 response::json_with_type(self.status, &body, "application/problem+json")
             }
-            Audience::Browser => {
-                html::page(self.status, self.title(), &self.detail, html::Tone::Error)
-            }
+            Audience::Browser => html::page(self.status, self.title(), &self.detail, html::Tone::Error),
         };
         for (name, value) in self.headers {
             resp.headers_mut().append(name, value);

@@ -81,7 +81,9 @@ pub async fn handle(app: &App, req: Request) -> Response {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = resp.status().as_u16();
     match invocation {
-        Some(id) => tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id),
+        Some(id) => {
+            tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id)
+        }
         None => tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}")),
     }
     resp

@@ -13,6 +13,9 @@ use warp::http::{HeaderMap, Method, header};
 
 use super::error::ApiError;
 
+/// How far past the limit an oversized body is still read before answering 413.
+const DRAIN_FACTOR: usize = 8;
+
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send + Sync>>;
 
 pub struct Request {
@@ -67,20 +70,32 @@ impl Request {
             return Ok(Bytes::new());
         };
         let limit = self.max_body;
-        if let Some(len) = self.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok()) {
-            if len > limit {
-                return Err(ApiError::payload_too_large(limit));
-            }
-        }
+        // A declared length over the limit is refused up front, but only after draining
+        // (below), so the connection stays usable for the client's next request.
+        let declared_too_large =
+            self.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok()).is_some_and(|len| len > limit);
         let mut buf = BytesMut::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
                 ApiError::bad_request("body-unreadable", format!("The request body could not be read: {e}"))
             })?;
-            if buf.len() + chunk.len() > limit {
+            if declared_too_large || buf.len() + chunk.len() > limit {
+                // Read on (and discard) up to a bound, so a client still sending its body can
+                // read the 413 instead of seeing the connection reset under it. Past the bound
+                // the connection is dropped with the reply.
+                let mut seen = buf.len() + chunk.len();
+                while seen <= limit.saturating_mul(DRAIN_FACTOR) {
+                    match stream.next().await {
+                        Some(Ok(more)) => seen += more.len(),
+                        _ => break,
+                    }
+                }
                 return Err(ApiError::payload_too_large(limit));
             }
             buf.extend_from_slice(&chunk);
+        }
+        if declared_too_large {
+            return Err(ApiError::payload_too_large(limit));
         }
         Ok(buf.freeze())
     }

@@ -17,12 +17,7 @@ type Outcome = (&'static str, Audience, Result<Response, ApiError>);
 /// Finds the route for a request and runs it. Returns the route template (for the
 /// log line), who the caller is (for the error format) and the outcome.
 pub async fn dispatch(app: &App, req: Request) -> Outcome {
-    let segments: Vec<String> = req
-        .path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| percent_decode(s))
-        .collect();
+    let segments: Vec<String> = req.path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let m = req.method.clone();
 
@@ -70,9 +65,11 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
             )
         }
         ["api", "captures"] => route!("/api/captures", Api, [Method::GET], connections::captures(app, req)),
-        _ => ("(unknown)", if segs.first() == Some(&"api") && segs.get(1) == Some(&"oauth") { Browser } else { Api }, Err(
-            ApiError::not_found(format!("There is no route {} {}.", m, req.path)),
-        )),
+        _ => (
+            "(unknown)",
+            if segs.first() == Some(&"api") && segs.get(1) == Some(&"oauth") { Browser } else { Api },
+            Err(ApiError::not_found(format!("There is no route {} {}.", m, req.path))),
+        ),
     }
 }
 

@@ -36,9 +36,15 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         return Err(match &params.error {
             Some(error) => ApiError::bad_request(
                 "provider-error",
-                format!("The provider returned {error}{} and no state, so the connection it belongs to is unknown.", describe(&params.error_description)),
+                format!(
+                    "The provider returned {error}{} and no state, so the connection it belongs to is unknown.",
+                    describe(&params.error_description)
+                ),
             ),
-            None => ApiError::bad_request("missing-state", "The callback has no state parameter, so it cannot be matched to a connection."),
+            None => ApiError::bad_request(
+                "missing-state",
+                "The callback has no state parameter, so it cannot be matched to a connection.",
+            ),
         });
     };
     match app.keys.verify_state(state, crate::time::now()) {
@@ -76,7 +82,12 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
                 match v {
                     serde_json::Value::String(s) => pairs.push((k, s)),
                     serde_json::Value::Null => {}
-                    _ => return Err(ApiError::bad_request("invalid-parameter", format!("The JSON field {k:?} must be a string."))),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid-parameter",
+                            format!("The JSON field {k:?} must be a string."),
+                        ));
+                    }
                 }
             }
         } else if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
@@ -111,7 +122,10 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
         };
         if slot.as_ref().is_some_and(|existing| existing != &value) {
             // RFC 6749 §3.1: parameters must not be sent more than once.
-            return Err(ApiError::bad_request("repeated-parameter", format!("The {name} parameter was sent twice with different values.")));
+            return Err(ApiError::bad_request(
+                "repeated-parameter",
+                format!("The {name} parameter was sent twice with different values."),
+            ));
         }
         *slot = Some(value).filter(|v| !v.is_empty());
     }
@@ -121,7 +135,10 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
 /// Capture mode: keep what the provider sent, once per code, for Dynamics.
 async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiError> {
     if app.config.oauth.capture == CaptureMode::Off {
-        return Err(ApiError::bad_request("unknown-state", "This state was not issued by this service, and capture mode is off."));
+        return Err(ApiError::bad_request(
+            "unknown-state",
+            "This state was not issued by this service, and capture mode is off.",
+        ));
     }
     if p.code.is_none() && p.error.is_none() {
         return Err(ApiError::bad_request("missing-code", "The callback has neither a code nor an error."));
@@ -134,11 +151,22 @@ async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiErro
     let (title, message, tone) = match &p.error {
         Some(error) => (
             "Authorization not granted",
-            format!("The provider returned {error}{}. Dynamics has been told; you can close this window.", describe(&p.error_description)),
+            format!(
+                "The provider returned {error}{}. Dynamics has been told; you can close this window.",
+                describe(&p.error_description)
+            ),
             Tone::Error,
         ),
-        None if fresh => ("Authorization received", "Dynamics will finish connecting. You can close this window.".to_string(), Tone::Success),
-        None => ("Authorization already received", "This authorization was already received. You can close this window.".to_string(), Tone::Success),
+        None if fresh => (
+            "Authorization received",
+            "Dynamics will finish connecting. You can close this window.".to_string(),
+            Tone::Success,
+        ),
+        None => (
+            "Authorization already received",
+            "This authorization was already received. You can close this window.".to_string(),
+            Tone::Success,
+        ),
     };
     Ok(html::page(StatusCode::OK, title, &message, tone))
 }
@@ -183,16 +211,24 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
             "state-mismatch",
             "This state belongs to another connection than the one it was presented for.",
         ),
-        CallbackFailure::UnknownProvider(p) => ApiError::internal(format!("the connection's provider {p} is no longer in the catalog")),
+        CallbackFailure::UnknownProvider(p) => {
+            ApiError::internal(format!("the connection's provider {p} is no longer in the catalog"))
+        }
         CallbackFailure::WrongIssuer { expected, got } => ApiError::bad_request(
             "issuer-mismatch",
-            format!("The response came from issuer {got:?}, but this connection's provider is {expected:?} (RFC 9207). Nothing was changed."),
+            format!(
+                "The response came from issuer {got:?}, but this connection's provider is {expected:?} (RFC 9207). Nothing was changed."
+            ),
         ),
         CallbackFailure::MissingIssuer { expected } => ApiError::bad_request(
             "issuer-missing",
-            format!("The response carries no iss parameter, but provider {expected:?} must send one (RFC 9207). Nothing was changed."),
+            format!(
+                "The response carries no iss parameter, but provider {expected:?} must send one (RFC 9207). Nothing was changed."
+            ),
         ),
-        CallbackFailure::MissingCode => ApiError::bad_request("missing-code", "The callback has neither a code nor an error."),
+        CallbackFailure::MissingCode => {
+            ApiError::bad_request("missing-code", "The callback has neither a code nor an error.")
+        }
         CallbackFailure::Crypto => ApiError::internal("the pending authorization could not be decrypted"),
         CallbackFailure::ProviderError { error, description, completed } => {
             if let Some(mut url) = completed.return_url {
@@ -205,7 +241,12 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
             let mut resp = html::page_with_script(
                 StatusCode::BAD_REQUEST,
                 "Authorization not granted",
-                &format!("{} returned {error}{}. The connection {} was not authorized.", completed.provider, describe(&description), completed.connection_id),
+                &format!(
+                    "{} returned {error}{}. The connection {} was not authorized.",
+                    completed.provider,
+                    describe(&description),
+                    completed.connection_id
+                ),
                 Tone::Error,
                 Some(&notify_opener(&completed.connection_id, "failed", Some(&error))),
             );

@@ -287,7 +287,10 @@ mod tests {
     fn rejects_what_would_be_unsafe_or_ambiguous() {
         let cases = [
             (GOOD.replace("https://login.acme.example/token", "http://login.acme.example/token"), "https"),
-            (GOOD.replace("client_secret = \"acme-client-secret\"", "client_secret = \"s3cr3t value!\""), "secret name"),
+            (
+                GOOD.replace("client_secret = \"acme-client-secret\"", "client_secret = \"s3cr3t value!\""),
+                "secret name",
+            ),
             (GOOD.replace("scopes =", "authorization_params = { state = \"x\" }\nscopes ="), "state"),
             (GOOD.replace("client_id = \"dc\"", "client_id = \"dc\"\nclient_secrett = \"x\""), "unknown field"),
         ];

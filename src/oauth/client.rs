@@ -112,18 +112,18 @@ impl TokenClient<'_> {
         Err(classify_error(status, &body))
     }
 
-    async fn post_token(&self, provider: &Provider, mut form: Vec<(String, String)>) -> Result<RawResponse, OAuthError> {
+    async fn post_token(
+        &self,
+        provider: &Provider,
+        mut form: Vec<(String, String)>,
+    ) -> Result<RawResponse, OAuthError> {
         for (k, v) in &provider.token_params {
             form.push((k.clone(), v.clone()));
         }
         let resp = self.send(provider, &provider.token_url, form).await?;
         let status = resp.status();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let content_type =
+            resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
         let body = resp
             .bytes()
             .await
@@ -137,7 +137,12 @@ impl TokenClient<'_> {
     /// Sends a form with client authentication, retrying once when the connection
     /// could not be made (the request never reached the provider, so a single-use code
     /// is not spent).
-    async fn send(&self, provider: &Provider, url: &Url, mut form: Vec<(String, String)>) -> Result<reqwest::Response, OAuthError> {
+    async fn send(
+        &self,
+        provider: &Provider,
+        url: &Url,
+        mut form: Vec<(String, String)>,
+    ) -> Result<reqwest::Response, OAuthError> {
         let secret = match &provider.client_secret {
             Some(name) => Some(self.secrets.get(name).await.map_err(|e| OAuthError::Config(e.to_string()))?),
             None => None,
@@ -211,10 +216,8 @@ struct RawResponse {
 fn classify_error(status: reqwest::StatusCode, body: &[u8]) -> OAuthError {
     let fields = decode_body("", body).unwrap_or_default();
     let error = fields.get("error").and_then(Value::as_str).map(str::to_string);
-    let description = fields
-        .get("error_description")
-        .and_then(Value::as_str)
-        .map(|s| s.chars().take(500).collect::<String>());
+    let description =
+        fields.get("error_description").and_then(Value::as_str).map(|s| s.chars().take(500).collect::<String>());
     if status.as_u16() == 429 || status.is_server_error() {
         let what = error.map(|e| format!(" ({e})")).unwrap_or_default();
         return OAuthError::Transient(format!("the provider answered {status}{what}"));
@@ -261,8 +264,8 @@ fn parse_token_response(
         }
     }
     let text = |name: &str| obj.get(name).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
-    let access_token = text("access_token")
-        .ok_or_else(|| OAuthError::Protocol("the token response has no access_token".into()))?;
+    let access_token =
+        text("access_token").ok_or_else(|| OAuthError::Protocol("the token response has no access_token".into()))?;
     let token_type = text("token_type").unwrap_or_else(|| "Bearer".into());
     let number = |name: &str| match obj.get(name) {
         Some(Value::Number(n)) => n.as_f64(),
@@ -321,12 +324,23 @@ mod tests {
 
     fn parse(p: &Provider, ct: &str, body: &str, prev: Option<&str>) -> Result<TokenSet, OAuthError> {
         let prev = prev.map(|s| SecretString::from(s.to_string()));
-        parse_token_response(p, &RawResponse { content_type: ct.into(), body: body.as_bytes().to_vec() }, prev.as_ref(), 1000)
+        parse_token_response(
+            p,
+            &RawResponse { content_type: ct.into(), body: body.as_bytes().to_vec() },
+            prev.as_ref(),
+            1000,
+        )
     }
 
     #[test]
     fn standard_json_response() {
-        let t = parse(&provider(""), "application/json", r#"{"access_token":"a","token_type":"bearer","expires_in":60,"refresh_token":"r","scope":"x y"}"#, None).unwrap();
+        let t = parse(
+            &provider(""),
+            "application/json",
+            r#"{"access_token":"a","token_type":"bearer","expires_in":60,"refresh_token":"r","scope":"x y"}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(t.access_token.expose_secret(), "a");
         assert_eq!(t.expires_at, 1060);
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "r");
@@ -335,7 +349,8 @@ mod tests {
 
     #[test]
     fn quirks_string_expiry_missing_type_and_kept_refresh_token() {
-        let t = parse(&provider(""), "application/json", r#"{"access_token":"a","expires_in":"120"}"#, Some("old")).unwrap();
+        let t = parse(&provider(""), "application/json", r#"{"access_token":"a","expires_in":"120"}"#, Some("old"))
+            .unwrap();
         assert_eq!(t.expires_at, 1120);
         assert_eq!(t.token_type, "Bearer");
         assert_eq!(t.refresh_token.unwrap().expose_secret(), "old");
@@ -343,11 +358,15 @@ mod tests {
 
     #[test]
     fn quirks_form_encoded_and_nested_and_milliseconds() {
-        let t = parse(&provider(""), "application/x-www-form-urlencoded", "access_token=a%2Bb&expires_in=30", None).unwrap();
+        let t = parse(&provider(""), "application/x-www-form-urlencoded", "access_token=a%2Bb&expires_in=30", None)
+            .unwrap();
         assert_eq!(t.access_token.expose_secret(), "a+b");
         assert_eq!(t.expires_at, 1030);
-        let nested = provider("[providers.p.token_response]\npath = \"data.token\"\nexpires_in_unit = \"milliseconds\"");
-        let t = parse(&nested, "application/json", r#"{"data":{"token":{"access_token":"n","expires_in":5000}}}"#, None).unwrap();
+        let nested =
+            provider("[providers.p.token_response]\npath = \"data.token\"\nexpires_in_unit = \"milliseconds\"");
+        let t =
+            parse(&nested, "application/json", r#"{"data":{"token":{"access_token":"n","expires_in":5000}}}"#, None)
+                .unwrap();
         assert_eq!(t.access_token.expose_secret(), "n");
         assert_eq!(t.expires_at, 1005);
     }
@@ -363,7 +382,10 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        let e = classify_error(reqwest::StatusCode::BAD_REQUEST, br#"{"error":"invalid_grant","error_description":"grant request is invalid"}"#);
+        let e = classify_error(
+            reqwest::StatusCode::BAD_REQUEST,
+            br#"{"error":"invalid_grant","error_description":"grant request is invalid"}"#,
+        );
         assert!(e.is_invalid_grant(), "{e:?}");
         assert!(matches!(classify_error(reqwest::StatusCode::SERVICE_UNAVAILABLE, b""), OAuthError::Transient(_)));
         assert!(matches!(classify_error(reqwest::StatusCode::TOO_MANY_REQUESTS, b""), OAuthError::Transient(_)));
@@ -374,7 +396,13 @@ mod tests {
     #[test]
     fn authorization_url_carries_pkce_state_and_extra_params() {
         let p = provider("scope_separator = \",\"\nauthorization_params = { prompt = \"consent\" }");
-        let url = authorization_url(&p, &Url::parse("https://dc.example/api/oauth/callback").unwrap(), "st", Some("ch"), &["a".into(), "b".into()]);
+        let url = authorization_url(
+            &p,
+            &Url::parse("https://dc.example/api/oauth/callback").unwrap(),
+            "st",
+            Some("ch"),
+            &["a".into(), "b".into()],
+        );
         let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
         assert_eq!(q["scope"], "a,b");
         assert_eq!(q["code_challenge_method"], "S256");

@@ -91,7 +91,8 @@ impl SqliteStore {
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| StoreError::Other("the SQLite connection lock is poisoned".into()))?;
+            let mut guard =
+                conn.lock().map_err(|_| StoreError::Other("the SQLite connection lock is poisoned".into()))?;
             f(&mut guard).map_err(map_err)
         })
         .await
@@ -257,8 +258,8 @@ impl Store for SqliteStore {
                 let changed = c
                     .prepare_cached(&format!("UPDATE connections SET {sets} WHERE id = ?1 AND version = ?{n}"))?
                     .execute(rusqlite::params_from_iter(vals))?;
-                let exists =
-                    changed == 1 || c.prepare_cached("SELECT 1 FROM connections WHERE id = ?1")?.exists([&id_for_query])?;
+                let exists = changed == 1
+                    || c.prepare_cached("SELECT 1 FROM connections WHERE id = ?1")?.exists([&id_for_query])?;
                 Ok((changed, exists))
             })
             .await;
@@ -266,7 +267,9 @@ impl Store for SqliteStore {
             Ok((1, _)) => Ok(Version((expected + 1).to_string())),
             Ok((_, true)) => Err(StoreError::Conflict(format!("connection {id:?}"))),
             Ok((_, false)) => Err(StoreError::NotFound(format!("connection {id:?}"))),
-            Err(StoreError::Conflict(_)) => Err(StoreError::Conflict(format!("connection {id:?} (state already in use)"))),
+            Err(StoreError::Conflict(_)) => {
+                Err(StoreError::Conflict(format!("connection {id:?} (state already in use)")))
+            }
             Err(e) => Err(e),
         }
     }
@@ -318,9 +321,8 @@ impl Store for SqliteStore {
 
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"
-            ))?;
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"))?;
             let rows = stmt.query_map(params![now, limit as i64], from_row)?;
             rows.collect()
         })
@@ -330,11 +332,20 @@ impl Store for SqliteStore {
     async fn insert_capture(&self, cap: &Capture) -> StoreResult<bool> {
         let cap = cap.clone();
         self.with(move |c| {
-            let n = c.prepare_cached(
-                "INSERT INTO captures (key, state, code, iss, error, error_description, received_at) \
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key) DO NOTHING",
-            )?
-            .execute(params![cap.key, cap.state, cap.code, cap.iss, cap.error, cap.error_description, cap.received_at])?;
+                )?
+                .execute(params![
+                    cap.key,
+                    cap.state,
+                    cap.code,
+                    cap.iss,
+                    cap.error,
+                    cap.error_description,
+                    cap.received_at
+                ])?;
             Ok(n == 1)
         })
         .await

@@ -43,7 +43,14 @@ impl Issuer {
             warp::reply::json(&jwks)
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(warp::serve(discovery.or(keys)).incoming(listener).graceful(async { let _ = rx.await; }).run());
+        tokio::spawn(
+            warp::serve(discovery.or(keys))
+                .incoming(listener)
+                .graceful(async {
+                    let _ = rx.await;
+                })
+                .run(),
+        );
         Issuer { url, key, jwks_requests, _shutdown: tx }
     }
 
@@ -67,7 +74,8 @@ impl Issuer {
     pub fn forged(&self) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(KID.into());
-        jsonwebtoken::encode(&header, &self.claims(), &EncodingKey::from_rsa_pem(&fixture("attacker-key.pem")).unwrap()).unwrap()
+        jsonwebtoken::encode(&header, &self.claims(), &EncodingKey::from_rsa_pem(&fixture("attacker-key.pem")).unwrap())
+            .unwrap()
     }
 
     /// The settings that point the handler's back-office API at this issuer.

@@ -7,6 +7,7 @@
 //!   commas, re-encoded), its `X-Azure-Functions-*` headers, no redirects followed, and a
 //!   body only when `Content-Length` > 0;
 //! - invokes the timer with a chunked JSON payload.
+//!
 //! Everything the process prints is kept so tests can assert on the logs.
 
 #![allow(dead_code)]
@@ -48,6 +49,20 @@ impl Logs {
     }
     pub fn all(&self) -> String {
         self.0.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+    /// Waits (up to 5 s) for a stdout line matching `pred`: lines travel through a pipe
+    /// and a reader thread, so they can arrive just after the response they describe.
+    pub fn wait_for_line(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(l) = self.stdout().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     pub fn stderr(&self) -> Vec<String> {
         self.0.lock().unwrap().iter().filter(|(e, _)| *e).map(|(_, l)| l.clone()).collect()
@@ -171,7 +186,11 @@ impl HandlerBuilder {
                 }
             });
         }
-        let port = if self.under_host { self.port } else { self.env.get("LOCAL_HTTP_PORT").and_then(|p| p.parse().ok()).unwrap_or(7071) };
+        let port = if self.under_host {
+            self.port
+        } else {
+            self.env.get("LOCAL_HTTP_PORT").and_then(|p| p.parse().ok()).unwrap_or(7071)
+        };
         let base = format!("http://127.0.0.1:{port}");
         let probe = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
         let ready_after = loop {
@@ -276,7 +295,10 @@ pub fn host_rebuilt_query(query: &str) -> String {
         }
         values.entry(k.to_string()).or_default().push(v.to_string());
     }
-    keys.iter().map(|k| format!("{}={}", dotnet_encode(k), dotnet_encode(&values[k].join(",")))).collect::<Vec<_>>().join("&")
+    keys.iter()
+        .map(|k| format!("{}={}", dotnet_encode(k), dotnet_encode(&values[k].join(","))))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 impl Handler {
@@ -302,7 +324,13 @@ impl Handler {
     }
 
     /// Forwards a request as the host does (`enableForwardingHttpRequest`).
-    pub async fn forward(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Reply {
+    pub async fn forward(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Reply {
         let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
         let mut url = format!("{}{}", self.base, path);
         let rebuilt = host_rebuilt_query(query);
@@ -323,7 +351,11 @@ impl Handler {
             req = req.body(body);
         }
         let resp = req.send().await.expect("the handler answers");
-        Reply { status: resp.status().as_u16(), headers: resp.headers().clone(), body: resp.text().await.unwrap_or_default() }
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap_or_default(),
+        }
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
@@ -361,7 +393,11 @@ impl Handler {
             .send()
             .await
             .expect("the handler answers");
-        Reply { status: resp.status().as_u16(), headers: resp.headers().clone(), body: resp.text().await.unwrap_or_default() }
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap_or_default(),
+        }
     }
 }
 

@@ -101,7 +101,9 @@ api_base_url = "{iss}/__api/"
 
     /// Plays the person: logs in and consents (or denies), returns the redirect to us.
     pub async fn consent(&self, authorization_url: &str, deny: bool) -> String {
-        let v = self.control(reqwest::Method::POST, "consent", Some(json!({ "url": authorization_url, "deny": deny }))).await;
+        let v = self
+            .control(reqwest::Method::POST, "consent", Some(json!({ "url": authorization_url, "deny": deny })))
+            .await;
         v["location"].as_str().unwrap_or_else(|| panic!("no redirect from the provider: {v}")).to_string()
     }
 
@@ -134,7 +136,13 @@ api_base_url = "{iss}/__api/"
     /// The refresh tokens issued so far, oldest first.
     pub async fn issued_refresh_tokens(&self) -> Vec<String> {
         let v = self.control(reqwest::Method::GET, "issued", None).await;
-        v["tokens"].as_array().cloned().unwrap_or_default().iter().filter_map(|t| t["refresh_token"].as_str().map(str::to_string)).collect()
+        v["tokens"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t["refresh_token"].as_str().map(str::to_string))
+            .collect()
     }
 
     pub async fn is_active(&self, token: &str) -> bool {

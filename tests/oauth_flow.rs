@@ -1,0 +1,643 @@
+//! OAuth connections end to end, against a real authorization server (`oidc-provider`,
+//! strict: PKCE S256 required, exact redirect URI, refresh-token rotation with replay
+//! detection, revocation, RFC 9207 `iss`), with the handler driven as the Functions host
+//! drives it and a person's consent scripted.
+//!
+//! Every test ends by checking that none of the secrets it saw (codes, states, tokens,
+//! the client secret, the encryption key) reached the handler's logs.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::issuer::Issuer;
+use support::oidc::{CLIENT_SECRET, OidcPeer};
+use support::{Handler, HandlerBuilder, Reply};
+
+const PUBLIC: &str = "http://localhost:7071";
+const CALLBACK: &str = "http://localhost:7071/api/oauth/callback";
+
+struct World {
+    peer: OidcPeer,
+    issuer: Issuer,
+    h: Handler,
+    bearer: String,
+    /// Codes and states seen in this test, to look for in the logs.
+    seen: std::sync::Mutex<Vec<String>>,
+}
+
+struct Setup {
+    peer: Value,
+    env: Vec<(&'static str, String)>,
+    catalog_extra: &'static str,
+}
+
+impl Setup {
+    /// Access tokens that live `ttl` seconds, refreshed `margin` seconds before expiry.
+    fn short_lived(ttl: u64, margin: u64) -> Setup {
+        Setup {
+            peer: json!({ "access_token_ttl": ttl }),
+            env: vec![("REFRESH_MARGIN_SECONDS", margin.to_string())],
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup { peer: json!({}), env: Vec::new(), catalog_extra: "" }
+    }
+}
+
+async fn world(setup: Setup) -> World {
+    let peer = OidcPeer::start(CALLBACK, setup.peer);
+    let issuer = Issuer::start().await;
+    let mut b = HandlerBuilder::new()
+        .file("providers.toml", &peer.catalog("test", setup.catalog_extra))
+        .env("PUBLIC_BASE_URL", PUBLIC)
+        .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+        .env("RETURN_URL_ALLOWLIST", "https://portal.example.com")
+        .env("LOG_LEVEL", "debug");
+    for (k, v) in issuer.settings() {
+        b = b.env(k, v);
+    }
+    for (k, v) in setup.env {
+        b = b.env(k, v);
+    }
+    let h = b.start().await;
+    let bearer = issuer.token();
+    World { peer, issuer, h, bearer, seen: Default::default() }
+}
+
+impl World {
+    async fn api(&self, method: Method, path: &str, body: Value) -> Reply {
+        self.h.json(method, path, Some(&self.bearer), &body).await
+    }
+
+    async fn start(&self, body: Value) -> Value {
+        let r = self.api(Method::POST, "/api/connections", body).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()
+    }
+
+    /// The person consents; returns the callback's path and query as the provider sent it.
+    async fn consent(&self, authorization_url: &str) -> String {
+        let location = self.peer.consent(authorization_url, false).await;
+        self.remember(&location);
+        location
+            .strip_prefix(PUBLIC)
+            .unwrap_or_else(|| panic!("redirect to an unexpected place: {location}"))
+            .to_string()
+    }
+
+    fn remember(&self, location: &str) {
+        let url = url::Url::parse(location).unwrap();
+        for (k, v) in url.query_pairs() {
+            if k == "code" || k == "state" {
+                self.seen.lock().unwrap().push(v.into_owned());
+            }
+        }
+    }
+
+    async fn callback(&self, path_and_query: &str) -> Reply {
+        self.h.get(path_and_query, &[("Accept", "text/html")]).await
+    }
+
+    /// Creates and authorizes a connection.
+    async fn connect(&self, id: &str) -> Value {
+        let started = self.start(json!({ "provider": "test", "connection_id": id, "owner": "account:42" })).await;
+        let cb = self.consent(started["authorization_url"].as_str().unwrap()).await;
+        let page = self.callback(&cb).await;
+        page.assert_html(200);
+        started
+    }
+
+    async fn status(&self, id: &str) -> Value {
+        let r = self.api(Method::GET, &format!("/api/connections/{id}"), Value::Null).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+
+    async fn token(&self, id: &str, force: bool) -> Reply {
+        self.api(Method::POST, &format!("/api/connections/{id}/token"), json!({ "force_refresh": force })).await
+    }
+
+    async fn access_token(&self, id: &str) -> String {
+        let r = self.token(id, false).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// No code, state, token or secret of this test in the handler's logs.
+    async fn assert_logs_clean(&self) {
+        // The last request's line proves the reader thread has caught up.
+        assert!(self.h.logs.wait_for_line(|l| l.contains("route=\"/api/oauth/callback\"")).is_some());
+        let logs = self.h.logs.all();
+        assert!(!logs.is_empty());
+        let mut secrets = self.peer.issued_tokens().await;
+        secrets.extend(self.seen.lock().unwrap().iter().cloned());
+        secrets.push(CLIENT_SECRET.to_string());
+        secrets.push(self.bearer.clone());
+        for s in secrets {
+            assert!(!logs.contains(&s), "a secret reached the logs: {s}\n{logs}");
+        }
+        // The logs are useful, not empty: the flow is visible without its secrets.
+        assert!(logs.contains("route=\"/api/oauth/callback\""), "{logs}");
+    }
+}
+
+fn query_param(url: &str, name: &str) -> Option<String> {
+    url::Url::parse(url).ok()?.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+#[tokio::test]
+async fn the_whole_flow_create_consent_refresh_delete_revoke() {
+    // Access tokens live 3 s; with a 1 s margin a token is served for at least 1 s and must
+    // be refreshed 2 s after it was issued (expiry is kept in whole seconds).
+    let w = world(Setup::short_lived(3, 1)).await;
+
+    let started = w.start(json!({ "provider": "test", "connection_id": "erp-1", "owner": "account:42" })).await;
+    assert_eq!(started["status"], "pending");
+    let auth_url = started["authorization_url"].as_str().unwrap();
+    assert!(auth_url.starts_with(&format!("{}/auth?", w.peer.issuer)));
+    assert_eq!(query_param(auth_url, "code_challenge_method").as_deref(), Some("S256"));
+    assert_eq!(query_param(auth_url, "redirect_uri").as_deref(), Some(CALLBACK));
+    let state = query_param(auth_url, "state").unwrap();
+    assert!(state.len() >= 43, "state carries at least 128 random bits: {state}");
+    assert_eq!(w.status("erp-1").await["status"], "pending");
+
+    // The person consents; the provider redirects to our fixed callback.
+    let cb = w.consent(auth_url).await;
+    assert!(cb.starts_with("/api/oauth/callback?"));
+    assert_eq!(query_param(&format!("{PUBLIC}{cb}"), "iss").as_deref(), Some(w.peer.issuer.as_str()));
+    let page = w.callback(&cb).await;
+    page.assert_html(200);
+    assert!(page.body.contains("Connected to Test Provider"), "{}", page.body);
+
+    let status = w.status("erp-1").await;
+    assert_eq!(status["status"], "active");
+    assert_eq!(status["has_refresh_token"], true);
+    assert_eq!(status["owner"], "account:42");
+    assert!(!status.to_string().contains("token\":\""), "status carries no token: {status}");
+
+    // A valid token, the same one while it stays valid.
+    let first = w.token("erp-1", false).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("cache-control"), "no-store");
+    let t1 = first.json()["access_token"].as_str().unwrap().to_string();
+    assert!(w.peer.is_active(&t1).await);
+    assert_eq!(w.access_token("erp-1").await, t1);
+    assert_eq!(w.peer.refresh_grants().await, 0);
+
+    // Let it expire: the next request gets a refreshed token.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let t2 = w.access_token("erp-1").await;
+    assert_ne!(t2, t1);
+    assert!(w.peer.is_active(&t2).await);
+    assert_eq!(w.peer.refresh_grants().await, 1);
+    assert_eq!(w.status("erp-1").await["status"], "active");
+
+    // Stored tokens are ciphertext: neither token is in the SQLite file in clear.
+    let db = std::fs::read(w.h.root.join(".data/companion.db")).unwrap();
+    let wal = std::fs::read(w.h.root.join(".data/companion.db-wal")).unwrap_or_default();
+    let refresh_tokens = w.peer.issued_refresh_tokens().await;
+    assert_eq!(refresh_tokens.len(), 2, "the code exchange and one rotation");
+    for secret in refresh_tokens.iter().chain([&t1, &t2]) {
+        for bytes in [&db, &wal] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "a token is stored in clear");
+        }
+    }
+
+    // The proxy calls the provider's API with the token.
+    let proxied =
+        w.h.forward(
+            Method::GET,
+            "/api/connections/erp-1/proxy/items/7?expand=all",
+            &[("Authorization", &format!("Bearer {}", w.bearer))],
+            None,
+        )
+        .await;
+    assert_eq!(proxied.status, 200, "{}", proxied.body);
+    assert_eq!(proxied.json()["path"], "/__api/items/7");
+    assert_eq!(proxied.json()["query"], "expand=all");
+
+    // Delete: revoked at the provider, then gone.
+    let deleted = w.api(Method::DELETE, "/api/connections/erp-1", Value::Null).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["revoked_at_provider"], true);
+    assert!(!w.peer.is_active(&t2).await, "the access token is revoked");
+    assert!(!w.peer.is_active(refresh_tokens.last().unwrap()).await, "the refresh token is revoked");
+    assert!(w.peer.stats().await["revocations"].as_u64().unwrap() >= 1);
+    w.api(Method::GET, "/api/connections/erp-1", Value::Null).await.assert_problem(404, "not-found");
+    w.token("erp-1", false).await.assert_problem(404, "not-found");
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn bad_callbacks_are_rejected_without_changing_anything() {
+    let w = world(Setup { env: vec![("STATE_TTL_SECONDS", "2".into())], ..Default::default() }).await;
+    w.connect("done").await;
+    let done_token = w.access_token("done").await;
+
+    // A replayed state.
+    let started = w.start(json!({ "provider": "test", "connection_id": "replay" })).await;
+    let cb = w.consent(started["authorization_url"].as_str().unwrap()).await;
+    w.callback(&cb).await.assert_html(200);
+    let before = w.status("replay").await;
+    let replay = w.callback(&cb).await;
+    replay.assert_html(400);
+    assert!(replay.body.contains("already used"), "{}", replay.body);
+    assert_eq!(w.status("replay").await, before);
+
+    // A tampered state (one character of the payload changed).
+    let started = w.start(json!({ "provider": "test", "connection_id": "tamper" })).await;
+    let cb = w.consent(started["authorization_url"].as_str().unwrap()).await;
+    let state = query_param(&format!("{PUBLIC}{cb}"), "state").unwrap();
+    let mut chars: Vec<char> = state.chars().collect();
+    chars[10] = if chars[10] == 'A' { 'B' } else { 'A' };
+    let tampered: String = chars.into_iter().collect();
+    let page = w.callback(&cb.replace(&state, &tampered)).await;
+    page.assert_html(400);
+    assert!(page.body.contains("altered"), "{}", page.body);
+    assert_eq!(w.status("tamper").await["status"], "pending");
+
+    // A wrong iss (RFC 9207 mix-up defence), then none at all: nothing changes, and the
+    // genuine response still completes afterwards.
+    let iss = query_param(&format!("{PUBLIC}{cb}"), "iss").unwrap();
+    let evil = w.callback(&cb.replace(&urlencode(&iss), &urlencode("https://evil.example"))).await;
+    evil.assert_html(400);
+    assert!(evil.body.contains("issuer"), "{}", evil.body);
+    let no_iss: String = cb.split('&').filter(|p| !p.starts_with("iss=")).collect::<Vec<_>>().join("&");
+    w.callback(&no_iss).await.assert_html(400);
+    // No code.
+    let page = w.callback(&format!("/api/oauth/callback?state={}&iss={}", urlencode(&state), urlencode(&iss))).await;
+    page.assert_html(400);
+    assert!(page.body.contains("neither a code"), "{}", page.body);
+    assert_eq!(w.status("tamper").await["status"], "pending");
+    w.callback(&cb).await.assert_html(200);
+    assert_eq!(w.status("tamper").await["status"], "active");
+
+    // A state for another connection: B's state with the code issued for A's request.
+    // PKCE binds the code to A's verifier, so the provider refuses it; A is untouched.
+    let a = w.start(json!({ "provider": "test", "connection_id": "a" })).await;
+    let b = w.start(json!({ "provider": "test", "connection_id": "b" })).await;
+    let cb_a = w.consent(a["authorization_url"].as_str().unwrap()).await;
+    let state_a = query_param(&format!("{PUBLIC}{cb_a}"), "state").unwrap();
+    let state_b = query_param(b["authorization_url"].as_str().unwrap(), "state").unwrap();
+    let crossed = w.callback(&cb_a.replace(&urlencode(&state_a), &urlencode(&state_b))).await;
+    crossed.assert_html(400);
+    assert!(crossed.body.contains("did not accept the authorization code"), "{}", crossed.body);
+    assert_eq!(w.status("a").await["status"], "pending");
+    assert_ne!(w.status("b").await["status"], "active");
+
+    // An oversized parameter.
+    let huge = "x".repeat(9000);
+    let page = w.callback(&format!("/api/oauth/callback?code={huge}&state={}", urlencode(&state_a))).await;
+    page.assert_html(400);
+    assert!(page.body.contains("limit"), "{}", page.body);
+    assert_eq!(w.status("a").await["status"], "pending");
+
+    // An expired state (the TTL here is 2 s).
+    let late = w.start(json!({ "provider": "test", "connection_id": "late" })).await;
+    let cb_late = w.consent(late["authorization_url"].as_str().unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let page = w.callback(&cb_late).await;
+    page.assert_html(400);
+    assert!(page.body.contains("expired"), "{}", page.body);
+    assert_eq!(w.status("late").await["status"], "pending");
+
+    // The connection that was fine before is still fine.
+    assert_eq!(w.access_token("done").await, done_token);
+    w.assert_logs_clean().await;
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+}
+
+#[tokio::test]
+async fn api_callers_must_present_a_valid_token() {
+    let w = world(Setup::default()).await;
+    let body = json!({ "provider": "test" });
+    let cases: Vec<(Option<String>, u16, &str)> = vec![
+        (None, 401, "Authorization header"),
+        (Some("not-a-jwt".into()), 401, "well-formed"),
+        (Some(w.issuer.forged()), 401, "signature"),
+        (
+            Some(w.issuer.sign(&{
+                let mut c = w.issuer.claims();
+                c["exp"] = json!(1_000_000);
+                c
+            })),
+            401,
+            "expired",
+        ),
+        (
+            Some(w.issuer.sign(&{
+                let mut c = w.issuer.claims();
+                c["aud"] = json!("api://someone-else");
+                c
+            })),
+            401,
+            "audience",
+        ),
+        (
+            Some(w.issuer.sign(&{
+                let mut c = w.issuer.claims();
+                c["iss"] = json!("https://login.example/other/v2.0");
+                c
+            })),
+            401,
+            "issued by",
+        ),
+        (
+            Some(w.issuer.sign(&{
+                let mut c = w.issuer.claims();
+                c["azp"] = json!("another-app");
+                c["sub"] = json!("another-app");
+                c
+            })),
+            403,
+            "not allowed",
+        ),
+        (
+            Some(format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&w.issuer.claims().to_string()))),
+            401,
+            "RS256",
+        ),
+    ];
+    for (token, status, needle) in cases {
+        let r = w.h.json(Method::POST, "/api/connections", token.as_deref(), &body).await;
+        assert_eq!(r.status, status, "{needle}: {}", r.body);
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert!(r.json()["detail"].as_str().unwrap().contains(needle), "{needle}: {}", r.body);
+        if status == 401 {
+            assert_eq!(r.header("www-authenticate"), "Bearer");
+        }
+    }
+    let list = w.api(Method::GET, "/api/connections", Value::Null).await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(list.json()["connections"], json!([]));
+
+    // Caller mistakes get clear 4xx.
+    w.api(Method::POST, "/api/connections", json!({ "provider": "nope" }))
+        .await
+        .assert_problem(400, "unknown-provider");
+    w.api(Method::POST, "/api/connections", json!({ "provider": "test", "connection_id": "../x" }))
+        .await
+        .assert_problem(400, "invalid-connection-id");
+    w.api(Method::POST, "/api/connections", json!({ "provider": "test", "return_url": "https://evil.example/x" }))
+        .await
+        .assert_problem(400, "invalid-return-url");
+    w.api(Method::POST, "/api/connections", json!({ "provider": "test", "surprise": 1 }))
+        .await
+        .assert_problem(400, "malformed-json");
+    let broken =
+        w.h.forward(
+            Method::POST,
+            "/api/connections",
+            &[("Authorization", &format!("Bearer {}", w.bearer)), ("Content-Type", "application/json")],
+            Some(b"{\"provider\":".to_vec()),
+        )
+        .await;
+    broken.assert_problem(400, "malformed-json");
+    w.start(json!({ "provider": "test", "connection_id": "dup" })).await;
+    w.api(Method::POST, "/api/connections", json!({ "provider": "test", "connection_id": "dup" }))
+        .await
+        .assert_problem(409, "connection-exists");
+    w.token("dup", false).await.assert_problem(409, "not-authorized");
+    w.token("missing", false).await.assert_problem(404, "not-found");
+    // The JWKS was fetched once for all of this.
+    assert_eq!(w.issuer.jwks_requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    w.assert_logs_clean_without_callback().await;
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+impl World {
+    async fn assert_logs_clean_without_callback(&self) {
+        let logs = self.h.logs.all();
+        for s in [CLIENT_SECRET.to_string(), self.bearer.clone(), self.issuer.forged()] {
+            assert!(!logs.contains(&s), "a secret reached the logs");
+        }
+    }
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_on_an_expired_token_cause_one_refresh() {
+    let w = world(Setup::short_lived(3, 1)).await;
+    w.connect("busy").await;
+    let old = w.access_token("busy").await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Slow the provider down so the requests really overlap the refresh.
+    w.peer.faults(json!({ "token_endpoint": { "count": 0, "delay_ms": 300 } })).await;
+    let replies = futures_util::future::join_all((0..50).map(|_| w.token("busy", false))).await;
+    let mut tokens = std::collections::HashSet::new();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokens.insert(r.json()["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(w.peer.refresh_grants().await, 1, "exactly one refresh at the provider");
+    assert_eq!(tokens.len(), 1, "everyone got the refreshed token");
+    let fresh = tokens.into_iter().next().unwrap();
+    assert_ne!(fresh, old);
+    assert!(w.peer.is_active(&fresh).await, "no request got a revoked token");
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn two_processes_sharing_one_store_refresh_once() {
+    let w = world(Setup::short_lived(3, 1)).await;
+    let second = HandlerBuilder::sharing(&w.h).start().await;
+    w.connect("shared").await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    w.peer.faults(json!({ "token_endpoint": { "count": 0, "delay_ms": 300 } })).await;
+    let auth = format!("Bearer {}", w.bearer);
+    let headers = [("Authorization", auth.as_str())];
+    let one = (0..25).map(|_| w.token("shared", false));
+    let two = (0..25).map(|_| second.forward(Method::POST, "/api/connections/shared/token", &headers, None));
+    let (a, b) = tokio::join!(futures_util::future::join_all(one), futures_util::future::join_all(two));
+    let mut tokens = std::collections::HashSet::new();
+    for r in a.iter().chain(b.iter()) {
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokens.insert(r.json()["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(w.peer.refresh_grants().await, 1, "one refresh across both processes");
+    for t in &tokens {
+        assert!(w.peer.is_active(t).await, "no request got a revoked token");
+    }
+    assert_eq!(w.status("shared").await["status"], "active");
+    // A rotated-out refresh token was never replayed (the provider would have revoked the grant).
+    assert_eq!(w.peer.stats().await["token_errors"]["invalid_grant"], Value::Null);
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn refresh_failures_back_off_or_ask_for_reauthorization() {
+    // Tokens live 6 s and are due 4 s before expiry: 3 s after issue a token is due but
+    // still valid, 6.2 s after issue it is expired (expiry is kept in whole seconds).
+    let w = world(Setup::short_lived(6, 4)).await;
+    w.connect("flaky").await;
+    let issued = w.access_token("flaky").await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+
+    // A transient failure while the token is still valid: it keeps being served.
+    w.peer.faults(json!({ "token_endpoint": { "status": 503, "count": 1 } })).await;
+    assert_eq!(w.access_token("flaky").await, issued);
+    let status = w.status("flaky").await;
+    assert_eq!(status["status"], "active");
+    assert!(status["status_detail"].as_str().unwrap().contains("Refresh failed"), "{status}");
+
+    // Once it has expired, callers get 503 with Retry-After, and the provider is not
+    // called again while the back-off lasts.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let faults_before = w.peer.stats().await["faults_injected"].as_u64().unwrap();
+    let grants_before = w.peer.refresh_grants().await;
+    let r = w.token("flaky", false).await;
+    r.assert_problem(503, "provider-unavailable");
+    let retry_after: u64 = r.header("retry-after").parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    w.token("flaky", false).await.assert_problem(503, "provider-unavailable");
+    assert_eq!(w.peer.stats().await["faults_injected"].as_u64().unwrap(), faults_before, "no call during back-off");
+    assert_eq!(w.peer.refresh_grants().await, grants_before);
+
+    // force_refresh goes through the back-off; the provider is back.
+    let t = w.token("flaky", true).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert_eq!(w.status("flaky").await["status_detail"], Value::Null);
+
+    // invalid_grant: the connection needs a person to reconnect, with the provider's message.
+    w.peer.faults(json!({ "token_endpoint": { "status": 400, "count": 1, "body": { "error": "invalid_grant", "error_description": "refresh token revoked by the user" } } })).await;
+    let r = w.token("flaky", true).await;
+    r.assert_problem(409, "needs-reauth");
+    assert!(r.body.contains("refresh token revoked by the user"), "{}", r.body);
+    let status = w.status("flaky").await;
+    assert_eq!(status["status"], "needs_reauth");
+    assert!(status["status_detail"].as_str().unwrap().contains("refresh token revoked by the user"));
+    w.token("flaky", false).await.assert_problem(409, "needs-reauth");
+
+    // Reconnecting brings it back.
+    let again = w.api(Method::POST, "/api/connections/flaky/reconnect", Value::Null).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    let cb = w.consent(again.json()["authorization_url"].as_str().unwrap()).await;
+    w.callback(&cb).await.assert_html(200);
+    assert_eq!(w.status("flaky").await["status"], "active");
+    assert_eq!(w.token("flaky", false).await.status, 200);
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn provider_errors_return_urls_and_form_posts() {
+    let w = world(Setup::default()).await;
+
+    // The person denies: recorded on the connection and shown.
+    let s = w.start(json!({ "provider": "test", "connection_id": "denied" })).await;
+    let location = w.peer.consent(s["authorization_url"].as_str().unwrap(), true).await;
+    w.remember(&location);
+    let page = w.callback(location.strip_prefix(PUBLIC).unwrap()).await;
+    page.assert_html(400);
+    assert!(page.body.contains("access_denied"), "{}", page.body);
+    let status = w.status("denied").await;
+    assert_eq!(status["status"], "failed");
+    assert!(status["status_detail"].as_str().unwrap().contains("access_denied"));
+
+    // A return_url on the allow-list: the browser goes back there.
+    let s = w
+        .start(
+            json!({ "provider": "test", "connection_id": "back", "return_url": "https://portal.example.com/done?x=1" }),
+        )
+        .await;
+    let cb = w.consent(s["authorization_url"].as_str().unwrap()).await;
+    let r = w.callback(&cb).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), "https://portal.example.com/done?x=1&connection_id=back&status=active");
+
+    // response_mode=form_post: the same callback as a POST.
+    let s = w.start(json!({ "provider": "test", "connection_id": "posted" })).await;
+    let cb = w.consent(s["authorization_url"].as_str().unwrap()).await;
+    let form = cb.split_once('?').unwrap().1.to_string();
+    let r =
+        w.h.forward(
+            Method::POST,
+            "/api/oauth/callback",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            Some(form.into_bytes()),
+        )
+        .await;
+    r.assert_html(200);
+    assert_eq!(w.status("posted").await["status"], "active");
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn capture_mode_keeps_foreign_callbacks_once() {
+    let w = world(Setup::default()).await;
+    let cb = "/api/oauth/callback?code=dyn-code-1&state=fo-state-123&iss=https%3A%2F%2Ferp.example";
+    w.seen.lock().unwrap().extend(["dyn-code-1".to_string()]);
+    let first = w.callback(cb).await;
+    first.assert_html(200);
+    assert!(first.body.contains("Authorization received"));
+    let again = w.callback(cb).await;
+    again.assert_html(200);
+    assert!(again.body.contains("already received"));
+    // JSON body too.
+    let r =
+        w.h.json(Method::POST, "/api/oauth/callback", None, &json!({ "code": "dyn-code-2", "state": "fo-state-123" }))
+            .await;
+    r.assert_html(200);
+    w.seen.lock().unwrap().push("dyn-code-2".into());
+    // An error for another state.
+    w.callback("/api/oauth/callback?error=access_denied&error_description=User+said+no&state=fo-state-456")
+        .await
+        .assert_html(200);
+
+    let r = w.api(Method::GET, "/api/captures?state=fo-state-123", Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let caps = r.json()["captures"].as_array().unwrap().clone();
+    assert_eq!(caps.len(), 2, "one record per code: {caps:?}");
+    assert_eq!(caps[0]["code"], "dyn-code-1");
+    assert_eq!(caps[0]["iss"], "https://erp.example");
+    assert_eq!(caps[1]["code"], "dyn-code-2");
+    let r = w.api(Method::GET, "/api/captures?state=fo-state-456", Value::Null).await;
+    assert_eq!(r.json()["captures"][0]["error_description"], "User said no");
+    w.api(Method::GET, "/api/captures?state=unknown", Value::Null).await.assert_problem(404, "not-found");
+    // Codes are sealed at rest too.
+    let db = std::fs::read(w.h.root.join(".data/companion.db")).unwrap();
+    let wal = std::fs::read(w.h.root.join(".data/companion.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(10).any(|x| x == b"dyn-code-1"));
+    }
+    w.assert_logs_clean().await;
+}
+
+#[tokio::test]
+async fn the_timer_refreshes_what_expires_before_its_next_run() {
+    let w = world(Setup {
+        peer: json!({ "access_token_ttl": 600 }),
+        env: vec![("REFRESH_MARGIN_SECONDS", "60".into()), ("TIMER_LOOKAHEAD_SECONDS", "900".into())],
+        ..Default::default()
+    })
+    .await;
+    w.connect("timed").await;
+    let before = w.access_token("timed").await;
+    // Expires in 600 s, before the next run (900 s ahead): refreshed now.
+    let r = w.h.invoke_timer(&support::timer_payload(false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let logs = r.json()["Logs"].to_string();
+    assert!(logs.contains("1 due, 1 refreshed"), "{logs}");
+    assert_eq!(w.peer.refresh_grants().await, 1);
+    let after = w.access_token("timed").await;
+    assert_ne!(after, before);
+    // With the next run announced 60 s ahead, nothing is due.
+    let next = time::OffsetDateTime::now_utc() + time::Duration::seconds(60);
+    let payload = json!({ "Data": { "timer": { "Schedule": {}, "ScheduleStatus": { "Next": next.format(&time::format_description::well_known::Rfc3339).unwrap() }, "IsPastDue": false } } });
+    let r = w.h.invoke_timer(&payload).await;
+    assert!(r.json()["Logs"].to_string().contains("0 due"), "{}", r.body);
+    assert_eq!(w.peer.refresh_grants().await, 1);
+    w.assert_logs_clean().await;
+}
