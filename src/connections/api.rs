@@ -248,7 +248,7 @@ fn forwardable_response_header(name: &str) -> bool {
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
-pub async fn proxy(app: &App, mut req: Request, id: &str, _decoded_rest: &str) -> Result<Response, ApiError> {
+pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let conn = app.connections.get(id).await?;
     let provider = app.connections.catalog().get(&conn.provider).ok_or_else(|| {

@@ -743,7 +743,11 @@ impl Connections {
             if let Some(rt) = &tokens.refresh_token {
                 self.client().revoke(provider, rt, "refresh_token").await?;
             }
-            self.client().revoke(provider, &tokens.access_token, "access_token").await?;
+            match self.client().revoke(provider, &tokens.access_token, "access_token").await {
+                // RFC 7009 §2.2.1: a server that cannot revoke access tokens says so.
+                Err(OAuthError::Rejected { error, .. }) if error == "unsupported_token_type" => {}
+                other => other?,
+            }
             revoked = true;
         }
         let mut current = conn;

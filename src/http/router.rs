@@ -55,13 +55,12 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "connections", id, "reconnect"] => {
             route!("/api/connections/{id}/reconnect", Api, [Method::POST], connections::reconnect(app, req, id))
         }
-        ["api", "connections", id, "proxy", rest @ ..] => {
-            let rest = rest.join("/");
+        ["api", "connections", id, "proxy", ..] => {
             route!(
                 "/api/connections/{id}/proxy/{*path}",
                 Api,
                 [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
-                connections::proxy(app, req, id, &rest)
+                connections::proxy(app, req, id)
             )
         }
         ["api", "captures"] => route!("/api/captures", Api, [Method::GET], connections::captures(app, req)),
