@@ -7,12 +7,16 @@ use std::time::{Duration, Instant};
 use secrecy::ExposeSecret;
 
 use crate::auth::BearerVerifier;
-use crate::config::{Config, ConfigError, Settings, StoreConfig};
+use crate::azure::ResourceToken;
+use crate::config::{Config, ConfigError, DataverseConfig, Settings, StoreConfig};
 use crate::connections::Connections;
 use crate::crypto::Keyring;
+use crate::dataverse::Dataverse;
+use crate::dataverse::provision::Schema;
 use crate::oauth::catalog::Catalog;
 use crate::secrets::{SecretError, SecretSource, SettingsSecrets};
 use crate::store::Store;
+use crate::store::dataverse::DataverseStore;
 use crate::store::sqlite::SqliteStore;
 
 pub struct App {
@@ -38,6 +42,8 @@ pub enum StartupError {
     Store(String),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error("Azure identity: {0}")]
+    Identity(String),
 }
 
 impl App {
@@ -53,6 +59,10 @@ impl App {
         let keys = Arc::new(load_keys(&config, secrets.as_ref()).await?);
         let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path).map_err(StartupError::Store)?),
+            StoreConfig::Dataverse(dv) => {
+                let client = dataverse_client(dv, &config, secrets.as_ref()).await?;
+                Arc::new(DataverseStore::new(client, Schema::new(&dv.prefix)))
+            }
         };
         let http = outbound_client(config.oauth.upstream_timeout)?;
         let proxy_http = outbound_client(config.oauth.upstream_timeout)?;
@@ -68,6 +78,20 @@ impl App {
         );
         Ok(App { config, started, started_at: crate::time::now(), keys, secrets, connections, back_office, proxy_http })
     }
+}
+
+/// A Dataverse client with the configured identity (Dataverse's own, or the app's).
+pub async fn dataverse_client(
+    dv: &DataverseConfig,
+    config: &Config,
+    secrets: &dyn SecretSource,
+) -> Result<Arc<Dataverse>, StartupError> {
+    let credential = dv.credential.as_ref().unwrap_or(&config.azure_credential);
+    tracing::info!(url = %dv.url, "Dataverse: authenticating with {}", credential.describe());
+    let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
+    let tokens = Arc::new(ResourceToken::new(built, dv.url.as_str()));
+    let http = outbound_client(config.oauth.upstream_timeout)?;
+    Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone())))
 }
 
 /// One pooled client per purpose: no redirects (a redirecting token endpoint is a

@@ -24,6 +24,13 @@ pub struct Cli {
 pub enum Command {
     /// Serve HTTP (the default; what the Functions host runs).
     Serve,
+    /// Create the Dataverse tables, columns and alternate keys (idempotent), and wait for
+    /// the keys to become active.
+    Provision {
+        /// How long to wait for Dataverse to build the alternate-key indexes.
+        #[arg(long, default_value_t = 600)]
+        key_timeout_seconds: u64,
+    },
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -35,6 +42,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(),
+        Command::Provision { key_timeout_seconds } => provision(key_timeout_seconds),
         Command::NewKey { id } => {
             println!("{}", crate::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -89,6 +97,67 @@ fn serve() -> ExitCode {
         crate::http::serve(app, listener, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
+    })
+}
+
+/// Loads settings and configuration for a sub-command, logging warnings only.
+fn load() -> Result<(Settings, Config), ExitCode> {
+    let settings = Settings::load().map_err(fail)?;
+    let config = Config::from_settings(&settings).map_err(fail)?;
+    crate::logging::init("warn");
+    Ok((settings, config))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the async runtime: {e}")))
+}
+
+fn provision(key_timeout_seconds: u64) -> ExitCode {
+    let (settings, config) = match load() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let Some(dv) = config.dataverse.clone() else {
+        return fail("configuration error: DATAVERSE_URL: is required for provision");
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let secrets = crate::secrets::SettingsSecrets::new(settings);
+        let client = match crate::app::dataverse_client(&dv, &config, &secrets).await {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        let schema = crate::dataverse::provision::Schema::new(&dv.prefix);
+        println!("Provisioning Dataverse tables with prefix {}_ in {}", schema.prefix(), dv.url);
+        match crate::dataverse::provision::provision(
+            &client,
+            &schema,
+            std::time::Duration::from_secs(key_timeout_seconds),
+        )
+        .await
+        {
+            Ok(report) => {
+                for line in &report.lines {
+                    println!("  {line}");
+                }
+                println!(
+                    "{}",
+                    if report.changes == 0 {
+                        "Nothing to do: everything exists.".to_string()
+                    } else {
+                        format!("Done: {} change(s).", report.changes)
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        }
     })
 }
 

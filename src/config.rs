@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::azure::CredentialConfig;
+
 /// A setting that is missing or malformed. Displayed as one line for the operator.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {setting}: {problem}")]
@@ -164,6 +166,10 @@ pub struct Config {
     /// The fixed redirect URI registered with every provider.
     pub redirect_uri: Url,
     pub store: StoreConfig,
+    /// The app's own Azure identity (Key Vault, and Dataverse / F&O unless overridden).
+    pub azure_credential: CredentialConfig,
+    /// When set, `handler provision` may run against it even with the SQLite store.
+    pub dataverse: Option<DataverseConfig>,
     pub providers_file: PathBuf,
     /// Set explicitly (then a missing file is an error) or the default (then it is not).
     pub providers_file_required: bool,
@@ -186,12 +192,27 @@ pub struct Listen {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite { path: PathBuf },
+    Dataverse(DataverseConfig),
+}
+
+/// Where and how to reach Dataverse.
+#[derive(Debug, Clone)]
+pub struct DataverseConfig {
+    /// The environment URL, `https://org.crm.dynamics.com`.
+    pub url: Url,
+    /// Publisher prefix of the tables (`dc` gives `dc_connection`).
+    pub prefix: String,
+    /// Unique name of the solution `provision` puts the tables in.
+    pub solution: Option<String>,
+    /// A Dataverse-specific credential; `None` uses the app's.
+    pub credential: Option<CredentialConfig>,
 }
 
 impl StoreConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreConfig::Sqlite { .. } => "sqlite",
+            StoreConfig::Dataverse(_) => "dataverse",
         }
     }
 }
@@ -292,12 +313,36 @@ impl Config {
                 .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("cannot build the callback URL: {e}")))?,
         };
 
-        let store = match s.get("STORE").unwrap_or("sqlite").to_ascii_lowercase().as_str() {
-            "sqlite" => StoreConfig::Sqlite { path: resolve(s.get("SQLITE_PATH").unwrap_or(".data/companion.db")) },
-            other => {
-                return Err(ConfigError::new("STORE", format!("expected \"sqlite\", got {other:?}")));
+        let dataverse = match s.url("DATAVERSE_URL")? {
+            None => None,
+            Some(url) => {
+                let prefix = s.get("DATAVERSE_PREFIX").unwrap_or("dc").to_string();
+                if prefix.is_empty() || prefix.len() > 8 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(ConfigError::new(
+                        "DATAVERSE_PREFIX",
+                        "must be the publisher's 1-8 letter or digit prefix",
+                    ));
+                }
+                Some(DataverseConfig {
+                    url,
+                    prefix,
+                    solution: s.get("DATAVERSE_SOLUTION").map(str::to_string),
+                    credential: CredentialConfig::from_settings(s, "DATAVERSE")?,
+                })
             }
         };
+        let store = match s.get("STORE").unwrap_or("sqlite").to_ascii_lowercase().as_str() {
+            "sqlite" => StoreConfig::Sqlite { path: resolve(s.get("SQLITE_PATH").unwrap_or(".data/companion.db")) },
+            "dataverse" => StoreConfig::Dataverse(
+                dataverse
+                    .clone()
+                    .ok_or_else(|| ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse"))?,
+            ),
+            other => {
+                return Err(ConfigError::new("STORE", format!("expected \"sqlite\" or \"dataverse\", got {other:?}")));
+            }
+        };
+        let azure_credential = CredentialConfig::from_settings(s, "AZURE")?.unwrap_or(CredentialConfig::DeveloperTools);
 
         let limits = Limits {
             max_body_bytes: s.parse("MAX_BODY_BYTES", 1024 * 1024, "a number of bytes")?,
@@ -367,6 +412,7 @@ impl Config {
 
         let dev_key_file = match &store {
             StoreConfig::Sqlite { path } => Some(path.with_extension("key")),
+            StoreConfig::Dataverse(_) => None,
         };
         let secrets = SecretsConfig {
             token_keys_secret: s.get("TOKEN_ENCRYPTION_KEYS_SECRET").unwrap_or("token-encryption-keys").to_string(),
@@ -378,6 +424,8 @@ impl Config {
             app_root: app_root.clone(),
             redirect_uri,
             store,
+            azure_credential,
+            dataverse,
             providers_file: resolve(s.get("PROVIDERS_FILE").unwrap_or("providers.toml")),
             providers_file_required: s.get("PROVIDERS_FILE").is_some(),
             limits,

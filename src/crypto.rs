@@ -204,14 +204,19 @@ pub enum StateError {
     Expired,
 }
 
-/// The store's lookup key for a state: never the state itself.
+/// The store's lookup key for a state: never the state itself. Lower-case hex, because
+/// Dataverse compares strings case-insensitively.
 pub fn state_hash(state: &str) -> String {
-    B64URL.encode(Sha256::digest(state.as_bytes()))
+    hex(&Sha256::digest(state.as_bytes()))
 }
 
 /// A stable, non-reversible key for a value (capture de-duplication by code).
 pub fn fingerprint(value: &str) -> String {
-    B64URL.encode(Sha256::digest(value.as_bytes()))
+    hex(&Sha256::digest(value.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn connection_tag(connection_id: &str) -> [u8; STATE_TAG_LEN] {

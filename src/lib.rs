@@ -8,17 +8,21 @@
 //! - [`http`]: the HTTP server, the router and the one error model callers see.
 //! - [`oauth`]: the provider catalog and the RFC 6749/7636/7009/9207 client.
 //! - [`connections`]: the connection lifecycle, refresh single-flight and the token cache.
-//! - [`store`]: where connections and captures live (embedded SQLite by default).
+//! - [`store`]: where connections and captures live (embedded SQLite by default, Dataverse once deployed).
+//! - [`dataverse`]: the Dataverse Web API client and `handler provision`.
+//! - [`azure`]: which Azure identity the handler uses, and its cached tokens.
 //! - [`crypto`]: AES-256-GCM sealing of tokens and the signed `state` parameter.
 //! - [`auth`]: bearer-token verification for the back-office API.
 //! - [`secrets`]: named secrets, resolved from the environment (or Key Vault).
 
 pub mod app;
 pub mod auth;
+pub mod azure;
 pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod crypto;
+pub mod dataverse;
 pub mod health;
 pub mod host;
 pub mod http;

@@ -9,6 +9,7 @@
 //! Secrets are sealed by [`crate::crypto::Keyring`] before they get here; a store only
 //! ever sees ciphertext.
 
+pub mod dataverse;
 pub mod sqlite;
 
 use async_trait::async_trait;

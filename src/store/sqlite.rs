@@ -5,6 +5,9 @@
 //! race exactly as two instances racing on a Dataverse ETag. WAL mode lets readers
 //! run beside a writer; a busy timeout absorbs short write contention.
 //!
+//! Ids, owners and providers compare case-insensitively, as Dataverse strings do, so a
+//! connection id means the same thing in both stores.
+//!
 //! rusqlite is synchronous, so each call runs on tokio's blocking pool with the single
 //! connection behind a mutex. Token reads are served from the in-memory cache in
 //! `connections`, so the store is off the hot path.
@@ -20,9 +23,9 @@ use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, 
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS connections (
-    id                TEXT PRIMARY KEY,
-    provider          TEXT NOT NULL,
-    owner             TEXT,
+    id                TEXT PRIMARY KEY COLLATE NOCASE,
+    provider          TEXT NOT NULL COLLATE NOCASE,
+    owner             TEXT COLLATE NOCASE,
     scopes            TEXT NOT NULL,
     status            TEXT NOT NULL,
     status_detail     TEXT,

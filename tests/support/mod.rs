@@ -12,8 +12,11 @@
 
 #![allow(dead_code)]
 
+pub mod azure;
+pub mod dataverse;
 pub mod issuer;
 pub mod oidc;
+pub mod peer;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -78,6 +81,7 @@ pub static ALL_LOGS: std::sync::LazyLock<Logs> = std::sync::LazyLock::new(Logs::
 
 pub struct HandlerBuilder {
     env: BTreeMap<String, String>,
+    args: Vec<String>,
     root: PathBuf,
     under_host: bool,
     port: u16,
@@ -90,6 +94,7 @@ impl HandlerBuilder {
         let tmp = Arc::new(tempfile::tempdir().unwrap());
         let mut b = HandlerBuilder {
             env: BTreeMap::new(),
+            args: Vec::new(),
             root: tmp.path().to_path_buf(),
             under_host: true,
             port: free_port(),
@@ -99,10 +104,23 @@ impl HandlerBuilder {
         b
     }
 
+    /// A handler in a given app root, with no settings yet.
+    pub fn in_root(root: &Path) -> HandlerBuilder {
+        HandlerBuilder {
+            env: BTreeMap::new(),
+            args: Vec::new(),
+            root: root.to_path_buf(),
+            under_host: true,
+            port: free_port(),
+            _tmp: None,
+        }
+    }
+
     /// Shares another handler's app root (same SQLite file, same keys).
     pub fn sharing(other: &Handler) -> HandlerBuilder {
         HandlerBuilder {
             env: other.env.clone(),
+            args: Vec::new(),
             root: other.root.clone(),
             under_host: true,
             port: free_port(),
@@ -112,6 +130,13 @@ impl HandlerBuilder {
 
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
         self.env.insert(k.into(), v.into());
+        self
+    }
+
+    /// A sub-command and its arguments (`provision`, `check`, ...).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.under_host = false;
         self
     }
 
@@ -137,7 +162,7 @@ impl HandlerBuilder {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.env_clear().current_dir(&self.root);
+        cmd.args(&self.args).env_clear().current_dir(&self.root);
         for var in ["PATH", "HOME", "SSL_CERT_FILE", "LLVM_PROFILE_FILE"] {
             if let Some(v) = std::env::var_os(var) {
                 cmd.env(var, v);

@@ -1,30 +1,16 @@
 //! The external OAuth system: a real `oidc-provider` server (tests/peers/oidc.mjs),
 //! spawned per test and driven through its control API.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
-
 use serde_json::{Value, json};
+
+use super::peer::NodePeer;
 
 pub const CLIENT_ID: &str = "dynamics-companion";
 pub const CLIENT_SECRET: &str = "client-secret-for-tests-only";
 
 pub struct OidcPeer {
-    child: Child,
-    _stdin: ChildStdin,
+    peer: NodePeer,
     pub issuer: String,
-    http: reqwest::Client,
-}
-
-impl Drop for OidcPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn peers_dir() -> String {
-    format!("{}/tests/peers", env!("CARGO_MANIFEST_DIR"))
 }
 
 impl OidcPeer {
@@ -44,29 +30,9 @@ impl OidcPeer {
                 c.insert(k.clone(), v.clone());
             }
         }
-        let dir = peers_dir();
-        assert!(
-            std::path::Path::new(&format!("{dir}/node_modules/oidc-provider")).exists(),
-            "tests/peers has no node_modules: run `npm ci --prefix tests/peers` (the README's test command does)"
-        );
-        let mut child = Command::new("node")
-            .arg(format!("{dir}/oidc.mjs"))
-            .env("OIDC_PEER_CONFIG", config.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node starts");
-        let stdin = child.stdin.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("peer did not start ({e}): {line:?}"));
-        OidcPeer {
-            child,
-            _stdin: stdin,
-            issuer: ready["issuer"].as_str().unwrap().to_string(),
-            http: reqwest::Client::new(),
-        }
+        let peer = NodePeer::start("oidc.mjs", "OIDC_PEER_CONFIG", &config);
+        let issuer = peer.field("issuer");
+        OidcPeer { peer, issuer }
     }
 
     /// A catalog entry for this server, named `name`.
@@ -92,11 +58,7 @@ api_base_url = "{iss}/__api/"
     }
 
     async fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method, format!("{}/__control/{path}", self.issuer));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        req.send().await.unwrap().json().await.unwrap()
+        self.peer.control(&self.issuer, method, path, body).await
     }
 
     /// Plays the person: logs in and consents (or denies), returns the redirect to us.

@@ -1,0 +1,327 @@
+//! The Dataverse tables the product keeps its state in, and `handler provision`, which
+//! creates them through the metadata API.
+//!
+//! Provisioning is idempotent: every table, column and alternate key is looked up
+//! first and created only when missing, so a second run changes nothing. Alternate-key
+//! indexes are built asynchronously by Dataverse; provisioning waits until each key is
+//! `Active`, because an upsert by key fails until then.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{Dataverse, DataverseError};
+
+/// A column's Dataverse type.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// Single line of text (`StringAttributeMetadata`).
+    Text(u32),
+    /// Multiple lines of text (`MemoAttributeMetadata`), for sealed tokens.
+    Memo(u32),
+    /// Whole number (`IntegerAttributeMetadata`).
+    Integer,
+    /// Big integer (`BigIntAttributeMetadata`), for Unix times.
+    BigInt,
+    /// Yes/No (`BooleanAttributeMetadata`).
+    Boolean,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub name: &'static str,
+    pub label: &'static str,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Table {
+    /// Logical name without the prefix (`connection`).
+    pub name: &'static str,
+    pub label: &'static str,
+    pub plural: &'static str,
+    /// The primary name column (`name`), which is also the alternate key.
+    pub columns: &'static [Column],
+}
+
+const fn col(name: &'static str, label: &'static str, kind: Kind) -> Column {
+    Column { name, label, kind }
+}
+
+/// Connections: one row per OAuth connection, tokens sealed in `tokens`.
+pub const CONNECTIONS: Table = Table {
+    name: "connection",
+    label: "OAuth connection",
+    plural: "OAuth connections",
+    columns: &[
+        col("provider", "Provider", Kind::Text(64)),
+        col("owner", "Owner", Kind::Text(200)),
+        col("scopes", "Scopes", Kind::Memo(10_000)),
+        col("status", "Status", Kind::Text(20)),
+        col("statusdetail", "Status detail", Kind::Memo(4_000)),
+        col("tokens", "Tokens (encrypted)", Kind::Memo(100_000)),
+        col("accessexpiresat", "Access token expires at (Unix)", Kind::BigInt),
+        col("hasrefreshtoken", "Has refresh token", Kind::Boolean),
+        col("statehash", "Pending state hash", Kind::Text(64)),
+        col("pendingsealed", "Pending authorization (encrypted)", Kind::Memo(4_000)),
+        col("stateexpiresat", "Pending state expires at (Unix)", Kind::BigInt),
+        col("leaseowner", "Refresh lease owner", Kind::Text(64)),
+        col("leaseuntilms", "Refresh lease until (Unix ms)", Kind::BigInt),
+        col("failures", "Consecutive refresh failures", Kind::Integer),
+        col("nextattemptat", "Next refresh attempt (Unix)", Kind::BigInt),
+        col("createdat", "Created at (Unix)", Kind::BigInt),
+        col("updatedat", "Updated at (Unix)", Kind::BigInt),
+        col("refreshedat", "Refreshed at (Unix)", Kind::BigInt),
+    ],
+};
+
+/// Captures: one row per authorization code received for a state we did not issue.
+pub const CAPTURES: Table = Table {
+    name: "capture",
+    label: "OAuth capture",
+    plural: "OAuth captures",
+    columns: &[
+        col("state", "State", Kind::Text(4_000)),
+        col("code", "Code (encrypted)", Kind::Memo(20_000)),
+        col("iss", "Issuer", Kind::Text(1_000)),
+        col("error", "Error", Kind::Text(200)),
+        col("errordescription", "Error description", Kind::Memo(4_000)),
+        col("receivedat", "Received at (Unix)", Kind::BigInt),
+    ],
+};
+
+pub const TABLES: [Table; 2] = [CONNECTIONS, CAPTURES];
+
+/// Names under a publisher prefix (`dc` gives `dc_connection`, `dc_connections`, ...).
+#[derive(Debug, Clone)]
+pub struct Schema {
+    prefix: String,
+}
+
+impl Schema {
+    pub fn new(prefix: &str) -> Schema {
+        Schema { prefix: prefix.to_ascii_lowercase() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn table(&self, t: &Table) -> String {
+        format!("{}_{}", self.prefix, t.name)
+    }
+
+    pub fn entity_set(&self, t: &Table) -> String {
+        format!("{}_{}s", self.prefix, t.name)
+    }
+
+    /// A column's logical name (`dc_provider`); `name` is the primary name / key column.
+    pub fn column(&self, name: &str) -> String {
+        format!("{}_{}", self.prefix, name)
+    }
+
+    fn schema_name(&self, name: &str) -> String {
+        let mut chars = name.chars();
+        let first = chars.next().map(|c| c.to_ascii_uppercase()).into_iter();
+        format!("{}_{}", self.prefix, first.chain(chars).collect::<String>())
+    }
+
+    fn key_name(&self, t: &Table) -> String {
+        format!("{}_{}_key", self.prefix, t.name)
+    }
+}
+
+fn label(text: &str) -> Value {
+    json!({
+        "@odata.type": "Microsoft.Dynamics.CRM.Label",
+        "LocalizedLabels": [{ "@odata.type": "Microsoft.Dynamics.CRM.LocalizedLabel", "Label": text, "LanguageCode": 1033 }]
+    })
+}
+
+fn attribute(schema: &Schema, c: &Column) -> Value {
+    let mut body = match c.kind {
+        Kind::Text(max) => json!({
+            "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
+            "MaxLength": max,
+            "FormatName": { "Value": "Text" },
+        }),
+        Kind::Memo(max) => json!({
+            "@odata.type": "Microsoft.Dynamics.CRM.MemoAttributeMetadata",
+            "MaxLength": max,
+            "Format": "TextArea",
+        }),
+        Kind::Integer => json!({
+            "@odata.type": "Microsoft.Dynamics.CRM.IntegerAttributeMetadata",
+            "MinValue": 0,
+            "MaxValue": 2147483647,
+            "Format": "None",
+        }),
+        Kind::BigInt => json!({ "@odata.type": "Microsoft.Dynamics.CRM.BigIntAttributeMetadata" }),
+        Kind::Boolean => json!({
+            "@odata.type": "Microsoft.Dynamics.CRM.BooleanAttributeMetadata",
+            "DefaultValue": false,
+            "OptionSet": {
+                "@odata.type": "Microsoft.Dynamics.CRM.BooleanOptionSetMetadata",
+                "TrueOption": { "Value": 1, "Label": label("Yes") },
+                "FalseOption": { "Value": 0, "Label": label("No") },
+                "OptionSetType": "Boolean",
+            },
+        }),
+    };
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("SchemaName".into(), Value::String(schema.schema_name(c.name)));
+        obj.insert("DisplayName".into(), label(c.label));
+        obj.insert("RequiredLevel".into(), json!({ "Value": "None" }));
+    }
+    body
+}
+
+fn table_body(schema: &Schema, t: &Table) -> Value {
+    json!({
+        "@odata.type": "Microsoft.Dynamics.CRM.EntityMetadata",
+        "SchemaName": schema.schema_name(t.name),
+        "EntitySetName": schema.entity_set(t),
+        "DisplayName": label(t.label),
+        "DisplayCollectionName": label(t.plural),
+        "Description": label("Kept by Dynamics Companion; do not edit by hand."),
+        "OwnershipType": "OrganizationOwned",
+        "IsActivity": false,
+        "HasActivities": false,
+        "HasNotes": false,
+        "Attributes": [{
+            "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
+            "SchemaName": schema.schema_name("name"),
+            "IsPrimaryName": true,
+            "MaxLength": 100,
+            "FormatName": { "Value": "Text" },
+            "DisplayName": label("Key"),
+            "RequiredLevel": { "Value": "ApplicationRequired" },
+        }],
+    })
+}
+
+/// What provisioning did, one line per action, for the operator.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub changes: usize,
+}
+
+impl Report {
+    fn did(&mut self, line: String) {
+        self.changes += 1;
+        self.lines.push(line);
+    }
+    fn saw(&mut self, line: String) {
+        self.lines.push(line);
+    }
+}
+
+/// Creates whatever is missing and waits for the alternate keys to become active.
+pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -> Result<Report, DataverseError> {
+    let mut report = Report::default();
+    for t in TABLES {
+        let logical = schema.table(&t);
+        let def = format!("EntityDefinitions(LogicalName='{logical}')");
+        let existing =
+            dv.raw(Method::GET, &format!("{def}?$select=LogicalName,EntitySetName"), None, "read table").await?;
+        match existing {
+            Some(_) => report.saw(format!("table {logical}: exists")),
+            None => {
+                dv.raw(Method::POST, "EntityDefinitions", Some(&table_body(schema, &t)), "create table").await?;
+                report.did(format!("table {logical}: created (entity set {})", schema.entity_set(&t)));
+            }
+        }
+
+        let attrs = dv.raw(Method::GET, &format!("{def}/Attributes?$select=LogicalName"), None, "read columns").await?;
+        let have: Vec<String> = attrs
+            .as_ref()
+            .and_then(|v| v.get("value"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter().filter_map(|x| x.get("LogicalName").and_then(Value::as_str).map(str::to_string)).collect()
+            })
+            .unwrap_or_default();
+        let mut created = Vec::new();
+        for c in t.columns {
+            let name = schema.column(c.name);
+            if !have.contains(&name) {
+                dv.raw(Method::POST, &format!("{def}/Attributes"), Some(&attribute(schema, c)), "create column")
+                    .await?;
+                created.push(name);
+            }
+        }
+        if created.is_empty() {
+            report.saw(format!("table {logical}: all {} columns exist", t.columns.len()));
+        } else {
+            report.did(format!("table {logical}: created columns {}", created.join(", ")));
+        }
+
+        let key_name = schema.key_name(&t);
+        let keys_path = format!("{def}/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus");
+        let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
+        let has_key = key_status(keys.as_ref(), &key_name).is_some();
+        if has_key {
+            report.saw(format!("table {logical}: key {key_name} exists"));
+        } else {
+            let body = json!({
+                "SchemaName": key_name,
+                "DisplayName": label("Key"),
+                "KeyAttributes": [schema.column("name")],
+            });
+            dv.raw(Method::POST, &format!("{def}/Keys"), Some(&body), "create key").await?;
+            report.did(format!("table {logical}: created key {key_name} on {}", schema.column("name")));
+        }
+        // Wait for the index (also after an earlier run that stopped before it was active).
+        let deadline = tokio::time::Instant::now() + key_timeout;
+        let mut announced = false;
+        loop {
+            let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
+            match key_status(keys.as_ref(), &key_name).as_deref() {
+                Some("Active") => break,
+                Some("Failed") => {
+                    return Err(DataverseError::Service {
+                        table: logical.clone(),
+                        operation: "create key",
+                        status: 500,
+                        code: String::new(),
+                        message: format!(
+                            "the index of key {key_name} failed to build; reactivate it (ReactivateEntityKey) and run provision again"
+                        ),
+                    });
+                }
+                status => {
+                    if !announced {
+                        report.saw(format!(
+                            "table {logical}: waiting for key {key_name} to become active ({})",
+                            status.unwrap_or("unknown")
+                        ));
+                        announced = true;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(DataverseError::Unreachable {
+                            table: logical.clone(),
+                            operation: "create key",
+                            reason: format!(
+                                "key {key_name} was not active after {} s; run provision again later",
+                                key_timeout.as_secs()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+        report.saw(format!("table {logical}: key {key_name} is active"));
+    }
+    Ok(report)
+}
+
+fn key_status(keys: Option<&Value>, schema_name: &str) -> Option<String> {
+    keys?.get("value")?.as_array()?.iter().find_map(|k| {
+        let name = k.get("SchemaName").and_then(Value::as_str)?;
+        name.eq_ignore_ascii_case(schema_name)
+            .then(|| k.get("EntityKeyIndexStatus").and_then(Value::as_str).unwrap_or("Pending").to_string())
+    })
+}

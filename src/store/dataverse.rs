@@ -1,0 +1,299 @@
+//! The store in Dataverse: connections and captures as rows of two custom tables (see
+//! [`crate::dataverse::provision`]), addressed by their alternate key.
+//!
+//! The record's ETag is the [`Version`]: every update sends `If-Match: W/"n"`, so a lost
+//! race answers 412 and becomes [`StoreError::Conflict`], exactly as the SQLite version
+//! column does. That is the refresh lease across scaled-out instances.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+
+use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
+use crate::dataverse::provision::{CAPTURES, CONNECTIONS, Schema};
+use crate::dataverse::{Condition, Dataverse, DataverseError, Key, Record, literal};
+
+pub struct DataverseStore {
+    dv: Arc<Dataverse>,
+    schema: Schema,
+    connections: String,
+    captures: String,
+    key: String,
+    connection_columns: Vec<String>,
+    capture_columns: Vec<String>,
+}
+
+impl DataverseStore {
+    pub fn new(dv: Arc<Dataverse>, schema: Schema) -> DataverseStore {
+        let key = schema.column("name");
+        let with_key = |cols: &[crate::dataverse::provision::Column]| {
+            std::iter::once(key.clone()).chain(cols.iter().map(|c| schema.column(c.name))).collect::<Vec<_>>()
+        };
+        DataverseStore {
+            connections: schema.entity_set(&CONNECTIONS),
+            captures: schema.entity_set(&CAPTURES),
+            connection_columns: with_key(CONNECTIONS.columns),
+            capture_columns: with_key(CAPTURES.columns),
+            key,
+            schema,
+            dv,
+        }
+    }
+
+    pub fn client(&self) -> &Arc<Dataverse> {
+        &self.dv
+    }
+
+    fn c(&self, name: &str) -> String {
+        self.schema.column(name)
+    }
+
+    fn select(cols: &[String]) -> Vec<&str> {
+        cols.iter().map(String::as_str).collect()
+    }
+
+    fn connection_fields(&self, conn: &Connection) -> Value {
+        let mut m = Map::new();
+        let mut put = |name: &str, v: Value| {
+            m.insert(self.c(name), v);
+        };
+        put("provider", json!(conn.provider));
+        put("owner", json!(conn.owner));
+        put("scopes", json!(serde_json::to_string(&conn.scopes).unwrap_or_else(|_| "[]".into())));
+        put("status", json!(conn.status.as_str()));
+        put("statusdetail", json!(conn.status_detail));
+        put("tokens", json!(conn.tokens));
+        put("accessexpiresat", json!(conn.access_expires_at));
+        put("hasrefreshtoken", json!(conn.has_refresh_token));
+        put("statehash", json!(conn.pending.as_ref().map(|p| &p.state_hash)));
+        put("pendingsealed", json!(conn.pending.as_ref().map(|p| &p.sealed)));
+        put("stateexpiresat", json!(conn.pending.as_ref().map(|p| p.expires_at)));
+        put("leaseowner", json!(conn.lease.as_ref().map(|l| &l.owner)));
+        put("leaseuntilms", json!(conn.lease.as_ref().map(|l| l.until_ms)));
+        put("failures", json!(conn.failures));
+        put("nextattemptat", json!(conn.next_attempt_at));
+        put("createdat", json!(conn.created_at));
+        put("updatedat", json!(conn.updated_at));
+        put("refreshedat", json!(conn.refreshed_at));
+        Value::Object(m)
+    }
+
+    fn connection_from(&self, r: Record) -> Connection {
+        let s = |n: &str| r.str(&self.c(n)).map(str::to_string);
+        let i = |n: &str| r.i64(&self.c(n));
+        let pending = match (s("statehash"), s("pendingsealed"), i("stateexpiresat")) {
+            (Some(state_hash), Some(sealed), Some(expires_at)) => Some(PendingAuth { state_hash, sealed, expires_at }),
+            _ => None,
+        };
+        let lease = match (s("leaseowner"), i("leaseuntilms")) {
+            (Some(owner), Some(until_ms)) => Some(Lease { owner, until_ms }),
+            _ => None,
+        };
+        Connection {
+            id: s("name").unwrap_or_default(),
+            provider: s("provider").unwrap_or_default(),
+            owner: s("owner"),
+            scopes: s("scopes").and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default(),
+            status: s("status").and_then(|v| Status::parse(&v)).unwrap_or(Status::Failed),
+            status_detail: s("statusdetail"),
+            tokens: s("tokens"),
+            access_expires_at: i("accessexpiresat"),
+            has_refresh_token: r.bool(&self.c("hasrefreshtoken")),
+            pending,
+            lease,
+            failures: i("failures").unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+            next_attempt_at: i("nextattemptat"),
+            created_at: i("createdat").unwrap_or(0),
+            updated_at: i("updatedat").unwrap_or(0),
+            refreshed_at: i("refreshedat"),
+            version: Version(r.etag),
+        }
+    }
+
+    fn capture_from(&self, r: Record) -> Capture {
+        let s = |n: &str| r.str(&self.c(n)).map(str::to_string);
+        Capture {
+            key: s("name").unwrap_or_default(),
+            state: s("state").unwrap_or_default(),
+            code: s("code"),
+            iss: s("iss"),
+            error: s("error"),
+            error_description: s("errordescription"),
+            received_at: r.i64(&self.c("receivedat")).unwrap_or(0),
+        }
+    }
+
+    async fn query_connections(
+        &self,
+        filter: &str,
+        orderby: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
+        let rows = self
+            .dv
+            .query(&self.connections, filter, &Self::select(&self.connection_columns), orderby, limit)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(|r| self.connection_from(r)).collect())
+    }
+}
+
+fn map_err(e: DataverseError) -> StoreError {
+    match e.status() {
+        _ if e.is_transient() => StoreError::Unavailable(e.to_string()),
+        Some(412) => StoreError::Conflict(e.to_string()),
+        Some(404) => StoreError::NotFound(e.to_string()),
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for DataverseStore {
+    fn kind(&self) -> &'static str {
+        "dataverse"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.dv.who_am_i().await.map(|_| ()).map_err(map_err)
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
+        let rec = self
+            .dv
+            .get(&self.connections, &Key::Alternate(&self.key, id), &Self::select(&self.connection_columns))
+            .await
+            .map_err(map_err)?;
+        Ok(rec.map(|r| self.connection_from(r)))
+    }
+
+    async fn find_by_state(&self, state_hash: &str) -> StoreResult<Option<Connection>> {
+        let filter = format!("{} eq {}", self.c("statehash"), literal(state_hash));
+        let found = self.query_connections(&filter, None, 2).await?;
+        // Dataverse compares strings case-insensitively; the hash must match exactly.
+        Ok(found.into_iter().find(|c| c.pending.as_ref().is_some_and(|p| p.state_hash == state_hash)))
+    }
+
+    async fn insert(&self, conn: &Connection) -> StoreResult<Version> {
+        let fields = self.connection_fields(conn);
+        let rec = self
+            .dv
+            .write(&self.connections, &Key::Alternate(&self.key, &conn.id), &fields, Condition::NotExists, &[&self.key])
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("connection {:?} already exists", conn.id)),
+                other => other,
+            })?;
+        Ok(Version(rec.etag))
+    }
+
+    async fn update(&self, conn: &Connection, expected: &Version) -> StoreResult<Version> {
+        let fields = self.connection_fields(conn);
+        let rec = self
+            .dv
+            .write(
+                &self.connections,
+                &Key::Alternate(&self.key, &conn.id),
+                &fields,
+                Condition::Version(&expected.0),
+                &[&self.key],
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(Version(rec.etag))
+    }
+
+    async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()> {
+        match self.dv.delete(&self.connections, &Key::Alternate(&self.key, id), Some(&expected.0)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::NotFound(format!("connection {id:?}"))),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn list(&self, f: &ListFilter) -> StoreResult<Vec<Connection>> {
+        let mut clauses = Vec::new();
+        if let Some(p) = &f.provider {
+            clauses.push(format!("{} eq {}", self.c("provider"), literal(p)));
+        }
+        if let Some(o) = &f.owner {
+            clauses.push(format!("{} eq {}", self.c("owner"), literal(o)));
+        }
+        if let Some(s) = f.status {
+            clauses.push(format!("{} eq {}", self.c("status"), literal(s.as_str())));
+        }
+        let limit = if f.limit == 0 { 1000 } else { f.limit };
+        let order = format!("{} asc,{} asc", self.c("createdat"), self.key);
+        self.query_connections(&clauses.join(" and "), Some(&order), limit).await
+    }
+
+    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+        let mut filter = format!(
+            "{status} eq 'active' and {has} eq true and ({exp} lt {before}",
+            status = self.c("status"),
+            has = self.c("hasrefreshtoken"),
+            exp = self.c("accessexpiresat"),
+        );
+        if idle_before > i64::MIN {
+            filter.push_str(&format!(
+                " or {r} lt {idle_before} or ({r} eq null and {c} lt {idle_before})",
+                r = self.c("refreshedat"),
+                c = self.c("createdat"),
+            ));
+        }
+        filter.push(')');
+        let order = format!("{} asc", self.c("accessexpiresat"));
+        self.query_connections(&filter, Some(&order), limit).await
+    }
+
+    async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+        let filter = format!("{} lt {now}", self.c("stateexpiresat"));
+        self.query_connections(&filter, None, limit).await
+    }
+
+    async fn insert_capture(&self, cap: &Capture) -> StoreResult<bool> {
+        let fields = json!({
+            self.c("state"): cap.state,
+            self.c("code"): cap.code,
+            self.c("iss"): cap.iss,
+            self.c("error"): cap.error,
+            self.c("errordescription"): cap.error_description,
+            self.c("receivedat"): cap.received_at,
+        });
+        match self
+            .dv
+            .write(&self.captures, &Key::Alternate(&self.key, &cap.key), &fields, Condition::NotExists, &[&self.key])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(412) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>> {
+        let filter = format!("{} eq {}", self.c("state"), literal(state));
+        let order = format!("{} asc", self.c("receivedat"));
+        let rows = self
+            .dv
+            .query(&self.captures, &filter, &Self::select(&self.capture_columns), Some(&order), 100)
+            .await
+            .map_err(map_err)?;
+        // States are case-sensitive; Dataverse's `eq` is not.
+        Ok(rows.into_iter().map(|r| self.capture_from(r)).filter(|c| c.state == state).collect())
+    }
+
+    async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
+        let filter = format!("{} lt {before}", self.c("receivedat"));
+        let rows = self.dv.query(&self.captures, &filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
+        let mut purged = 0;
+        for r in rows {
+            if let Some(key) = r.str(&self.key)
+                && self.dv.delete(&self.captures, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
+            {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+}

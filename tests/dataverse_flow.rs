@@ -1,0 +1,258 @@
+//! Dynamics as the store: the built handler with `STORE=dataverse`, against the Dataverse
+//! Web API double, authenticating with a client secret at the Entra double over TLS
+//! (test CA in `SSL_CERT_FILE`), the OAuth flow against oidc-provider, and `handler
+//! provision` creating the tables first.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::azure::AzureDoubles;
+use support::dataverse::DataverseDouble;
+use support::issuer::Issuer;
+use support::oidc::{CLIENT_SECRET, OidcPeer};
+use support::{Handler, HandlerBuilder};
+
+const PUBLIC: &str = "http://localhost:7071";
+const CALLBACK: &str = "http://localhost:7071/api/oauth/callback";
+
+struct World {
+    dataverse: DataverseDouble,
+    azure: AzureDoubles,
+    peer: OidcPeer,
+    issuer: Issuer,
+    keys: String,
+    root: tempfile::TempDir,
+}
+
+impl World {
+    fn new(peer_config: Value) -> World {
+        let rt = tokio::runtime::Handle::current();
+        let issuer = tokio::task::block_in_place(|| rt.block_on(Issuer::start()));
+        World {
+            dataverse: DataverseDouble::start(),
+            azure: AzureDoubles::start(json!({})),
+            peer: OidcPeer::start(CALLBACK, peer_config),
+            issuer,
+            keys: support::test_keys(),
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A handler (or sub-command) configured for Dataverse; all share the app root.
+    fn builder(&self, env: &[(&str, &str)]) -> HandlerBuilder {
+        std::fs::write(self.root.path().join("providers.toml"), self.peer.catalog("test", "")).unwrap();
+        let mut b = HandlerBuilder::in_root(self.root.path())
+            .env("TOKEN_ENCRYPTION_KEYS", &self.keys)
+            .env("STORE", "dataverse")
+            .env("DATAVERSE_URL", &self.dataverse.url)
+            .env("PUBLIC_BASE_URL", PUBLIC)
+            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET);
+        for (k, v) in self.azure.dataverse_client_secret_settings().into_iter().chain(self.issuer.settings()) {
+            b = b.env(k, v);
+        }
+        for (k, v) in env {
+            b = b.env(k, *v);
+        }
+        b
+    }
+
+    fn provision(&self) -> String {
+        let (code, stdout, stderr) =
+            self.builder(&[]).args(&["provision", "--key-timeout-seconds", "30"]).run_to_exit();
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        stdout
+    }
+
+    async fn start(&self, env: &[(&str, &str)]) -> Handler {
+        self.builder(env).start().await
+    }
+}
+
+/// The back-office calls a test makes, with a bearer token and retries on 503 as a real
+/// caller would (the handler says 503 only when Dataverse stays unavailable).
+struct Caller<'a> {
+    h: &'a Handler,
+    bearer: String,
+}
+
+impl Caller<'_> {
+    async fn call(&self, method: Method, path: &str, body: Value) -> support::Reply {
+        for attempt in 0.. {
+            let r = self.h.json(method.clone(), path, Some(&self.bearer), &body).await;
+            if r.status != 503 || attempt == 5 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        unreachable!()
+    }
+
+    async fn connect(&self, peer: &OidcPeer, id: &str) {
+        let r = self.call(Method::POST, "/api/connections", json!({ "provider": "test", "connection_id": id })).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
+        let cb = location.strip_prefix(PUBLIC).unwrap().to_string();
+        for attempt in 0.. {
+            let page = self.h.get(&cb, &[]).await;
+            if page.status == 200 {
+                break;
+            }
+            // A person may reload a page that said "try again"; the state is single-use,
+            // so only a callback that changed nothing can be repeated.
+            assert!(page.status == 503 && attempt < 5, "{id}: {} {}", page.status, page.body);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn token(&self, id: &str) -> String {
+        let r = self.call(Method::POST, &format!("/api/connections/{id}/token"), Value::Null).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+        r.json()["access_token"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_through_the_binary_creates_everything_once() {
+    let w = World::new(json!({}));
+    let first = w.provision();
+    assert!(first.contains("table dc_connection: created"), "{first}");
+    assert!(first.contains("created key dc_connection_key"), "{first}");
+    assert!(first.contains("key dc_capture_key is active"), "{first}");
+    let writes = w.dataverse.stats().await["metadata_writes"].as_u64().unwrap();
+    let second = w.provision();
+    assert!(second.contains("Nothing to do"), "{second}");
+    assert_eq!(w.dataverse.stats().await["metadata_writes"].as_u64().unwrap(), writes);
+    // Authenticated with a token the Entra double issued for this Dataverse, nothing else.
+    let issued: HashSet<String> = w.azure.tokens_for(&w.dataverse.url).await.into_iter().collect();
+    let used = w.dataverse.stats().await["tokens"].as_object().unwrap().keys().cloned().collect::<HashSet<_>>();
+    assert!(!used.is_empty() && used.is_subset(&issued), "used {used:?}, issued {issued:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oauth_flow_with_the_dataverse_store() {
+    let w = World::new(json!({ "access_token_ttl": 3 }));
+    w.provision();
+    let h = w.start(&[("REFRESH_MARGIN_SECONDS", "1")]).await;
+    let c = Caller { h: &h, bearer: w.issuer.token() };
+    let health = h.get("/api/health", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.json()["dependencies"]["store"]["kind"], "dataverse");
+
+    c.connect(&w.peer, "dv-1").await;
+    let status = c.call(Method::GET, "/api/connections/dv-1", Value::Null).await.json();
+    assert_eq!(status["status"], "active");
+    let t1 = c.token("dv-1").await;
+    assert!(w.peer.is_active(&t1).await);
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let t2 = c.token("dv-1").await;
+    assert_ne!(t1, t2);
+    assert_eq!(w.peer.refresh_grants().await, 1);
+
+    // What is at rest in Dynamics: ciphertext, never a token.
+    let rows = w.dataverse.rows("dc_connections").await;
+    assert_eq!(rows.len(), 1);
+    let row = rows[0].to_string();
+    assert!(row.contains("\"dc_tokens\":\"v1."), "{row}");
+    for secret in w.peer.issued_tokens().await {
+        assert!(!row.contains(&secret), "a token is stored in clear");
+    }
+
+    let deleted = c.call(Method::DELETE, "/api/connections/dv-1", Value::Null).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert!(!w.peer.is_active(&t2).await);
+    assert!(w.dataverse.rows("dc_connections").await.is_empty());
+    // Only tokens the Entra double issued for this Dataverse reached it.
+    let issued: HashSet<String> = w.azure.tokens_for(&w.dataverse.url).await.into_iter().collect();
+    let used = w.dataverse.stats().await["tokens"].as_object().unwrap().keys().cloned().collect::<HashSet<_>>();
+    assert!(used.is_subset(&issued));
+    let logs = h.logs.all();
+    for secret in w.peer.issued_tokens().await.into_iter().chain(issued).chain([CLIENT_SECRET.to_string()]) {
+        assert!(!logs.contains(&secret), "a secret reached the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_dataverse_refresh_once() {
+    let w = World::new(json!({ "access_token_ttl": 3 }));
+    w.provision();
+    let env = [("REFRESH_MARGIN_SECONDS", "1")];
+    let one = w.start(&env).await;
+    let two = w.start(&env).await;
+    let bearer = w.issuer.token();
+    let c1 = Caller { h: &one, bearer: bearer.clone() };
+    let c2 = Caller { h: &two, bearer };
+    c1.connect(&w.peer, "storm").await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    w.peer.faults(json!({ "token_endpoint": { "count": 0, "delay_ms": 300 } })).await;
+    let (a, b) = tokio::join!(
+        futures_util::future::join_all((0..25).map(|_| c1.token("storm"))),
+        futures_util::future::join_all((0..25).map(|_| c2.token("storm"))),
+    );
+    let tokens: HashSet<String> = a.into_iter().chain(b).collect();
+    assert_eq!(w.peer.refresh_grants().await, 1, "one refresh across both processes");
+    for t in &tokens {
+        assert!(w.peer.is_active(t).await, "no request got a revoked token");
+    }
+    let status = c2.call(Method::GET, "/api/connections/storm", Value::Null).await.json();
+    assert_eq!(status["status"], "active");
+    assert_eq!(w.peer.stats().await["token_errors"]["invalid_grant"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_connections_survive_thirty_percent_faults() {
+    let w = World::new(json!({}));
+    w.provision();
+    let h = w.start(&[]).await;
+    let c = Caller { h: &h, bearer: w.issuer.token() };
+    w.dataverse.faults(json!({ "rate": 0.3, "statuses": [429, 503], "retry_after_seconds": 1, "seed": 2026 })).await;
+    let started = Instant::now();
+    let ids: Vec<String> = (0..200).map(|i| format!("bulk-{i:03}")).collect();
+    let mut flows = futures_util::stream::iter(ids.iter().map(|id| c.connect(&w.peer, id)));
+    use futures_util::StreamExt;
+    let mut running = (&mut flows).buffer_unordered(25);
+    while running.next().await.is_some() {}
+    let faults = w.dataverse.stats().await["faults_injected"].as_u64().unwrap();
+    assert!(faults > 100, "faults were injected: {faults}");
+
+    // Every token is stored and readable, also by a fresh process with a cold cache and
+    // with the faults still on.
+    let fresh = w.start(&[]).await;
+    let c2 = Caller { h: &fresh, bearer: c.bearer.clone() };
+    let tokens =
+        futures_util::stream::iter(ids.iter().map(|id| c2.token(id))).buffer_unordered(25).collect::<Vec<_>>().await;
+    assert_eq!(tokens.len(), 200);
+    w.dataverse.faults(json!({})).await;
+    let rows = w.dataverse.rows("dc_connections").await;
+    assert_eq!(rows.len(), 200);
+    assert!(
+        rows.iter()
+            .all(|r| r["dc_status"] == "active" && r["dc_tokens"].as_str().is_some_and(|t| t.starts_with("v1.")))
+    );
+    assert!(rows.iter().all(|r| r["dc_leaseowner"].is_null()), "no connection is left holding a lease");
+    println!("200 connections with {faults} injected Dataverse faults in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_tokens_are_served_without_dataverse_calls() {
+    let w = World::new(json!({}));
+    w.provision();
+    let h = w.start(&[]).await;
+    let c = Caller { h: &h, bearer: w.issuer.token() };
+    for i in 0..10 {
+        c.connect(&w.peer, &format!("steady-{i}")).await;
+    }
+    let before = w.dataverse.requests().await;
+    use futures_util::StreamExt;
+    let ids: Vec<String> = (0..1000).map(|i| format!("steady-{}", i % 10)).collect();
+    let served =
+        futures_util::stream::iter(ids.iter().map(|id| c.token(id))).buffer_unordered(16).collect::<Vec<_>>().await;
+    assert_eq!(served.len(), 1000);
+    let calls = w.dataverse.requests().await - before;
+    println!("Dataverse calls per 1000 token requests for valid tokens: {calls}");
+    assert!(calls < 10, "{calls} Dataverse calls for 1000 token requests");
+}

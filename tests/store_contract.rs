@@ -1,0 +1,213 @@
+//! One behavioural suite for every store: the embedded SQLite file and Dataverse (the
+//! Web API double, provisioned by the real `provision` code). Whatever the connections
+//! code relies on (versions that conflict, single-use states, captures kept once, the
+//! timer's scans) must hold the same way in both.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamics_companion::azure::StaticToken;
+use dynamics_companion::dataverse::Dataverse;
+use dynamics_companion::dataverse::provision::{Schema, provision};
+use dynamics_companion::store::dataverse::DataverseStore;
+use dynamics_companion::store::sqlite::SqliteStore;
+use dynamics_companion::store::{
+    Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Version,
+};
+use secrecy::SecretString;
+use support::dataverse::DataverseDouble;
+
+fn connection(id: &str, provider: &str, owner: &str) -> Connection {
+    Connection {
+        id: id.into(),
+        provider: provider.into(),
+        owner: Some(owner.into()),
+        scopes: vec!["offline_access".into(), "api.read".into()],
+        status: Status::Pending,
+        status_detail: None,
+        tokens: None,
+        access_expires_at: None,
+        has_refresh_token: false,
+        pending: Some(PendingAuth {
+            state_hash: format!("hash-{id}"),
+            sealed: "v1.k.sealed".into(),
+            expires_at: 2_000,
+        }),
+        lease: None,
+        failures: 0,
+        next_attempt_at: None,
+        created_at: 1_000,
+        updated_at: 1_000,
+        refreshed_at: None,
+        version: Version::default(),
+    }
+}
+
+fn same_data(a: &Connection, b: &Connection) {
+    let mut a = a.clone();
+    a.version = b.version.clone();
+    assert_eq!(&a, b);
+}
+
+async fn contract(store: Arc<dyn Store>) {
+    store.ping().await.unwrap();
+
+    // Insert and read back, field for field.
+    let mut a = connection("erp-a", "acme", "account:1");
+    a.version = store.insert(&a).await.unwrap();
+    let got = store.get("erp-a").await.unwrap().expect("inserted");
+    same_data(&a, &got);
+    assert_eq!(got.version, a.version);
+    // Ids are case-insensitive, in both stores.
+    assert!(store.get("ERP-A").await.unwrap().is_some());
+    assert!(matches!(store.insert(&connection("ERP-A", "acme", "x")).await, Err(StoreError::Conflict(_))));
+    assert!(store.get("missing").await.unwrap().is_none());
+
+    // Updates name the version they read; a stale version conflicts and changes nothing.
+    let v1 = a.version.clone();
+    let mut b = a.clone();
+    b.status = Status::Active;
+    b.tokens = Some("v1.k.ciphertext".into());
+    b.access_expires_at = Some(1_500);
+    b.has_refresh_token = true;
+    b.pending = None;
+    b.lease = Some(Lease { owner: "instance-1".into(), until_ms: 1_700_000_000_000 });
+    b.refreshed_at = Some(1_100);
+    let v2 = store.update(&b, &v1).await.unwrap();
+    assert_ne!(v2, v1);
+    let mut stale = a.clone();
+    stale.status_detail = Some("should not land".into());
+    assert!(matches!(store.update(&stale, &v1).await, Err(StoreError::Conflict(_))));
+    let got = store.get("erp-a").await.unwrap().unwrap();
+    b.version = v2.clone();
+    same_data(&b, &got);
+    assert_eq!(got.version, v2);
+
+    // Racing writers from one version: exactly one wins.
+    let results = futures_util::future::join_all((0..8).map(|i| {
+        let store = store.clone();
+        let mut c = got.clone();
+        let v = got.version.clone();
+        c.failures = i;
+        async move { store.update(&c, &v).await }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(results.iter().filter(|r| r.is_err()).all(|r| matches!(r, Err(StoreError::Conflict(_)))));
+
+    // A pending authorization is found by its state hash, exactly.
+    let mut p = connection("erp-p", "acme", "account:2");
+    p.version = store.insert(&p).await.unwrap();
+    assert_eq!(store.find_by_state("hash-erp-p").await.unwrap().map(|c| c.id), Some("erp-p".to_string()));
+    assert!(store.find_by_state("HASH-ERP-P").await.unwrap().is_none(), "state hashes match exactly");
+    assert!(store.find_by_state("hash-nothing").await.unwrap().is_none());
+
+    // Lists filter by provider, owner and status.
+    store.insert(&connection("other-1", "globex", "account:1")).await.unwrap();
+    let by_provider = store.list(&ListFilter { provider: Some("acme".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(ids(&by_provider), ["erp-a", "erp-p"]);
+    let by_owner = store.list(&ListFilter { owner: Some("account:1".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(ids(&by_owner), ["erp-a", "other-1"]);
+    let active = store.list(&ListFilter { status: Some(Status::Active), ..Default::default() }).await.unwrap();
+    assert_eq!(ids(&active), ["erp-a"]);
+
+    // The timer's scans.
+    let due = store.due_for_refresh(1_600, i64::MIN, 100).await.unwrap();
+    assert_eq!(ids(&due), ["erp-a"], "active, refreshable, expiring before 1600");
+    assert!(store.due_for_refresh(1_400, i64::MIN, 100).await.unwrap().is_empty());
+    assert_eq!(ids(&store.due_for_refresh(1_400, 1_200, 100).await.unwrap()), ["erp-a"], "idle since 1100");
+    let expired = store.expired_pending(2_001, 100).await.unwrap();
+    assert_eq!(ids(&expired), ["erp-p", "other-1"]);
+    assert!(store.expired_pending(2_000, 100).await.unwrap().is_empty());
+
+    // Deletes name the version too.
+    let current = store.get("erp-a").await.unwrap().unwrap();
+    assert!(matches!(store.delete("erp-a", &v1).await, Err(StoreError::Conflict(_))));
+    store.delete("erp-a", &current.version).await.unwrap();
+    assert!(store.get("erp-a").await.unwrap().is_none());
+    assert!(matches!(store.delete("erp-a", &current.version).await, Err(StoreError::NotFound(_))));
+
+    // Captures: once per key, read back by exact state, purged by age.
+    let cap = |key: &str, state: &str, at: i64| Capture {
+        key: key.into(),
+        state: state.into(),
+        code: Some(format!("v1.k.{key}")),
+        iss: Some("https://erp.example".into()),
+        error: None,
+        error_description: None,
+        received_at: at,
+    };
+    assert!(store.insert_capture(&cap("k1", "State-1", 100)).await.unwrap());
+    assert!(!store.insert_capture(&cap("k1", "State-1", 101)).await.unwrap(), "the same code is not a second record");
+    assert!(store.insert_capture(&cap("k2", "State-1", 102)).await.unwrap());
+    assert!(store.insert_capture(&cap("k3", "state-1", 103)).await.unwrap());
+    let got = store.captures_by_state("State-1").await.unwrap();
+    assert_eq!(got.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["k1", "k2"]);
+    assert_eq!(got[0], cap("k1", "State-1", 100));
+    assert_eq!(store.purge_captures(103).await.unwrap(), 2);
+    assert!(store.captures_by_state("State-1").await.unwrap().is_empty());
+    assert_eq!(store.captures_by_state("state-1").await.unwrap().len(), 1);
+}
+
+fn ids(list: &[Connection]) -> Vec<&str> {
+    let mut v: Vec<&str> = list.iter().map(|c| c.id.as_str()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn the_sqlite_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("contract.db")).unwrap();
+    contract(Arc::new(store)).await;
+}
+
+async fn dataverse_store(double: &DataverseDouble) -> (Arc<Dataverse>, Arc<dyn Store>) {
+    let url = url::Url::parse(&double.url).unwrap();
+    let token = Arc::new(StaticToken(SecretString::from("test-s2s-token".to_string())));
+    let dv = Arc::new(Dataverse::new(&url, reqwest::Client::new(), token, None));
+    let schema = Schema::new("dc");
+    provision(&dv, &schema, Duration::from_secs(30)).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(DataverseStore::new(dv.clone(), schema));
+    (dv, store)
+}
+
+#[tokio::test]
+async fn the_dataverse_store_keeps_the_contract() {
+    let double = DataverseDouble::start();
+    let (_, store) = dataverse_store(&double).await;
+    contract(store).await;
+}
+
+#[tokio::test]
+async fn the_dataverse_store_keeps_the_contract_while_throttled() {
+    let double = DataverseDouble::start();
+    let (dv, store) = dataverse_store(&double).await;
+    double
+        .faults(serde_json::json!({ "rate": 0.3, "statuses": [429, 503], "retry_after_seconds": 0, "seed": 7 }))
+        .await;
+    contract(store).await;
+    let stats = double.stats().await;
+    assert!(stats["faults_injected"].as_u64().unwrap() > 5, "faults were injected: {stats}");
+    assert!(dv.requests.load(std::sync::atomic::Ordering::Relaxed) > stats["faults_injected"].as_u64().unwrap());
+}
+
+#[tokio::test]
+async fn provision_creates_everything_once() {
+    let double = DataverseDouble::start();
+    let url = url::Url::parse(&double.url).unwrap();
+    let token = Arc::new(StaticToken(SecretString::from("t".to_string())));
+    let dv = Dataverse::new(&url, reqwest::Client::new(), token, Some("DynamicsCompanion".into()));
+    let schema = Schema::new("dc");
+    let first = provision(&dv, &schema, Duration::from_secs(30)).await.unwrap();
+    assert!(first.changes >= 6, "{:?}", first.lines);
+    let writes = double.stats().await["metadata_writes"].as_u64().unwrap();
+    assert!(writes > 0);
+    let second = provision(&dv, &schema, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(second.changes, 0, "{:?}", second.lines);
+    assert_eq!(double.stats().await["metadata_writes"].as_u64().unwrap(), writes, "the second run wrote nothing");
+    let tables = double.rows("dc_connections").await;
+    assert!(tables.is_empty());
+}

@@ -1,0 +1,59 @@
+//! The Dataverse Web API double (tests/peers/dataverse.mjs).
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::peer::NodePeer;
+
+pub struct DataverseDouble {
+    peer: NodePeer,
+    /// The environment URL (`http://127.0.0.1:PORT`), what `DATAVERSE_URL` takes.
+    pub url: String,
+}
+
+impl DataverseDouble {
+    /// An empty organisation: the tables come from `provision`.
+    pub fn start() -> DataverseDouble {
+        DataverseDouble::with_config(json!({ "key_activation_ms": 50 }))
+    }
+
+    pub fn with_config(config: Value) -> DataverseDouble {
+        let peer = NodePeer::start("dataverse.mjs", "DATAVERSE_PEER_CONFIG", &config);
+        let url = peer.field("url");
+        DataverseDouble { peer, url }
+    }
+
+    async fn control(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        self.peer.control(&self.url, method, path, body).await
+    }
+
+    /// `{"rate": 0.3, "statuses": [429, 503], "retry_after_seconds": 1, ...}`; `{}` clears.
+    pub async fn faults(&self, plan: Value) -> Value {
+        self.control(Method::POST, "faults", Some(plan)).await
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.control(Method::GET, "stats", None).await
+    }
+
+    /// Web API requests so far.
+    pub async fn requests(&self) -> u64 {
+        self.stats().await["requests"].as_u64().unwrap_or(0)
+    }
+
+    pub async fn reset(&self) {
+        self.control(Method::POST, "reset", Some(json!({}))).await;
+    }
+
+    /// Rows as stored, for checks of what is at rest.
+    pub async fn rows(&self, entity_set: &str) -> Vec<Value> {
+        self.control(Method::GET, &format!("tables/{entity_set}"), None).await["rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn set_accepted_tokens(&self, tokens: &[String]) {
+        self.control(Method::POST, "config", Some(json!({ "accepted_tokens": tokens }))).await;
+    }
+}
