@@ -8,11 +8,12 @@ use secrecy::ExposeSecret;
 
 use crate::auth::BearerVerifier;
 use crate::azure::ResourceToken;
-use crate::config::{Config, ConfigError, DataverseConfig, Settings, StoreConfig};
+use crate::config::{CaptureMode, Config, ConfigError, DataverseConfig, FnoConfig, Settings, StoreConfig};
 use crate::connections::Connections;
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
+use crate::fno::Fno;
 use crate::oauth::catalog::Catalog;
 use crate::secrets::{SecretError, SecretSource, SettingsSecrets};
 use crate::store::Store;
@@ -67,6 +68,10 @@ impl App {
         let http = outbound_client(config.oauth.upstream_timeout)?;
         let proxy_http = outbound_client(config.oauth.upstream_timeout)?;
         let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
+        let fno = match &config.oauth.capture {
+            CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref()).await?),
+            _ => None,
+        };
         let connections = Connections::new(
             store,
             keys.clone(),
@@ -75,6 +80,7 @@ impl App {
             http,
             config.oauth.clone(),
             config.redirect_uri.clone(),
+            fno,
         );
         Ok(App { config, started, started_at: crate::time::now(), keys, secrets, connections, back_office, proxy_http })
     }
@@ -92,6 +98,17 @@ pub async fn dataverse_client(
     let tokens = Arc::new(ResourceToken::new(built, dv.url.as_str()));
     let http = outbound_client(config.oauth.upstream_timeout)?;
     Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone())))
+}
+
+/// The Finance & Operations capture target with the configured identity.
+async fn fno_client(f: &FnoConfig, config: &Config, secrets: &dyn SecretSource) -> Result<Fno, StartupError> {
+    let credential = f.credential.as_ref().unwrap_or(&config.azure_credential);
+    tracing::info!(url = %f.url, path = %f.path, "F&O capture: authenticating with {}", credential.describe());
+    let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
+    let tokens = Arc::new(ResourceToken::new(built, f.url.as_str()));
+    let http = outbound_client(config.oauth.upstream_timeout)?;
+    Fno::new(&f.url, &f.path, f.data_area.clone(), http, tokens)
+        .map_err(|e| ConfigError::new("FNO_CAPTURE_PATH", e).into())
 }
 
 /// One pooled client per purpose: no redirects (a redirecting token endpoint is a

@@ -225,12 +225,26 @@ pub struct Limits {
     pub max_param_bytes: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureMode {
     /// States we did not issue are rejected.
     Off,
     /// States we did not issue are kept as capture records in the store.
     Store,
+    /// Kept in the store and delivered to Finance & Operations.
+    Fno(FnoConfig),
+}
+
+/// Where captures go in Finance & Operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FnoConfig {
+    /// The environment URL, `https://env.operations.dynamics.com`.
+    pub url: Url,
+    /// `/api/services/{group}/{service}/{operation}` or `/data/{Entity}`.
+    pub path: String,
+    pub data_area: Option<String>,
+    /// An F&O-specific credential; `None` uses the app's.
+    pub credential: Option<CredentialConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,8 +366,31 @@ impl Config {
         let capture = match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
             "off" => CaptureMode::Off,
             "store" => CaptureMode::Store,
+            "fno" => {
+                let url = s
+                    .url("FNO_URL")?
+                    .ok_or_else(|| ConfigError::new("FNO_URL", "is required with CAPTURE_MODE=fno"))?;
+                let path = s.require("FNO_CAPTURE_PATH")?.to_string();
+                if !(path.starts_with("/api/services/") || path.starts_with("/data/")) {
+                    return Err(ConfigError::new(
+                        "FNO_CAPTURE_PATH",
+                        format!(
+                            "must be a custom service (/api/services/...) or a data entity (/data/...), got {path:?}"
+                        ),
+                    ));
+                }
+                CaptureMode::Fno(FnoConfig {
+                    url,
+                    path,
+                    data_area: s.get("FNO_DATA_AREA_ID").map(str::to_string),
+                    credential: CredentialConfig::from_settings(s, "FNO")?,
+                })
+            }
             other => {
-                return Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\" or \"off\", got {other:?}")));
+                return Err(ConfigError::new(
+                    "CAPTURE_MODE",
+                    format!("expected \"store\", \"fno\" or \"off\", got {other:?}"),
+                ));
             }
         };
         let mut return_url_origins = Vec::new();

@@ -23,6 +23,7 @@ pub mod config;
 pub mod connections;
 pub mod crypto;
 pub mod dataverse;
+pub mod fno;
 pub mod health;
 pub mod host;
 pub mod http;

@@ -138,6 +138,7 @@ async fn contract(store: Arc<dyn Store>) {
         error: None,
         error_description: None,
         received_at: at,
+        delivered_at: Some(at),
     };
     assert!(store.insert_capture(&cap("k1", "State-1", 100)).await.unwrap());
     assert!(!store.insert_capture(&cap("k1", "State-1", 101)).await.unwrap(), "the same code is not a second record");
@@ -146,9 +147,20 @@ async fn contract(store: Arc<dyn Store>) {
     let got = store.captures_by_state("State-1").await.unwrap();
     assert_eq!(got.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["k1", "k2"]);
     assert_eq!(got[0], cap("k1", "State-1", 100));
+    // Not yet delivered (F&O unreachable): listed, kept by the purge until delivered.
+    let mut pending = cap("k4", "state-4", 90);
+    pending.delivered_at = None;
+    assert!(store.insert_capture(&pending).await.unwrap());
+    let undelivered = store.undelivered_captures(10).await.unwrap();
+    assert_eq!(undelivered.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["k4"]);
     assert_eq!(store.purge_captures(103).await.unwrap(), 2);
     assert!(store.captures_by_state("State-1").await.unwrap().is_empty());
     assert_eq!(store.captures_by_state("state-1").await.unwrap().len(), 1);
+    assert_eq!(store.captures_by_state("state-4").await.unwrap().len(), 1, "undelivered captures are not purged");
+    store.mark_capture_delivered("k4", 150).await.unwrap();
+    assert!(store.undelivered_captures(10).await.unwrap().is_empty());
+    assert_eq!(store.captures_by_state("state-4").await.unwrap()[0].delivered_at, Some(150));
+    assert_eq!(store.purge_captures(103).await.unwrap(), 1);
 }
 
 fn ids(list: &[Connection]) -> Vec<&str> {

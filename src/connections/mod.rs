@@ -27,6 +27,7 @@ use url::Url;
 
 use crate::config::OAuthConfig;
 use crate::crypto::{self, CryptoError, Keyring};
+use crate::fno::{Delivery, Fno};
 use crate::oauth::catalog::{Catalog, Provider};
 use crate::oauth::client::{self, TokenClient};
 use crate::oauth::{OAuthError, TokenSet};
@@ -146,6 +147,8 @@ pub struct SweepReport {
     pub failed: usize,
     pub expired_states: usize,
     pub purged_captures: u64,
+    pub captures_delivered: usize,
+    pub captures_pending: usize,
     pub errors: Vec<String>,
 }
 
@@ -155,6 +158,12 @@ impl SweepReport {
             "refresh: {} due, {} refreshed, {} need re-authorization, {} failed; {} expired authorizations cleared; {} old captures purged",
             self.due, self.refreshed, self.needs_reauth, self.failed, self.expired_states, self.purged_captures
         )];
+        if self.captures_delivered + self.captures_pending > 0 {
+            lines.push(format!(
+                "captures: {} delivered to F&O, {} still pending",
+                self.captures_delivered, self.captures_pending
+            ));
+        }
         lines.extend(self.errors.iter().cloned());
         lines
     }
@@ -181,6 +190,8 @@ pub struct Connections {
     instance: String,
     cache: cache::TokenCache,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where captures go besides the store (Finance & Operations), if anywhere.
+    fno: Option<Fno>,
 }
 
 const MAX_ID_LEN: usize = 100;
@@ -195,6 +206,7 @@ impl Connections {
         http: reqwest::Client,
         cfg: OAuthConfig,
         redirect_uri: Url,
+        fno: Option<Fno>,
     ) -> Connections {
         let cache = cache::TokenCache::new(cfg.token_cache_ttl);
         Connections {
@@ -208,6 +220,7 @@ impl Connections {
             instance: crypto::random_token::<9>(),
             cache,
             flights: Mutex::new(HashMap::new()),
+            fno,
         }
     }
 
@@ -463,7 +476,9 @@ impl Connections {
         }
     }
 
-    /// Keeps what the provider sent for a `state` we did not issue, exactly once per code.
+    /// Keeps what the provider sent for a `state` we did not issue, exactly once per code,
+    /// and delivers it to Finance & Operations when configured. A delivery that fails
+    /// stays pending in the store for the timer. Returns whether the capture was new.
     pub async fn capture(
         &self,
         state: &str,
@@ -476,18 +491,64 @@ impl Connections {
             Some(code) => crypto::fingerprint(&format!("code:{code}")),
             None => crypto::fingerprint(&format!("error:{state}:{}", error.unwrap_or_default())),
         };
+        let received_at = now();
         let capture = Capture {
             state: state.to_string(),
             code: code.map(|c| self.keys.seal(c.as_bytes(), &capture_aad(&key))),
-            key,
+            key: key.clone(),
             iss: iss.map(str::to_string),
             error: error.map(str::to_string),
             error_description: error_description.map(str::to_string),
-            received_at: now(),
+            received_at,
+            delivered_at: if self.fno.is_some() { None } else { Some(received_at) },
         };
         let fresh = self.store.insert_capture(&capture).await?;
         tracing::info!(new = fresh, has_code = code.is_some(), "capture received");
+        if let (true, Some(fno)) = (fresh, &self.fno) {
+            let delivery = Delivery { code, state, iss, error, error_description, received_at };
+            match fno.deliver(&delivery).await {
+                Ok(()) => self.store.mark_capture_delivered(&key, now()).await?,
+                Err(e) => tracing::warn!(error = %e, "capture kept; delivery to F&O will be retried by the timer"),
+            }
+        }
         Ok(fresh)
+    }
+
+    /// Delivers captures that Finance & Operations did not take yet; returns (delivered, failed).
+    async fn deliver_pending(&self, fno: &Fno) -> Result<(usize, usize), StoreError> {
+        let (mut delivered, mut failed) = (0, 0);
+        for c in self.store.undelivered_captures(100).await? {
+            let code = match &c.code {
+                Some(sealed) => match self.keys.open(sealed, &capture_aad(&c.key)).map(String::from_utf8) {
+                    Ok(Ok(code)) => Some(code),
+                    _ => {
+                        failed += 1;
+                        tracing::error!("a pending capture's code cannot be decrypted; it is skipped");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let delivery = Delivery {
+                code: code.as_deref(),
+                state: &c.state,
+                iss: c.iss.as_deref(),
+                error: c.error.as_deref(),
+                error_description: c.error_description.as_deref(),
+                received_at: c.received_at,
+            };
+            match fno.deliver(&delivery).await {
+                Ok(()) => {
+                    self.store.mark_capture_delivered(&c.key, now()).await?;
+                    delivered += 1;
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, "pending capture still not delivered to F&O");
+                }
+            }
+        }
+        Ok((delivered, failed))
     }
 
     /// The captures received for a state, with their codes decrypted.
@@ -510,6 +571,7 @@ impl Connections {
                     error: c.error,
                     error_description: c.error_description,
                     received_at: crate::time::rfc3339(c.received_at),
+                    delivered_at: c.delivered_at.map(crate::time::rfc3339),
                 })
             })
             .collect()
@@ -816,6 +878,15 @@ impl Connections {
             }
             Err(e) => report.errors.push(format!("could not list expired authorizations: {e}")),
         }
+        if let Some(fno) = &self.fno {
+            match self.deliver_pending(fno).await {
+                Ok((delivered, failed)) => {
+                    report.captures_delivered = delivered;
+                    report.captures_pending = failed;
+                }
+                Err(e) => report.errors.push(format!("could not deliver pending captures: {e}")),
+            }
+        }
         match self.store.purge_captures(t - self.cfg.capture_retention.as_secs() as i64).await {
             Ok(n) => report.purged_captures = n,
             Err(e) => report.errors.push(format!("could not purge captures: {e}")),
@@ -884,6 +955,7 @@ pub struct CaptureView {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub received_at: String,
+    pub delivered_at: Option<String>,
 }
 
 /// Why a managed callback did not complete. Mapped to a page in `oauth::callback`.

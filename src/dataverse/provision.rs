@@ -88,6 +88,7 @@ pub const CAPTURES: Table = Table {
         col("error", "Error", Kind::Text(200)),
         col("errordescription", "Error description", Kind::Memo(4_000)),
         col("receivedat", "Received at (Unix)", Kind::BigInt),
+        col("deliveredat", "Delivered at (Unix)", Kind::BigInt),
     ],
 };
 

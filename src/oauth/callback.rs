@@ -134,7 +134,7 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
 
 /// Capture mode: keep what the provider sent, once per code, for Dynamics.
 async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiError> {
-    if app.config.oauth.capture == CaptureMode::Off {
+    if matches!(app.config.oauth.capture, CaptureMode::Off) {
         return Err(ApiError::bad_request(
             "unknown-state",
             "This state was not issued by this service, and capture mode is off.",

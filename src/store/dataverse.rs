@@ -121,6 +121,7 @@ impl DataverseStore {
             error: s("error"),
             error_description: s("errordescription"),
             received_at: r.i64(&self.c("receivedat")).unwrap_or(0),
+            delivered_at: r.i64(&self.c("deliveredat")),
         }
     }
 
@@ -259,6 +260,7 @@ impl Store for DataverseStore {
             self.c("error"): cap.error,
             self.c("errordescription"): cap.error_description,
             self.c("receivedat"): cap.received_at,
+            self.c("deliveredat"): cap.delivered_at,
         });
         match self
             .dv
@@ -283,8 +285,28 @@ impl Store for DataverseStore {
         Ok(rows.into_iter().map(|r| self.capture_from(r)).filter(|c| c.state == state).collect())
     }
 
+    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>> {
+        let filter = format!("{} eq null", self.c("deliveredat"));
+        let order = format!("{} asc", self.c("receivedat"));
+        let rows = self
+            .dv
+            .query(&self.captures, &filter, &Self::select(&self.capture_columns), Some(&order), limit)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(|r| self.capture_from(r)).collect())
+    }
+
+    async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
+        let fields = json!({ self.c("deliveredat"): at });
+        self.dv
+            .write(&self.captures, &Key::Alternate(&self.key, key), &fields, Condition::Exists, &[&self.key])
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
-        let filter = format!("{} lt {before}", self.c("receivedat"));
+        let filter = format!("{} lt {before} and {} ne null", self.c("receivedat"), self.c("deliveredat"));
         let rows = self.dv.query(&self.captures, &filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
         let mut purged = 0;
         for r in rows {

@@ -109,6 +109,8 @@ pub struct Capture {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub received_at: i64,
+    /// When it reached its destination (the store itself, or Finance & Operations).
+    pub delivered_at: Option<i64>,
 }
 
 /// Filters for listing connections.
@@ -178,6 +180,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>>;
 
-    /// Deletes captures received before `before`; returns how many.
+    /// Captures not delivered yet (Finance & Operations was unreachable), oldest first.
+    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>>;
+
+    async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()>;
+
+    /// Deletes delivered captures received before `before`; returns how many.
     async fn purge_captures(&self, before: i64) -> StoreResult<u64>;
 }

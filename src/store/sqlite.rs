@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS captures (
     iss               TEXT,
     error             TEXT,
     error_description TEXT,
-    received_at       INTEGER NOT NULL
+    received_at       INTEGER NOT NULL,
+    delivered_at      INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS captures_state ON captures (state);
 CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
@@ -79,6 +80,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
         conn.execute_batch(SCHEMA).map_err(|e| format!("cannot create the tables in {}: {e}", path.display()))?;
+        migrate(&conn).map_err(|e| format!("cannot upgrade the tables in {}: {e}", path.display()))?;
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
     }
 
@@ -101,6 +103,18 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Other(format!("the SQLite task failed: {e}")))?
     }
+}
+
+/// Columns added after the first release, for files created before them.
+fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?;
+        stmt.exists([column])
+    };
+    if !has("captures", "delivered_at")? {
+        conn.execute_batch("ALTER TABLE captures ADD COLUMN delivered_at INTEGER")?;
+    }
+    Ok(())
 }
 
 fn map_err(e: rusqlite::Error) -> StoreError {
@@ -159,6 +173,7 @@ fn capture_from_row(row: &Row<'_>) -> rusqlite::Result<Capture> {
         error: row.get(4)?,
         error_description: row.get(5)?,
         received_at: row.get(6)?,
+        delivered_at: row.get(7)?,
     })
 }
 
@@ -337,8 +352,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let n = c
                 .prepare_cached(
-                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key) DO NOTHING",
+                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at, delivered_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (key) DO NOTHING",
                 )?
                 .execute(params![
                     cap.key,
@@ -347,7 +362,8 @@ impl Store for SqliteStore {
                     cap.iss,
                     cap.error,
                     cap.error_description,
-                    cap.received_at
+                    cap.received_at,
+                    cap.delivered_at
                 ])?;
             Ok(n == 1)
         })
@@ -358,7 +374,7 @@ impl Store for SqliteStore {
         let state = state.to_string();
         self.with(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT key, state, code, iss, error, error_description, received_at FROM captures \
+                "SELECT key, state, code, iss, error, error_description, received_at, delivered_at FROM captures \
                  WHERE state = ?1 ORDER BY received_at",
             )?;
             let rows = stmt.query_map([state], capture_from_row)?;
@@ -367,7 +383,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, state, code, iss, error, error_description, received_at, delivered_at FROM captures \
+                 WHERE delivered_at IS NULL ORDER BY received_at LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], capture_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
+        let key = key.to_string();
+        self.with(move |c| {
+            c.execute("UPDATE captures SET delivered_at = ?2 WHERE key = ?1", params![key, at]).map(|_| ())
+        })
+        .await
+    }
+
     async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
-        self.with(move |c| c.execute("DELETE FROM captures WHERE received_at < ?1", [before]).map(|n| n as u64)).await
+        self.with(move |c| {
+            c.execute("DELETE FROM captures WHERE received_at < ?1 AND delivered_at IS NOT NULL", [before])
+                .map(|n| n as u64)
+        })
+        .await
     }
 }

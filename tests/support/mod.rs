@@ -14,6 +14,7 @@
 
 pub mod azure;
 pub mod dataverse;
+pub mod fno;
 pub mod issuer;
 pub mod oidc;
 pub mod peer;

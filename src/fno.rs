@@ -1,0 +1,143 @@
+//! Capture mode towards Dynamics 365 Finance & Operations: each captured authorization
+//! response is POSTed to a custom service (`/api/services/{group}/{service}/{operation}`)
+//! or a data entity (`/data/{Entity}`), with an Entra token for the environment, as F&O
+//! integrations receive their OAuth callbacks today.
+//!
+//! The capture is first kept in the store (that is what makes it exactly-once per code);
+//! a delivery that fails stays pending there and the `refresh` timer delivers it later.
+//!
+//! Bodies, with PascalCase members as F&O data contracts and entities use:
+//! - custom service: `{"capture": {"Code", "State", "Issuer", "Error", "ErrorDescription", "ReceivedAt"}}`,
+//!   for an X++ operation `capture(DCOAuthCaptureContract capture)`;
+//! - data entity: the same members at the top level, plus `dataAreaId` when configured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::azure::TokenSource;
+
+/// A capture in clear, as delivered.
+#[derive(Debug, Clone)]
+pub struct Delivery<'a> {
+    pub code: Option<&'a str>,
+    pub state: &'a str,
+    pub iss: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub error_description: Option<&'a str>,
+    pub received_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    CustomService,
+    DataEntity,
+}
+
+pub struct Fno {
+    endpoint: Url,
+    target: Target,
+    data_area: Option<String>,
+    http: reqwest::Client,
+    tokens: Arc<dyn TokenSource>,
+}
+
+const ATTEMPTS: u32 = 4;
+
+impl Fno {
+    /// `base` is the environment URL; `path` starts with `/api/services/` or `/data/`.
+    pub fn new(
+        base: &Url,
+        path: &str,
+        data_area: Option<String>,
+        http: reqwest::Client,
+        tokens: Arc<dyn TokenSource>,
+    ) -> Result<Fno, String> {
+        let target = if path.starts_with("/api/services/") {
+            Target::CustomService
+        } else if path.starts_with("/data/") {
+            Target::DataEntity
+        } else {
+            return Err(format!(
+                "{path:?} is neither a custom service (/api/services/...) nor a data entity (/data/...)"
+            ));
+        };
+        let endpoint = base.join(path).map_err(|e| format!("{path:?} cannot be joined to {base}: {e}"))?;
+        Ok(Fno { endpoint, target, data_area, http, tokens })
+    }
+
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
+    }
+
+    pub fn body(&self, d: &Delivery<'_>) -> Value {
+        let capture = json!({
+            "Code": d.code,
+            "State": d.state,
+            "Issuer": d.iss,
+            "Error": d.error,
+            "ErrorDescription": d.error_description,
+            "ReceivedAt": crate::time::rfc3339(d.received_at),
+        });
+        match self.target {
+            Target::CustomService => json!({ "capture": capture }),
+            Target::DataEntity => {
+                let mut body = capture;
+                if let (Some(area), Some(obj)) = (&self.data_area, body.as_object_mut()) {
+                    obj.insert("dataAreaId".into(), Value::String(area.clone()));
+                }
+                body
+            }
+        }
+    }
+
+    /// Delivers one capture; retries throttling and transient failures a few times,
+    /// honouring `Retry-After` (the timer retries later beyond that).
+    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), String> {
+        let body = self.body(d);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let token = self.tokens.token().await?;
+            let result = self
+                .http
+                .post(self.endpoint.clone())
+                .header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()))
+                .header(header::ACCEPT, "application/json")
+                .json(&body)
+                .send()
+                .await;
+            let (retry_after, error) = match result {
+                Ok(resp) if resp.status().is_success() => return Ok(()),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    let text = resp.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<Value>(&text)
+                        .ok()
+                        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+                        .unwrap_or_else(|| text.chars().take(200).collect());
+                    let error = format!("F&O answered {status}: {message}");
+                    if !(status.as_u16() == 429 || status.is_server_error()) {
+                        return Err(error);
+                    }
+                    (retry_after, error)
+                }
+                Err(e) => (None, format!("F&O did not answer: {}", crate::oauth::client::describe(e))),
+            };
+            if attempt >= ATTEMPTS {
+                return Err(error);
+            }
+            let delay = Duration::from_secs(retry_after.unwrap_or(1 << (attempt - 1)).min(5));
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
