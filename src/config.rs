@@ -232,7 +232,7 @@ pub enum CaptureMode {
     /// States we did not issue are kept as capture records in the store.
     Store,
     /// Kept in the store and delivered to Finance & Operations.
-    Fno(FnoConfig),
+    Fno(Box<FnoConfig>),
 }
 
 /// Where captures go in Finance & Operations.
@@ -379,12 +379,12 @@ impl Config {
                         ),
                     ));
                 }
-                CaptureMode::Fno(FnoConfig {
+                CaptureMode::Fno(Box::new(FnoConfig {
                     url,
                     path,
                     data_area: s.get("FNO_DATA_AREA_ID").map(str::to_string),
                     credential: CredentialConfig::from_settings(s, "FNO")?,
-                })
+                }))
             }
             other => {
                 return Err(ConfigError::new(

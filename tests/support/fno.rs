@@ -38,14 +38,13 @@ impl FnoDouble {
                     )
                     .into_response_with_retry(None);
                 };
-                if let Some((status, left)) = st.fail {
-                    if left > 0 {
-                        st.fail = Some((status, left - 1));
-                        let code = StatusCode::from_u16(status).unwrap();
-                        let body = json!({"error": {"code": "", "message": "Too many requests"}});
-                        return warp::reply::with_status(warp::reply::json(&body), code)
-                            .into_response_with_retry(Some(1));
-                    }
+                if let Some((status, left)) = st.fail
+                    && left > 0
+                {
+                    st.fail = Some((status, left - 1));
+                    let code = StatusCode::from_u16(status).unwrap();
+                    let body = json!({"error": {"code": "", "message": "Too many requests"}});
+                    return warp::reply::with_status(warp::reply::json(&body), code).into_response_with_retry(Some(1));
                 }
                 st.received.push((path.as_str().to_string(), token, body));
                 let created = if path.as_str().starts_with("/data/") { StatusCode::CREATED } else { StatusCode::OK };
