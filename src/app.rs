@@ -15,7 +15,7 @@ use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
 use crate::fno::Fno;
 use crate::oauth::catalog::Catalog;
-use crate::secrets::{SecretError, SecretSource, SettingsSecrets};
+use crate::secrets::{KeyVaultSecrets, SecretError, SecretSource, SettingsSecrets};
 use crate::store::Store;
 use crate::store::dataverse::DataverseStore;
 use crate::store::sqlite::SqliteStore;
@@ -50,7 +50,7 @@ pub enum StartupError {
 impl App {
     pub async fn build(settings: Settings, config: Config) -> Result<App, StartupError> {
         let started = Instant::now();
-        let secrets: Arc<dyn SecretSource> = Arc::new(SettingsSecrets::new(settings));
+        let secrets = secret_source(&config, settings).await?;
         let catalog = Catalog::load(&config.providers_file, config.providers_file_required)
             .map_err(|e| ConfigError::new("PROVIDERS_FILE", e))?;
         // Every secret the catalog names must resolve now, not at the first callback.
@@ -83,6 +83,38 @@ impl App {
             fno,
         );
         Ok(App { config, started, started_at: crate::time::now(), keys, secrets, connections, back_office, proxy_http })
+    }
+}
+
+/// Where named secrets come from: Key Vault when `KEY_VAULT_URL` is set (read with the
+/// app's Azure identity), the settings otherwise.
+async fn secret_source(config: &Config, settings: Settings) -> Result<Arc<dyn SecretSource>, StartupError> {
+    let local = SettingsSecrets::new(settings);
+    let Some(vault) = &config.secrets.key_vault else {
+        tracing::info!("secrets: from app settings (no KEY_VAULT_URL)");
+        return Ok(Arc::new(local));
+    };
+    tracing::info!(vault = %vault, "secrets: Key Vault, authenticating with {}", config.azure_credential.describe());
+    let credential = config.azure_credential.build(&local).await.map_err(StartupError::Identity)?;
+    let kv = KeyVaultSecrets::new(vault, credential, config.secrets.cache_ttl).map_err(StartupError::Identity)?;
+    Ok(Arc::new(kv))
+}
+
+impl App {
+    /// Re-reads the token encryption keys (a key rotated in Key Vault is used without a
+    /// restart). The old keys must stay listed until tokens sealed with them are gone.
+    pub async fn reload_keys(&self) {
+        let name = &self.config.secrets.token_keys_secret;
+        match self.secrets.get(name).await {
+            Ok(spec) => match self.keys.reload(spec.expose_secret()) {
+                Ok(true) => tracing::info!(current = %self.keys.current_id(), "token encryption keys reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("the token encryption keys in {name} are malformed ({e}); keeping the current ones")
+                }
+            },
+            Err(e) => tracing::warn!("could not re-read the token encryption keys: {e}"),
+        }
     }
 }
 
@@ -132,7 +164,9 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
     let setting = crate::secrets::env_name(name);
     match secrets.get(name).await {
         Ok(spec) => Keyring::parse(spec.expose_secret()).map_err(|e| ConfigError::new(setting, e.0).into()),
-        Err(SecretError::Missing { .. }) if config.secrets.dev_key_file.is_some() => {
+        Err(SecretError::Missing { .. })
+            if config.secrets.dev_key_file.is_some() && config.secrets.key_vault.is_none() =>
+        {
             let path = config.secrets.dev_key_file.clone().unwrap_or_default();
             let spec = match std::fs::read_to_string(&path) {
                 Ok(s) => s,

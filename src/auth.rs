@@ -129,6 +129,14 @@ impl BearerVerifier {
         Ok(Caller { client_id, subject: claims.sub, roles: claims.roles })
     }
 
+    /// Loads the signing keys now (for `handler check`); returns how many.
+    pub async fn load_keys(&self) -> Result<usize, String> {
+        let keys = self.fetch_keys().await?;
+        let n = keys.len();
+        *self.keys.write().await = Some(Keys { by_kid: keys, fetched: Instant::now() });
+        Ok(n)
+    }
+
     async fn key(&self, kid: &str) -> Result<DecodingKey, AuthError> {
         {
             let keys = self.keys.read().await;

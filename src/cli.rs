@@ -31,6 +31,9 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         key_timeout_seconds: u64,
     },
+    /// Check the configuration: every secret it names, a token for every Azure resource,
+    /// the back-office issuer's keys and the store. Exits non-zero when something fails.
+    Check,
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(),
         Command::Provision { key_timeout_seconds } => provision(key_timeout_seconds),
+        Command::Check => check(),
         Command::NewKey { id } => {
             println!("{}", crate::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -94,6 +98,16 @@ fn serve() -> ExitCode {
             "Dynamics Companion {} listening",
             env!("CARGO_PKG_VERSION")
         );
+        if app.config.secrets.key_vault.is_some() {
+            let app = app.clone();
+            let every = app.config.secrets.cache_ttl.max(std::time::Duration::from_secs(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    app.reload_keys().await;
+                }
+            });
+        }
         crate::http::serve(app, listener, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
@@ -113,6 +127,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| fail(format!("cannot start the async runtime: {e}")))
+}
+
+fn check() -> ExitCode {
+    let (settings, config) = match load() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let report = rt.block_on(crate::check::run(settings, config));
+    print!("{}", report.render());
+    if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn provision(key_timeout_seconds: u64) -> ExitCode {

@@ -276,6 +276,10 @@ pub struct BackOfficeAuth {
 
 #[derive(Debug, Clone)]
 pub struct SecretsConfig {
+    /// Key Vault to read secrets from; `None` reads them from the settings.
+    pub key_vault: Option<Url>,
+    /// How long a secret read from Key Vault is used before it is read again.
+    pub cache_ttl: Duration,
     /// Comma-separated `id:base64key` list, or its secret name; see `crypto::Keyring`.
     pub token_keys_secret: String,
     /// Where a generated development key is kept when no key is configured (SQLite only).
@@ -451,7 +455,23 @@ impl Config {
             StoreConfig::Sqlite { path } => Some(path.with_extension("key")),
             StoreConfig::Dataverse(_) => None,
         };
+        let key_vault = match s.get("KEY_VAULT_URL") {
+            None => None,
+            Some(v) => {
+                let url = Url::parse(v)
+                    .map_err(|e| ConfigError::new("KEY_VAULT_URL", format!("is not a valid URL ({e}): {v:?}")))?;
+                if url.scheme() != "https" {
+                    return Err(ConfigError::new(
+                        "KEY_VAULT_URL",
+                        format!("must be https (Key Vault requires TLS): {v:?}"),
+                    ));
+                }
+                Some(url)
+            }
+        };
         let secrets = SecretsConfig {
+            key_vault,
+            cache_ttl: s.seconds("SECRETS_CACHE_SECONDS", 300)?,
             token_keys_secret: s.get("TOKEN_ENCRYPTION_KEYS_SECRET").unwrap_or("token-encryption-keys").to_string(),
             dev_key_file,
         };

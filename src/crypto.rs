@@ -46,15 +46,23 @@ struct Key {
     state_mac: Vec<u8>,
 }
 
-/// The token encryption keys: the first is current, all decrypt.
+/// The token encryption keys: the first is current, all decrypt. The set can be replaced
+/// while running (a key rotated in Key Vault), so callers never hold it across awaits.
 pub struct Keyring {
+    ring: std::sync::RwLock<std::sync::Arc<Ring>>,
+}
+
+struct Ring {
     keys: Vec<Key>,
     by_id: HashMap<String, usize>,
+    /// A fingerprint of the spec, to tell whether a reload changes anything.
+    spec_hash: [u8; 32],
 }
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
+        let ring = self.ring();
+        let ids: Vec<&str> = ring.keys.iter().map(|k| k.id.as_str()).collect();
         f.debug_struct("Keyring").field("key_ids", &ids).finish()
     }
 }
@@ -63,6 +71,27 @@ impl Keyring {
     /// Parses `id:base64key[,id:base64key...]`; each key is 32 random bytes in standard
     /// or URL-safe base64. The first entry encrypts.
     pub fn parse(spec: &str) -> Result<Keyring, KeyFormatError> {
+        Ok(Keyring { ring: std::sync::RwLock::new(std::sync::Arc::new(Ring::parse(spec)?)) })
+    }
+
+    /// Replaces the keys with a new spec; `Ok(true)` when they changed.
+    pub fn reload(&self, spec: &str) -> Result<bool, KeyFormatError> {
+        let next = Ring::parse(spec)?;
+        let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        if ring.spec_hash == next.spec_hash {
+            return Ok(false);
+        }
+        *ring = std::sync::Arc::new(next);
+        Ok(true)
+    }
+
+    fn ring(&self) -> std::sync::Arc<Ring> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Ring {
+    fn parse(spec: &str) -> Result<Ring, KeyFormatError> {
         let mut keys = Vec::new();
         let mut by_id = HashMap::new();
         for (i, entry) in spec.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
@@ -95,21 +124,24 @@ impl Keyring {
         if keys.is_empty() {
             return Err(KeyFormatError("no key given".into()));
         }
-        Ok(Keyring { keys, by_id })
+        Ok(Ring { keys, by_id, spec_hash: Sha256::digest(spec.trim().as_bytes()).into() })
     }
+}
 
+impl Keyring {
     /// A new random key in the format [`Keyring::parse`] reads.
     pub fn generate_spec(id: &str) -> String {
         format!("{id}:{}", STANDARD.encode(random_bytes::<32>()))
     }
 
-    pub fn current_id(&self) -> &str {
-        &self.keys[0].id
+    pub fn current_id(&self) -> String {
+        self.ring().keys[0].id.clone()
     }
 
     /// Encrypts with the current key. `aad` names the record and field.
     pub fn seal(&self, plaintext: &[u8], aad: &str) -> String {
-        let key = &self.keys[0];
+        let ring = self.ring();
+        let key = &ring.keys[0];
         let nonce = random_bytes::<NONCE_LEN>();
         // Encryption with a valid key and a 12-byte nonce does not fail for inputs
         // below the GCM limit (64 GiB); tokens are a few kilobytes.
@@ -125,7 +157,8 @@ impl Keyring {
         let (Some("v1"), Some(id), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Malformed);
         };
-        let key = self.by_id.get(id).map(|&i| &self.keys[i]).ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
+        let ring = self.ring();
+        let key = ring.by_id.get(id).map(|&i| &ring.keys[i]).ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
         let blob = B64URL.decode(data).map_err(|_| CryptoError::Malformed)?;
         if blob.len() < NONCE_LEN + 16 {
             return Err(CryptoError::Malformed);
@@ -137,7 +170,8 @@ impl Keyring {
 
     /// Issues a `state` for a connection, valid until `expires_at` (Unix seconds).
     pub fn issue_state(&self, connection_id: &str, expires_at: i64) -> String {
-        let key = &self.keys[0];
+        let ring = self.ring();
+        let key = &ring.keys[0];
         let mut payload = Vec::with_capacity(1 + key.id.len() + 8 + STATE_TAG_LEN + STATE_NONCE_LEN);
         payload.push(key.id.len() as u8);
         payload.extend_from_slice(key.id.as_bytes());
@@ -161,7 +195,8 @@ impl Keyring {
             return Err(StateError::Tampered);
         }
         let id = std::str::from_utf8(&payload[1..1 + id_len]).map_err(|_| StateError::Tampered)?;
-        let key = self.by_id.get(id).map(|&i| &self.keys[i]).ok_or(StateError::Tampered)?;
+        let ring = self.ring();
+        let key = ring.by_id.get(id).map(|&i| &ring.keys[i]).ok_or(StateError::Tampered)?;
         let expected = hmac(&key.state_mac, &[&payload]);
         if !constant_time_eq(&expected[..STATE_MAC_LEN], &mac) {
             return Err(StateError::Tampered);
@@ -291,6 +326,11 @@ mod tests {
     #[test]
     fn rejects_bad_key_specs() {
         assert!(Keyring::parse("").is_err());
+        let r = ring(&Keyring::generate_spec("k1"));
+        let spec2 = Keyring::generate_spec("k2");
+        assert!(r.reload(&spec2).unwrap());
+        assert!(!r.reload(&spec2).unwrap(), "the same keys again change nothing");
+        assert_eq!(r.current_id(), "k2");
         assert!(Keyring::parse("k1").is_err());
         assert!(Keyring::parse("k1:c2hvcnQ=").is_err());
         assert!(Keyring::parse("bad id:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_err());

@@ -18,6 +18,7 @@
 pub mod app;
 pub mod auth;
 pub mod azure;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod connections;

@@ -69,3 +69,120 @@ impl SecretSource for SettingsSecrets {
             })
     }
 }
+
+/// Secrets from Azure Key Vault, cached for a TTL so a rotated secret is picked up
+/// without a restart and each secret costs one vault call per TTL, not one per request.
+///
+/// When the vault cannot be reached after start-up, the last value read keeps being
+/// served (with a warning): a short vault outage must not take the product down. A
+/// secret the vault says does not exist is an error, whatever the cache holds.
+pub struct KeyVaultSecrets {
+    client: azure_security_keyvault_secrets::SecretClient,
+    vault: String,
+    ttl: std::time::Duration,
+    cache: std::sync::RwLock<std::collections::HashMap<String, (SecretString, std::time::Instant)>>,
+    /// One vault fetch at a time: concurrent callers of an expired secret share it.
+    fetching: tokio::sync::Mutex<()>,
+    /// Vault reads made, for `check` and the tests.
+    pub fetches: std::sync::atomic::AtomicU64,
+}
+
+/// How long one secret read may take before the cached value is used instead.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl KeyVaultSecrets {
+    pub fn new(
+        vault: &url::Url,
+        credential: std::sync::Arc<dyn azure_core::credentials::TokenCredential>,
+        ttl: std::time::Duration,
+    ) -> Result<KeyVaultSecrets, String> {
+        use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions};
+        // The SDK's default retries last up to a minute; a request waiting on a secret
+        // should fall back to the cached value much sooner.
+        let retry = ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(200),
+            max_retries: 2,
+            max_total_elapsed: azure_core::time::Duration::seconds(5),
+            max_delay: azure_core::time::Duration::seconds(2),
+        };
+        let options = azure_security_keyvault_secrets::SecretClientOptions {
+            client_options: ClientOptions { retry: RetryOptions::exponential(retry), ..Default::default() },
+            ..Default::default()
+        };
+        let client = azure_security_keyvault_secrets::SecretClient::new(vault.as_str(), credential, Some(options))
+            .map_err(|e| e.to_string())?;
+        Ok(KeyVaultSecrets {
+            client,
+            vault: vault.to_string(),
+            ttl,
+            cache: Default::default(),
+            fetching: tokio::sync::Mutex::new(()),
+            fetches: Default::default(),
+        })
+    }
+
+    fn cached(&self, name: &str, fresh_only: bool) -> Option<SecretString> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let (value, at) = cache.get(name)?;
+        (!fresh_only || at.elapsed() < self.ttl).then(|| value.clone())
+    }
+
+    async fn fetch(&self, name: &str) -> Result<SecretString, SecretError> {
+        self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let read = async {
+            let resp = self.client.get_secret(name, None).await?;
+            resp.into_model()
+        };
+        let result = tokio::time::timeout(FETCH_TIMEOUT, read).await;
+        let unavailable = |reason: String| SecretError::Unavailable { name: name.to_string(), reason };
+        match result {
+            Ok(Ok(secret)) => secret
+                .value
+                .map(SecretString::from)
+                .ok_or_else(|| unavailable("the vault returned the secret without a value".into())),
+            Ok(Err(e)) if e.http_status().map(u16::from) == Some(404) => {
+                Err(SecretError::Missing { name: name.to_string(), looked_for: format!("Key Vault {}", self.vault) })
+            }
+            Ok(Err(e)) => Err(unavailable(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))),
+            Err(_) => Err(unavailable(format!("Key Vault did not answer within {} s", FETCH_TIMEOUT.as_secs()))),
+        }
+    }
+}
+
+#[async_trait]
+impl SecretSource for KeyVaultSecrets {
+    fn describe(&self) -> String {
+        format!("Azure Key Vault {}", self.vault)
+    }
+
+    async fn get(&self, name: &str) -> Result<SecretString, SecretError> {
+        if let Some(v) = self.cached(name, true) {
+            return Ok(v);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(v) = self.cached(name, true) {
+            return Ok(v);
+        }
+        match self.fetch(name).await {
+            Ok(value) => {
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                cache.insert(name.to_string(), (value.clone(), std::time::Instant::now()));
+                Ok(value)
+            }
+            Err(e @ SecretError::Missing { .. }) => {
+                self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+                Err(e)
+            }
+            Err(e) => match self.cached(name, false) {
+                Some(stale) => {
+                    tracing::warn!(secret = name, "Key Vault unavailable; using the cached value: {e}");
+                    // Try the vault again after another TTL, not on every request.
+                    let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                    cache.insert(name.to_string(), (stale.clone(), std::time::Instant::now()));
+                    Ok(stale)
+                }
+                None => Err(e),
+            },
+        }
+    }
+}

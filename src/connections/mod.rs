@@ -753,7 +753,11 @@ impl Connections {
                 if old.expires_at > t && matches!(want, Want::ValidUntil(_)) {
                     return Ok(CachedToken::from_tokens(&old, 0));
                 }
-                Err(ConnectionError::Backoff { detail, retry_after: backoff as u64 })
+                // Either way the record backs off; the caller learns whether waiting helps.
+                match e {
+                    OAuthError::Transient(_) => Err(ConnectionError::Backoff { detail, retry_after: backoff as u64 }),
+                    other => Err(ConnectionError::Provider(other)),
+                }
             }
         }
     }
