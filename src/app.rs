@@ -15,6 +15,8 @@ use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
 use crate::fno::Fno;
 use crate::oauth::catalog::Catalog;
+use crate::portal::Portal;
+use crate::portal::identity::PortalVerifier;
 use crate::secrets::{KeyVaultSecrets, SecretError, SecretSource, SettingsSecrets};
 use crate::store::Store;
 use crate::store::dataverse::DataverseStore;
@@ -28,6 +30,9 @@ pub struct App {
     pub secrets: Arc<dyn SecretSource>,
     pub connections: Connections,
     pub back_office: Option<BearerVerifier>,
+    /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
+    pub dataverse: Option<Arc<Dataverse>>,
+    pub portal: Option<Portal>,
     /// For calls to providers' APIs through the proxy.
     pub proxy_http: reqwest::Client,
 }
@@ -58,16 +63,23 @@ impl App {
             secrets.get(name).await?;
         }
         let keys = Arc::new(load_keys(&config, secrets.as_ref()).await?);
-        let store: Arc<dyn Store> = match &config.store {
-            StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path).map_err(StartupError::Store)?),
-            StoreConfig::Dataverse(dv) => {
-                let client = dataverse_client(dv, &config, secrets.as_ref()).await?;
-                Arc::new(DataverseStore::new(client, Schema::new(&dv.prefix)))
+        let dataverse = match &config.dataverse {
+            Some(dv) => Some(dataverse_client(dv, &config, secrets.as_ref()).await?),
+            None => None,
+        };
+        let store: Arc<dyn Store> = match (&config.store, &dataverse) {
+            (StoreConfig::Sqlite { path }, _) => Arc::new(SqliteStore::open(path).map_err(StartupError::Store)?),
+            (StoreConfig::Dataverse(dv), Some(client)) => {
+                Arc::new(DataverseStore::new(client.clone(), Schema::new(&dv.prefix)))
+            }
+            (StoreConfig::Dataverse(_), None) => {
+                return Err(ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse").into());
             }
         };
         let http = outbound_client(config.oauth.upstream_timeout)?;
         let proxy_http = outbound_client(config.oauth.upstream_timeout)?;
         let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
+        let portal = config.portal.enabled().then(|| Portal::new(PortalVerifier::new(&config.portal, http.clone())));
         let fno = match &config.oauth.capture {
             CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref()).await?),
             _ => None,
@@ -82,7 +94,18 @@ impl App {
             config.redirect_uri.clone(),
             fno,
         );
-        Ok(App { config, started, started_at: crate::time::now(), keys, secrets, connections, back_office, proxy_http })
+        Ok(App {
+            config,
+            started,
+            started_at: crate::time::now(),
+            keys,
+            secrets,
+            connections,
+            back_office,
+            dataverse,
+            portal,
+            proxy_http,
+        })
     }
 }
 

@@ -3,11 +3,11 @@
 //! Automate.
 //!
 //! The signature is checked against the issuer's JWKS, found through OpenID discovery
-//! and cached; a token signed with a key id we have not seen triggers one re-fetch
-//! (at most every 30 s, so garbage tokens cannot make us hammer the issuer). The
-//! algorithm is pinned to RS256, and issuer, audience, expiry and not-before are
-//! checked. Finally the caller must be on an allow-list of client ids (`azp`/`appid`)
-//! or hold an allowed app role (`roles`).
+//! and cached ([`IssuerKeys`], also used for portal users of an OIDC issuer); a token
+//! signed with a key id we have not seen triggers one re-fetch (at most every 30 s, so
+//! garbage tokens cannot make us hammer the issuer). The algorithm is pinned to RS256,
+//! and issuer, audience, expiry and not-before are checked. Finally the caller must be
+//! on an allow-list of client ids (`azp`/`appid`) or hold an allowed app role (`roles`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,119 +55,63 @@ struct Claims {
     roles: Vec<String>,
 }
 
-struct Keys {
-    by_kid: HashMap<String, DecodingKey>,
-    fetched: Instant,
-}
-
-pub struct BearerVerifier {
-    cfg: BackOfficeAuth,
+/// An OIDC issuer's signing keys, from its JWKS, cached by key id.
+pub struct IssuerKeys {
+    issuer: String,
+    jwks_url: Option<Url>,
     http: reqwest::Client,
-    validation: Validation,
-    keys: RwLock<Option<Keys>>,
+    keys: RwLock<Option<(HashMap<String, DecodingKey>, Instant)>>,
 }
 
-impl BearerVerifier {
-    pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_issuer(&[cfg.issuer.as_str()]);
-        validation.set_audience(&cfg.audiences);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.validate_nbf = true;
-        validation.leeway = LEEWAY_SECS;
-        BearerVerifier { cfg, http, validation, keys: RwLock::new(None) }
+impl IssuerKeys {
+    /// `jwks_url` overrides OpenID discovery on the issuer.
+    pub fn new(issuer: &str, jwks_url: Option<Url>, http: reqwest::Client) -> IssuerKeys {
+        IssuerKeys { issuer: issuer.to_string(), jwks_url, http, keys: RwLock::new(None) }
     }
 
-    pub fn issuer(&self) -> &str {
-        &self.cfg.issuer
-    }
-
-    /// Whether signing keys have been loaded (for health).
-    pub async fn keys_loaded(&self) -> bool {
+    pub async fn loaded(&self) -> bool {
         self.keys.read().await.is_some()
     }
 
-    /// Verifies the `Authorization` header value.
-    pub async fn verify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
-        let token = bearer(authorization)?;
-        // Read `alg` as text first: `none` and unknown algorithms are not even variants of
-        // jsonwebtoken's enum, and the caller deserves to hear which one was refused.
-        let alg = raw_alg(token)
-            .ok_or_else(|| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
-        if alg != "RS256" {
-            return Err(AuthError::Unauthenticated(format!(
-                "The bearer token is signed with {alg:?}; only RS256 is accepted."
-            )));
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
-        let kid =
-            header.kid.ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
-        let key = self.key(&kid).await?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            AuthError::Unauthenticated(match e.kind() {
-                K::ExpiredSignature => "The bearer token has expired.".into(),
-                K::ImmatureSignature => "The bearer token is not valid yet (nbf).".into(),
-                K::InvalidAudience => "The bearer token is for another audience.".into(),
-                K::InvalidIssuer => format!("The bearer token was not issued by {}.", self.cfg.issuer),
-                K::InvalidSignature => "The bearer token's signature is not valid.".into(),
-                K::MissingRequiredClaim(c) => format!("The bearer token has no {c} claim."),
-                _ => format!("The bearer token is not valid: {e}."),
-            })
-        })?;
-        let claims = data.claims;
-        let client_id = claims.azp.or(claims.appid).or(claims.client_id);
-        let by_client = client_id.as_ref().is_some_and(|c| self.cfg.allowed_client_ids.iter().any(|a| a == c));
-        let by_role = claims.roles.iter().any(|r| self.cfg.allowed_roles.contains(r));
-        if !by_client && !by_role {
-            return Err(AuthError::Forbidden(format!(
-                "The caller ({}) is not allowed: it is neither in AUTH_ALLOWED_CLIENT_IDS nor holds a role in AUTH_ALLOWED_ROLES.",
-                client_id.as_deref().unwrap_or("no client id")
-            )));
-        }
-        Ok(Caller { client_id, subject: claims.sub, roles: claims.roles })
-    }
-
-    /// Loads the signing keys now (for `handler check`); returns how many.
-    pub async fn load_keys(&self) -> Result<usize, String> {
-        let keys = self.fetch_keys().await?;
+    /// Loads the keys now; returns how many.
+    pub async fn load(&self) -> Result<usize, String> {
+        let keys = self.fetch().await?;
         let n = keys.len();
-        *self.keys.write().await = Some(Keys { by_kid: keys, fetched: Instant::now() });
+        *self.keys.write().await = Some((keys, Instant::now()));
         Ok(n)
     }
 
-    async fn key(&self, kid: &str) -> Result<DecodingKey, AuthError> {
+    /// The key with this id, fetching the JWKS when the id is unknown (rate-limited).
+    pub async fn key(&self, kid: &str) -> Result<DecodingKey, AuthError> {
+        if let Some((keys, _)) = self.keys.read().await.as_ref()
+            && let Some(k) = keys.get(kid)
         {
-            let keys = self.keys.read().await;
-            if let Some(k) = keys.as_ref().and_then(|k| k.by_kid.get(kid)) {
-                return Ok(k.clone());
-            }
+            return Ok(k.clone());
         }
         let mut keys = self.keys.write().await;
         // Another request may have fetched while we waited for the write lock.
-        if let Some(k) = keys.as_ref().and_then(|k| k.by_kid.get(kid)) {
+        if let Some(k) = keys.as_ref().and_then(|(k, _)| k.get(kid)) {
             return Ok(k.clone());
         }
-        let may_fetch = keys.as_ref().is_none_or(|k| k.fetched.elapsed() >= REFETCH_INTERVAL);
+        let may_fetch = keys.as_ref().is_none_or(|(_, fetched)| fetched.elapsed() >= REFETCH_INTERVAL);
         if may_fetch {
-            match self.fetch_keys().await {
-                Ok(by_kid) => *keys = Some(Keys { by_kid, fetched: Instant::now() }),
+            match self.fetch().await {
+                Ok(fresh) => *keys = Some((fresh, Instant::now())),
                 Err(e) if keys.is_none() => return Err(AuthError::Unavailable(e)),
-                Err(e) => tracing::warn!("could not refresh the issuer's signing keys: {e}"),
+                Err(e) => tracing::warn!("could not refresh the signing keys of {}: {e}", self.issuer),
             }
         }
-        keys.as_ref().and_then(|k| k.by_kid.get(kid).cloned()).ok_or_else(|| {
+        keys.as_ref().and_then(|(k, _)| k.get(kid).cloned()).ok_or_else(|| {
             AuthError::Unauthenticated("The bearer token is signed with a key the issuer does not publish.".into())
         })
     }
 
-    async fn fetch_keys(&self) -> Result<HashMap<String, DecodingKey>, String> {
-        let jwks_url = match &self.cfg.jwks_url {
+    async fn fetch(&self) -> Result<HashMap<String, DecodingKey>, String> {
+        let jwks_url = match &self.jwks_url {
             Some(u) => u.clone(),
             None => self.discover().await?,
         };
-        let set: JwkSet = self.get_json(&jwks_url).await?;
+        let set: JwkSet = get_json(&self.http, &jwks_url).await?;
         let mut by_kid = HashMap::new();
         for jwk in &set.keys {
             let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) else {
@@ -178,7 +122,7 @@ impl BearerVerifier {
         if by_kid.is_empty() {
             return Err(format!("the JWKS at {jwks_url} has no usable keys"));
         }
-        tracing::info!(keys = by_kid.len(), "loaded the back-office issuer's signing keys");
+        tracing::info!(keys = by_kid.len(), issuer = %self.issuer, "loaded signing keys");
         Ok(by_kid)
     }
 
@@ -187,25 +131,116 @@ impl BearerVerifier {
         struct Discovery {
             jwks_uri: String,
         }
-        let base = self.cfg.issuer.trim_end_matches('/');
+        let base = self.issuer.trim_end_matches('/');
         let url = Url::parse(&format!("{base}/.well-known/openid-configuration")).map_err(|e| e.to_string())?;
-        let doc: Discovery = self.get_json(&url).await?;
+        let doc: Discovery = get_json(&self.http, &url).await?;
         parse_service_url(&doc.jwks_uri).map_err(|e| format!("the discovery document's jwks_uri {e}"))
     }
+}
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, String> {
-        let resp = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| format!("{url} did not answer: {}", crate::oauth::client::describe(e)))?;
-        if !resp.status().is_success() {
-            return Err(format!("{url} answered {}", resp.status()));
+pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &Url) -> Result<T, String> {
+    let resp = http
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| format!("{url} did not answer: {}", crate::oauth::client::describe(e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url} answered {}", resp.status()));
+    }
+    resp.json()
+        .await
+        .map_err(|e| format!("{url} did not return the expected JSON: {}", crate::oauth::client::describe(e)))
+}
+
+/// Checks that a token is an RS256 JWT and returns its `kid`, before any key is looked up.
+/// `alg` is read as text first: `none` and unknown algorithms are not even variants of
+/// jsonwebtoken's enum, and the caller deserves to hear which one was refused.
+pub(crate) fn rs256_header(token: &str) -> Result<Option<String>, AuthError> {
+    let alg = raw_alg(token)
+        .ok_or_else(|| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
+    if alg != "RS256" {
+        return Err(AuthError::Unauthenticated(format!(
+            "The bearer token is signed with {alg:?}; only RS256 is accepted."
+        )));
+    }
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|_| AuthError::Unauthenticated("The bearer token is not a well-formed JWT.".into()))?;
+    Ok(header.kid)
+}
+
+/// A JWT validation failure, said for the person reading the 401.
+pub(crate) fn describe_jwt_error(e: &jsonwebtoken::errors::Error, issuer: &str) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    AuthError::Unauthenticated(match e.kind() {
+        K::ExpiredSignature => "The bearer token has expired.".into(),
+        K::ImmatureSignature => "The bearer token is not valid yet (nbf).".into(),
+        K::InvalidAudience => "The bearer token is for another audience.".into(),
+        K::InvalidIssuer => format!("The bearer token was not issued by {issuer}."),
+        K::InvalidSignature => "The bearer token's signature is not valid.".into(),
+        K::MissingRequiredClaim(c) => format!("The bearer token has no {c} claim."),
+        _ => format!("The bearer token is not valid: {e}."),
+    })
+}
+
+/// RS256 validation of issuer, audience, expiry and not-before.
+pub(crate) fn rs256_validation(issuer: Option<&str>, audiences: &[String], leeway: u64) -> Validation {
+    let mut validation = Validation::new(Algorithm::RS256);
+    if let Some(iss) = issuer {
+        validation.set_issuer(&[iss]);
+    }
+    validation.set_audience(audiences);
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    validation.validate_nbf = true;
+    validation.leeway = leeway;
+    validation
+}
+
+pub struct BearerVerifier {
+    cfg: BackOfficeAuth,
+    validation: Validation,
+    keys: IssuerKeys,
+}
+
+impl BearerVerifier {
+    pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
+        let validation = rs256_validation(Some(&cfg.issuer), &cfg.audiences, LEEWAY_SECS);
+        let keys = IssuerKeys::new(&cfg.issuer, cfg.jwks_url.clone(), http);
+        BearerVerifier { cfg, validation, keys }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.cfg.issuer
+    }
+
+    /// Whether signing keys have been loaded (for health).
+    pub async fn keys_loaded(&self) -> bool {
+        self.keys.loaded().await
+    }
+
+    /// Loads the signing keys now (for `handler check`); returns how many.
+    pub async fn load_keys(&self) -> Result<usize, String> {
+        self.keys.load().await
+    }
+
+    /// Verifies the `Authorization` header value.
+    pub async fn verify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let token = bearer(authorization)?;
+        let kid = rs256_header(token)?
+            .ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
+        let key = self.keys.key(&kid).await?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
+            .map_err(|e| describe_jwt_error(&e, &self.cfg.issuer))?
+            .claims;
+        let client_id = claims.azp.or(claims.appid).or(claims.client_id);
+        let by_client = client_id.as_ref().is_some_and(|c| self.cfg.allowed_client_ids.iter().any(|a| a == c));
+        let by_role = claims.roles.iter().any(|r| self.cfg.allowed_roles.contains(r));
+        if !by_client && !by_role {
+            return Err(AuthError::Forbidden(format!(
+                "The caller ({}) is not allowed: it is neither in AUTH_ALLOWED_CLIENT_IDS nor holds a role in AUTH_ALLOWED_ROLES.",
+                client_id.as_deref().unwrap_or("no client id")
+            )));
         }
-        resp.json()
-            .await
-            .map_err(|e| format!("{url} did not return the expected JSON: {}", crate::oauth::client::describe(e)))
+        Ok(Caller { client_id, subject: claims.sub, roles: claims.roles })
     }
 }
 

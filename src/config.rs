@@ -177,6 +177,7 @@ pub struct Config {
     pub oauth: OAuthConfig,
     /// The back-office API's bearer-token issuer; `None` leaves that API closed.
     pub back_office: Option<BackOfficeAuth>,
+    pub portal: PortalConfig,
     pub secrets: SecretsConfig,
     pub log_filter: String,
 }
@@ -272,6 +273,45 @@ pub struct BackOfficeAuth {
     pub jwks_url: Option<Url>,
     pub allowed_client_ids: Vec<String>,
     pub allowed_roles: Vec<String>,
+}
+
+/// The portal companion: who the portal users are, and which origins call us.
+#[derive(Debug, Clone, Default)]
+pub struct PortalConfig {
+    pub power_pages: Option<PowerPagesConfig>,
+    pub oidc: Option<PortalOidcConfig>,
+    /// Origins (`https://host[:port]`) whose pages may call the portal API and receive
+    /// the connect popup's result.
+    pub origins: Vec<url::Origin>,
+    /// Whether this handler answers CORS (off where the platform does: Azure's CORS list).
+    pub handler_cors: bool,
+}
+
+impl PortalConfig {
+    pub fn enabled(&self) -> bool {
+        self.power_pages.is_some() || self.oidc.is_some()
+    }
+}
+
+/// A Power Pages site issuing implicit-grant tokens.
+#[derive(Debug, Clone)]
+pub struct PowerPagesConfig {
+    /// `https://contoso.powerappsportals.com`
+    pub url: Url,
+    /// The token's `iss`: the site's host name, without scheme.
+    pub host: String,
+    /// The registered client id (`ImplicitGrantFlow/RegisteredClientId`): the token's `aud`.
+    pub client_id: String,
+}
+
+/// An OIDC issuer for portal users (Azure AD B2C, Entra External ID).
+#[derive(Debug, Clone)]
+pub struct PortalOidcConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_url: Option<Url>,
+    /// The claim whose value is the user's Dataverse contact id.
+    pub contact_claim: String,
 }
 
 #[derive(Debug, Clone)]
@@ -451,6 +491,58 @@ impl Config {
             }
         };
 
+        let power_pages = match s.url("PORTAL_URL")? {
+            None => None,
+            Some(url) => {
+                let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+                let client_id = s.require("PORTAL_CLIENT_ID")?.to_string();
+                if client_id.len() > 36 || !client_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    return Err(ConfigError::new(
+                        "PORTAL_CLIENT_ID",
+                        "must be the registered client id: at most 36 letters, digits or '-'",
+                    ));
+                }
+                Some(PowerPagesConfig { url, host, client_id })
+            }
+        };
+        let portal_oidc = match s.get("PORTAL_OIDC_ISSUER") {
+            None => None,
+            Some(issuer) => {
+                parse_service_url(issuer).map_err(|p| ConfigError::new("PORTAL_OIDC_ISSUER", p))?;
+                let audiences = s.list("PORTAL_OIDC_AUDIENCE");
+                if audiences.is_empty() {
+                    return Err(ConfigError::new("PORTAL_OIDC_AUDIENCE", "is required when PORTAL_OIDC_ISSUER is set"));
+                }
+                Some(PortalOidcConfig {
+                    issuer: issuer.to_string(),
+                    audiences,
+                    jwks_url: s.url("PORTAL_OIDC_JWKS_URL")?,
+                    contact_claim: s.get("PORTAL_OIDC_CONTACT_CLAIM").unwrap_or("contactid").to_string(),
+                })
+            }
+        };
+        let mut origins = Vec::new();
+        for origin in s.list("PORTAL_ORIGINS") {
+            let url = parse_service_url(&origin).map_err(|p| ConfigError::new("PORTAL_ORIGINS", p))?;
+            origins.push(url.origin());
+        }
+        if let Some(pp) = &power_pages
+            && !origins.contains(&pp.url.origin())
+        {
+            origins.push(pp.url.origin());
+        }
+        let handler_cors = match s.get("CORS_LAYER").unwrap_or("handler").to_ascii_lowercase().as_str() {
+            "handler" => true,
+            "platform" => false,
+            other => {
+                return Err(ConfigError::new(
+                    "CORS_LAYER",
+                    format!("expected \"handler\" or \"platform\", got {other:?}"),
+                ));
+            }
+        };
+        let portal = PortalConfig { power_pages, oidc: portal_oidc, origins, handler_cors };
+
         let dev_key_file = match &store {
             StoreConfig::Sqlite { path } => Some(path.with_extension("key")),
             StoreConfig::Dataverse(_) => None,
@@ -488,6 +580,7 @@ impl Config {
             limits,
             oauth,
             back_office,
+            portal,
             secrets,
             log_filter: s.get("LOG_LEVEL").or_else(|| s.get("RUST_LOG")).unwrap_or("info").to_string(),
         })

@@ -13,7 +13,8 @@
 //! - [`azure`]: which Azure identity the handler uses, and its cached tokens.
 //! - [`crypto`]: AES-256-GCM sealing of tokens and the signed `state` parameter.
 //! - [`auth`]: bearer-token verification for the back-office API.
-//! - [`secrets`]: named secrets, resolved from the environment (or Key Vault).
+//! - [`secrets`]: named secrets, resolved from Key Vault (or the settings).
+//! - [`portal`]: the portal companion API, for Power Pages users.
 
 pub mod app;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod host;
 pub mod http;
 pub mod logging;
 pub mod oauth;
+pub mod portal;
 pub mod secrets;
 pub mod store;
 pub mod time;

@@ -253,7 +253,7 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
         }
     }
     functions.sort();
-    assert_eq!(functions, ["captures", "connections", "health", "oauth", "refresh"]);
+    assert_eq!(functions, ["captures", "connections", "health", "oauth", "portal", "refresh"]);
     // The callback is anonymous and takes GET and POST (form_post responses).
     let oauth: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("oauth/function.json")).unwrap()).unwrap();

@@ -73,6 +73,10 @@ pub struct StartRequest {
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub return_url: Option<String>,
+    /// The portal origin whose popup runs the authorization (told the result by
+    /// `postMessage`); set by the portal API, never by a caller's body.
+    #[serde(skip)]
+    pub opener_origin: Option<String>,
 }
 
 /// The answer to a start or reconnect: where to send the person.
@@ -128,6 +132,8 @@ struct PendingSecret {
     verifier: Option<String>,
     #[serde(default)]
     return_url: Option<String>,
+    #[serde(default)]
+    opener_origin: Option<String>,
 }
 
 /// What the callback learned, for the page it shows.
@@ -136,6 +142,8 @@ pub struct Completed {
     pub connection_id: String,
     pub provider: String,
     pub return_url: Option<Url>,
+    /// The portal page that opened the flow in a popup, if any.
+    pub opener_origin: Option<String>,
 }
 
 /// Everything the timer did, for its invocation logs.
@@ -194,7 +202,7 @@ pub struct Connections {
     fno: Option<Fno>,
 }
 
-const MAX_ID_LEN: usize = 100;
+const MAX_ID_LEN: usize = 128;
 
 impl Connections {
     #[allow(clippy::too_many_arguments)]
@@ -266,7 +274,7 @@ impl Connections {
         let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
         let t = now();
-        let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), t);
+        let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.opener_origin, t);
         let conn = Connection {
             id: id.clone(),
             provider: provider.name.clone(),
@@ -298,12 +306,23 @@ impl Connections {
     /// Issues a new authorization for an existing connection. Its current tokens keep
     /// working until the new authorization completes.
     pub async fn reconnect(&self, id: &str, return_url: Option<&str>) -> Result<Started, ConnectionError> {
+        self.reconnect_for(id, return_url, None).await
+    }
+
+    /// [`Connections::reconnect`], for a flow a portal page runs in a popup.
+    pub async fn reconnect_for(
+        &self,
+        id: &str,
+        return_url: Option<&str>,
+        opener_origin: Option<String>,
+    ) -> Result<Started, ConnectionError> {
         let return_url = return_url.map(|u| self.validate_return_url(u)).transpose()?;
         let mut issued = None;
         let conn = self
             .modify(id, None, |c| {
                 let provider = self.provider(&c.provider)?;
-                let (pending, state, challenge) = self.new_pending(&c.id, provider, return_url.as_ref(), now());
+                let (pending, state, challenge) =
+                    self.new_pending(&c.id, provider, return_url.as_ref(), opener_origin.clone(), now());
                 c.pending = Some(pending);
                 issued = Some((state, challenge));
                 Ok(())
@@ -321,6 +340,7 @@ impl Connections {
         id: &str,
         provider: &Provider,
         return_url: Option<&Url>,
+        opener_origin: Option<String>,
         t: i64,
     ) -> (PendingAuth, String, Option<String>) {
         let expires_at = t + self.cfg.state_ttl.as_secs() as i64;
@@ -328,7 +348,7 @@ impl Connections {
         // RFC 7636 §4.1: 32 random octets, base64url = 43 characters.
         let verifier = provider.pkce.then(crypto::random_token::<32>);
         let challenge = verifier.as_deref().map(crypto::pkce_challenge);
-        let secret = PendingSecret { verifier, return_url: return_url.map(|u| u.to_string()) };
+        let secret = PendingSecret { verifier, return_url: return_url.map(|u| u.to_string()), opener_origin };
         let sealed = self.keys.seal(&serde_json::to_vec(&secret).unwrap_or_default(), &pending_aad(id));
         (PendingAuth { state_hash: crypto::state_hash(&state), sealed, expires_at }, state, challenge)
     }
@@ -404,10 +424,12 @@ impl Connections {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(CallbackFailure::Crypto)?;
         let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
+        let opener_origin = secret.opener_origin.clone();
         let done = |return_url| Completed {
             connection_id: conn.id.clone(),
             provider: provider.display_name.clone(),
             return_url,
+            opener_origin: opener_origin.clone(),
         };
 
         // Single use: remove the pending authorization before acting on it. A replay,

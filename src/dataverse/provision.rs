@@ -194,7 +194,7 @@ fn table_body(schema: &Schema, t: &Table) -> Value {
             "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
             "SchemaName": schema.schema_name("name"),
             "IsPrimaryName": true,
-            "MaxLength": 100,
+            "MaxLength": 160,
             "FormatName": { "Value": "Text" },
             "DisplayName": label("Key"),
             "RequiredLevel": { "Value": "ApplicationRequired" },

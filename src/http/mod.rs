@@ -6,6 +6,7 @@
 //! and each request produces exactly one log line with its route template, status and
 //! duration (never its query string, which can carry an authorization code).
 
+pub mod cors;
 pub mod error;
 pub mod html;
 pub mod request;
@@ -68,8 +69,25 @@ pub async fn handle(app: &App, req: Request) -> Response {
     let method = req.method.clone();
     let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
     let path = req.path.clone();
+    // The portal API is called across origins: CORS first, when this layer answers it.
+    let portal = path == "/api/portal" || path.starts_with("/api/portal/");
+    let mut allowed_origin = None;
+    if portal && app.config.portal.handler_cors {
+        let requested = req.header(warp::http::header::ACCESS_CONTROL_REQUEST_METHOD).map(str::to_string);
+        let origin = req.headers.get(warp::http::header::ORIGIN);
+        match cors::check(&app.config.portal.origins, &method, origin, requested.as_deref()) {
+            cors::Verdict::NoOrigin => {}
+            cors::Verdict::Allowed(origin) => allowed_origin = Some(origin),
+            cors::Verdict::Preflight(resp) => return log_line(started, &method, "(preflight)", resp, invocation),
+            cors::Verdict::Denied(err) => {
+                let mut resp = err.into_response(Audience::Api, &path);
+                cors::vary_origin(&mut resp);
+                return log_line(started, &method, "(cors)", resp, invocation);
+            }
+        }
+    }
     let (route, audience, result) = router::dispatch(app, req).await;
-    let resp = match result {
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
             if err.status.is_server_error() {
@@ -78,6 +96,17 @@ pub async fn handle(app: &App, req: Request) -> Response {
             err.into_response(audience, &path)
         }
     };
+    if portal {
+        match &allowed_origin {
+            Some(origin) => cors::decorate(&mut resp, origin),
+            None => cors::vary_origin(&mut resp),
+        }
+    }
+    log_line(started, &method, route, resp, invocation)
+}
+
+/// The one log line of a request: method, route template, status, duration.
+fn log_line(started: Instant, method: &Method, route: &str, resp: Response, invocation: Option<String>) -> Response {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = resp.status().as_u16();
     match invocation {

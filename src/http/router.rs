@@ -10,7 +10,7 @@ use super::request::Request;
 use super::response::{self, Response};
 use crate::app::App;
 use crate::connections::api as connections;
-use crate::{health, host, oauth};
+use crate::{health, host, oauth, portal};
 
 type Outcome = (&'static str, Audience, Result<Response, ApiError>);
 
@@ -63,6 +63,19 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
                 connections::proxy(app, req, id)
             )
         }
+        ["api", "portal", "me"] => route!("/api/portal/me", Api, [Method::GET], portal::me(app, req)),
+        ["api", "portal", "connections"] => {
+            route!("/api/portal/connections", Api, [Method::GET, Method::POST], portal::connections(app, req))
+        }
+        ["api", "portal", "connections", id] => {
+            route!("/api/portal/connections/{id}", Api, [Method::GET, Method::DELETE], portal::connection(app, req, id))
+        }
+        ["api", "portal", "connections", id, "proxy", ..] => route!(
+            "/api/portal/connections/{id}/proxy/{*path}",
+            Api,
+            [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
+            portal::proxy(app, req, id)
+        ),
         ["api", "captures"] => route!("/api/captures", Api, [Method::GET], connections::captures(app, req)),
         _ => (
             "(unknown)",

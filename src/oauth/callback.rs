@@ -176,25 +176,34 @@ fn success(done: Completed) -> Response {
         url.query_pairs_mut().append_pair("connection_id", &done.connection_id).append_pair("status", "active");
         return response::redirect(url.as_str());
     }
+    let script = notify_opener(&done, "active", None);
     html::page_with_script(
         StatusCode::OK,
         &format!("Connected to {}", done.provider),
         &format!("The connection {} is active. You can close this window.", done.connection_id),
         Tone::Success,
-        Some(&notify_opener(&done.connection_id, "active", None)),
+        script.as_deref(),
     )
 }
 
-/// Tells a portal page that opened the flow in a popup how it ended. Only the fixed
-/// words and the connection id (validated: letters, digits, `-_.`) are sent.
-fn notify_opener(connection_id: &str, status: &str, error: Option<&str>) -> String {
+/// Tells the portal page that opened the flow in a popup how it ended, by `postMessage`
+/// to that page's origin only (recorded when the flow started). Nothing secret is sent:
+/// the connection id, fixed status words and the provider's error code.
+fn notify_opener(done: &Completed, status: &str, error: Option<&str>) -> Option<String> {
+    let origin = done.opener_origin.as_deref()?;
     let msg = serde_json::json!({
         "type": "dynamics-companion:connection",
-        "connection_id": connection_id,
+        "connection_id": done.connection_id,
         "status": status,
         "error": error,
     });
-    format!("if(window.opener){{window.opener.postMessage({msg},'*');}}")
+    // JSON is valid JavaScript; `<` is escaped so the text cannot close the script element.
+    let js = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
+    Some(format!(
+        "if(window.opener){{window.opener.postMessage({},{});}}setTimeout(function(){{window.close();}},300);",
+        js(&msg),
+        js(&serde_json::Value::String(origin.to_string()))
+    ))
 }
 
 fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
@@ -238,6 +247,7 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
                     .append_pair("error", &error);
                 return Ok(response::redirect(url.as_str()));
             }
+            let script = notify_opener(&completed, "failed", Some(&error));
             let mut resp = html::page_with_script(
                 StatusCode::BAD_REQUEST,
                 "Authorization not granted",
@@ -248,7 +258,7 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
                     completed.connection_id
                 ),
                 Tone::Error,
-                Some(&notify_opener(&completed.connection_id, "failed", Some(&error))),
+                script.as_deref(),
             );
             resp.headers_mut().insert("x-problem-type", header::HeaderValue::from_static("provider-error"));
             return Ok(resp);

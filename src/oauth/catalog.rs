@@ -99,6 +99,42 @@ struct ProviderSpec {
     /// Refresh at least this often even when the access token is still valid, for
     /// providers that expire idle refresh tokens.
     refresh_keepalive_seconds: Option<u64>,
+    #[serde(default)]
+    portal: Option<PortalAccess>,
+}
+
+/// What portal users may do with a provider: connect their own account, and call the
+/// provider's API through the proxy only for the listed methods and paths.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalAccess {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub proxy: Vec<ProxyRule>,
+}
+
+/// `methods = ["GET"]`, `paths = ["items", "items/*"]`: a path matches exactly, or by a
+/// trailing `*` standing for the rest of the path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyRule {
+    pub methods: Vec<String>,
+    pub paths: Vec<String>,
+}
+
+impl PortalAccess {
+    /// Whether a portal user may send `method` to `path` (relative to `api_base_url`).
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        let path = path.trim_start_matches('/');
+        self.proxy.iter().any(|rule| {
+            rule.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+                && rule.paths.iter().any(|p| match p.trim_start_matches('/').strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == p.trim_start_matches('/'),
+                })
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +165,7 @@ pub struct Provider {
     pub api_base_url: Option<Url>,
     pub token_response: TokenResponseQuirks,
     pub refresh_keepalive: Option<Duration>,
+    pub portal: PortalAccess,
 }
 
 /// Parameters the handler sets itself; a catalog entry may not override them.
@@ -252,6 +289,7 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         api_base_url,
         token_response: spec.token_response,
         refresh_keepalive: spec.refresh_keepalive_seconds.map(Duration::from_secs),
+        portal: spec.portal.unwrap_or_default(),
     })
 }
 
@@ -281,6 +319,21 @@ mod tests {
         assert_eq!(p.api_base_url.as_ref().unwrap().as_str(), "https://api.acme.example/v1/");
         assert_eq!(p.token_response.path.as_deref(), Some("data"));
         assert_eq!(c.secret_names(), vec!["acme-client-secret"]);
+    }
+
+    #[test]
+    fn portal_proxy_rules_match_methods_and_paths() {
+        let text = format!(
+            "{GOOD}\n[providers.acme.portal]\nenabled = true\nproxy = [{{ methods = [\"GET\"], paths = [\"items\", \"items/*\"] }}]\n"
+        );
+        let c = Catalog::parse(&text).unwrap();
+        let portal = &c.get("acme").unwrap().portal;
+        assert!(portal.enabled);
+        assert!(portal.allows("GET", "items"));
+        assert!(portal.allows("get", "/items/42/lines"));
+        assert!(!portal.allows("POST", "items/42"));
+        assert!(!portal.allows("GET", "admin/users"));
+        assert!(!portal.allows("GET", "itemsx"));
     }
 
     #[test]

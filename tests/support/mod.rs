@@ -18,6 +18,7 @@ pub mod fno;
 pub mod issuer;
 pub mod oidc;
 pub mod peer;
+pub mod portal;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -155,6 +156,11 @@ impl HandlerBuilder {
     pub fn file(self, name: &str, contents: &str) -> Self {
         std::fs::write(self.root.join(name), contents).unwrap();
         self
+    }
+
+    /// Where the handler will listen once started under the host.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn root(&self) -> &Path {

@@ -1,0 +1,207 @@
+//! Who the portal user is.
+//!
+//! Power Pages issues an implicit-grant JWT (`/_services/auth/token`) signed RS256 with
+//! the site's key, published as PEM at `/_services/auth/publickey` (there is no JWKS).
+//! Its `iss` is the site's host name (no scheme), `aud` the registered client id, `sub`
+//! the contact id. The key is cached; when a signature does not verify the key is
+//! fetched again, at most once a minute, in case the site's certificate was replaced.
+//!
+//! A site signing users in with Azure AD B2C or Entra External ID can be trusted instead
+//! (or as well): that issuer's keys come from its JWKS, and a configured claim carries
+//! the contact id.
+
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{DecodingKey, Validation};
+use serde_json::{Map, Value};
+use tokio::sync::RwLock;
+
+use crate::auth::{AuthError, IssuerKeys, bearer, describe_jwt_error, rs256_header, rs256_validation};
+use crate::config::{PortalConfig, PortalOidcConfig, PowerPagesConfig};
+
+/// Power Pages tokens live 15 minutes; clocks on both sides are Azure's.
+const LEEWAY_SECS: u64 = 30;
+const PEM_REFETCH: Duration = Duration::from_secs(60);
+
+/// A verified portal user.
+#[derive(Debug, Clone)]
+pub struct PortalUser {
+    /// The Dataverse contact id (lower-case GUID).
+    pub contact_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+}
+
+struct PowerPages {
+    cfg: PowerPagesConfig,
+    http: reqwest::Client,
+    validation: Validation,
+    key: RwLock<Option<(DecodingKey, Instant)>>,
+}
+
+struct Oidc {
+    cfg: PortalOidcConfig,
+    keys: IssuerKeys,
+    validation: Validation,
+}
+
+pub struct PortalVerifier {
+    power_pages: Option<PowerPages>,
+    oidc: Option<Oidc>,
+}
+
+impl PortalVerifier {
+    pub fn new(cfg: &PortalConfig, http: reqwest::Client) -> PortalVerifier {
+        let power_pages = cfg.power_pages.clone().map(|pp| {
+            // `iss` is compared by hand: it is a bare host name, compared without case.
+            let mut validation = rs256_validation(None, std::slice::from_ref(&pp.client_id), LEEWAY_SECS);
+            validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            PowerPages { cfg: pp, http: http.clone(), validation, key: RwLock::new(None) }
+        });
+        let oidc = cfg.oidc.clone().map(|o| Oidc {
+            keys: IssuerKeys::new(&o.issuer, o.jwks_url.clone(), http.clone()),
+            validation: rs256_validation(Some(&o.issuer), &o.audiences, LEEWAY_SECS),
+            cfg: o,
+        });
+        PortalVerifier { power_pages, oidc }
+    }
+
+    /// Verifies the `Authorization` header of a portal request.
+    pub async fn verify(&self, authorization: Option<&str>) -> Result<PortalUser, AuthError> {
+        let token = bearer(authorization)?;
+        let kid = rs256_header(token)?;
+        let iss = unverified_iss(token).unwrap_or_default();
+        if let Some(pp) = &self.power_pages
+            && iss.eq_ignore_ascii_case(&pp.cfg.host)
+        {
+            return pp.verify(token).await;
+        }
+        if let Some(o) = &self.oidc
+            && iss == o.cfg.issuer
+        {
+            let kid = kid.ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
+            let key = o.keys.key(&kid).await?;
+            let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &o.validation)
+                .map_err(|e| describe_jwt_error(&e, &o.cfg.issuer))?
+                .claims;
+            let contact = claims.get(&o.cfg.contact_claim).and_then(Value::as_str).ok_or_else(|| {
+                AuthError::Unauthenticated(format!(
+                    "The token has no {} claim naming the contact.",
+                    o.cfg.contact_claim
+                ))
+            })?;
+            return user(contact, &claims);
+        }
+        Err(AuthError::Unauthenticated(
+            "The bearer token was not issued by this portal or its identity provider.".into(),
+        ))
+    }
+}
+
+impl PowerPages {
+    async fn verify(&self, token: &str) -> Result<PortalUser, AuthError> {
+        let (key, fetched) = self.key(false).await?;
+        let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation) {
+            Ok(data) => data.claims,
+            Err(e)
+                if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature)
+                    && fetched.elapsed() >= PEM_REFETCH =>
+            {
+                // The site may have a new certificate: fetch the key once more.
+                let (key, _) = self.key(true).await?;
+                jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation)
+                    .map_err(|e| describe_jwt_error(&e, &self.cfg.host))?
+                    .claims
+            }
+            Err(e) => return Err(describe_jwt_error(&e, &self.cfg.host)),
+        };
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or_default();
+        if !iss.eq_ignore_ascii_case(&self.cfg.host) {
+            return Err(AuthError::Unauthenticated(format!("The bearer token was not issued by {}.", self.cfg.host)));
+        }
+        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        user(sub, &claims)
+    }
+
+    /// The site's public key, fetched on first use or when `refetch` (rate-limited).
+    async fn key(&self, refetch: bool) -> Result<(DecodingKey, Instant), AuthError> {
+        if !refetch && let Some((k, at)) = self.key.read().await.as_ref() {
+            return Ok((k.clone(), *at));
+        }
+        let mut slot = self.key.write().await;
+        if let Some((k, at)) = slot.as_ref()
+            && (!refetch || at.elapsed() < PEM_REFETCH)
+        {
+            return Ok((k.clone(), *at));
+        }
+        let url = self.cfg.url.join("/_services/auth/publickey").map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let fetched = async {
+            let resp = self.http.get(url.clone()).send().await.map_err(crate::oauth::client::describe)?;
+            if !resp.status().is_success() {
+                return Err(format!("answered {}", resp.status()));
+            }
+            let pem = resp.text().await.map_err(crate::oauth::client::describe)?;
+            DecodingKey::from_rsa_pem(pem.trim().as_bytes())
+                .map_err(|e| format!("is not an RSA public key in PEM: {e}"))
+        }
+        .await;
+        match fetched {
+            Ok(key) => {
+                let at = Instant::now();
+                *slot = Some((key.clone(), at));
+                tracing::info!(portal = %self.cfg.host, "loaded the portal's public key");
+                Ok((key, at))
+            }
+            Err(e) => match slot.as_ref() {
+                Some((k, at)) => {
+                    tracing::warn!("the portal's public key could not be re-read ({url} {e}); keeping the cached one");
+                    Ok((k.clone(), *at))
+                }
+                None => Err(AuthError::Unavailable(format!("the portal's public key could not be read: {url} {e}"))),
+            },
+        }
+    }
+}
+
+fn user(contact: &str, claims: &Map<String, Value>) -> Result<PortalUser, AuthError> {
+    let contact_id = normalize_guid(contact)
+        .ok_or_else(|| AuthError::Unauthenticated("The token's subject is not a contact id (a GUID).".into()))?;
+    let text = |k: &str| claims.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+    let name = text("name").or_else(|| match (text("given_name"), text("family_name")) {
+        (Some(g), Some(f)) => Some(format!("{g} {f}")),
+        (g, f) => g.or(f),
+    });
+    Ok(PortalUser { contact_id, name, email: text("email") })
+}
+
+/// A GUID in its canonical lower-case form, or `None`.
+pub fn normalize_guid(s: &str) -> Option<String> {
+    let s = s.trim().trim_start_matches('{').trim_end_matches('}');
+    let parts: Vec<&str> = s.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    (parts.len() == 5 && parts.iter().zip(lens).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit())))
+        .then(|| s.to_ascii_lowercase())
+}
+
+fn unverified_iss(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("iss")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_guid;
+
+    #[test]
+    fn guids_are_normalized() {
+        assert_eq!(
+            normalize_guid("{6E2F0D4A-1B2C-4D5E-8F90-0A1B2C3D4E5F}").as_deref(),
+            Some("6e2f0d4a-1b2c-4d5e-8f90-0a1b2c3d4e5f")
+        );
+        assert!(normalize_guid("not-a-guid").is_none());
+        assert!(normalize_guid("6e2f0d4a1b2c4d5e8f900a1b2c3d4e5f").is_none());
+    }
+}

@@ -1,0 +1,56 @@
+// Drives the example portal page in headless Chromium (Debian's, through playwright-core)
+// and prints one JSON line with what the browser saw. Scenario in env BROWSER_SCENARIO:
+//   {"allowed": "<page URL on an allowed origin>", "other": "<same page on another origin>",
+//    "user": "alice"}
+// Steps: "Who am I?" on both pages (the other one must be blocked by CORS), then "Connect"
+// on the allowed page: sign in and consent in the popup, wait for the page to learn the result.
+import { chromium } from 'playwright-core';
+
+const scenario = JSON.parse(process.env.BROWSER_SCENARIO || '{}');
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+});
+const out = { console: [] };
+try {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.on('console', (m) => out.console.push(m.text()));
+
+  // Reads #out once it holds a result (not the placeholder).
+  const result = async (p) => {
+    await p.waitForFunction(() => {
+      const t = document.getElementById('out').textContent;
+      return t.startsWith('{');
+    }, null, { timeout: 20000 });
+    const text = await p.locator('#out').textContent();
+    await p.evaluate(() => { document.getElementById('out').textContent = '...'; });
+    return JSON.parse(text);
+  };
+
+  await page.goto(scenario.allowed);
+  await page.click('#me');
+  out.me = await result(page);
+
+  const other = await context.newPage();
+  await other.goto(scenario.other);
+  await other.click('#me');
+  out.other = await result(other);
+
+  const popupPromise = context.waitForEvent('page', { timeout: 20000 });
+  await page.click('#connect');
+  const popup = await popupPromise;
+  await popup.waitForSelector('form#login', { timeout: 20000 });
+  await popup.fill('form#login input[name=login]', scenario.user || 'alice');
+  await popup.click('form#login button[type=submit]');
+  await popup.waitForSelector('form#consent', { timeout: 20000 });
+  await popup.click('form#consent button[type=submit]');
+  out.connect = await result(page);
+  out.popup_closed = popup.isClosed() || await popup.waitForEvent('close', { timeout: 5000 }).then(() => true, () => false);
+} catch (err) {
+  out.error = String(err && err.stack || err);
+} finally {
+  await browser.close();
+}
+process.stdout.write(JSON.stringify(out) + '\n');

@@ -1,0 +1,69 @@
+//! What only a browser decides, in headless Chromium: a page on an allowed origin calls
+//! the companion with the portal token and gets the contact; the same page on another
+//! origin is blocked by the browser; the connect popup completes against oidc-provider
+//! and the page learns the result from the callback page's postMessage.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::HandlerBuilder;
+use support::oidc::{CLIENT_SECRET, OidcPeer};
+use support::portal::{CLIENT_ID, CONTACT_A, PortalDouble};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_page_in_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "{chromium} is missing: install Debian's chromium (.ci/run does)"
+    );
+    let allowed = PortalDouble::start().await;
+    let other = PortalDouble::start().await;
+    // The browser reaches the handler directly, so the redirect URI is its real address.
+    let builder = HandlerBuilder::new();
+    let base = builder.base_url();
+    let peer = OidcPeer::start(&format!("{base}/api/oauth/callback"), json!({}));
+    let portal_section = "[providers.test.portal]\nenabled = true\n";
+    let h = builder
+        .file("providers.toml", &peer.catalog("test", portal_section))
+        .env("PUBLIC_BASE_URL", &base)
+        .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+        .env("PORTAL_URL", &allowed.url)
+        .env("PORTAL_CLIENT_ID", CLIENT_ID)
+        .start()
+        .await;
+
+    let page =
+        |site: &PortalDouble| format!("{}/example.html?api={base}/api&client_id={CLIENT_ID}&provider=test", site.url);
+    let scenario = json!({ "allowed": page(&allowed), "other": page(&other), "user": "alice" });
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(format!("{}/tests/peers/browser.mjs", env!("CARGO_MANIFEST_DIR")))
+            .env("BROWSER_SCENARIO", scenario.to_string())
+            .env("CHROMIUM", chromium)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("browser driver output ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
+    });
+    assert!(seen.get("error").is_none(), "{seen:#}\nhandler logs:\n{}", h.logs.all());
+
+    // Allowed origin: the contact (from the token's claims: no Dataverse in this test).
+    assert_eq!(seen["me"]["ok"], true, "{seen:#}");
+    assert_eq!(seen["me"]["value"]["contact_id"], CONTACT_A);
+    // Another origin: the request is refused and the browser blocks the answer.
+    assert_eq!(seen["other"]["ok"], false, "{seen:#}");
+    assert!(seen["other"]["message"].as_str().unwrap().contains("Failed to fetch"), "{seen:#}");
+    // The popup completed the flow; the page saw the new connection.
+    assert_eq!(seen["connect"]["ok"], true, "{seen:#}");
+    let connections = seen["connect"]["value"].as_array().unwrap();
+    assert_eq!(connections.len(), 1, "{seen:#}");
+    assert_eq!(connections[0]["status"], "active");
+    assert_eq!(connections[0]["owner"], format!("contact:{CONTACT_A}"));
+    assert_eq!(seen["popup_closed"], true, "the result page closes itself");
+    assert!(h.logs.all().contains("route=\"(cors)\" status=403"), "the other origin was refused before any work");
+}

@@ -1,0 +1,116 @@
+//! A Power Pages site double: `/_services/auth/publickey` (the site's RSA key as PEM),
+//! `/_services/auth/token` (the implicit-grant endpoint: the JWT as the body for a
+//! signed-in user, `X-Responded-JSON` 401 for anyone else, `PortalSTS0001` for an
+//! unregistered client id), and the example page with the client script, as a site would
+//! serve its web files.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use warp::Filter;
+use warp::http::{Response, StatusCode};
+
+pub const CLIENT_ID: &str = "companion-portal-app";
+pub const CONTACT_A: &str = "6e2f0d4a-1b2c-4d5e-8f90-0a1b2c3d4e5f";
+pub const CONTACT_B: &str = "0b9a8c7d-6e5f-4a3b-9c2d-1e0f9a8b7c6d";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+pub struct PortalDouble {
+    /// `http://127.0.0.1:PORT`, the site's URL (its origin) and `PORTAL_URL`.
+    pub url: String,
+    key: EncodingKey,
+    /// Who is signed in to the site (`None`: anonymous).
+    pub signed_in: Arc<Mutex<Option<String>>>,
+    pub publickey_requests: Arc<AtomicUsize>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PortalDouble {
+    pub async fn start() -> PortalDouble {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let key = EncodingKey::from_rsa_pem(&fixture("issuer-key.pem")).unwrap();
+        let signed_in = Arc::new(Mutex::new(Some(CONTACT_A.to_string())));
+        let publickey_requests = Arc::new(AtomicUsize::new(0));
+
+        let pem = String::from_utf8(fixture("issuer-pub.pem")).unwrap();
+        let counter = publickey_requests.clone();
+        let publickey = warp::path!("_services" / "auth" / "publickey").and(warp::get()).map(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Response::builder().header("content-type", "text/plain").body(pem.clone()).unwrap()
+        });
+        let (who, mint_key) = (signed_in.clone(), key.clone());
+        let token = warp::path!("_services" / "auth" / "token")
+            .and(warp::post())
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .map(move |q: std::collections::HashMap<String, String>| {
+                if q.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+                    let body = json!({"ErrorId": "PortalSTS0001", "ErrorMessage": "Client Id provided in the request is not a valid client Id registered for this portal. Please check the parameter and try again.", "Timestamp": "4/5/2019 10:02:11 AM", "CorrelationId": "00000000-0000-0000-0000-000000000000"});
+                    return Response::builder().status(StatusCode::BAD_REQUEST).header("content-type", "application/json").body(body.to_string()).unwrap();
+                }
+                match who.lock().unwrap().clone() {
+                    None => Response::builder()
+                        .header("X-Responded-JSON", r#"{"status":401,"headers":{"location":"/SignIn"}}"#)
+                        .body(String::new())
+                        .unwrap(),
+                    Some(contact) => {
+                        let jwt = mint(&mint_key, &claims_for("127.0.0.1", &contact));
+                        Response::builder().header("content-type", "text/html").header("expires_in", "900").body(jwt).unwrap()
+                    }
+                }
+            });
+        let files = warp::path::param().and(warp::get()).and_then(|name: String| async move {
+            let path = format!("{}/client/{name}", env!("CARGO_MANIFEST_DIR"));
+            let kind = if name.ends_with(".js") { "text/javascript" } else { "text/html; charset=utf-8" };
+            match (name.as_str(), std::fs::read_to_string(&path)) {
+                ("example.html" | "dynamics-companion.js", Ok(text)) => {
+                    Ok(Response::builder().header("content-type", kind).body(text).unwrap())
+                }
+                _ => Err(warp::reject::not_found()),
+            }
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            warp::serve(publickey.or(token).or(files))
+                .incoming(listener)
+                .graceful(async {
+                    let _ = rx.await;
+                })
+                .run(),
+        );
+        PortalDouble { url, key, signed_in, publickey_requests, _shutdown: tx }
+    }
+
+    /// A token as the site issues it for `contact`.
+    pub fn token(&self, contact: &str) -> String {
+        mint(&self.key, &claims_for("127.0.0.1", contact))
+    }
+
+    pub fn sign(&self, claims: &Value) -> String {
+        mint(&self.key, claims)
+    }
+
+    pub fn claims(&self, contact: &str) -> Value {
+        claims_for("127.0.0.1", contact)
+    }
+}
+
+/// Claims shaped like a real Power Pages token (see shared/reference/dataverse.md §8).
+fn claims_for(host: &str, contact: &str) -> Value {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    json!({
+        "sub": contact, "preferred_username": contact, "given_name": "Ada", "family_name": "Lovelace",
+        "email": "ada@example.com", "aud": CLIENT_ID, "appid": CLIENT_ID, "scp": "00000000-0000-0000-0000-000000000000",
+        "iat": now, "nbf": now, "exp": now + 900, "iss": host, "nonce": ""
+    })
+}
+
+fn mint(key: &EncodingKey, claims: &Value) -> String {
+    let header = Header::new(Algorithm::RS256);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
