@@ -63,8 +63,11 @@ impl App {
             secrets.get(name).await?;
         }
         let keys = Arc::new(load_keys(&config, secrets.as_ref()).await?);
+        // One pooled HTTPS client for every outbound call: building one loads the TLS roots,
+        // which is most of the start-up time, and clones share the connection pool.
+        let http = outbound_client(config.oauth.upstream_timeout)?;
         let dataverse = match &config.dataverse {
-            Some(dv) => Some(dataverse_client(dv, &config, secrets.as_ref()).await?),
+            Some(dv) => Some(dataverse_client(dv, &config, secrets.as_ref(), http.clone()).await?),
             None => None,
         };
         let store: Arc<dyn Store> = match (&config.store, &dataverse) {
@@ -76,12 +79,11 @@ impl App {
                 return Err(ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse").into());
             }
         };
-        let http = outbound_client(config.oauth.upstream_timeout)?;
-        let proxy_http = outbound_client(config.oauth.upstream_timeout)?;
+        let proxy_http = http.clone();
         let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
         let portal = config.portal.enabled().then(|| Portal::new(PortalVerifier::new(&config.portal, http.clone())));
         let fno = match &config.oauth.capture {
-            CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref()).await?),
+            CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref(), http.clone()).await?),
             _ => None,
         };
         let connections = Connections::new(
@@ -146,29 +148,33 @@ pub async fn dataverse_client(
     dv: &DataverseConfig,
     config: &Config,
     secrets: &dyn SecretSource,
+    http: reqwest::Client,
 ) -> Result<Arc<Dataverse>, StartupError> {
     let credential = dv.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %dv.url, "Dataverse: authenticating with {}", credential.describe());
     let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
     let tokens = Arc::new(ResourceToken::new(built, dv.url.as_str()));
-    let http = outbound_client(config.oauth.upstream_timeout)?;
     Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone())))
 }
 
 /// The Finance & Operations capture target with the configured identity.
-async fn fno_client(f: &FnoConfig, config: &Config, secrets: &dyn SecretSource) -> Result<Fno, StartupError> {
+async fn fno_client(
+    f: &FnoConfig,
+    config: &Config,
+    secrets: &dyn SecretSource,
+    http: reqwest::Client,
+) -> Result<Fno, StartupError> {
     let credential = f.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %f.url, path = %f.path, "F&O capture: authenticating with {}", credential.describe());
     let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
     let tokens = Arc::new(ResourceToken::new(built, f.url.as_str()));
-    let http = outbound_client(config.oauth.upstream_timeout)?;
     Fno::new(&f.url, &f.path, f.data_area.clone(), http, tokens)
         .map_err(|e| ConfigError::new("FNO_CAPTURE_PATH", e).into())
 }
 
 /// One pooled client per purpose: no redirects (a redirecting token endpoint is a
 /// misconfiguration, and following it would leak credentials), bounded timeouts.
-fn outbound_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
+pub fn outbound_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10).min(timeout))

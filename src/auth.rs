@@ -45,6 +45,7 @@ pub struct Caller {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    exp: Option<i64>,
     /// Entra v2 tokens.
     azp: Option<String>,
     /// Entra v1 tokens.
@@ -139,9 +140,7 @@ impl IssuerKeys {
 }
 
 pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &Url) -> Result<T, String> {
-    let resp = http
-        .get(url.clone())
-        .send()
+    let resp = crate::http::upstream(http.get(url.clone()).send())
         .await
         .map_err(|e| format!("{url} did not answer: {}", crate::oauth::client::describe(e)))?;
     if !resp.status().is_success() {
@@ -195,17 +194,65 @@ pub(crate) fn rs256_validation(issuer: Option<&str>, audiences: &[String], leewa
     validation
 }
 
+/// Tokens already verified, so a caller reusing its token (as every client does until it
+/// expires) costs a map lookup, not an RSA verification. An entry lives until the token's
+/// `exp`, at most [`VERIFIED_TTL_SECS`]; failures are never cached.
+pub struct VerifiedTokens<T> {
+    /// Keyed by the token's SHA-256: bounded memory whatever the token sizes.
+    entries: std::sync::RwLock<HashMap<[u8; 32], (T, i64)>>,
+}
+
+fn token_key(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+const VERIFIED_TTL_SECS: i64 = 600;
+const VERIFIED_MAX: usize = 10_000;
+
+impl<T: Clone> VerifiedTokens<T> {
+    pub fn new() -> VerifiedTokens<T> {
+        VerifiedTokens { entries: std::sync::RwLock::new(HashMap::new()) }
+    }
+
+    pub fn get(&self, token: &str) -> Option<T> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (value, until) = entries.get(&token_key(token))?;
+        (*until > crate::time::now()).then(|| value.clone())
+    }
+
+    pub fn put(&self, token: &str, value: T, exp: Option<i64>) {
+        let now = crate::time::now();
+        let until = exp.unwrap_or(now).min(now + VERIFIED_TTL_SECS);
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= VERIFIED_MAX {
+            entries.retain(|_, (_, u)| *u > now);
+            if entries.len() >= VERIFIED_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(token_key(token), (value, until));
+    }
+}
+
+impl<T: Clone> Default for VerifiedTokens<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub struct BearerVerifier {
     cfg: BackOfficeAuth,
     validation: Validation,
     keys: IssuerKeys,
+    verified: VerifiedTokens<Caller>,
 }
 
 impl BearerVerifier {
     pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
         let validation = rs256_validation(Some(&cfg.issuer), &cfg.audiences, LEEWAY_SECS);
         let keys = IssuerKeys::new(&cfg.issuer, cfg.jwks_url.clone(), http);
-        BearerVerifier { cfg, validation, keys }
+        BearerVerifier { cfg, validation, keys, verified: VerifiedTokens::new() }
     }
 
     pub fn issuer(&self) -> &str {
@@ -225,6 +272,9 @@ impl BearerVerifier {
     /// Verifies the `Authorization` header value.
     pub async fn verify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
         let token = bearer(authorization)?;
+        if let Some(caller) = self.verified.get(token) {
+            return Ok(caller);
+        }
         let kid = rs256_header(token)?
             .ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
         let key = self.keys.key(&kid).await?;
@@ -240,7 +290,9 @@ impl BearerVerifier {
                 client_id.as_deref().unwrap_or("no client id")
             )));
         }
-        Ok(Caller { client_id, subject: claims.sub, roles: claims.roles })
+        let caller = Caller { client_id, subject: claims.sub, roles: claims.roles };
+        self.verified.put(token, caller.clone(), claims.exp);
+        Ok(caller)
     }
 }
 

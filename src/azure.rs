@@ -196,9 +196,7 @@ impl TokenSource for ResourceToken {
         if let Some(token) = self.fresh() {
             return Ok(token);
         }
-        let token = self
-            .credential
-            .get_token(&[self.scope.as_str()], None)
+        let token = crate::http::upstream(self.credential.get_token(&[self.scope.as_str()], None))
             .await
             .map_err(|e| format!("could not get a token for {}: {}", self.scope, one_line(&e.to_string())))?;
         let value = SecretString::from(token.token.secret().to_string());

@@ -157,7 +157,11 @@ fn provision(key_timeout_seconds: u64) -> ExitCode {
     };
     rt.block_on(async move {
         let secrets = crate::secrets::SettingsSecrets::new(settings);
-        let client = match crate::app::dataverse_client(&dv, &config, &secrets).await {
+        let http = match crate::app::outbound_client(config.oauth.upstream_timeout) {
+            Ok(h) => h,
+            Err(e) => return fail(e),
+        };
+        let client = match crate::app::dataverse_client(&dv, &config, &secrets, http).await {
             Ok(c) => c,
             Err(e) => return fail(e),
         };

@@ -103,14 +103,15 @@ impl Fno {
         loop {
             attempt += 1;
             let token = self.tokens.token().await?;
-            let result = self
-                .http
-                .post(self.endpoint.clone())
-                .header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()))
-                .header(header::ACCEPT, "application/json")
-                .json(&body)
-                .send()
-                .await;
+            let result = crate::http::upstream(
+                self.http
+                    .post(self.endpoint.clone())
+                    .header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()))
+                    .header(header::ACCEPT, "application/json")
+                    .json(&body)
+                    .send(),
+            )
+            .await;
             let (retry_after, error) = match result {
                 Ok(resp) if resp.status().is_success() => return Ok(()),
                 Ok(resp) => {

@@ -133,7 +133,7 @@ impl KeyVaultSecrets {
             let resp = self.client.get_secret(name, None).await?;
             resp.into_model()
         };
-        let result = tokio::time::timeout(FETCH_TIMEOUT, read).await;
+        let result = crate::http::upstream(tokio::time::timeout(FETCH_TIMEOUT, read)).await;
         let unavailable = |reason: String| SecretError::Unavailable { name: name.to_string(), reason };
         match result {
             Ok(Ok(secret)) => secret

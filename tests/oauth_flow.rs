@@ -641,3 +641,27 @@ async fn the_timer_refreshes_what_expires_before_its_next_run() {
     assert_eq!(w.peer.refresh_grants().await, 1);
     w.assert_logs_clean().await;
 }
+
+#[tokio::test]
+async fn tokens_shorter_than_the_margin_are_not_refreshed_on_every_call() {
+    // 4 s tokens under the default 300 s margin: refreshed at half their lifetime, once.
+    let w = world(Setup::short_lived(4, 300)).await;
+    w.connect("short").await;
+    let first = w.access_token("short").await;
+    for _ in 0..20 {
+        assert_eq!(w.access_token("short").await, first);
+    }
+    assert_eq!(w.peer.refresh_grants().await, 0, "a fresh token is not due yet");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let replies = futures_util::future::join_all((0..20).map(|_| w.token("short", false))).await;
+    let tokens: std::collections::HashSet<String> =
+        replies.iter().map(|r| r.json()["access_token"].as_str().unwrap().to_string()).collect();
+    assert_eq!(tokens.len(), 1);
+    assert_ne!(tokens.into_iter().next().unwrap(), first);
+    assert_eq!(w.peer.refresh_grants().await, 1, "one refresh, not one per call");
+    for _ in 0..10 {
+        w.access_token("short").await;
+    }
+    assert_eq!(w.peer.refresh_grants().await, 1);
+    w.assert_logs_clean().await;
+}

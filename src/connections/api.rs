@@ -312,7 +312,7 @@ pub async fn send_with_token(
             }
         }
         out = out.header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
-        let resp = out.send().await.map_err(|e| {
+        let resp = crate::http::upstream(out.send()).await.map_err(|e| {
             ApiError::bad_gateway(
                 "provider-api-unreachable",
                 format!("The provider's API did not answer: {}", crate::oauth::client::describe(e)),

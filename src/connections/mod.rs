@@ -180,7 +180,11 @@ impl SweepReport {
 /// What a refresh must achieve.
 #[derive(Debug, Clone, Copy)]
 enum Want {
-    /// A token valid at least until this Unix second.
+    /// A token not due for refresh: it expires beyond the margin (shrunk to half the
+    /// token's lifetime, so short-lived tokens are not refreshed on every call), or it was
+    /// obtained after the caller asked (the caller queued behind that refresh).
+    Fresh { margin: i64, asked_at_ms: i64 },
+    /// A token valid at least until this Unix second (the timer's horizon).
     ValidUntil(i64),
     /// A token obtained after this Unix millisecond (force refresh, coalesced).
     RefreshedAfter(i64),
@@ -616,7 +620,7 @@ impl Connections {
     pub async fn access_token(&self, id: &str, force: bool) -> Result<CachedToken, ConnectionError> {
         let asked_at = now_millis();
         let margin = self.cfg.refresh_margin.as_secs() as i64;
-        let want = if force { Want::RefreshedAfter(asked_at) } else { Want::ValidUntil(now() + margin) };
+        let want = if force { Want::RefreshedAfter(asked_at) } else { Want::Fresh { margin, asked_at_ms: asked_at } };
         if let Some(t) = self.cache.get_satisfying(id, |t| satisfies(t.expires_at, t.obtained_ms, want)) {
             return Ok(t);
         }
@@ -648,12 +652,18 @@ impl Connections {
         let deadline = now_millis() + (self.cfg.lease_duration.as_millis() as i64) + 5_000;
         let mut wait = Duration::from_millis(50);
         loop {
+            if now_millis() > deadline {
+                return Err(ConnectionError::Backoff {
+                    detail: "the connection record kept changing under the refresh".into(),
+                    retry_after: 1,
+                });
+            }
             let conn = self.get(id).await?;
             let tokens = self.usable_tokens(&conn)?;
             let t = now();
             let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at) * 1000;
             let current = CachedToken::from_tokens(&tokens, obtained_ms);
-            if satisfies(tokens.expires_at, refreshed_ms(&conn), want) {
+            if satisfies(tokens.expires_at, obtained_ms, want) {
                 self.cache.put(id, current.clone());
                 return Ok(current);
             }
@@ -666,7 +676,7 @@ impl Connections {
                     .mark_needs_reauth(conn, "the access token expired and the provider issued no refresh token")
                     .await);
             };
-            if let (Some(next), Want::ValidUntil(_)) = (conn.next_attempt_at, want)
+            if let (Some(next), Want::Fresh { .. } | Want::ValidUntil(_)) = (conn.next_attempt_at, want)
                 && next > t
             {
                 // Backing off after a transient failure: serve what is still valid.
@@ -772,7 +782,7 @@ impl Connections {
                     })
                     .await;
                 tracing::warn!(connection = %id, provider = %provider.name, error = %e, failures, "refresh failed; backing off {backoff} s");
-                if old.expires_at > t && matches!(want, Want::ValidUntil(_)) {
+                if old.expires_at > t && matches!(want, Want::Fresh { .. } | Want::ValidUntil(_)) {
                     return Ok(CachedToken::from_tokens(&old, 0));
                 }
                 // Either way the record backs off; the caller learns whether waiting helps.
@@ -1003,13 +1013,19 @@ pub enum CallbackFailure {
 
 fn satisfies(expires_at: i64, obtained_ms: i64, want: Want) -> bool {
     match want {
+        Want::Fresh { margin, asked_at_ms } => {
+            // In milliseconds: expiry is kept in whole seconds, and for a short-lived token
+            // the rounding alone could make a token obtained a moment ago look due.
+            let (now_ms, expires_ms) = (now_millis(), expires_at * 1000);
+            if obtained_ms >= asked_at_ms && expires_ms > now_ms {
+                return true;
+            }
+            let lifetime_ms = expires_ms - obtained_ms;
+            expires_ms - (margin * 1000).min(lifetime_ms / 2).max(0) > now_ms
+        }
         Want::ValidUntil(t) => expires_at > t,
         Want::RefreshedAfter(ms) => obtained_ms >= ms,
     }
-}
-
-fn refreshed_ms(conn: &Connection) -> i64 {
-    conn.refreshed_at.map(|s| s * 1000).unwrap_or(0)
 }
 
 fn apply_tokens(c: &mut Connection, tokens: &TokenSet, keys: &Keyring, t: i64) {

@@ -380,7 +380,7 @@ impl Dataverse {
                 req = req.header(header::CONTENT_TYPE, "application/json; charset=utf-8").json(v);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = req.send().await;
+            let outcome = crate::http::upstream(req.send()).await;
             let (wait, error) = match outcome {
                 Ok(resp) => {
                     let status = resp.status();
@@ -391,7 +391,7 @@ impl Dataverse {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let bytes = resp.bytes().await.unwrap_or_default();
+                    let bytes = crate::http::upstream(resp.bytes()).await.unwrap_or_default();
                     if status.is_success() {
                         let json = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
                         return Ok((status, etag, json));
@@ -418,7 +418,7 @@ impl Dataverse {
                 delay_ms = delay.as_millis() as u64,
                 "Dataverse: {error}; retrying"
             );
-            tokio::time::sleep(delay + jitter(delay)).await;
+            crate::http::upstream(tokio::time::sleep(delay + jitter(delay))).await;
         }
     }
 }

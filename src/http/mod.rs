@@ -54,6 +54,20 @@ pub async fn serve(
     warp::serve(filter).incoming(listener).graceful(shutdown).run().await;
 }
 
+tokio::task_local! {
+    /// Time the current request spent waiting on upstreams (providers, Dataverse, Key
+    /// Vault, F&O), so `Server-Timing` can tell the handler's own share from theirs.
+    static UPSTREAM_NANOS: std::cell::Cell<u64>;
+}
+
+/// Runs `f`, counting its duration as upstream time of the current request.
+pub async fn upstream<F: Future>(f: F) -> F::Output {
+    let t = Instant::now();
+    let out = f.await;
+    let _ = UPSTREAM_NANOS.try_with(|c| c.set(c.get() + t.elapsed().as_nanos() as u64));
+    out
+}
+
 /// Erases warp's body stream type (it cannot be named) into our boxed stream.
 fn boxed<S, B>(body: S) -> request::BodyStream
 where
@@ -86,7 +100,12 @@ pub async fn handle(app: &App, req: Request) -> Response {
             }
         }
     }
-    let (route, audience, result) = router::dispatch(app, req).await;
+    let ((route, audience, result), upstream_nanos) = UPSTREAM_NANOS
+        .scope(std::cell::Cell::new(0), async {
+            let outcome = router::dispatch(app, req).await;
+            (outcome, UPSTREAM_NANOS.with(|c| c.get()))
+        })
+        .await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -101,6 +120,13 @@ pub async fn handle(app: &App, req: Request) -> Response {
             Some(origin) => cors::decorate(&mut resp, origin),
             None => cors::vary_origin(&mut resp),
         }
+    }
+    // W3C Server-Timing: the handler's own share and the upstreams' (no secrets, numbers).
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    let upstream_ms = upstream_nanos as f64 / 1e6;
+    let timing = format!("app;dur={:.2}, upstream;dur={upstream_ms:.2}", (total - upstream_ms).max(0.0));
+    if let Ok(v) = warp::http::HeaderValue::from_str(&timing) {
+        resp.headers_mut().insert("server-timing", v);
     }
     log_line(started, &method, route, resp, invocation)
 }

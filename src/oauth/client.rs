@@ -103,7 +103,7 @@ impl TokenClient<'_> {
             ("token".to_string(), token.expose_secret().to_string()),
             ("token_type_hint".to_string(), hint.to_string()),
         ];
-        let resp = self.send(provider, url, form).await?;
+        let resp = crate::http::upstream(self.send(provider, url, form)).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -120,12 +120,11 @@ impl TokenClient<'_> {
         for (k, v) in &provider.token_params {
             form.push((k.clone(), v.clone()));
         }
-        let resp = self.send(provider, &provider.token_url, form).await?;
+        let resp = crate::http::upstream(self.send(provider, &provider.token_url, form)).await?;
         let status = resp.status();
         let content_type =
             resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-        let body = resp
-            .bytes()
+        let body = crate::http::upstream(resp.bytes())
             .await
             .map_err(|e| OAuthError::Transient(format!("the token response could not be read: {}", describe(e))))?;
         if !status.is_success() {

@@ -16,7 +16,7 @@ use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::{Map, Value};
 use tokio::sync::RwLock;
 
-use crate::auth::{AuthError, IssuerKeys, bearer, describe_jwt_error, rs256_header, rs256_validation};
+use crate::auth::{AuthError, IssuerKeys, VerifiedTokens, bearer, describe_jwt_error, rs256_header, rs256_validation};
 use crate::config::{PortalConfig, PortalOidcConfig, PowerPagesConfig};
 
 /// Power Pages tokens live 15 minutes; clocks on both sides are Azure's.
@@ -48,6 +48,7 @@ struct Oidc {
 pub struct PortalVerifier {
     power_pages: Option<PowerPages>,
     oidc: Option<Oidc>,
+    verified: VerifiedTokens<PortalUser>,
 }
 
 impl PortalVerifier {
@@ -63,12 +64,21 @@ impl PortalVerifier {
             validation: rs256_validation(Some(&o.issuer), &o.audiences, LEEWAY_SECS),
             cfg: o,
         });
-        PortalVerifier { power_pages, oidc }
+        PortalVerifier { power_pages, oidc, verified: VerifiedTokens::new() }
     }
 
     /// Verifies the `Authorization` header of a portal request.
     pub async fn verify(&self, authorization: Option<&str>) -> Result<PortalUser, AuthError> {
         let token = bearer(authorization)?;
+        if let Some(user) = self.verified.get(token) {
+            return Ok(user);
+        }
+        let (user, exp) = self.verify_uncached(token).await?;
+        self.verified.put(token, user.clone(), exp);
+        Ok(user)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<(PortalUser, Option<i64>), AuthError> {
         let kid = rs256_header(token)?;
         let iss = unverified_iss(token).unwrap_or_default();
         if let Some(pp) = &self.power_pages
@@ -90,7 +100,7 @@ impl PortalVerifier {
                     o.cfg.contact_claim
                 ))
             })?;
-            return user(contact, &claims);
+            return Ok((user(contact, &claims)?, exp_of(&claims)));
         }
         Err(AuthError::Unauthenticated(
             "The bearer token was not issued by this portal or its identity provider.".into(),
@@ -99,7 +109,7 @@ impl PortalVerifier {
 }
 
 impl PowerPages {
-    async fn verify(&self, token: &str) -> Result<PortalUser, AuthError> {
+    async fn verify(&self, token: &str) -> Result<(PortalUser, Option<i64>), AuthError> {
         let (key, fetched) = self.key(false).await?;
         let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation) {
             Ok(data) => data.claims,
@@ -120,7 +130,7 @@ impl PowerPages {
             return Err(AuthError::Unauthenticated(format!("The bearer token was not issued by {}.", self.cfg.host)));
         }
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
-        user(sub, &claims)
+        Ok((user(sub, &claims)?, exp_of(&claims)))
     }
 
     /// The site's public key, fetched on first use or when `refetch` (rate-limited).
@@ -136,7 +146,9 @@ impl PowerPages {
         }
         let url = self.cfg.url.join("/_services/auth/publickey").map_err(|e| AuthError::Unavailable(e.to_string()))?;
         let fetched = async {
-            let resp = self.http.get(url.clone()).send().await.map_err(crate::oauth::client::describe)?;
+            let resp = crate::http::upstream(self.http.get(url.clone()).send())
+                .await
+                .map_err(crate::oauth::client::describe)?;
             if !resp.status().is_success() {
                 return Err(format!("answered {}", resp.status()));
             }
@@ -161,6 +173,10 @@ impl PowerPages {
             },
         }
     }
+}
+
+fn exp_of(claims: &Map<String, Value>) -> Option<i64> {
+    claims.get("exp").and_then(Value::as_i64)
 }
 
 fn user(contact: &str, claims: &Map<String, Value>) -> Result<PortalUser, AuthError> {

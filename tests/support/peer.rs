@@ -46,7 +46,10 @@ impl NodePeer {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let ready: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{script} did not start ({e}): {line:?}"));
-        NodePeer { child, _stdin: stdin, ready, http: reqwest::Client::new() }
+        // No idle pooling: Node closes idle keep-alive sockets after 5 s, and a request
+        // sent on one just as it closes is reset (a known Node/client race).
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        NodePeer { child, _stdin: stdin, ready, http }
     }
 
     pub fn field(&self, name: &str) -> String {
@@ -55,11 +58,23 @@ impl NodePeer {
 
     /// A control call: `base` is the listener that serves `/__control/`.
     pub async fn control(&self, base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method, format!("{}/__control/{path}", base.trim_end_matches('/')));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
+        let url = format!("{}/__control/{path}", base.trim_end_matches('/'));
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => break resp,
+                // A loaded peer may drop a connection; the control calls are safe to repeat.
+                Err(e) if attempt < 3 && (e.is_connect() || e.is_request()) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("control {path}: {e}"),
+            }
+        };
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         assert!(status.is_success(), "control {path}: {status} {v}");

@@ -1,0 +1,479 @@
+//! The benchmark suite: `scripts/bench` (or `cargo bench --bench companion`).
+//!
+//! Builds in release mode, starts the local peers (oidc-provider, the Dataverse and Entra
+//! doubles, a Power Pages double) and the release `handler` as the Functions host does,
+//! and measures on this machine, as medians of several runs where it makes sense:
+//! start-up and idle memory; the OAuth callback end to end and the handler's own share of
+//! it (from its `Server-Timing`); the token endpoint and `/api/portal/me` at 64
+//! concurrent connections, each next to a minimal warp server answering a fixed JSON body
+//! in the same run; a refresh storm; Dataverse calls per 1000 token requests.
+//!
+//! It prints a Markdown report (also written to `target/bench-report.md`). It is a
+//! measurement, not a test: it asserts nothing beyond the runs working at all.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::azure::AzureDoubles;
+use support::dataverse::DataverseDouble;
+use support::issuer::Issuer;
+use support::oidc::{CLIENT_SECRET, OidcPeer};
+use support::portal::{CLIENT_ID, CONTACT_A, PortalDouble};
+use support::{Handler, HandlerBuilder};
+
+const BASELINE_ENV: &str = "DC_BENCH_BASELINE_PORT";
+const CONCURRENCY: usize = 64;
+const LOAD_SECS: u64 = 5;
+const PUBLIC: &str = "http://localhost:7071";
+
+fn main() {
+    if let Ok(port) = std::env::var(BASELINE_ENV) {
+        baseline(port.parse().expect("a port"));
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = rt.block_on(run());
+    println!("{report}");
+    let path = format!("{}/target/bench-report.md", env!("CARGO_MANIFEST_DIR"));
+    let _ = std::fs::write(&path, &report);
+    eprintln!("(written to {path})");
+}
+
+/// The minimal warp handler: a fixed JSON body for any request, as a reference point.
+fn baseline(port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        use warp::Filter;
+        let body = r#"{"connection_id":"c","access_token":"fixed","token_type":"Bearer","expires_in":3600}"#;
+        let route = warp::any().map(move || {
+            warp::http::Response::builder().header("content-type", "application/json").body(body).unwrap()
+        });
+        warp::serve(route).run(([127, 0, 0, 1], port)).await;
+    });
+}
+
+struct Baseline {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_baseline() -> Baseline {
+    let port = support::free_port();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(BASELINE_ENV, port.to_string())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the baseline server did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Baseline { child, url }
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Exec to first answer on `GET /`, polling every 0.2 ms, and RSS once idle.
+fn startup(runs: usize) -> (Vec<f64>, Vec<f64>) {
+    let root = tempfile::tempdir().unwrap();
+    let keys = support::test_keys();
+    let (mut times, mut rss) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let port = support::free_port();
+        let t0 = Instant::now();
+        let mut child = std::process::Command::new(support::BIN)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", format!("bench-{i}"))
+            .env("FUNCTIONS_APP_ROOT_PATH", root.path())
+            .env("TOKEN_ENCRYPTION_KEYS", &keys)
+            .current_dir(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+                let mut buf = [0u8; 16];
+                if s.read(&mut buf).is_ok_and(|n| n > 0) {
+                    break;
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no answer");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if i < 5 {
+            std::thread::sleep(Duration::from_secs(1));
+            rss.push(rss_mib(child.id()));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (times, rss)
+}
+
+struct Load {
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    peak_rss: f64,
+}
+
+/// `CONCURRENCY` connections sending requests back to back for `LOAD_SECS`, after a
+/// one-second warm-up. Latency is measured per request, client side.
+async fn load(
+    url: &str,
+    method: Method,
+    headers: Vec<(String, String)>,
+    body: Option<String>,
+    pid: Option<u32>,
+) -> Load {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).http1_only().build().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(std::sync::Mutex::new(0.0f64));
+    let sampler = pid.map(|pid| {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = rss_mib(pid);
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = p.max(r);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (client, url, method, headers, body) =
+            (client.clone(), url.to_string(), method.clone(), headers.clone(), body.clone());
+        let (stop, measuring, errors) = (stop.clone(), measuring.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(20_000);
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = client.request(method.clone(), &url);
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
+                if let Some(b) = &body {
+                    req = req.body(b.clone());
+                }
+                let t = Instant::now();
+                let ok = match req.send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if measuring.load(Ordering::Relaxed) {
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(LOAD_SECS)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    if let Some(s) = sampler {
+        let _ = s.await;
+    }
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Load {
+        requests: all.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        rps: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+        peak_rss: *peak.lock().unwrap(),
+    }
+}
+
+struct World {
+    _azure: AzureDoubles,
+    dataverse: DataverseDouble,
+    peer: OidcPeer,
+    storm_peer: OidcPeer,
+    issuer: Issuer,
+    portal: PortalDouble,
+    h: Handler,
+    bearer: String,
+}
+
+async fn world() -> World {
+    let azure = AzureDoubles::start(json!({}));
+    let dataverse = DataverseDouble::with_config(json!({
+        "key_activation_ms": 50,
+        "tables": [{ "logical_name": "contact", "entity_set": "contacts", "primary_id": "contactid", "primary_name": "fullname",
+                     "columns": ["firstname", "lastname", "emailaddress1"] }]
+    }));
+    let rows =
+        json!({ "rows": [{ "contactid": CONTACT_A, "fullname": "Ada Lovelace", "emailaddress1": "ada@example.com" }] });
+    reqwest::Client::new()
+        .post(format!("{}/__control/tables/contacts", dataverse.url))
+        .json(&rows)
+        .send()
+        .await
+        .unwrap();
+    let callback = format!("{PUBLIC}/api/oauth/callback");
+    let peer = OidcPeer::start(&callback, json!({}));
+    let storm_peer = OidcPeer::start(&callback, json!({ "access_token_ttl": 3 }));
+    let issuer = Issuer::start().await;
+    let portal = PortalDouble::start().await;
+    let catalog = format!(
+        "{}\n{}",
+        peer.catalog("test", "[providers.test.portal]\nenabled = true\n"),
+        storm_peer.catalog("storm", "")
+    );
+    let settings = |b: HandlerBuilder| {
+        let mut b = b
+            .file("providers.toml", &catalog)
+            .env("PUBLIC_BASE_URL", PUBLIC)
+            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+            .env("STORE", "dataverse")
+            .env("DATAVERSE_URL", &dataverse.url)
+            .env("PORTAL_URL", &portal.url)
+            .env("PORTAL_CLIENT_ID", CLIENT_ID)
+            .env("LOG_LEVEL", "warn");
+        for (k, v) in azure.dataverse_client_secret_settings().into_iter().chain(issuer.settings()) {
+            b = b.env(k, v);
+        }
+        b
+    };
+    let b = settings(HandlerBuilder::new());
+    let (code, out, err) = settings(HandlerBuilder::in_root(b.root()))
+        .env("TOKEN_ENCRYPTION_KEYS", support::test_keys())
+        .args(&["provision"])
+        .run_to_exit();
+    assert_eq!(code, Some(0), "provision: {out}{err}");
+    let h = b.start().await;
+    let bearer = issuer.token();
+    World { _azure: azure, dataverse, peer, storm_peer, issuer, portal, h, bearer }
+}
+
+impl World {
+    async fn start_and_consent(&self, peer: &OidcPeer, provider: &str, id: &str) -> String {
+        let r = self
+            .h
+            .json(
+                Method::POST,
+                "/api/connections",
+                Some(&self.bearer),
+                &json!({ "provider": provider, "connection_id": id }),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
+        location.strip_prefix(PUBLIC).unwrap().to_string()
+    }
+}
+
+fn server_timing(reply: &support::Reply, name: &str) -> f64 {
+    reply
+        .header("server-timing")
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix(&format!("{name};dur=")).and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+async fn run() -> String {
+    let mut r = String::new();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    r.push_str(&format!(
+        "## Results ({} cores, {} {}, release build)\n\n",
+        cores,
+        std::env::consts::OS,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    ));
+
+    // 1. Start-up and idle memory.
+    let (mut times, mut rss) = tokio::task::spawn_blocking(|| startup(21)).await.unwrap();
+    r.push_str("| measure | median | other |\n|---|---|---|\n");
+    let (min, max) = (times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max));
+    r.push_str(&format!(
+        "| start-up, exec to first answer on `GET /` | {:.1} ms | min {min:.1}, max {max:.1} (21 runs) |\n",
+        median(&mut times)
+    ));
+    r.push_str(&format!("| resident memory, idle | {:.1} MiB | 5 runs, 1 s after ready |\n", median(&mut rss)));
+
+    let w = world().await;
+
+    // 2. The callback end to end, and the handler's own share.
+    let (mut totals, mut own, mut upstream) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..21 {
+        let cb = w.start_and_consent(&w.peer, "test", &format!("cb-{i}")).await;
+        let t = Instant::now();
+        let page = w.h.get(&cb, &[]).await;
+        totals.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(page.status, 200, "{}", page.body);
+        own.push(server_timing(&page, "app"));
+        upstream.push(server_timing(&page, "upstream"));
+    }
+    r.push_str(&format!(
+        "| callback end to end (client-side) | {:.2} ms | 21 callbacks: find state, consume it, exchange the code, store the tokens |\n",
+        median(&mut totals)
+    ));
+    r.push_str(&format!(
+        "| — of which upstreams (provider, Dataverse) | {:.2} ms | from `Server-Timing` |\n",
+        median(&mut upstream)
+    ));
+    r.push_str(&format!(
+        "| — the handler's own share | {:.2} ms | p90 {:.2} ms |\n",
+        median(&mut own),
+        percentile(&own, 0.9)
+    ));
+
+    // 3. The token endpoint for valid tokens, next to the baseline, at 64 connections.
+    for i in 0..16 {
+        let cb = w.start_and_consent(&w.peer, "test", &format!("load-{i}")).await;
+        assert_eq!(w.h.get(&cb, &[]).await.status, 200);
+    }
+    let base = start_baseline();
+    let auth = vec![
+        ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
+        ("Content-Type".into(), "application/json".into()),
+    ];
+    let baseline_token = load(
+        &format!("{}/api/connections/load-0/token", base.url),
+        Method::POST,
+        auth.clone(),
+        Some("{}".into()),
+        None,
+    )
+    .await;
+    let dv_before = w.dataverse.requests().await;
+    let token = load(
+        &format!("{}/api/connections/load-0/token", w.h.base),
+        Method::POST,
+        auth.clone(),
+        Some("{}".into()),
+        Some(w.h.pid()),
+    )
+    .await;
+    let dv_calls = w.dataverse.requests().await - dv_before;
+    r.push_str("\n| load (64 connections, 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
+    r.push_str(&format!(
+        "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+        baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
+    ));
+    r.push_str(&format!(
+        "| `POST /api/connections/{{id}}/token`, valid token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+        token.rps,
+        token.rps / baseline_token.rps,
+        token.p50,
+        token.p99,
+        token.errors,
+        token.peak_rss
+    ));
+
+    // 4. The portal's /me with token verification.
+    let portal_auth = vec![("Authorization".to_string(), format!("Bearer {}", w.portal.token(CONTACT_A)))];
+    let baseline_me = load(&format!("{}/api/portal/me", base.url), Method::GET, portal_auth.clone(), None, None).await;
+    let me = load(&format!("{}/api/portal/me", w.h.base), Method::GET, portal_auth, None, Some(w.h.pid())).await;
+    r.push_str(&format!(
+        "| minimal warp handler, second run | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+        baseline_me.rps, baseline_me.p50, baseline_me.p99, baseline_me.errors
+    ));
+    r.push_str(&format!(
+        "| `GET /api/portal/me`, Power Pages token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+        me.rps,
+        me.rps / baseline_me.rps,
+        me.p50,
+        me.p99,
+        me.errors,
+        me.peak_rss
+    ));
+    drop(base);
+
+    // 5. Dataverse calls per 1000 token requests (during the token load above).
+    let per_1000 = dv_calls as f64 * 1000.0 / token.requests.max(1) as f64;
+    r.push_str(&format!(
+        "\n| other | figure |\n|---|---|\n| Dataverse calls per 1000 token requests (valid tokens) | {per_1000:.2} ({dv_calls} calls for {} requests) |\n",
+        token.requests
+    ));
+
+    // 6. The refresh storm: 1000 concurrent requests on an expired token.
+    let cb = w.start_and_consent(&w.storm_peer, "storm", "storm").await;
+    assert_eq!(w.h.get(&cb, &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let before = w.storm_peer.refresh_grants().await;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1000).build().unwrap();
+    let t = Instant::now();
+    let replies = futures_util::future::join_all((0..1000).map(|_| {
+        client
+            .post(format!("{}/api/connections/storm/token", w.h.base))
+            .header("Authorization", format!("Bearer {}", w.bearer))
+            .send()
+    }))
+    .await;
+    let drain = t.elapsed().as_secs_f64() * 1000.0;
+    let mut ok = 0;
+    let mut tokens = HashSet::new();
+    for reply in replies.into_iter().flatten() {
+        if reply.status().is_success()
+            && let Ok(v) = reply.json::<Value>().await
+        {
+            ok += 1;
+            tokens.insert(v["access_token"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let refreshes = w.storm_peer.refresh_grants().await - before;
+    r.push_str(&format!(
+        "| refresh storm: 1000 concurrent requests on an expired token | {refreshes} refresh at the provider; {ok} answered 200 with {} distinct token(s); drained in {drain:.0} ms |\n",
+        tokens.len()
+    ));
+    let _ = &w.issuer;
+    r
+}
