@@ -12,7 +12,6 @@
 //! measurement, not a test: it asserts nothing beyond the runs working at all.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashSet;
