@@ -192,13 +192,10 @@ pub async fn captures(app: &App, req: Request) -> Result<Response, ApiError> {
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing-state", "Pass the state to look up: /api/captures?state=..."))?;
     let captures = app.connections.captures(&state).await?;
-    let mut resp = response::json_no_store(StatusCode::OK, &serde_json::json!({ "captures": captures }));
     if captures.is_empty() {
-        *resp.status_mut() = StatusCode::NOT_FOUND;
-        resp = ApiError::not_found(format!("Nothing was captured for state {state:?} (yet)."))
-            .into_response(crate::http::Audience::Api, "/api/captures");
+        return Err(ApiError::not_found(format!("Nothing was captured for state {state:?} (yet).")));
     }
-    Ok(resp)
+    Ok(response::json_no_store(StatusCode::OK, &serde_json::json!({ "captures": captures })))
 }
 
 /// Request headers not passed on to the provider's API: ours (auth, host routing,
@@ -251,18 +248,30 @@ fn forwardable_response_header(name: &str) -> bool {
 pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let conn = app.connections.get(id).await?;
+    let (_, target) = proxy_request(app, &conn, &req)?;
+    let body = req.body_bytes().await?;
+    send_with_token(app, id, req.method.clone(), target, &req.headers, body).await
+}
+
+/// The connection's provider and the provider URL a proxy request is for.
+pub fn proxy_request<'a>(
+    app: &'a App,
+    conn: &crate::store::Connection,
+    req: &Request,
+) -> Result<(&'a crate::oauth::catalog::Provider, url::Url), ApiError> {
     let provider = app.connections.catalog().get(&conn.provider).ok_or_else(|| {
-        ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", conn.provider))
+        ApiError::internal(format!(
+            "connection {} names provider {} which is not in the catalog",
+            conn.id, conn.provider
+        ))
     })?;
-    let base = provider.api_base_url.clone().ok_or_else(|| {
+    let base = provider.api_base_url.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "no-api-base-url",
             format!("Provider {} has no api_base_url in the catalog; the proxy cannot be used.", provider.name),
         )
     })?;
-    let target = proxy_target(&base, &req.path, req.query.as_deref())?;
-    let body = req.body_bytes().await?;
-    send_with_token(app, id, req.method.clone(), target, &req.headers, body).await
+    Ok((provider, proxy_target(base, &req.path, req.query.as_deref())?))
 }
 
 /// Builds the provider URL from the raw (still percent-encoded) path after `/proxy/`,

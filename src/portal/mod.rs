@@ -169,17 +169,9 @@ pub async fn connection(app: &App, req: Request, id: &str) -> Result<Response, A
 pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     let u = user(app, &req).await?;
     let conn = own(app, &u, id).await?;
-    let provider = app.connections.catalog().get(&conn.provider).ok_or_else(|| {
-        ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", conn.provider))
-    })?;
-    let base = provider.api_base_url.clone().ok_or_else(|| {
-        ApiError::bad_request(
-            "no-api-base-url",
-            format!("Provider {} has no api_base_url; the proxy cannot be used.", provider.name),
-        )
-    })?;
-    let target = crate::connections::api::proxy_target(&base, &req.path, req.query.as_deref())?;
-    let relative = target.path().strip_prefix(base.path()).unwrap_or("");
+    let (provider, target) = crate::connections::api::proxy_request(app, &conn, &req)?;
+    let base_path = provider.api_base_url.as_ref().map(|b| b.path()).unwrap_or("/");
+    let relative = target.path().strip_prefix(base_path).unwrap_or("");
     if !provider.portal.allows(req.method.as_str(), relative) {
         return Err(ApiError::forbidden(format!(
             "{} {relative} is not allowed for portal users of {} (portal.proxy in the catalog).",
