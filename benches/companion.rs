@@ -149,6 +149,7 @@ fn startup(runs: usize) -> (Vec<f64>, Vec<f64>) {
     (times, rss)
 }
 
+#[derive(Clone, Copy)]
 struct Load {
     requests: u64,
     errors: u64,
@@ -156,6 +157,39 @@ struct Load {
     p50: f64,
     p99: f64,
     peak_rss: f64,
+}
+
+const RUNS: usize = 3;
+
+/// The median run of several, figure by figure (requests and errors are summed).
+fn median_load(runs: &[Load]) -> Load {
+    let med = |f: fn(&Load) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Load {
+        requests: runs.iter().map(|l| l.requests).sum(),
+        errors: runs.iter().map(|l| l.errors).sum(),
+        rps: med(|l| l.rps),
+        p50: med(|l| l.p50),
+        p99: med(|l| l.p99),
+        peak_rss: runs.iter().map(|l| l.peak_rss).fold(0.0, f64::max),
+    }
+}
+
+/// `RUNS` pairs of runs, the baseline and the handler alternating, so drift on a noisy
+/// machine affects both.
+async fn paired(
+    baseline_url: &str,
+    handler_url: &str,
+    method: Method,
+    headers: Vec<(String, String)>,
+    body: Option<String>,
+    pid: u32,
+) -> (Load, Load) {
+    let (mut base, mut ours) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        base.push(load(baseline_url, method.clone(), headers.clone(), body.clone(), None).await);
+        ours.push(load(handler_url, method.clone(), headers.clone(), body.clone(), Some(pid)).await);
+    }
+    (median_load(&base), median_load(&ours))
 }
 
 /// `CONCURRENCY` connections sending requests back to back for `LOAD_SECS`, after a
@@ -384,25 +418,18 @@ async fn run() -> String {
         ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
         ("Content-Type".into(), "application/json".into()),
     ];
-    let baseline_token = load(
-        &format!("{}/api/connections/load-0/token", base.url),
-        Method::POST,
-        auth.clone(),
-        Some("{}".into()),
-        None,
-    )
-    .await;
     let dv_before = w.dataverse.requests().await;
-    let token = load(
+    let (baseline_token, token) = paired(
+        &format!("{}/api/connections/load-0/token", base.url),
         &format!("{}/api/connections/load-0/token", w.h.base),
         Method::POST,
         auth.clone(),
         Some("{}".into()),
-        Some(w.h.pid()),
+        w.h.pid(),
     )
     .await;
     let dv_calls = w.dataverse.requests().await - dv_before;
-    r.push_str("\n| load (64 connections, 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
+    r.push_str("\n| load (64 connections, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
     r.push_str(&format!(
         "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
         baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
@@ -419,10 +446,17 @@ async fn run() -> String {
 
     // 4. The portal's /me with token verification.
     let portal_auth = vec![("Authorization".to_string(), format!("Bearer {}", w.portal.token(CONTACT_A)))];
-    let baseline_me = load(&format!("{}/api/portal/me", base.url), Method::GET, portal_auth.clone(), None, None).await;
-    let me = load(&format!("{}/api/portal/me", w.h.base), Method::GET, portal_auth, None, Some(w.h.pid())).await;
+    let (baseline_me, me) = paired(
+        &format!("{}/api/portal/me", base.url),
+        &format!("{}/api/portal/me", w.h.base),
+        Method::GET,
+        portal_auth,
+        None,
+        w.h.pid(),
+    )
+    .await;
     r.push_str(&format!(
-        "| minimal warp handler, second run | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+        "| minimal warp handler (fixed JSON), alongside | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
         baseline_me.rps, baseline_me.p50, baseline_me.p99, baseline_me.errors
     ));
     r.push_str(&format!(

@@ -665,3 +665,26 @@ async fn tokens_shorter_than_the_margin_are_not_refreshed_on_every_call() {
     assert_eq!(w.peer.refresh_grants().await, 1);
     w.assert_logs_clean().await;
 }
+
+#[tokio::test]
+async fn the_proxy_refreshes_and_retries_once_when_the_provider_says_401() {
+    let w = world(Setup::default()).await;
+    w.connect("proxied").await;
+    let stale = w.access_token("proxied").await;
+    // The provider's API rejects the (still valid) token once, as when it was revoked early.
+    w.peer.reject_api_calls(1).await;
+    let bearer = format!("Bearer {}", w.bearer);
+    let r = w.h.forward(Method::GET, "/api/connections/proxied/proxy/items", &[("Authorization", &bearer)], None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/__api/items");
+    assert_eq!(w.peer.refresh_grants().await, 1, "one refresh, then the call was retried once");
+    let fresh = w.access_token("proxied").await;
+    assert_ne!(fresh, stale, "the retry used a refreshed token");
+    assert!(w.peer.is_active(&fresh).await);
+    // A second 401 in a row is passed through rather than retried again.
+    w.peer.reject_api_calls(2).await;
+    let r = w.h.forward(Method::GET, "/api/connections/proxied/proxy/items", &[("Authorization", &bearer)], None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(w.peer.refresh_grants().await, 2);
+    w.assert_logs_clean_without_callback().await;
+}

@@ -283,3 +283,32 @@ async fn with_platform_cors_the_handler_adds_none() {
     let preflight = w.h.forward(Method::OPTIONS, "/api/portal/me", &[("Origin", w.portal.url.as_str())], None).await;
     preflight.assert_problem(405, "method-not-allowed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_an_oidc_issuer_are_mapped_to_their_contact() {
+    // A site signing users in with B2C / External ID: the issuer's JWKS, a contact claim.
+    let issuer = support::issuer::Issuer::start().await;
+    let w = world(&[
+        ("PORTAL_OIDC_ISSUER", issuer.url.as_str()),
+        ("PORTAL_OIDC_AUDIENCE", "portal-spa"),
+        ("PORTAL_OIDC_CONTACT_CLAIM", "extension_contactid"),
+    ])
+    .await;
+    let mut claims = issuer.claims();
+    claims["aud"] = json!("portal-spa");
+    claims["extension_contactid"] = json!(CONTACT_B.to_uppercase());
+    let token = issuer.sign(&claims);
+    let r = w.call(Method::GET, "/api/portal/me", Some(&token), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["contact_id"], CONTACT_B);
+    assert_eq!(r.json()["name"], "Charles Babbage");
+    // Without the claim, or for another audience: 401 with the reason.
+    let mut no_claim = issuer.claims();
+    no_claim["aud"] = json!("portal-spa");
+    let r = w.call(Method::GET, "/api/portal/me", Some(&issuer.sign(&no_claim)), None).await;
+    assert!(r.assert_problem(401, "unauthorized")["detail"].as_str().unwrap().contains("extension_contactid"));
+    let r = w.call(Method::GET, "/api/portal/me", Some(&issuer.token()), None).await;
+    assert!(r.assert_problem(401, "unauthorized")["detail"].as_str().unwrap().contains("audience"));
+    // The Power Pages tokens keep working beside it.
+    assert_eq!(w.call(Method::GET, "/api/portal/me", Some(&w.portal.token(CONTACT_A)), None).await.status, 200);
+}

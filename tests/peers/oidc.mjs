@@ -582,6 +582,8 @@ function normalizeTokenFault(f) {
 }
 
 const issued = [];
+// `/__api/` answers 401 to its next `unauthorized` calls (a token rejected early).
+const apiFaults = { unauthorized: 0 };
 
 // A protected resource for proxy tests: `/__api/...` answers 200 with what it received
 // when the bearer token is active (checked by introspection), 401 otherwise.
@@ -589,7 +591,9 @@ provider.use(async (ctx, next) => {
   if (!ctx.path.startsWith('/__api/')) return next();
   const m = /^Bearer\s+(\S+)$/.exec(ctx.get('authorization') || '');
   const info = m ? await introspect(m[1]).catch(() => ({ active: false })) : { active: false };
-  if (!info.active) {
+  const faulted = apiFaults.unauthorized > 0;
+  if (faulted) apiFaults.unauthorized -= 1;
+  if (!info.active || faulted) {
     ctx.set('www-authenticate', 'Bearer error="invalid_token"');
     sendJson(ctx, 401, { error: 'invalid_token' });
     return;
@@ -643,6 +647,12 @@ provider.use(async (ctx, next) => {
         if (typeof b.token !== 'string' || !b.token) throw Object.assign(new Error('"token" is required'), { status: 400 });
         stats.introspections += 1;
         sendJson(ctx, 200, await introspect(b.token, b.token_type_hint));
+        return;
+      }
+      case 'POST /__control/api-faults': {
+        const b = await readJson(ctx);
+        apiFaults.unauthorized = Number.isInteger(b.unauthorized) && b.unauthorized >= 0 ? b.unauthorized : 0;
+        sendJson(ctx, 200, apiFaults);
         return;
       }
       case 'GET /__control/issued':

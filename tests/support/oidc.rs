@@ -107,6 +107,11 @@ api_base_url = "{iss}/__api/"
             .collect()
     }
 
+    /// The protected resource (`/__api/`) answers 401 to its next `n` calls.
+    pub async fn reject_api_calls(&self, n: u64) {
+        self.control(reqwest::Method::POST, "api-faults", Some(json!({ "unauthorized": n }))).await;
+    }
+
     pub async fn is_active(&self, token: &str) -> bool {
         self.control(reqwest::Method::POST, "introspect", Some(json!({ "token": token }))).await["active"] == true
     }
