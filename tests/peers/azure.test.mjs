@@ -10,6 +10,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { fileURLToPath } from 'node:url';
+import { spawnPeer } from './peer-process.mjs';
 import { once } from 'node:events';
 
 const PEER = fileURLToPath(new URL('./azure.mjs', import.meta.url));
@@ -37,45 +38,8 @@ const CONFIG = {
 // ---------------------------------------------------------------------------
 
 async function startPeer(config) {
-  const child = spawn(process.execPath, [PEER], {
-    env: { ...process.env, AZURE_PEER_CONFIG: JSON.stringify(config) },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
-  child.stdout.setEncoding('utf8');
-  const readyLine = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`peer not ready in 10 s; stderr:\n${stderr}`)), 10_000);
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const nl = stdout.indexOf('\n');
-      if (nl >= 0) {
-        clearTimeout(timer);
-        resolve(stdout.slice(0, nl));
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`peer exited early (${code}); stderr:\n${stderr}`));
-    });
-  });
-  const ready = JSON.parse(readyLine);
-  return {
-    child,
-    readyLine,
-    ready,
-    ca: fs.readFileSync(ready.ca),
-    control: new URL('/__control/', ready.identity).href,
-    stdoutAfterReady: () => stdout.slice(readyLine.length + 1),
-    stderr: () => stderr,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = once(child, 'exit');
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
+  const peer = await spawnPeer(PEER, 'AZURE_PEER_CONFIG', config);
+  return { ...peer, ca: fs.readFileSync(peer.ready.ca), control: new URL('/__control/', peer.ready.identity).href };
 }
 
 // One request. https URLs connect to 127.0.0.1 but keep the URL's host name for SNI, certificate

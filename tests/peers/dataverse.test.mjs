@@ -4,13 +4,14 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { spawnPeer } from './peer-process.mjs';
 import { once } from 'node:events';
 
 const PEER = fileURLToPath(new URL('./dataverse.mjs', import.meta.url));
@@ -43,44 +44,8 @@ const TENANT = '11111111-2222-3333-4444-555555555555';
 // ---------------------------------------------------------------------------
 
 async function startPeer(config, { env = {} } = {}) {
-  const child = spawn(process.execPath, [PEER], {
-    env: { ...process.env, ...env, DATAVERSE_PEER_CONFIG: JSON.stringify(config) },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
-  child.stdout.setEncoding('utf8');
-  const readyLine = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`peer not ready in 10 s; stderr:\n${stderr}`)), 10_000);
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const nl = stdout.indexOf('\n');
-      if (nl >= 0) {
-        clearTimeout(timer);
-        resolve(stdout.slice(0, nl));
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(Object.assign(new Error(`peer exited early (${code}); stderr:\n${stderr}`), { code, stderr }));
-    });
-  });
-  const ready = JSON.parse(readyLine);
-  return {
-    child,
-    readyLine,
-    url: ready.url,
-    port: ready.port,
-    stdoutAfterReady: () => stdout.slice(readyLine.length + 1),
-    stderr: () => stderr,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = once(child, 'exit');
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
+  const peer = await spawnPeer(PEER, 'DATAVERSE_PEER_CONFIG', config, { env });
+  return { ...peer, url: peer.ready.url, port: peer.ready.port };
 }
 
 let peer;

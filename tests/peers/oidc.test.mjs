@@ -3,9 +3,9 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import { fileURLToPath } from 'node:url';
+import { spawnPeer } from './peer-process.mjs';
 import { once } from 'node:events';
 
 const PEER = fileURLToPath(new URL('./oidc.mjs', import.meta.url));
@@ -28,44 +28,8 @@ const BASIC_CLIENT = {
 // ---------------------------------------------------------------------------
 
 async function startPeer(config) {
-  const child = spawn(process.execPath, [PEER], {
-    env: { ...process.env, OIDC_PEER_CONFIG: JSON.stringify(config) },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
-  child.stdout.setEncoding('utf8');
-  const readyLine = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`peer not ready in 10 s; stderr:\n${stderr}`)), 10_000);
-    child.stdout.on('data', (d) => {
-      stdout += d;
-      const nl = stdout.indexOf('\n');
-      if (nl >= 0) {
-        clearTimeout(timer);
-        resolve(stdout.slice(0, nl));
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`peer exited early (${code}); stderr:\n${stderr}`));
-    });
-  });
-  const ready = JSON.parse(readyLine);
-  return {
-    child,
-    readyLine,
-    issuer: ready.issuer,
-    port: ready.port,
-    stdoutAfterReady: () => stdout.slice(readyLine.length + 1),
-    stderr: () => stderr,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = once(child, 'exit');
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
+  const peer = await spawnPeer(PEER, 'OIDC_PEER_CONFIG', config);
+  return { ...peer, issuer: peer.ready.issuer, port: peer.ready.port };
 }
 
 // ---------------------------------------------------------------------------
