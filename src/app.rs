@@ -113,7 +113,7 @@ impl App {
 
 /// Where named secrets come from: Key Vault when `KEY_VAULT_URL` is set (read with the
 /// app's Azure identity), the settings otherwise.
-async fn secret_source(config: &Config, settings: Settings) -> Result<Arc<dyn SecretSource>, StartupError> {
+pub async fn secret_source(config: &Config, settings: Settings) -> Result<Arc<dyn SecretSource>, StartupError> {
     let local = SettingsSecrets::new(settings);
     let Some(vault) = &config.secrets.key_vault else {
         tracing::info!("secrets: from app settings (no KEY_VAULT_URL)");

@@ -15,7 +15,7 @@ use crate::config::{CaptureMode, Config, Settings, StoreConfig};
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::oauth::catalog::Catalog;
-use crate::secrets::{KeyVaultSecrets, SecretSource, SettingsSecrets};
+use crate::secrets::{SecretSource, SettingsSecrets};
 
 pub struct Row {
     pub check: String,
@@ -90,32 +90,21 @@ pub async fn run(settings: Settings, config: Config) -> Report {
         }
     };
 
-    // Where secrets come from.
-    let local = SettingsSecrets::new(settings.clone());
-    let secrets: Arc<dyn SecretSource> = match &config.secrets.key_vault {
-        None => {
-            report.add("secrets source", Ok("app settings (no KEY_VAULT_URL)".into()));
-            Arc::new(SettingsSecrets::new(settings))
+    // Where secrets come from, chosen as the running app chooses.
+    let secrets: Arc<dyn SecretSource> = match crate::app::secret_source(&config, settings.clone()).await {
+        Ok(source) => {
+            report.add(
+                "secrets source",
+                Ok(match &config.secrets.key_vault {
+                    None => "app settings (no KEY_VAULT_URL)".to_string(),
+                    Some(vault) => format!("Key Vault {vault} with {}", config.azure_credential.describe()),
+                }),
+            );
+            source
         }
-        Some(vault) => {
-            let built = config
-                .azure_credential
-                .build(&local)
-                .await
-                .and_then(|c| KeyVaultSecrets::new(vault, c, config.secrets.cache_ttl));
-            match built {
-                Ok(kv) => {
-                    report.add(
-                        "secrets source",
-                        Ok(format!("Key Vault {vault} with {}", config.azure_credential.describe())),
-                    );
-                    Arc::new(kv)
-                }
-                Err(e) => {
-                    report.add("secrets source", Err(format!("Key Vault {vault}: {e}")));
-                    Arc::new(local)
-                }
-            }
+        Err(e) => {
+            report.add("secrets source", Err(e.to_string()));
+            Arc::new(SettingsSecrets::new(settings))
         }
     };
 

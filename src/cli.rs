@@ -62,18 +62,14 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn serve() -> ExitCode {
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    let config = match Config::from_settings(&settings) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
+    let (settings, config) = match load() {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     crate::logging::init(&config.log_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let listener = match crate::http::bind(config.listen.addr).await {
@@ -114,12 +110,18 @@ fn serve() -> ExitCode {
     })
 }
 
-/// Loads settings and configuration for a sub-command, logging warnings only.
+/// Loads settings and configuration, or says in one line what is wrong.
 fn load() -> Result<(Settings, Config), ExitCode> {
     let settings = Settings::load().map_err(fail)?;
     let config = Config::from_settings(&settings).map_err(fail)?;
-    crate::logging::init("warn");
     Ok((settings, config))
+}
+
+/// Settings and configuration for an operator sub-command, which logs warnings only.
+fn load_for_tool() -> Result<(Settings, Config), ExitCode> {
+    let loaded = load()?;
+    crate::logging::init("warn");
+    Ok(loaded)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -130,7 +132,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn check() -> ExitCode {
-    let (settings, config) = match load() {
+    let (settings, config) = match load_for_tool() {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -144,7 +146,7 @@ fn check() -> ExitCode {
 }
 
 fn provision(key_timeout_seconds: u64) -> ExitCode {
-    let (settings, config) = match load() {
+    let (settings, config) = match load_for_tool() {
         Ok(v) => v,
         Err(code) => return code,
     };

@@ -125,6 +125,14 @@ impl Settings {
             .unwrap_or_default()
     }
 
+    /// A comma-separated list of origins (`https://host[:port]`).
+    fn origins(&self, name: &str) -> Result<Vec<url::Origin>, ConfigError> {
+        self.list(name)
+            .iter()
+            .map(|o| parse_service_url(o).map(|u| u.origin()).map_err(|p| ConfigError::new(name, p)))
+            .collect()
+    }
+
     fn url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
         self.get(name).map(|v| parse_service_url(v).map_err(|p| ConfigError::new(name, p))).transpose()
     }
@@ -437,11 +445,7 @@ impl Config {
                 ));
             }
         };
-        let mut return_url_origins = Vec::new();
-        for origin in s.list("RETURN_URL_ALLOWLIST") {
-            let url = parse_service_url(&origin).map_err(|p| ConfigError::new("RETURN_URL_ALLOWLIST", p))?;
-            return_url_origins.push(url.origin());
-        }
+        let return_url_origins = s.origins("RETURN_URL_ALLOWLIST")?;
         let oauth = OAuthConfig {
             state_ttl: s.seconds("STATE_TTL_SECONDS", 600)?,
             refresh_margin: s.seconds("REFRESH_MARGIN_SECONDS", 300)?,
@@ -521,11 +525,7 @@ impl Config {
                 })
             }
         };
-        let mut origins = Vec::new();
-        for origin in s.list("PORTAL_ORIGINS") {
-            let url = parse_service_url(&origin).map_err(|p| ConfigError::new("PORTAL_ORIGINS", p))?;
-            origins.push(url.origin());
-        }
+        let mut origins = s.origins("PORTAL_ORIGINS")?;
         if let Some(pp) = &power_pages
             && !origins.contains(&pp.url.origin())
         {

@@ -190,6 +190,14 @@ enum Want {
     RefreshedAfter(i64),
 }
 
+impl Want {
+    /// Whether a token that is still valid, though due, will do when no refresh can be made
+    /// now (back-off, a transient failure); only a forced refresh insists on a new one.
+    fn accepts_still_valid(self) -> bool {
+        !matches!(self, Want::RefreshedAfter(_))
+    }
+}
+
 pub struct Connections {
     store: Arc<dyn Store>,
     keys: Arc<Keyring>,
@@ -544,16 +552,10 @@ impl Connections {
     async fn deliver_pending(&self, fno: &Fno) -> Result<(usize, usize), StoreError> {
         let (mut delivered, mut failed) = (0, 0);
         for c in self.store.undelivered_captures(100).await? {
-            let code = match &c.code {
-                Some(sealed) => match self.keys.open(sealed, &capture_aad(&c.key)).map(String::from_utf8) {
-                    Ok(Ok(code)) => Some(code),
-                    _ => {
-                        failed += 1;
-                        tracing::error!("a pending capture's code cannot be decrypted; it is skipped");
-                        continue;
-                    }
-                },
-                None => None,
+            let Ok(code) = self.open_capture_code(&c) else {
+                failed += 1;
+                tracing::error!("a pending capture's code cannot be decrypted; it is skipped");
+                continue;
             };
             let delivery = Delivery {
                 code: code.as_deref(),
@@ -577,19 +579,23 @@ impl Connections {
         Ok((delivered, failed))
     }
 
+    /// A capture's authorization code, decrypted.
+    fn open_capture_code(&self, c: &Capture) -> Result<Option<String>, CryptoError> {
+        c.code
+            .as_deref()
+            .map(|sealed| {
+                String::from_utf8(self.keys.open(sealed, &capture_aad(&c.key))?).map_err(|_| CryptoError::Malformed)
+            })
+            .transpose()
+    }
+
     /// The captures received for a state, with their codes decrypted.
     pub async fn captures(&self, state: &str) -> Result<Vec<CaptureView>, ConnectionError> {
         let captures = self.store.captures_by_state(state).await?;
         captures
             .into_iter()
             .map(|c| {
-                let code = match &c.code {
-                    Some(sealed) => Some(
-                        String::from_utf8(self.keys.open(sealed, &capture_aad(&c.key))?)
-                            .map_err(|_| CryptoError::Malformed)?,
-                    ),
-                    None => None,
-                };
+                let code = self.open_capture_code(&c)?;
                 Ok(CaptureView {
                     state: c.state,
                     code,
@@ -676,7 +682,8 @@ impl Connections {
                     .mark_needs_reauth(conn, "the access token expired and the provider issued no refresh token")
                     .await);
             };
-            if let (Some(next), Want::Fresh { .. } | Want::ValidUntil(_)) = (conn.next_attempt_at, want)
+            if let Some(next) = conn.next_attempt_at
+                && want.accepts_still_valid()
                 && next > t
             {
                 // Backing off after a transient failure: serve what is still valid.
@@ -782,7 +789,7 @@ impl Connections {
                     })
                     .await;
                 tracing::warn!(connection = %id, provider = %provider.name, error = %e, failures, "refresh failed; backing off {backoff} s");
-                if old.expires_at > t && matches!(want, Want::Fresh { .. } | Want::ValidUntil(_)) {
+                if old.expires_at > t && want.accepts_still_valid() {
                     return Ok(CachedToken::from_tokens(&old, 0));
                 }
                 // Either way the record backs off; the caller learns whether waiting helps.

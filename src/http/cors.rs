@@ -37,9 +37,7 @@ pub fn check(
     let Some(origin) = origin else {
         return Verdict::NoOrigin;
     };
-    let listed =
-        origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()).is_some_and(|u| origins.contains(&u.origin()));
-    if !listed {
+    if !origin.to_str().is_ok_and(|o| is_listed(origins, o)) {
         let shown = origin.to_str().unwrap_or("?");
         return Verdict::Denied(ApiError::forbidden(format!(
             "Pages from {shown} may not call this API (not in PORTAL_ORIGINS)."
@@ -66,6 +64,11 @@ pub fn check(
         return Verdict::Preflight(resp);
     }
     Verdict::Allowed(origin.clone())
+}
+
+/// Whether an `Origin` value is one of the listed origins.
+pub fn is_listed(origins: &[url::Origin], origin: &str) -> bool {
+    url::Url::parse(origin).is_ok_and(|u| origins.contains(&u.origin()))
 }
 
 /// Adds the headers of an allowed cross-origin answer.

@@ -128,9 +128,10 @@ pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiErr
         })?;
         // One connection per contact and provider: connecting again re-authorizes it.
         let id = format!("portal-{}-{}", u.contact_id, provider.name);
-        let opener = req.header(header::ORIGIN).map(str::to_string);
-        let opener =
-            opener.filter(|o| url::Url::parse(o).is_ok_and(|u| app.config.portal.origins.contains(&u.origin())));
+        let opener = req
+            .header(header::ORIGIN)
+            .filter(|o| crate::http::cors::is_listed(&app.config.portal.origins, o))
+            .map(str::to_string);
         let start = StartRequest {
             provider: provider.name.clone(),
             connection_id: Some(id.clone()),
