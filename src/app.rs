@@ -1,26 +1,33 @@
-//! The running application: configuration plus every long-lived part, built once at
-//! start-up and shared by all requests.
+//! The composition root: configuration plus every long-lived part, built once at
+//! start-up and shared by all requests. Only this file knows how the parts are wired.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use secrecy::ExposeSecret;
+use url::Url;
 
 use crate::auth::BearerVerifier;
-use crate::azure::ResourceToken;
-use crate::config::{CaptureMode, Config, ConfigError, DataverseConfig, FnoConfig, Settings, StoreConfig};
+use crate::azure::{self, IdentityError, ResourceToken};
+use crate::captures::Captures;
+use crate::config::{
+    CaptureMode, Config, ConfigError, CredentialConfig, DataverseConfig, FnoConfig, Settings, StoreConfig,
+};
 use crate::connections::Connections;
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
 use crate::fno::Fno;
 use crate::oauth::catalog::Catalog;
+use crate::oauth::client::HttpTokenEndpoint;
+use crate::outbound;
 use crate::portal::Portal;
 use crate::portal::identity::PortalVerifier;
 use crate::secrets::{KeyVaultSecrets, SecretError, SecretSource, SettingsSecrets};
-use crate::store::Store;
 use crate::store::dataverse::DataverseStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use crate::time::{Clock, SystemClock};
 
 pub struct App {
     pub config: Config,
@@ -29,12 +36,13 @@ pub struct App {
     pub keys: Arc<Keyring>,
     pub secrets: Arc<dyn SecretSource>,
     pub connections: Connections,
+    pub captures: Captures,
     pub back_office: Option<BearerVerifier>,
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
     pub dataverse: Option<Arc<Dataverse>>,
     pub portal: Option<Portal>,
-    /// For calls to providers' APIs through the proxy.
-    pub proxy_http: reqwest::Client,
+    /// The one pooled HTTPS client (providers' APIs through the proxy, among others).
+    pub http: reqwest::Client,
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -45,11 +53,11 @@ pub enum StartupError {
     #[error("secrets: {0}")]
     Secret(#[from] SecretError),
     #[error("store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
     #[error("HTTP client: {0}")]
-    Http(String),
+    Http(#[from] outbound::ClientError),
     #[error("Azure identity: {0}")]
-    Identity(String),
+    Identity(#[from] IdentityError),
 }
 
 impl App {
@@ -63,15 +71,13 @@ impl App {
             secrets.get(name).await?;
         }
         let keys = Arc::new(load_keys(&config, secrets.as_ref()).await?);
-        // One pooled HTTPS client for every outbound call: building one loads the TLS roots,
-        // which is most of the start-up time, and clones share the connection pool.
-        let http = outbound_client(config.oauth.upstream_timeout)?;
+        let http = http_client(&config)?;
         let dataverse = match &config.dataverse {
             Some(dv) => Some(dataverse_client(dv, &config, secrets.as_ref(), http.clone()).await?),
             None => None,
         };
         let store: Arc<dyn Store> = match (&config.store, &dataverse) {
-            (StoreConfig::Sqlite { path }, _) => Arc::new(SqliteStore::open(path).map_err(StartupError::Store)?),
+            (StoreConfig::Sqlite { path }, _) => Arc::new(SqliteStore::open(path)?),
             (StoreConfig::Dataverse(dv), Some(client)) => {
                 Arc::new(DataverseStore::new(client.clone(), Schema::new(&dv.prefix)))
             }
@@ -79,23 +85,27 @@ impl App {
                 return Err(ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse").into());
             }
         };
-        let proxy_http = http.clone();
         let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
-        let portal = config.portal.enabled().then(|| Portal::new(PortalVerifier::new(&config.portal, http.clone())));
+        let portal = config
+            .portal
+            .enabled()
+            .then(|| Portal::new(PortalVerifier::new(&config.portal, http.clone()), dataverse.clone()));
         let fno = match &config.oauth.capture {
             CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref(), http.clone()).await?),
             _ => None,
         };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let endpoint = Arc::new(HttpTokenEndpoint { http: http.clone(), secrets: secrets.clone() });
         let connections = Connections::new(
-            store,
+            store.clone(),
             keys.clone(),
             Arc::new(catalog),
-            secrets.clone(),
-            http,
+            endpoint,
+            clock.clone(),
             config.oauth.clone(),
             config.redirect_uri.clone(),
-            fno,
         );
+        let captures = Captures::new(store, keys.clone(), clock, fno);
         Ok(App {
             config,
             started,
@@ -103,29 +113,14 @@ impl App {
             keys,
             secrets,
             connections,
+            captures,
             back_office,
             dataverse,
             portal,
-            proxy_http,
+            http,
         })
     }
-}
 
-/// Where named secrets come from: Key Vault when `KEY_VAULT_URL` is set (read with the
-/// app's Azure identity), the settings otherwise.
-pub async fn secret_source(config: &Config, settings: Settings) -> Result<Arc<dyn SecretSource>, StartupError> {
-    let local = SettingsSecrets::new(settings);
-    let Some(vault) = &config.secrets.key_vault else {
-        tracing::info!("secrets: from app settings (no KEY_VAULT_URL)");
-        return Ok(Arc::new(local));
-    };
-    tracing::info!(vault = %vault, "secrets: Key Vault, authenticating with {}", config.azure_credential.describe());
-    let credential = config.azure_credential.build(&local).await.map_err(StartupError::Identity)?;
-    let kv = KeyVaultSecrets::new(vault, credential, config.secrets.cache_ttl).map_err(StartupError::Identity)?;
-    Ok(Arc::new(kv))
-}
-
-impl App {
     /// Re-reads the token encryption keys (a key rotated in Key Vault is used without a
     /// restart). The old keys must stay listed until tokens sealed with them are gone.
     pub async fn reload_keys(&self) {
@@ -143,6 +138,39 @@ impl App {
     }
 }
 
+// The builders below are the running app's and `handler check`'s alike, so a check
+// exercises exactly the wiring production runs.
+
+/// The one pooled HTTPS client, with the configured upstream timeout.
+pub fn http_client(config: &Config) -> Result<reqwest::Client, StartupError> {
+    Ok(outbound::client(config.oauth.upstream_timeout)?)
+}
+
+/// Where named secrets come from: Key Vault when `KEY_VAULT_URL` is set (read with the
+/// app's Azure identity), the settings otherwise.
+pub async fn secret_source(config: &Config, settings: Settings) -> Result<Arc<dyn SecretSource>, StartupError> {
+    let local = SettingsSecrets::new(settings);
+    let Some(vault) = &config.secrets.key_vault else {
+        tracing::info!("secrets: from app settings (no KEY_VAULT_URL)");
+        return Ok(Arc::new(local));
+    };
+    tracing::info!(vault = %vault, "secrets: Key Vault, authenticating with {}", config.azure_credential.describe());
+    let credential = azure::credential(&config.azure_credential, &local).await?;
+    Ok(Arc::new(KeyVaultSecrets::new(vault, credential, config.secrets.cache_ttl)?))
+}
+
+/// Tokens for an Azure resource with a credential (a resource's own, or the app's).
+pub async fn resource_token(
+    credential: Option<&CredentialConfig>,
+    config: &Config,
+    secrets: &dyn SecretSource,
+    resource: &Url,
+) -> Result<Arc<ResourceToken>, StartupError> {
+    let credential = credential.unwrap_or(&config.azure_credential);
+    let built = azure::credential(credential, secrets).await?;
+    Ok(Arc::new(ResourceToken::new(built, resource.as_str())))
+}
+
 /// A Dataverse client with the configured identity (Dataverse's own, or the app's).
 pub async fn dataverse_client(
     dv: &DataverseConfig,
@@ -152,13 +180,12 @@ pub async fn dataverse_client(
 ) -> Result<Arc<Dataverse>, StartupError> {
     let credential = dv.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %dv.url, "Dataverse: authenticating with {}", credential.describe());
-    let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
-    let tokens = Arc::new(ResourceToken::new(built, dv.url.as_str()));
+    let tokens = resource_token(dv.credential.as_ref(), config, secrets, &dv.url).await?;
     Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone())))
 }
 
 /// The Finance & Operations capture target with the configured identity.
-async fn fno_client(
+pub async fn fno_client(
     f: &FnoConfig,
     config: &Config,
     secrets: &dyn SecretSource,
@@ -166,23 +193,9 @@ async fn fno_client(
 ) -> Result<Fno, StartupError> {
     let credential = f.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %f.url, path = %f.path, "F&O capture: authenticating with {}", credential.describe());
-    let built = credential.build(secrets).await.map_err(StartupError::Identity)?;
-    let tokens = Arc::new(ResourceToken::new(built, f.url.as_str()));
+    let tokens = resource_token(f.credential.as_ref(), config, secrets, &f.url).await?;
     Fno::new(&f.url, &f.path, f.data_area.clone(), http, tokens)
-        .map_err(|e| ConfigError::new("FNO_CAPTURE_PATH", e).into())
-}
-
-/// One pooled client per purpose: no redirects (a redirecting token endpoint is a
-/// misconfiguration, and following it would leak credentials), bounded timeouts.
-pub fn outbound_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10).min(timeout))
-        .timeout(timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .user_agent(concat!("dynamics-companion/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| StartupError::Http(e.to_string()))
+        .map_err(|e| ConfigError::new("FNO_CAPTURE_PATH", e.to_string()).into())
 }
 
 /// The token encryption keys. Without a configured key and with the SQLite store, a

@@ -10,11 +10,14 @@ use std::sync::Arc;
 
 use secrecy::ExposeSecret;
 
-use crate::azure::{CredentialConfig, ResourceToken, TokenSource};
-use crate::config::{CaptureMode, Config, Settings, StoreConfig};
+use crate::app;
+use crate::auth::BearerVerifier;
+use crate::azure::TokenSource;
+use crate::config::{CaptureMode, Config, CredentialConfig, Settings, StoreConfig};
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::oauth::catalog::Catalog;
+use crate::outbound::one_line;
 use crate::secrets::{SecretSource, SettingsSecrets};
 
 pub struct Row {
@@ -57,10 +60,6 @@ impl Report {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 pub async fn run(settings: Settings, config: Config) -> Report {
     let mut report = Report::default();
     report.add(
@@ -68,11 +67,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
         Ok(format!(
             "store {}, capture {}, listening on {}",
             config.store.kind(),
-            match &config.oauth.capture {
-                CaptureMode::Off => "off",
-                CaptureMode::Store => "store",
-                CaptureMode::Fno(_) => "fno",
-            },
+            config.oauth.capture.name(),
             config.listen.addr
         )),
     );
@@ -91,7 +86,14 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     };
 
     // Where secrets come from, chosen as the running app chooses.
-    let secrets: Arc<dyn SecretSource> = match crate::app::secret_source(&config, settings.clone()).await {
+    let http = match app::http_client(&config) {
+        Ok(h) => h,
+        Err(e) => {
+            report.add("HTTPS client", Err(e.to_string()));
+            return report;
+        }
+    };
+    let secrets: Arc<dyn SecretSource> = match app::secret_source(&config, settings.clone()).await {
         Ok(source) => {
             report.add(
                 "secrets source",
@@ -138,17 +140,16 @@ pub async fn run(settings: Settings, config: Config) -> Report {
 
     // A token for every Azure resource, and a call that proves it is accepted.
     if let Some(dv) = config.dataverse.clone() {
-        let cred = dv.credential.clone().unwrap_or_else(|| config.azure_credential.clone());
-        match token_source(&cred, secrets.as_ref(), dv.url.as_str()).await {
+        let cred = dv.credential.as_ref().unwrap_or(&config.azure_credential);
+        match app::resource_token(dv.credential.as_ref(), &config, secrets.as_ref(), &dv.url).await {
             Ok(tokens) => {
                 let got = tokens.token().await;
                 let ok = report.add(
                     format!("token for Dataverse {}", dv.url),
-                    got.map(|_| format!("acquired with {}", cred.describe())),
+                    got.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string()),
                 );
                 if ok {
-                    let http = reqwest::Client::new();
-                    let client = Dataverse::new(&dv.url, http, tokens, dv.solution.clone());
+                    let client = Dataverse::new(&dv.url, http.clone(), tokens, dv.solution.clone());
                     let who = client.who_am_i().await.map(|v| {
                         format!("application user {}", v.get("UserId").and_then(|u| u.as_str()).unwrap_or("?"))
                     });
@@ -156,24 +157,26 @@ pub async fn run(settings: Settings, config: Config) -> Report {
                 }
             }
             Err(e) => {
-                report.add(format!("token for Dataverse {}", dv.url), Err(e));
+                report.add(format!("token for Dataverse {}", dv.url), Err(e.to_string()));
             }
         }
     }
     if let CaptureMode::Fno(f) = &config.oauth.capture {
-        let cred = f.credential.clone().unwrap_or_else(|| config.azure_credential.clone());
-        let result = match token_source(&cred, secrets.as_ref(), f.url.as_str()).await {
-            Ok(tokens) => tokens.token().await.map(|_| format!("acquired with {}", cred.describe())),
-            Err(e) => Err(e),
+        let cred = f.credential.as_ref().unwrap_or(&config.azure_credential);
+        let result = match app::resource_token(f.credential.as_ref(), &config, secrets.as_ref(), &f.url).await {
+            Ok(tokens) => {
+                tokens.token().await.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
         };
         report.add(format!("token for F&O {}", f.url), result);
     }
 
     if let Some(auth) = &config.back_office {
-        let verifier = crate::auth::BearerVerifier::new(auth.clone(), reqwest::Client::new());
+        let verifier = BearerVerifier::new(auth.clone(), http.clone());
         report.add(
-            format!("back-office issuer {}", auth.issuer),
-            verifier.load_keys().await.map(|n| format!("{n} signing key(s)")),
+            format!("back-office issuer {}", auth.issuer.issuer),
+            verifier.load_keys().await.map(|n| format!("{n} signing key(s)")).map_err(|e| e.to_string()),
         );
     } else {
         report.add("back-office issuer", Ok("not configured: the back-office API is closed".into()));
@@ -181,7 +184,9 @@ pub async fn run(settings: Settings, config: Config) -> Report {
 
     match &config.store {
         StoreConfig::Sqlite { path } => {
-            let opened = crate::store::sqlite::SqliteStore::open(path).map(|_| format!("{} opens", path.display()));
+            let opened = crate::store::sqlite::SqliteStore::open(path)
+                .map(|_| format!("{} opens", path.display()))
+                .map_err(|e| e.to_string());
             report.add("store (SQLite)", opened);
         }
         StoreConfig::Dataverse(_) => {
@@ -201,13 +206,4 @@ fn credentials(config: &Config) -> Vec<Option<&CredentialConfig>> {
         v.push(f.credential.as_ref());
     }
     v
-}
-
-async fn token_source(
-    cred: &CredentialConfig,
-    secrets: &dyn SecretSource,
-    resource: &str,
-) -> Result<Arc<dyn TokenSource>, String> {
-    let built = cred.build(secrets).await?;
-    Ok(Arc::new(ResourceToken::new(built, resource)))
 }

@@ -72,7 +72,7 @@ fn serve() -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async move {
-        let listener = match crate::http::bind(config.listen.addr).await {
+        let listener = match crate::web::bind(config.listen.addr).await {
             Ok(l) => l,
             Err(e) => return fail(format!("cannot listen on {}: {e}", config.listen.addr)),
         };
@@ -104,7 +104,7 @@ fn serve() -> ExitCode {
                 }
             });
         }
-        crate::http::serve(app, listener, shutdown_signal()).await;
+        crate::web::serve(app, listener, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
@@ -159,7 +159,7 @@ fn provision(key_timeout_seconds: u64) -> ExitCode {
     };
     rt.block_on(async move {
         let secrets = crate::secrets::SettingsSecrets::new(settings);
-        let http = match crate::app::outbound_client(config.oauth.upstream_timeout) {
+        let http = match crate::app::http_client(&config) {
             Ok(h) => h,
             Err(e) => return fail(e),
         };

@@ -209,7 +209,7 @@ impl Keyring {
         if now >= expires_at {
             return Err(StateError::Expired);
         }
-        Ok(VerifiedState { expires_at, connection_tag: tag, hash: state_hash(state) })
+        Ok(VerifiedState { expires_at, connection_tag: tag, hash: sha256_hex(state) })
     }
 }
 
@@ -239,15 +239,16 @@ pub enum StateError {
     Expired,
 }
 
-/// The store's lookup key for a state: never the state itself. Lower-case hex, because
+/// A stable, non-reversible key for a value: how the store finds a state (never the
+/// state itself) and tells one capture's code from another. Lower-case hex, because
 /// Dataverse compares strings case-insensitively.
-pub fn state_hash(state: &str) -> String {
-    hex(&Sha256::digest(state.as_bytes()))
+pub fn sha256_hex(value: &str) -> String {
+    hex(&Sha256::digest(value.as_bytes()))
 }
 
-/// A stable, non-reversible key for a value (capture de-duplication by code).
-pub fn fingerprint(value: &str) -> String {
-    hex(&Sha256::digest(value.as_bytes()))
+/// `N` random bytes as lower-case hex (generated ids).
+pub fn random_hex<const N: usize>() -> String {
+    hex(&random_bytes::<N>())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -343,7 +344,7 @@ mod tests {
         let v = r.verify_state(&s, 999).unwrap();
         assert!(v.is_for("conn-a"));
         assert!(!v.is_for("conn-b"));
-        assert_eq!(v.hash, state_hash(&s));
+        assert_eq!(v.hash, sha256_hex(&s));
         assert_eq!(r.verify_state(&s, 1_000).unwrap_err(), StateError::Expired);
         assert_eq!(r.verify_state("some-state-from-dynamics", 0).unwrap_err(), StateError::NotOurs);
         // Flip one character of the payload.

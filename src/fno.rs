@@ -19,7 +19,23 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::azure::TokenSource;
+use crate::azure::{IdentityError, TokenSource};
+use crate::outbound::{self, Backoff};
+
+/// Why a capture did not reach Finance & Operations.
+#[derive(Debug, thiserror::Error)]
+pub enum FnoError {
+    #[error("{0:?} is neither a custom service (/api/services/...) nor a data entity (/data/...)")]
+    Path(String),
+    #[error("{path:?} cannot be joined to {base}: {reason}")]
+    Join { path: String, base: String, reason: String },
+    #[error(transparent)]
+    Token(#[from] IdentityError),
+    #[error("F&O answered {status}: {message}")]
+    Refused { status: reqwest::StatusCode, message: String },
+    #[error("F&O did not answer: {0}")]
+    Unreachable(String),
+}
 
 /// A capture in clear, as delivered.
 #[derive(Debug, Clone)]
@@ -47,6 +63,9 @@ pub struct Fno {
 }
 
 const ATTEMPTS: u32 = 4;
+/// 1 s, 2 s, 4 s, and never longer than 5 s, `Retry-After` included: the timer retries
+/// later beyond that.
+const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
 
 impl Fno {
     /// `base` is the environment URL; `path` starts with `/api/services/` or `/data/`.
@@ -56,17 +75,19 @@ impl Fno {
         data_area: Option<String>,
         http: reqwest::Client,
         tokens: Arc<dyn TokenSource>,
-    ) -> Result<Fno, String> {
+    ) -> Result<Fno, FnoError> {
         let target = if path.starts_with("/api/services/") {
             Target::CustomService
         } else if path.starts_with("/data/") {
             Target::DataEntity
         } else {
-            return Err(format!(
-                "{path:?} is neither a custom service (/api/services/...) nor a data entity (/data/...)"
-            ));
+            return Err(FnoError::Path(path.to_string()));
         };
-        let endpoint = base.join(path).map_err(|e| format!("{path:?} cannot be joined to {base}: {e}"))?;
+        let endpoint = base.join(path).map_err(|e| FnoError::Join {
+            path: path.to_string(),
+            base: base.to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(Fno { endpoint, target, data_area, http, tokens })
     }
 
@@ -97,13 +118,13 @@ impl Fno {
 
     /// Delivers one capture; retries throttling and transient failures a few times,
     /// honouring `Retry-After` (the timer retries later beyond that).
-    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), String> {
+    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), FnoError> {
         let body = self.body(d);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let token = self.tokens.token().await?;
-            let result = crate::http::upstream(
+            let result = outbound::upstream(
                 self.http
                     .post(self.endpoint.clone())
                     .header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()))
@@ -116,29 +137,24 @@ impl Fno {
                 Ok(resp) if resp.status().is_success() => return Ok(()),
                 Ok(resp) => {
                     let status = resp.status();
-                    let retry_after = resp
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok());
-                    let text = resp.text().await.unwrap_or_default();
+                    let retry_after = outbound::retry_after(resp.headers());
+                    let text = outbound::upstream(resp.text()).await.unwrap_or_default();
                     let message = serde_json::from_str::<Value>(&text)
                         .ok()
                         .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
                         .unwrap_or_else(|| text.chars().take(200).collect());
-                    let error = format!("F&O answered {status}: {message}");
+                    let error = FnoError::Refused { status, message };
                     if !(status.as_u16() == 429 || status.is_server_error()) {
                         return Err(error);
                     }
                     (retry_after, error)
                 }
-                Err(e) => (None, format!("F&O did not answer: {}", crate::oauth::client::describe(e))),
+                Err(e) => (None, FnoError::Unreachable(outbound::error_text(e))),
             };
             if attempt >= ATTEMPTS {
                 return Err(error);
             }
-            let delay = Duration::from_secs(retry_after.unwrap_or(1 << (attempt - 1)).min(5));
-            tokio::time::sleep(delay).await;
+            RETRY.sleep(attempt, retry_after).await;
         }
     }
 }

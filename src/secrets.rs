@@ -6,10 +6,15 @@
 //! environment style (`ACME_CLIENT_SECRET`: upper case, `-` as `_`), so one name works
 //! in Key Vault (which allows only letters, digits and dashes) and in app settings.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use async_trait::async_trait;
 use secrecy::SecretString;
 
 use crate::config::Settings;
+use crate::outbound::{self, Cache, one_line};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SecretError {
@@ -17,6 +22,8 @@ pub enum SecretError {
     Missing { name: String, looked_for: String },
     #[error("secret {name:?} could not be read: {reason}")]
     Unavailable { name: String, reason: String },
+    #[error("the Key Vault client could not be built: {0}")]
+    Client(String),
 }
 
 /// Checks a secret name against Key Vault's rules, which are the strictest we meet.
@@ -74,28 +81,30 @@ impl SecretSource for SettingsSecrets {
 /// without a restart and each secret costs one vault call per TTL, not one per request.
 ///
 /// When the vault cannot be reached after start-up, the last value read keeps being
-/// served (with a warning): a short vault outage must not take the product down. A
-/// secret the vault says does not exist is an error, whatever the cache holds.
+/// served (with a warning) and the vault is tried again after another TTL: a short vault
+/// outage must not take the product down. A secret the vault says does not exist is an
+/// error, whatever the cache holds.
 pub struct KeyVaultSecrets {
     client: azure_security_keyvault_secrets::SecretClient,
     vault: String,
-    ttl: std::time::Duration,
-    cache: std::sync::RwLock<std::collections::HashMap<String, (SecretString, std::time::Instant)>>,
-    /// One vault fetch at a time: concurrent callers of an expired secret share it.
-    fetching: tokio::sync::Mutex<()>,
+    ttl: Duration,
+    /// One fetch per name at a time: concurrent callers of an expired secret share it.
+    cache: Cache<String, SecretString>,
     /// Vault reads made, for `check` and the tests.
-    pub fetches: std::sync::atomic::AtomicU64,
+    pub fetches: AtomicU64,
 }
 
 /// How long one secret read may take before the cached value is used instead.
-const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Far more than any configuration names; the names come from configuration, not traffic.
+const MAX_SECRETS: usize = 256;
 
 impl KeyVaultSecrets {
     pub fn new(
         vault: &url::Url,
-        credential: std::sync::Arc<dyn azure_core::credentials::TokenCredential>,
-        ttl: std::time::Duration,
-    ) -> Result<KeyVaultSecrets, String> {
+        credential: Arc<dyn azure_core::credentials::TokenCredential>,
+        ttl: Duration,
+    ) -> Result<KeyVaultSecrets, SecretError> {
         use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions};
         // The SDK's default retries last up to a minute; a request waiting on a secret
         // should fall back to the cached value much sooner.
@@ -110,30 +119,23 @@ impl KeyVaultSecrets {
             ..Default::default()
         };
         let client = azure_security_keyvault_secrets::SecretClient::new(vault.as_str(), credential, Some(options))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SecretError::Client(one_line(&e.to_string())))?;
         Ok(KeyVaultSecrets {
             client,
             vault: vault.to_string(),
             ttl,
-            cache: Default::default(),
-            fetching: tokio::sync::Mutex::new(()),
-            fetches: Default::default(),
+            cache: Cache::new(MAX_SECRETS),
+            fetches: AtomicU64::new(0),
         })
     }
 
-    fn cached(&self, name: &str, fresh_only: bool) -> Option<SecretString> {
-        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
-        let (value, at) = cache.get(name)?;
-        (!fresh_only || at.elapsed() < self.ttl).then(|| value.clone())
-    }
-
     async fn fetch(&self, name: &str) -> Result<SecretString, SecretError> {
-        self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.fetches.fetch_add(1, Ordering::Relaxed);
         let read = async {
             let resp = self.client.get_secret(name, None).await?;
             resp.into_model()
         };
-        let result = crate::http::upstream(tokio::time::timeout(FETCH_TIMEOUT, read)).await;
+        let result = outbound::upstream(tokio::time::timeout(FETCH_TIMEOUT, read)).await;
         let unavailable = |reason: String| SecretError::Unavailable { name: name.to_string(), reason };
         match result {
             Ok(Ok(secret)) => secret
@@ -143,7 +145,7 @@ impl KeyVaultSecrets {
             Ok(Err(e)) if e.http_status().map(u16::from) == Some(404) => {
                 Err(SecretError::Missing { name: name.to_string(), looked_for: format!("Key Vault {}", self.vault) })
             }
-            Ok(Err(e)) => Err(unavailable(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))),
+            Ok(Err(e)) => Err(unavailable(one_line(&e.to_string()))),
             Err(_) => Err(unavailable(format!("Key Vault did not answer within {} s", FETCH_TIMEOUT.as_secs()))),
         }
     }
@@ -156,33 +158,25 @@ impl SecretSource for KeyVaultSecrets {
     }
 
     async fn get(&self, name: &str) -> Result<SecretString, SecretError> {
-        if let Some(v) = self.cached(name, true) {
-            return Ok(v);
-        }
-        let _one = self.fetching.lock().await;
-        if let Some(v) = self.cached(name, true) {
-            return Ok(v);
-        }
-        match self.fetch(name).await {
-            Ok(value) => {
-                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                cache.insert(name.to_string(), (value.clone(), std::time::Instant::now()));
-                Ok(value)
-            }
-            Err(e @ SecretError::Missing { .. }) => {
-                self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(name);
-                Err(e)
-            }
-            Err(e) => match self.cached(name, false) {
-                Some(stale) => {
-                    tracing::warn!(secret = name, "Key Vault unavailable; using the cached value: {e}");
-                    // Try the vault again after another TTL, not on every request.
-                    let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                    cache.insert(name.to_string(), (stale.clone(), std::time::Instant::now()));
-                    Ok(stale)
+        let key = name.to_string();
+        self.cache
+            .get_or_try_insert_with(&key, || async {
+                match self.fetch(name).await {
+                    Ok(value) => Ok((value, self.ttl)),
+                    Err(e @ SecretError::Missing { .. }) => {
+                        self.cache.remove(&key);
+                        Err(e)
+                    }
+                    Err(e) => match self.cache.get_stale(&key) {
+                        Some(stale) => {
+                            tracing::warn!(secret = name, "Key Vault unavailable; using the cached value: {e}");
+                            // Try the vault again after another TTL, not on every request.
+                            Ok((stale.value, self.ttl))
+                        }
+                        None => Err(e),
+                    },
                 }
-                None => Err(e),
-            },
-        }
+            })
+            .await
     }
 }

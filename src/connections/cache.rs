@@ -4,15 +4,16 @@
 //! milliseconds and counts against service-protection limits). An entry is trusted
 //! for a short time (`TOKEN_CACHE_SECONDS`) and only while the token stays valid for
 //! what the caller wants; after that the store is read again, so a deletion or
-//! re-authorization made by another instance is seen within that time.
+//! re-authorization made by another instance is seen within that time. The cache is
+//! also where callers for one connection take turns ([`TokenCache::exclusive`]): the
+//! in-process half of the refresh single flight.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::oauth::TokenSet;
+use crate::outbound::Cache;
 
 /// An access token as handed to callers (never a refresh token).
 #[derive(Debug, Clone)]
@@ -42,37 +43,40 @@ impl CachedToken {
     }
 }
 
-struct Entry {
-    token: CachedToken,
-    stored: Instant,
-}
+/// More connections than one deployment serves; past it the least recently used go.
+const MAX_ENTRIES: usize = 50_000;
 
+/// Access tokens by connection id, each trusted for `ttl` (and only while it satisfies
+/// what the caller wants).
 pub struct TokenCache {
     ttl: Duration,
-    entries: RwLock<HashMap<String, Entry>>,
+    entries: Cache<String, CachedToken>,
 }
 
 impl TokenCache {
     pub fn new(ttl: Duration) -> TokenCache {
-        TokenCache { ttl, entries: RwLock::new(HashMap::new()) }
+        TokenCache { ttl, entries: Cache::new(MAX_ENTRIES) }
     }
 
     /// The cached token, if it is recent and `ok` accepts it.
-    pub fn get_satisfying(&self, id: &str, ok: impl Fn(&CachedToken) -> bool) -> Option<CachedToken> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.get(id)?;
-        (entry.stored.elapsed() < self.ttl && ok(&entry.token)).then(|| entry.token.clone())
+    pub fn get_satisfying(&self, id: &str, ok: impl FnOnce(&CachedToken) -> bool) -> Option<CachedToken> {
+        self.entries.get_if(id, ok)
     }
 
     pub fn put(&self, id: &str, token: CachedToken) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        entries.insert(id.to_string(), Entry { token, stored: Instant::now() });
+        self.entries.insert(id.to_string(), token, self.ttl);
     }
 
     pub fn remove(&self, id: &str) {
-        self.entries.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.entries.remove(id);
+    }
+
+    /// Runs `f` as the only caller for this connection in this process.
+    pub async fn exclusive<T, F, Fut>(&self, id: &str, f: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        self.entries.exclusive(&id.to_string(), f).await
     }
 }

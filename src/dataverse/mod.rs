@@ -21,7 +21,8 @@ use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 use url::Url;
 
-use crate::azure::TokenSource;
+use crate::azure::{IdentityError, TokenSource};
+use crate::outbound::{self, Backoff};
 
 /// How a Dataverse call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,7 +35,7 @@ pub enum DataverseError {
     Unreachable { table: String, operation: &'static str, reason: String },
     /// No token for Dataverse.
     #[error("no Dataverse access token: {0}")]
-    Token(String),
+    Token(IdentityError),
 }
 
 fn code_suffix(code: &str) -> String {
@@ -130,26 +131,16 @@ impl Record {
     }
 }
 
-/// Retry limits. Retry-After is honoured up to `max_delay`.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(250), max_delay: Duration::from_secs(30) }
-    }
-}
+/// Up to ten attempts; waits double from 250 ms, honour `Retry-After`, never exceed
+/// 30 s, and are jittered so instances throttled together do not return together.
+const MAX_ATTEMPTS: u32 = 10;
+const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).jittered();
 
 pub struct Dataverse {
     /// `https://org.crm.dynamics.com/api/data/v9.2/`
     api: Url,
     http: reqwest::Client,
     tokens: Arc<dyn TokenSource>,
-    retry: RetryPolicy,
     /// Requests sent (including retries), for health and the benchmarks.
     pub requests: AtomicU64,
     solution: Option<String>,
@@ -171,12 +162,7 @@ impl Dataverse {
         let mut api = org_url.clone();
         api.set_path("/api/data/v9.2/");
         api.set_query(None);
-        Dataverse { api, http, tokens, retry: RetryPolicy::default(), requests: AtomicU64::new(0), solution }
-    }
-
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Dataverse {
-        self.retry = retry;
-        self
+        Dataverse { api, http, tokens, requests: AtomicU64::new(0), solution }
     }
 
     pub fn api_url(&self) -> &Url {
@@ -380,18 +366,13 @@ impl Dataverse {
                 req = req.header(header::CONTENT_TYPE, "application/json; charset=utf-8").json(v);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = crate::http::upstream(req.send()).await;
+            let outcome = outbound::upstream(req.send()).await;
             let (wait, error) = match outcome {
                 Ok(resp) => {
                     let status = resp.status();
                     let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
-                    let retry_after = resp
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let bytes = crate::http::upstream(resp.bytes()).await.unwrap_or_default();
+                    let retry_after = outbound::retry_after(resp.headers());
+                    let bytes = outbound::upstream(resp.bytes()).await.unwrap_or_default();
                     if status.is_success() {
                         let json = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
                         return Ok((status, etag, json));
@@ -403,14 +384,14 @@ impl Dataverse {
                     (retry_after, err)
                 }
                 Err(e) => {
-                    let reason = crate::oauth::client::describe(e);
+                    let reason = outbound::error_text(e);
                     (None, DataverseError::Unreachable { table: table.into(), operation, reason })
                 }
             };
-            if !retry || attempt >= self.retry.max_attempts {
+            if !retry || attempt >= MAX_ATTEMPTS {
                 return Err(error);
             }
-            let delay = wait.unwrap_or_else(|| backoff(&self.retry, attempt)).min(self.retry.max_delay);
+            let delay = RETRY.wait(attempt, wait);
             tracing::debug!(
                 table,
                 operation,
@@ -418,21 +399,9 @@ impl Dataverse {
                 delay_ms = delay.as_millis() as u64,
                 "Dataverse: {error}; retrying"
             );
-            crate::http::upstream(tokio::time::sleep(delay + jitter(delay))).await;
+            outbound::upstream(tokio::time::sleep(delay)).await;
         }
     }
-}
-
-/// Exponential backoff without Retry-After: base × 2^(attempt-1).
-fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    policy.base_delay.saturating_mul(1 << attempt.saturating_sub(1).min(10))
-}
-
-/// Up to a quarter of the delay again, so instances that were throttled together do not
-/// come back together.
-fn jitter(delay: Duration) -> Duration {
-    let r = u16::from_le_bytes(crate::crypto::random_bytes::<2>()) as u64;
-    Duration::from_millis(delay.as_millis() as u64 / 4 * r / u16::MAX as u64)
 }
 
 fn service_error(table: &str, operation: &'static str, status: StatusCode, body: &[u8]) -> DataverseError {
@@ -479,15 +448,5 @@ mod tests {
         );
         assert!(!e.is_transient());
         assert!(service_error("t", "query", StatusCode::TOO_MANY_REQUESTS, b"").is_transient());
-    }
-
-    #[test]
-    fn backoff_doubles_and_jitter_stays_small() {
-        let p = RetryPolicy::default();
-        assert_eq!(backoff(&p, 1), Duration::from_millis(250));
-        assert_eq!(backoff(&p, 3), Duration::from_millis(1000));
-        for _ in 0..100 {
-            assert!(jitter(Duration::from_secs(4)) <= Duration::from_secs(1));
-        }
     }
 }

@@ -1,16 +1,22 @@
 //! The OAuth 2.0 client side: authorization URLs (RFC 6749 §4.1.1 with RFC 7636 PKCE),
 //! the code exchange (§4.1.3), refresh (§6) and revocation (RFC 7009).
 //!
-//! Written on reqwest rather than the `oauth2` crate: that crate pins reqwest 0.12, and
-//! its typed token responses cannot express the catalog's quirks (form-encoded bodies,
-//! nested token objects, `expires_in` in milliseconds) without rewriting bodies in an
-//! adapter. What we need of the RFCs is small and is tested against `oidc-provider`.
+//! Written by hand on reqwest rather than with the `oauth2` crate, because the providers
+//! Dynamics projects connect to do not all answer RFC 6749 §5.1 JSON: some send the
+//! token response form-encoded or as `text/plain`, some nest it under an object
+//! (`data.token`), some give `expires_in` as a string or in milliseconds or not at all,
+//! and some join scopes with `,` instead of a space. A typed token-response client would
+//! need each body rewritten in an adapter before it could parse it; here the catalog's
+//! quirks drive one small parser. What we need of the RFCs is small and is tested
+//! against a strict `oidc-provider`.
 //!
 //! The HTTP client never follows redirects: a token endpoint that redirects is
 //! misconfigured, and following it would send the client secret somewhere unchecked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use base64::Engine;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use secrecy::{ExposeSecret, SecretString};
@@ -18,20 +24,25 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::catalog::{ClientAuth, ExpiresInUnit, Provider};
-use super::{OAuthError, TokenSet};
+use super::{AuthorizationCode, ErrorCode, OAuthError, PkceVerifier, State, TokenEndpoint, TokenHint, TokenSet};
+use crate::auth::jwt::{Segment, unverified};
+use crate::outbound::{self, Backoff};
 use crate::secrets::SecretSource;
 
-/// What a token endpoint call needs besides the provider.
-pub struct TokenClient<'a> {
-    pub http: &'a reqwest::Client,
-    pub secrets: &'a dyn SecretSource,
+/// The token endpoint over HTTPS, with the client secret from the secrets layer.
+pub struct HttpTokenEndpoint {
+    pub http: reqwest::Client,
+    pub secrets: Arc<dyn SecretSource>,
 }
+
+/// One retry, after 200 ms, of a request whose connection could not be made.
+const CONNECT_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(200));
 
 /// Builds the authorization URL for a provider.
 pub fn authorization_url(
     provider: &Provider,
     redirect_uri: &Url,
-    state: &str,
+    state: &State,
     code_challenge: Option<&str>,
     scopes: &[String],
 ) -> Url {
@@ -44,7 +55,7 @@ pub fn authorization_url(
         if !scopes.is_empty() {
             q.append_pair("scope", &scopes.join(&provider.scope_separator));
         }
-        q.append_pair("state", state);
+        q.append_pair("state", state.secret());
         if let Some(challenge) = code_challenge {
             q.append_pair("code_challenge", challenge);
             q.append_pair("code_challenge_method", "S256");
@@ -56,31 +67,29 @@ pub fn authorization_url(
     url
 }
 
-impl TokenClient<'_> {
-    /// Exchanges an authorization code (RFC 6749 §4.1.3).
-    pub async fn exchange_code(
+#[async_trait]
+impl TokenEndpoint for HttpTokenEndpoint {
+    async fn exchange_code(
         &self,
         provider: &Provider,
-        code: &str,
-        code_verifier: Option<&str>,
+        code: &AuthorizationCode,
+        verifier: Option<&PkceVerifier>,
         redirect_uri: &Url,
         now: i64,
     ) -> Result<TokenSet, OAuthError> {
         let mut form = vec![
             ("grant_type".to_string(), "authorization_code".to_string()),
-            ("code".to_string(), code.to_string()),
+            ("code".to_string(), code.secret().to_string()),
             ("redirect_uri".to_string(), redirect_uri.to_string()),
         ];
-        if let Some(v) = code_verifier {
-            form.push(("code_verifier".into(), v.into()));
+        if let Some(v) = verifier {
+            form.push(("code_verifier".into(), v.secret().into()));
         }
         let body = self.post_token(provider, form).await?;
         parse_token_response(provider, &body, None, now)
     }
 
-    /// Uses a refresh token (RFC 6749 §6). Keeps `current_refresh` when the provider
-    /// does not rotate it.
-    pub async fn refresh(
+    async fn refresh(
         &self,
         provider: &Provider,
         refresh_token: &SecretString,
@@ -94,24 +103,26 @@ impl TokenClient<'_> {
         parse_token_response(provider, &body, Some(refresh_token), now)
     }
 
-    /// Revokes a token (RFC 7009). The server answers 200 for unknown tokens too.
-    pub async fn revoke(&self, provider: &Provider, token: &SecretString, hint: &str) -> Result<(), OAuthError> {
+    /// The server answers 200 for unknown tokens too (RFC 7009 §2.2).
+    async fn revoke(&self, provider: &Provider, token: &SecretString, hint: TokenHint) -> Result<(), OAuthError> {
         let Some(url) = &provider.revocation_url else {
             return Ok(());
         };
         let form = vec![
             ("token".to_string(), token.expose_secret().to_string()),
-            ("token_type_hint".to_string(), hint.to_string()),
+            ("token_type_hint".to_string(), hint.as_str().to_string()),
         ];
-        let resp = crate::http::upstream(self.send(provider, url, form)).await?;
+        let resp = outbound::upstream(self.send(provider, url, form)).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = outbound::upstream(resp.bytes()).await.unwrap_or_default();
         Err(classify_error(status, &body))
     }
+}
 
+impl HttpTokenEndpoint {
     async fn post_token(
         &self,
         provider: &Provider,
@@ -120,13 +131,13 @@ impl TokenClient<'_> {
         for (k, v) in &provider.token_params {
             form.push((k.clone(), v.clone()));
         }
-        let resp = crate::http::upstream(self.send(provider, &provider.token_url, form)).await?;
+        let resp = outbound::upstream(self.send(provider, &provider.token_url, form)).await?;
         let status = resp.status();
         let content_type =
             resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-        let body = crate::http::upstream(resp.bytes())
-            .await
-            .map_err(|e| OAuthError::Transient(format!("the token response could not be read: {}", describe(e))))?;
+        let body = outbound::upstream(resp.bytes()).await.map_err(|e| {
+            OAuthError::Transient(format!("the token response could not be read: {}", outbound::error_text(e)))
+        })?;
         if !status.is_success() {
             return Err(classify_error(status, &body));
         }
@@ -175,34 +186,17 @@ impl TokenClient<'_> {
             }
             match req.send().await {
                 Ok(resp) => return Ok(resp),
-                Err(e) if e.is_connect() && attempt < 2 => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                Err(e) if e.is_connect() && attempt < 2 => CONNECT_RETRY.sleep(attempt, None).await,
                 Err(e) => {
                     return Err(OAuthError::Transient(format!(
                         "{} at {} did not answer: {}",
                         provider.display_name,
                         url.host_str().unwrap_or("?"),
-                        describe(e)
+                        outbound::error_text(e)
                     )));
                 }
             }
         }
-    }
-}
-
-/// Describes a reqwest error without the URL (which could carry a query secret).
-pub(crate) fn describe(e: reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "timed out".into();
-    }
-    if e.is_connect() {
-        return "connection failed".into();
-    }
-    let e = e.without_url();
-    match std::error::Error::source(&e) {
-        Some(src) => format!("{e}: {src}"),
-        None => e.to_string(),
     }
 }
 
@@ -222,7 +216,7 @@ fn classify_error(status: reqwest::StatusCode, body: &[u8]) -> OAuthError {
         return OAuthError::Transient(format!("the provider answered {status}{what}"));
     }
     match error {
-        Some(error) => OAuthError::Rejected { error, description, status: status.as_u16() },
+        Some(error) => OAuthError::Rejected { error: ErrorCode::parse(&error), description, status: status.as_u16() },
         None => OAuthError::Protocol(format!("the provider answered {status} without an OAuth error code")),
     }
 }
@@ -304,9 +298,7 @@ fn parse_token_response(
 /// The `exp` of a JWT access token, read without verification: it only decides when
 /// to refresh, never whom to trust.
 fn jwt_exp(token: &str) -> Option<i64> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_i64()
+    unverified(token, Segment::Payload)?.get("exp")?.as_i64()
 }
 
 #[cfg(test)]
@@ -398,7 +390,7 @@ mod tests {
         let url = authorization_url(
             &p,
             &Url::parse("https://dc.example/api/oauth/callback").unwrap(),
-            "st",
+            &State::new("st"),
             Some("ch"),
             &["a".into(), "b".into()],
         );

@@ -1,14 +1,18 @@
-//! OAuth 2.0 with external systems: the provider catalog, the client calls, and the
-//! fixed callback.
+//! OAuth 2.0 with external systems: the provider catalog, the token endpoint (as a
+//! trait, so the connection rules can be tested without a provider), and the types.
 
-pub mod callback;
 pub mod catalog;
 pub mod client;
+pub mod types;
 
+use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use url::Url;
 
 use crate::crypto::{CryptoError, Keyring};
+use catalog::Provider;
+pub use types::{AuthorizationCode, ErrorCode, PkceVerifier, State};
 
 /// The tokens of one connection. Only ever stored sealed (see [`TokenSet::seal`]).
 #[derive(Debug, Clone)]
@@ -68,7 +72,7 @@ impl TokenSet {
 pub enum OAuthError {
     /// The provider answered with an RFC 6749 §5.2 error (`invalid_grant`, ...).
     #[error("the provider refused: {error}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    Rejected { error: String, description: Option<String>, status: u16 },
+    Rejected { error: ErrorCode, description: Option<String>, status: u16 },
     /// Worth retrying later: network failure, timeout, 429 or 5xx.
     #[error("{0}")]
     Transient(String),
@@ -83,6 +87,49 @@ pub enum OAuthError {
 impl OAuthError {
     /// The refresh token (or code) is dead: only a person can fix this, by reconnecting.
     pub fn is_invalid_grant(&self) -> bool {
-        matches!(self, OAuthError::Rejected { error, .. } if error == "invalid_grant")
+        matches!(self, OAuthError::Rejected { error: ErrorCode::InvalidGrant, .. })
     }
+}
+
+/// Which token a revocation names (RFC 7009 §2.1 `token_type_hint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenHint {
+    AccessToken,
+    RefreshToken,
+}
+
+impl TokenHint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenHint::AccessToken => "access_token",
+            TokenHint::RefreshToken => "refresh_token",
+        }
+    }
+}
+
+/// A provider's token and revocation endpoints: the seam between the connection rules
+/// and HTTP. [`client::HttpTokenEndpoint`] is the real one; tests pass their own.
+#[async_trait]
+pub trait TokenEndpoint: Send + Sync {
+    /// Exchanges an authorization code (RFC 6749 §4.1.3).
+    async fn exchange_code(
+        &self,
+        provider: &Provider,
+        code: &AuthorizationCode,
+        verifier: Option<&PkceVerifier>,
+        redirect_uri: &Url,
+        now: i64,
+    ) -> Result<TokenSet, OAuthError>;
+
+    /// Uses a refresh token (RFC 6749 §6). The result holds the provider's new refresh
+    /// token, or the one sent when the provider did not rotate it.
+    async fn refresh(
+        &self,
+        provider: &Provider,
+        refresh_token: &SecretString,
+        now: i64,
+    ) -> Result<TokenSet, OAuthError>;
+
+    /// Revokes a token (RFC 7009); a provider without a revocation endpoint is a no-op.
+    async fn revoke(&self, provider: &Provider, token: &SecretString, hint: TokenHint) -> Result<(), OAuthError>;
 }

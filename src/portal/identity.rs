@@ -10,18 +10,21 @@
 //! (or as well): that issuer's keys come from its JWKS, and a configured claim carries
 //! the contact id.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::{Map, Value};
-use tokio::sync::RwLock;
 
-use crate::auth::{AuthError, IssuerKeys, VerifiedTokens, bearer, describe_jwt_error, rs256_header, rs256_validation};
+use crate::auth::jwt::{Segment, VerifiedTokens, rejection, rs256_header, rs256_validation, unverified};
+use crate::auth::{AuthError, IssuerKeys, bearer};
 use crate::config::{PortalConfig, PortalOidcConfig, PowerPagesConfig};
+use crate::outbound::{self, Cache};
 
 /// Power Pages tokens live 15 minutes; clocks on both sides are Azure's.
 const LEEWAY_SECS: u64 = 30;
 const PEM_REFETCH: Duration = Duration::from_secs(60);
+/// The key stays until a signature fails to verify with it; freshness plays no part.
+const KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A verified portal user.
 #[derive(Debug, Clone)]
@@ -36,7 +39,7 @@ struct PowerPages {
     cfg: PowerPagesConfig,
     http: reqwest::Client,
     validation: Validation,
-    key: RwLock<Option<(DecodingKey, Instant)>>,
+    key: Cache<(), DecodingKey>,
 }
 
 struct Oidc {
@@ -57,11 +60,11 @@ impl PortalVerifier {
             // `iss` is compared by hand: it is a bare host name, compared without case.
             let mut validation = rs256_validation(None, std::slice::from_ref(&pp.client_id), LEEWAY_SECS);
             validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-            PowerPages { cfg: pp, http: http.clone(), validation, key: RwLock::new(None) }
+            PowerPages { cfg: pp, http: http.clone(), validation, key: Cache::new(1) }
         });
         let oidc = cfg.oidc.clone().map(|o| Oidc {
-            keys: IssuerKeys::new(&o.issuer, o.jwks_url.clone(), http.clone()),
-            validation: rs256_validation(Some(&o.issuer), &o.audiences, LEEWAY_SECS),
+            keys: IssuerKeys::new(&o.issuer.issuer, o.issuer.jwks_url.clone(), http.clone()),
+            validation: rs256_validation(Some(&o.issuer.issuer), &o.issuer.audiences, LEEWAY_SECS),
             cfg: o,
         });
         PortalVerifier { power_pages, oidc, verified: VerifiedTokens::new() }
@@ -80,19 +83,20 @@ impl PortalVerifier {
 
     async fn verify_uncached(&self, token: &str) -> Result<(PortalUser, Option<i64>), AuthError> {
         let kid = rs256_header(token)?;
-        let iss = unverified_iss(token).unwrap_or_default();
+        let payload = unverified(token, Segment::Payload).unwrap_or_default();
+        let iss = payload.get("iss").and_then(Value::as_str).unwrap_or_default();
         if let Some(pp) = &self.power_pages
             && iss.eq_ignore_ascii_case(&pp.cfg.host)
         {
             return pp.verify(token).await;
         }
         if let Some(o) = &self.oidc
-            && iss == o.cfg.issuer
+            && iss == o.cfg.issuer.issuer
         {
             let kid = kid.ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
             let key = o.keys.key(&kid).await?;
             let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &o.validation)
-                .map_err(|e| describe_jwt_error(&e, &o.cfg.issuer))?
+                .map_err(|e| rejection(&e, &o.cfg.issuer.issuer))?
                 .claims;
             let contact = claims.get(&o.cfg.contact_claim).and_then(Value::as_str).ok_or_else(|| {
                 AuthError::Unauthenticated(format!(
@@ -110,20 +114,17 @@ impl PortalVerifier {
 
 impl PowerPages {
     async fn verify(&self, token: &str) -> Result<(PortalUser, Option<i64>), AuthError> {
-        let (key, fetched) = self.key(false).await?;
+        let (key, age) = self.key(false).await?;
         let claims = match jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation) {
             Ok(data) => data.claims,
-            Err(e)
-                if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature)
-                    && fetched.elapsed() >= PEM_REFETCH =>
-            {
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) && age >= PEM_REFETCH => {
                 // The site may have a new certificate: fetch the key once more.
                 let (key, _) = self.key(true).await?;
                 jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation)
-                    .map_err(|e| describe_jwt_error(&e, &self.cfg.host))?
+                    .map_err(|e| rejection(&e, &self.cfg.host))?
                     .claims
             }
-            Err(e) => return Err(describe_jwt_error(&e, &self.cfg.host)),
+            Err(e) => return Err(rejection(&e, &self.cfg.host)),
         };
         let iss = claims.get("iss").and_then(Value::as_str).unwrap_or_default();
         if !iss.eq_ignore_ascii_case(&self.cfg.host) {
@@ -133,45 +134,54 @@ impl PowerPages {
         Ok((user(sub, &claims)?, exp_of(&claims)))
     }
 
-    /// The site's public key, fetched on first use or when `refetch` (rate-limited).
-    async fn key(&self, refetch: bool) -> Result<(DecodingKey, Instant), AuthError> {
-        if !refetch && let Some((k, at)) = self.key.read().await.as_ref() {
-            return Ok((k.clone(), *at));
+    /// The site's public key, fetched on first use or when `refetch` (at most once a
+    /// [`PEM_REFETCH`]); a failed re-read keeps the key we have.
+    async fn key(&self, refetch: bool) -> Result<(DecodingKey, Duration), AuthError> {
+        let usable = |refetch: bool| {
+            self.key.get_stale(&()).filter(|s| !refetch || s.age < PEM_REFETCH).map(|s| (s.value, s.age))
+        };
+        if let Some(found) = usable(refetch) {
+            return Ok(found);
         }
-        let mut slot = self.key.write().await;
-        if let Some((k, at)) = slot.as_ref()
-            && (!refetch || at.elapsed() < PEM_REFETCH)
-        {
-            return Ok((k.clone(), *at));
-        }
-        let url = self.cfg.url.join("/_services/auth/publickey").map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let fetched = async {
-            let resp = crate::http::upstream(self.http.get(url.clone()).send())
-                .await
-                .map_err(crate::oauth::client::describe)?;
-            if !resp.status().is_success() {
-                return Err(format!("answered {}", resp.status()));
-            }
-            let pem = resp.text().await.map_err(crate::oauth::client::describe)?;
-            DecodingKey::from_rsa_pem(pem.trim().as_bytes())
-                .map_err(|e| format!("is not an RSA public key in PEM: {e}"))
-        }
-        .await;
-        match fetched {
-            Ok(key) => {
-                let at = Instant::now();
-                *slot = Some((key.clone(), at));
-                tracing::info!(portal = %self.cfg.host, "loaded the portal's public key");
-                Ok((key, at))
-            }
-            Err(e) => match slot.as_ref() {
-                Some((k, at)) => {
-                    tracing::warn!("the portal's public key could not be re-read ({url} {e}); keeping the cached one");
-                    Ok((k.clone(), *at))
+        self.key
+            .exclusive(&(), || async {
+                if let Some(found) = usable(refetch) {
+                    return Ok(found);
                 }
-                None => Err(AuthError::Unavailable(format!("the portal's public key could not be read: {url} {e}"))),
-            },
+                let url = self
+                    .cfg
+                    .url
+                    .join("/_services/auth/publickey")
+                    .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+                match self.fetch(&url).await {
+                    Ok(key) => {
+                        self.key.insert((), key.clone(), KEEP);
+                        tracing::info!(portal = %self.cfg.host, "loaded the portal's public key");
+                        Ok((key, Duration::ZERO))
+                    }
+                    Err(e) => match usable(false) {
+                        Some(found) => {
+                            tracing::warn!(
+                                "the portal's public key could not be re-read ({url} {e}); keeping the cached one"
+                            );
+                            Ok(found)
+                        }
+                        None => {
+                            Err(AuthError::Unavailable(format!("the portal's public key could not be read: {url} {e}")))
+                        }
+                    },
+                }
+            })
+            .await
+    }
+
+    async fn fetch(&self, url: &url::Url) -> Result<DecodingKey, String> {
+        let resp = outbound::upstream(self.http.get(url.clone()).send()).await.map_err(outbound::error_text)?;
+        if !resp.status().is_success() {
+            return Err(format!("answered {}", resp.status()));
         }
+        let pem = outbound::upstream(resp.text()).await.map_err(outbound::error_text)?;
+        DecodingKey::from_rsa_pem(pem.trim().as_bytes()).map_err(|e| format!("is not an RSA public key in PEM: {e}"))
     }
 }
 
@@ -197,14 +207,6 @@ pub fn normalize_guid(s: &str) -> Option<String> {
     let lens = [8, 4, 4, 4, 12];
     (parts.len() == 5 && parts.iter().zip(lens).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit())))
         .then(|| s.to_ascii_lowercase())
-}
-
-fn unverified_iss(token: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("iss")?.as_str().map(str::to_string)
 }
 
 #[cfg(test)]

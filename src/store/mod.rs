@@ -134,6 +134,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store error: {0}")]
     Other(String),
+    /// The store could not be opened at start-up (a path, a permission, a schema).
+    #[error("{0}")]
+    Open(String),
 }
 
 impl StoreError {

@@ -71,16 +71,20 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and its tables.
-    pub fn open(path: &Path) -> Result<SqliteStore, String> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let conn = rusqlite::Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
-        conn.execute_batch(SCHEMA).map_err(|e| format!("cannot create the tables in {}: {e}", path.display()))?;
-        migrate(&conn).map_err(|e| format!("cannot upgrade the tables in {}: {e}", path.display()))?;
+        let conn = rusqlite::Connection::open(path)
+            .map_err(|e| StoreError::Open(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(|e| StoreError::Open(e.to_string()))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| StoreError::Open(e.to_string()))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| StoreError::Open(e.to_string()))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| StoreError::Open(format!("cannot create the tables in {}: {e}", path.display())))?;
+        migrate(&conn)
+            .map_err(|e| StoreError::Open(format!("cannot upgrade the tables in {}: {e}", path.display())))?;
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
     }
 

@@ -1,17 +1,10 @@
 //! The HTTP server: warp accepts connections, one catch-all filter turns each request
-//! into a [`Request`], and [`router`] sends it to the code that owns the route.
+//! into a [`Request`], and [`super::router`] sends it to the code that owns the route.
 //!
 //! Routing is done here rather than with a tree of warp filters so that an unknown
 //! route is always 404, a known route with the wrong method is always 405 with `Allow`,
 //! and each request produces exactly one log line with its route template, status and
 //! duration (never its query string, which can carry an authorization code).
-
-pub mod cors;
-pub mod error;
-pub mod html;
-pub mod request;
-pub mod response;
-mod router;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,11 +17,12 @@ use futures_util::StreamExt;
 use warp::Filter;
 use warp::http::{HeaderMap, Method};
 
-pub use error::{ApiError, Audience};
-pub use request::Request;
-pub use response::Response;
-
+use super::error::Audience;
+use super::request::{BodyStream, Request};
+use super::response::{self, Response};
+use super::{cors, router};
 use crate::app::App;
+use crate::outbound::timing;
 
 /// Serves until `shutdown` completes, then lets open requests finish.
 pub async fn serve(
@@ -54,22 +48,8 @@ pub async fn serve(
     warp::serve(filter).incoming(listener).graceful(shutdown).run().await;
 }
 
-tokio::task_local! {
-    /// Time the current request spent waiting on upstreams (providers, Dataverse, Key
-    /// Vault, F&O), so `Server-Timing` can tell the handler's own share from theirs.
-    static UPSTREAM_NANOS: std::cell::Cell<u64>;
-}
-
-/// Runs `f`, counting its duration as upstream time of the current request.
-pub async fn upstream<F: Future>(f: F) -> F::Output {
-    let t = Instant::now();
-    let out = f.await;
-    let _ = UPSTREAM_NANOS.try_with(|c| c.set(c.get() + t.elapsed().as_nanos() as u64));
-    out
-}
-
 /// Erases warp's body stream type (it cannot be named) into our boxed stream.
-fn boxed<S, B>(body: S) -> request::BodyStream
+fn boxed<S, B>(body: S) -> BodyStream
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf,
@@ -100,12 +80,7 @@ pub async fn handle(app: &App, req: Request) -> Response {
             }
         }
     }
-    let ((route, audience, result), upstream_nanos) = UPSTREAM_NANOS
-        .scope(std::cell::Cell::new(0), async {
-            let outcome = router::dispatch(app, req).await;
-            (outcome, UPSTREAM_NANOS.with(|c| c.get()))
-        })
-        .await;
+    let ((route, audience, result), upstream_nanos) = timing::measure(router::dispatch(app, req)).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {

@@ -4,8 +4,8 @@
 use serde_json::json;
 use warp::http::StatusCode;
 
+use super::{ApiError, Response, response};
 use crate::app::App;
-use crate::http::{ApiError, Response, response};
 
 pub async fn handle(app: &App) -> Result<Response, ApiError> {
     let store = match app.connections.store().ping().await {
@@ -14,7 +14,7 @@ pub async fn handle(app: &App) -> Result<Response, ApiError> {
     };
     let store_ready = store["ready"].as_bool().unwrap_or(false);
     let back_office = match &app.back_office {
-        Some(v) => json!({ "configured": true, "issuer": v.issuer(), "signing_keys_loaded": v.keys_loaded().await }),
+        Some(v) => json!({ "configured": true, "issuer": v.issuer(), "signing_keys_loaded": v.keys_loaded() }),
         None => json!({ "configured": false }),
     };
     let body = json!({

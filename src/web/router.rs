@@ -5,12 +5,12 @@
 
 use warp::http::{Method, StatusCode};
 
+use super::back_office as connections;
 use super::error::{ApiError, Audience};
 use super::request::Request;
 use super::response::{self, Response};
+use super::{callback, captures, health, portal, timer};
 use crate::app::App;
-use crate::connections::api as connections;
-use crate::{health, host, oauth, portal};
 
 type Outcome = (&'static str, Audience, Result<Response, ApiError>);
 
@@ -38,10 +38,10 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         // The host's readiness probe and health ping: any answer counts.
         [] => route!("/", Api, [Method::GET], async { Ok(response::text(StatusCode::OK, "ok\n")) }),
         // The timer function, invoked by the host with the payload protocol.
-        ["refresh"] => route!("/refresh", Api, [Method::POST], host::timer(app, req)),
+        ["refresh"] => route!("/refresh", Api, [Method::POST], timer::invoke(app, req)),
         ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app)),
         ["api", "oauth", "callback"] => {
-            route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], oauth::callback::handle(app, req))
+            route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], callback::handle(app, req))
         }
         ["api", "connections"] => {
             route!("/api/connections", Api, [Method::GET, Method::POST], connections::collection(app, req))
@@ -76,7 +76,7 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
             [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
             portal::proxy(app, req, id)
         ),
-        ["api", "captures"] => route!("/api/captures", Api, [Method::GET], connections::captures(app, req)),
+        ["api", "captures"] => route!("/api/captures", Api, [Method::GET], captures::list(app, req)),
         _ => (
             "(unknown)",
             if segs.first() == Some(&"api") && segs.get(1) == Some(&"oauth") { Browser } else { Api },

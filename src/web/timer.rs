@@ -1,5 +1,5 @@
 //! The Azure Functions custom-handler protocol for invocations the host does not
-//! forward: the `refresh` timer.
+//! forward: the `refresh` timer, whose work is [`crate::sweep`].
 //!
 //! The host `POST`s `{"Data": {...}, "Metadata": {...}}` to `/{FunctionName}`, chunked
 //! and without `Content-Length`. Plain string values arrive JSON-encoded a second time
@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warp::http::StatusCode;
 
+use super::request::parse_json;
+use super::{ApiError, Request, Response, response};
 use crate::app::App;
-use crate::http::request::parse_json;
-use crate::http::{ApiError, Request, Response, response};
 
 /// The invocation payload the host sends.
 #[derive(Debug, Default, Deserialize)]
@@ -81,7 +81,7 @@ pub fn unwrap_double_encoded(v: &Value) -> Value {
 }
 
 /// `POST /refresh`: runs the refresh timer's work and reports it in `Logs`.
-pub async fn timer(app: &App, mut req: Request) -> Result<Response, ApiError> {
+pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
     let body = req.body_bytes().await?;
     let invocation: Invocation = parse_json(&body)?;
     let info = invocation.timer();
@@ -95,7 +95,7 @@ pub async fn timer(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if info.is_past_due {
         logs.push("The timer is past due; running now.".to_string());
     }
-    let report = app.connections.timer_sweep(next_run).await;
+    let report = crate::sweep::run(&app.connections, &app.captures, next_run).await;
     logs.extend(report.lines());
     for line in &logs {
         tracing::info!(target: "timer", "{line}");

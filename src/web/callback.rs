@@ -9,19 +9,20 @@
 
 use warp::http::{Method, StatusCode, header};
 
+use super::html::{self, Tone};
+use super::request::{is_json, parse_json};
+use super::{ApiError, Request, Response, response};
 use crate::app::App;
+use crate::captures::Received;
 use crate::config::CaptureMode;
 use crate::connections::{CallbackFailure, Completed};
 use crate::crypto::StateError;
-use crate::http::html::{self, Tone};
-use crate::http::request::is_json;
-use crate::http::{ApiError, Request, Response, response};
-use crate::oauth::OAuthError;
+use crate::oauth::{AuthorizationCode, ErrorCode, OAuthError};
 
 /// The parameters an authorization response may carry.
 #[derive(Debug, Default)]
 struct Params {
-    code: Option<String>,
+    code: Option<AuthorizationCode>,
     state: Option<String>,
     iss: Option<String>,
     error: Option<String>,
@@ -38,7 +39,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
                 "provider-error",
                 format!(
                     "The provider returned {error}{} and no state, so the connection it belongs to is unknown.",
-                    describe(&params.error_description)
+                    in_parentheses(&params.error_description)
                 ),
             ),
             None => ApiError::bad_request(
@@ -58,11 +59,10 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
             "This authorization link has expired. Start the connection again to get a new one.",
         )),
         Ok(verified) => {
-            let provider_error = params.error.as_deref().map(|e| (e, params.error_description.as_deref()));
-            let outcome = app
-                .connections
-                .complete(&verified, params.code.as_deref(), params.iss.as_deref(), provider_error)
-                .await;
+            let error = params.error.as_deref().map(ErrorCode::parse);
+            let provider_error = error.as_ref().map(|e| (e, params.error_description.as_deref()));
+            let outcome =
+                app.connections.complete(&verified, params.code.as_ref(), params.iss.as_deref(), provider_error).await;
             match outcome {
                 Ok(done) => Ok(success(done)),
                 Err(failure) => failure_response(failure),
@@ -77,7 +77,7 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
         let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_ascii_lowercase();
         let body = req.body_bytes().await?;
         if is_json(&content_type) {
-            let doc: serde_json::Map<String, serde_json::Value> = crate::http::request::parse_json(&body)?;
+            let doc: serde_json::Map<String, serde_json::Value> = parse_json(&body)?;
             for (k, v) in doc {
                 match v {
                     serde_json::Value::String(s) => pairs.push((k, s)),
@@ -112,8 +112,14 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
                 format!("The {name} parameter is {} bytes long; the limit is {limit}.", value.len()),
             ));
         }
+        if name == "code" {
+            if p.code.as_ref().is_some_and(|existing| existing.secret() != value) {
+                return Err(repeated(&name));
+            }
+            p.code = Some(value).filter(|v| !v.is_empty()).map(AuthorizationCode::new);
+            continue;
+        }
         let slot = match name.as_str() {
-            "code" => &mut p.code,
             "state" => &mut p.state,
             "iss" => &mut p.iss,
             "error" => &mut p.error,
@@ -121,15 +127,16 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
             _ => continue,
         };
         if slot.as_ref().is_some_and(|existing| existing != &value) {
-            // RFC 6749 §3.1: parameters must not be sent more than once.
-            return Err(ApiError::bad_request(
-                "repeated-parameter",
-                format!("The {name} parameter was sent twice with different values."),
-            ));
+            return Err(repeated(&name));
         }
         *slot = Some(value).filter(|v| !v.is_empty());
     }
     Ok(p)
+}
+
+/// RFC 6749 §3.1: parameters must not be sent more than once.
+fn repeated(name: &str) -> ApiError {
+    ApiError::bad_request("repeated-parameter", format!("The {name} parameter was sent twice with different values."))
 }
 
 /// Capture mode: keep what the provider sent, once per code, for Dynamics.
@@ -143,17 +150,20 @@ async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiErro
     if p.code.is_none() && p.error.is_none() {
         return Err(ApiError::bad_request("missing-code", "The callback has neither a code nor an error."));
     }
-    let fresh = app
-        .connections
-        .capture(state, p.code.as_deref(), p.iss.as_deref(), p.error.as_deref(), p.error_description.as_deref())
-        .await
-        .map_err(crate::connections::api::store_error)?;
+    let received = Received {
+        state,
+        code: p.code.as_ref(),
+        iss: p.iss.as_deref(),
+        error: p.error.as_deref(),
+        error_description: p.error_description.as_deref(),
+    };
+    let fresh = app.captures.capture(received).await?;
     let (title, message, tone) = match &p.error {
         Some(error) => (
             "Authorization not granted",
             format!(
                 "The provider returned {error}{}. Dynamics has been told; you can close this window.",
-                describe(&p.error_description)
+                in_parentheses(&p.error_description)
             ),
             Tone::Error,
         ),
@@ -244,17 +254,17 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
                 url.query_pairs_mut()
                     .append_pair("connection_id", &completed.connection_id)
                     .append_pair("status", "failed")
-                    .append_pair("error", &error);
+                    .append_pair("error", error.as_str());
                 return Ok(response::redirect(url.as_str()));
             }
-            let script = notify_opener(&completed, "failed", Some(&error));
+            let script = notify_opener(&completed, "failed", Some(error.as_str()));
             let mut resp = html::page_with_script(
                 StatusCode::BAD_REQUEST,
                 "Authorization not granted",
                 &format!(
                     "{} returned {error}{}. The connection {} was not authorized.",
                     completed.provider,
-                    describe(&description),
+                    in_parentheses(&description),
                     completed.connection_id
                 ),
                 Tone::Error,
@@ -276,10 +286,10 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
             "The provider granted access, but the tokens could not be saved. The error is logged; please start the connection again.",
             None,
         ),
-        CallbackFailure::Store(e) => crate::connections::api::store_error(e),
+        CallbackFailure::Store(e) => e.into(),
     })
 }
 
-fn describe(description: &Option<String>) -> String {
+fn in_parentheses(description: &Option<String>) -> String {
     description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
 }

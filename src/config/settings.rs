@@ -1,0 +1,166 @@
+//! The raw name/value settings, read once: the process environment, over the `Values`
+//! of `local.settings.json` when the handler runs without the Functions host (as Core
+//! Tools would read them). Typed parsing is in the section constructors of
+//! [`super::Config`]; the helpers here turn one value into one type and name the
+//! setting when it is wrong.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+use super::ConfigError;
+
+/// The raw name/value settings: the environment, over `local.settings.json` when the
+/// handler runs on its own.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    values: HashMap<String, String>,
+    /// Where the file values came from, for the start-up log line.
+    pub local_settings_file: Option<PathBuf>,
+    /// `Host.LocalHttpPort` / `Host.LocalHttpAddress` from local.settings.json.
+    pub(super) local_host: LocalHost,
+    /// The function app's root (`FUNCTIONS_APP_ROOT_PATH`, else the working directory):
+    /// resolved once, here, for every relative path.
+    app_root: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct LocalHost {
+    pub(super) port: Option<u16>,
+    pub(super) address: Option<IpAddr>,
+}
+
+impl Settings {
+    /// Reads the environment, plus `local.settings.json` from the app root when the
+    /// Functions host did not start us.
+    pub fn load() -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let under_host = env.contains_key("FUNCTIONS_CUSTOMHANDLER_PORT");
+        let root = app_root_from(&env);
+        let mut settings = Settings { app_root: root.clone(), ..Settings::default() };
+        if !under_host {
+            let path = root.join("local.settings.json");
+            if path.is_file() {
+                settings.read_local_settings(&path)?;
+                settings.local_settings_file = Some(path);
+            }
+        }
+        // The real environment wins over the file, as in Core Tools.
+        settings.values.extend(env);
+        Ok(settings)
+    }
+
+    /// Settings from an explicit map (tests and sub-commands).
+    pub fn from_map(values: HashMap<String, String>) -> Settings {
+        let app_root = app_root_from(&values);
+        Settings { values, app_root, ..Settings::default() }
+    }
+
+    /// The function app's root directory.
+    pub fn app_root(&self) -> &Path {
+        &self.app_root
+    }
+
+    /// A path setting's value, relative paths taken from the app root.
+    pub fn path(&self, name: &str, default: &str) -> PathBuf {
+        let p = PathBuf::from(self.get(name).unwrap_or(default));
+        if p.is_absolute() { p } else { self.app_root.join(p) }
+    }
+
+    fn read_local_settings(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let setting = "local.settings.json";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ConfigError::new(setting, format!("is not valid JSON: {e}")))?;
+        if doc.get("IsEncrypted").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(ConfigError::new(setting, "IsEncrypted is true; the handler reads plain values only"));
+        }
+        if let Some(values) = doc.get("Values").and_then(|v| v.as_object()) {
+            for (name, value) in values {
+                let value = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => continue,
+                    other => other.to_string(),
+                };
+                self.values.insert(name.clone(), value);
+            }
+        }
+        if let Some(host) = doc.get("Host") {
+            self.local_host.port =
+                host.get("LocalHttpPort").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok());
+            self.local_host.address =
+                host.get("LocalHttpAddress").and_then(|v| v.as_str()).and_then(|a| a.parse().ok());
+        }
+        Ok(())
+    }
+
+    /// The value of a setting; empty strings count as unset.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    pub fn require(&self, name: &str) -> Result<&str, ConfigError> {
+        self.get(name).ok_or_else(|| ConfigError::new(name, "is required but not set"))
+    }
+
+    pub(super) fn parse<T: std::str::FromStr>(&self, name: &str, default: T, what: &str) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| ConfigError::new(name, format!("expected {what}, got {v:?}"))),
+        }
+    }
+
+    pub(super) fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(name, default, "a whole number of seconds").map(Duration::from_secs)
+    }
+
+    pub(super) fn list(&self, name: &str) -> Vec<String> {
+        self.get(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
+    /// A comma-separated list of origins (`https://host[:port]`).
+    pub(super) fn origins(&self, name: &str) -> Result<Vec<url::Origin>, ConfigError> {
+        self.list(name)
+            .iter()
+            .map(|o| parse_service_url(o).map(|u| u.origin()).map_err(|p| ConfigError::new(name, p)))
+            .collect()
+    }
+
+    pub(super) fn url(&self, name: &str) -> Result<Option<Url>, ConfigError> {
+        self.get(name).map(|v| parse_service_url(v).map_err(|p| ConfigError::new(name, p))).transpose()
+    }
+}
+
+/// Parses a URL the handler will call or hand out. HTTPS is required except for
+/// loopback hosts, which local development and the tests use.
+pub fn parse_service_url(v: &str) -> Result<Url, String> {
+    let url = Url::parse(v).map_err(|e| format!("is not a valid URL ({e}): {v:?}"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(format!("must use https (plain http is accepted only for localhost): {v:?}")),
+        other => Err(format!("must be an https URL, not {other}: {v:?}")),
+    }
+}
+
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn app_root_from(env: &HashMap<String, String>) -> PathBuf {
+    match env.get("FUNCTIONS_APP_ROOT_PATH").filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}

@@ -1,0 +1,363 @@
+//! Starting an authorization and completing it at the callback.
+//!
+//! Starting creates (or, for a reconnect, updates) the record with a pending
+//! authorization: the hash of a signed `state`, and the PKCE verifier and return URL
+//! sealed. Completing consumes that pending authorization with a version-checked update
+//! *before* the code is exchanged, so a replayed or duplicated callback finds nothing to
+//! spend; then the code is exchanged and the tokens stored, retrying the store, because
+//! the code is spent and the tokens exist nowhere else.
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::{ConnectionError, Connections, InvalidInput};
+use crate::crypto::{self, VerifiedState};
+use crate::oauth::catalog::Provider;
+use crate::oauth::client::authorization_url;
+use crate::oauth::{AuthorizationCode, ErrorCode, OAuthError, PkceVerifier, State};
+use crate::store::{Connection, PendingAuth, Status, StoreError};
+
+const MAX_ID_LEN: usize = 128;
+
+/// What a caller asks for when starting a connection.
+#[derive(Debug, Default, Clone)]
+pub struct NewConnection {
+    pub provider: String,
+    pub connection_id: Option<String>,
+    pub owner: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub return_url: Option<String>,
+    /// The portal origin whose popup runs the authorization (told the result by
+    /// `postMessage`); set by the portal API, never by a caller's body.
+    pub opener_origin: Option<String>,
+}
+
+/// A started (or restarted) authorization: where to send the person.
+#[derive(Debug)]
+pub struct StartedAuthorization {
+    pub connection: Connection,
+    pub authorization_url: Url,
+    pub expires_at: i64,
+}
+
+/// The PKCE verifier and return URL of a pending authorization (sealed in the store).
+#[derive(Serialize, Deserialize)]
+struct PendingSecret {
+    #[serde(default)]
+    verifier: Option<PkceVerifier>,
+    #[serde(default)]
+    return_url: Option<String>,
+    #[serde(default)]
+    opener_origin: Option<String>,
+}
+
+/// What the callback learned, for the page it shows.
+#[derive(Debug)]
+pub struct Completed {
+    pub connection_id: String,
+    pub provider: String,
+    pub return_url: Option<Url>,
+    /// The portal page that opened the flow in a popup, if any.
+    pub opener_origin: Option<String>,
+}
+
+/// Why a managed callback did not complete. Said to the person by the web layer.
+#[derive(Debug)]
+pub enum CallbackFailure {
+    StateUsed,
+    StateExpired,
+    StateForOtherConnection,
+    UnknownProvider(String),
+    WrongIssuer { expected: String, got: String },
+    MissingIssuer { expected: String },
+    MissingCode,
+    Crypto,
+    ProviderError { error: ErrorCode, description: Option<String>, completed: Completed },
+    Exchange { error: OAuthError, completed: Completed },
+    NotSaved(String),
+    Store(StoreError),
+}
+
+impl Connections {
+    /// Creates a connection and returns the URL to send the person to.
+    pub async fn start(&self, req: NewConnection) -> Result<StartedAuthorization, ConnectionError> {
+        let provider = self.provider(&req.provider)?.clone();
+        let id = match req.connection_id {
+            Some(id) => validate_id(&id)?,
+            None => crypto::random_hex::<16>(),
+        };
+        if let Some(owner) = &req.owner
+            && (owner.is_empty() || owner.len() > 200 || owner.chars().any(char::is_control))
+        {
+            return Err(ConnectionError::Invalid(
+                InvalidInput::Owner,
+                "owner must be 1-200 printable characters.".into(),
+            ));
+        }
+        let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
+        let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
+        let t = self.clock.now();
+        let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.opener_origin, t);
+        let mut conn = Connection {
+            id: id.clone(),
+            provider: provider.name.clone(),
+            owner: req.owner,
+            scopes,
+            status: Status::Pending,
+            status_detail: None,
+            tokens: None,
+            access_expires_at: None,
+            has_refresh_token: false,
+            pending: Some(pending.clone()),
+            lease: None,
+            failures: 0,
+            next_attempt_at: None,
+            created_at: t,
+            updated_at: t,
+            refreshed_at: None,
+            version: Default::default(),
+        };
+        match self.store.insert(&conn).await {
+            Ok(v) => conn.version = v,
+            Err(StoreError::Conflict(_)) => return Err(ConnectionError::Exists(id)),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(connection = %id, provider = %provider.name, "connection started");
+        Ok(self.started(conn, &provider, &state, challenge.as_deref(), pending.expires_at))
+    }
+
+    /// Issues a new authorization for an existing connection. Its current tokens keep
+    /// working until the new authorization completes. `opener_origin` is for a flow a
+    /// portal page runs in a popup.
+    pub async fn reconnect(
+        &self,
+        id: &str,
+        return_url: Option<&str>,
+        opener_origin: Option<String>,
+    ) -> Result<StartedAuthorization, ConnectionError> {
+        let return_url = return_url.map(|u| self.validate_return_url(u)).transpose()?;
+        let mut issued = None;
+        let now = self.clock.now();
+        let conn = self
+            .modify(id, None, |c| {
+                let provider = self.provider(&c.provider)?;
+                let (pending, state, challenge) =
+                    self.new_pending(&c.id, provider, return_url.as_ref(), opener_origin.clone(), now);
+                c.pending = Some(pending);
+                issued = Some((state, challenge));
+                Ok::<(), ConnectionError>(())
+            })
+            .await?;
+        let provider = self.provider(&conn.provider)?;
+        let (state, challenge) = issued.ok_or_else(|| ConnectionError::NotFound(id.to_string()))?;
+        let expires_at = conn.pending.as_ref().map(|p| p.expires_at).unwrap_or_default();
+        tracing::info!(connection = %id, provider = %provider.name, "re-authorization started");
+        Ok(self.started(conn, provider, &state, challenge.as_deref(), expires_at))
+    }
+
+    fn new_pending(
+        &self,
+        id: &str,
+        provider: &Provider,
+        return_url: Option<&Url>,
+        opener_origin: Option<String>,
+        t: i64,
+    ) -> (PendingAuth, State, Option<String>) {
+        let expires_at = t + self.cfg.state_ttl.as_secs() as i64;
+        let state = State::new(self.keys.issue_state(id, expires_at));
+        let verifier = provider.pkce.then(PkceVerifier::random);
+        let challenge = verifier.as_ref().map(PkceVerifier::challenge);
+        let secret = PendingSecret { verifier, return_url: return_url.map(|u| u.to_string()), opener_origin };
+        let sealed = self.keys.seal(&serde_json::to_vec(&secret).unwrap_or_default(), &pending_aad(id));
+        (PendingAuth { state_hash: crypto::sha256_hex(state.secret()), sealed, expires_at }, state, challenge)
+    }
+
+    fn started(
+        &self,
+        connection: Connection,
+        p: &Provider,
+        state: &State,
+        challenge: Option<&str>,
+        expires_at: i64,
+    ) -> StartedAuthorization {
+        let authorization_url = authorization_url(p, &self.redirect_uri, state, challenge, &connection.scopes);
+        StartedAuthorization { connection, authorization_url, expires_at }
+    }
+
+    pub fn validate_return_url(&self, raw: &str) -> Result<Url, ConnectionError> {
+        let invalid = |why: String| ConnectionError::Invalid(InvalidInput::ReturnUrl, why);
+        let url = Url::parse(raw).map_err(|e| invalid(format!("return_url is not a valid absolute URL: {e}.")))?;
+        if !matches!(url.scheme(), "https" | "http") || !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("return_url must be an http(s) URL without credentials.".into()));
+        }
+        if !self.cfg.return_url_origins.contains(&url.origin()) {
+            return Err(invalid(format!(
+                "return_url's origin {} is not in RETURN_URL_ALLOWLIST.",
+                url.origin().ascii_serialization()
+            )));
+        }
+        Ok(url)
+    }
+
+    /// Finishes a managed authorization: consumes the state, exchanges the code, stores
+    /// the tokens. `state` has been verified by the caller.
+    pub async fn complete(
+        &self,
+        verified: &VerifiedState,
+        code: Option<&AuthorizationCode>,
+        iss: Option<&str>,
+        provider_error: Option<(&ErrorCode, Option<&str>)>,
+    ) -> Result<Completed, CallbackFailure> {
+        let conn = self
+            .store
+            .find_by_state(&verified.hash)
+            .await
+            .map_err(CallbackFailure::Store)?
+            .ok_or(CallbackFailure::StateUsed)?;
+        if !verified.is_for(&conn.id) {
+            return Err(CallbackFailure::StateForOtherConnection);
+        }
+        let t = self.clock.now();
+        let pending = conn.pending.clone().ok_or(CallbackFailure::StateUsed)?;
+        if pending.expires_at <= t {
+            return Err(CallbackFailure::StateExpired);
+        }
+        let provider =
+            self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?.clone();
+        // RFC 9207: when the provider declares its issuer, the response must carry it.
+        if let Some(expected) = provider.issuer.as_deref() {
+            match iss {
+                Some(got) if got == expected => {}
+                Some(got) => return Err(CallbackFailure::WrongIssuer { expected: expected.into(), got: got.into() }),
+                None => return Err(CallbackFailure::MissingIssuer { expected: expected.into() }),
+            }
+        }
+        if provider_error.is_none() && code.is_none() {
+            return Err(CallbackFailure::MissingCode);
+        }
+        let secret: PendingSecret = self
+            .keys
+            .open(&pending.sealed, &pending_aad(&conn.id))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(CallbackFailure::Crypto)?;
+        let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
+        let opener_origin = secret.opener_origin.clone();
+        let done = |return_url| Completed {
+            connection_id: conn.id.clone(),
+            provider: provider.display_name.clone(),
+            return_url,
+            opener_origin: opener_origin.clone(),
+        };
+
+        // Single use: remove the pending authorization before acting on it. A replay,
+        // or a duplicate racing this one, finds the state gone.
+        let mut consumed = conn.clone();
+        consumed.pending = None;
+        consumed.updated_at = t;
+        match self.store.update(&consumed, &conn.version).await {
+            Ok(v) => consumed.version = v,
+            Err(StoreError::Conflict(_)) | Err(StoreError::NotFound(_)) => return Err(CallbackFailure::StateUsed),
+            Err(e) => return Err(CallbackFailure::Store(e)),
+        }
+
+        if let Some((error, description)) = provider_error {
+            let detail = match description {
+                Some(d) => format!("The provider returned {error}: {d}"),
+                None => format!("The provider returned {error}."),
+            };
+            self.record_failure(&consumed, &detail).await;
+            return Err(CallbackFailure::ProviderError {
+                error: error.clone(),
+                description: description.map(str::to_string),
+                completed: done(return_url),
+            });
+        }
+        let Some(code) = code else {
+            return Err(CallbackFailure::MissingCode);
+        };
+        let exchanged =
+            self.endpoint.exchange_code(&provider, code, secret.verifier.as_ref(), &self.redirect_uri, t).await;
+        let tokens = match exchanged {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                let detail = format!("The code exchange failed: {e}");
+                self.record_failure(&consumed, &detail).await;
+                return Err(CallbackFailure::Exchange { error: e, completed: done(return_url) });
+            }
+        };
+        // The code is spent; these tokens exist nowhere else. Keep trying to store them.
+        let stored = self
+            .update(&conn.id, Some(consumed), |c| {
+                super::refresh::apply_tokens(c, &tokens, &self.keys, self.clock.now())
+            })
+            .await;
+        match stored {
+            Ok(c) => {
+                self.cache.put(&c.id, super::CachedToken::from_tokens(&tokens, self.clock.now_millis()));
+                tracing::info!(connection = %c.id, provider = %provider.name, "connection authorized");
+                Ok(done(return_url))
+            }
+            Err(e) => {
+                tracing::error!(connection = %conn.id, error = %e, "tokens were obtained but could not be stored; the person must authorize again");
+                Err(CallbackFailure::NotSaved(e.to_string()))
+            }
+        }
+    }
+
+    async fn record_failure(&self, conn: &Connection, detail: &str) {
+        let result = self
+            .update(&conn.id, Some(conn.clone()), |c| {
+                if c.tokens.is_none() {
+                    c.status = Status::Failed;
+                }
+                c.status_detail = Some(detail.to_string());
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(connection = %conn.id, error = %e, "could not record the authorization failure");
+        }
+    }
+}
+
+fn pending_aad(id: &str) -> String {
+    format!("connection:{id}:pending")
+}
+
+fn validate_id(id: &str) -> Result<String, ConnectionError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(id.to_string())
+    } else {
+        Err(ConnectionError::Invalid(
+            InvalidInput::ConnectionId,
+            format!(
+                "connection_id must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit."
+            ),
+        ))
+    }
+}
+
+fn validate_scopes(scopes: Vec<String>, provider: &Provider) -> Result<Vec<String>, ConnectionError> {
+    if scopes.len() > 50 {
+        return Err(ConnectionError::Invalid(InvalidInput::Scopes, "At most 50 scopes may be requested.".into()));
+    }
+    for s in &scopes {
+        if s.is_empty()
+            || s.len() > 200
+            || s.chars().any(|c| c.is_whitespace() || c.is_control())
+            || s.contains(provider.scope_separator.as_str())
+        {
+            return Err(ConnectionError::Invalid(
+                InvalidInput::Scopes,
+                format!(
+                    "Scope {s:?} is not valid: scopes are 1-200 characters without spaces or the provider's separator."
+                ),
+            ));
+        }
+    }
+    Ok(scopes)
+}

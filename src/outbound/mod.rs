@@ -1,0 +1,93 @@
+//! The bottom layer: everything about calling out that is not about *what* is called.
+//!
+//! - [`client`]: the one pooled HTTPS client (no redirects, bounded timeouts);
+//! - [`timing`]: how long the current request waited on upstreams (`Server-Timing`);
+//! - [`backoff`]: the one retry-delay policy every retry loop uses;
+//! - [`cache`]: the one TTL + single-fetch cache every cache uses;
+//! - [`error_text`] and [`retry_after`]: reading a failed call.
+//!
+//! Nothing here knows about providers, Dataverse or the web layer: those sit above and
+//! import from here, never the other way.
+
+pub mod backoff;
+pub mod cache;
+pub mod timing;
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+pub use backoff::Backoff;
+pub use cache::Cache;
+pub use timing::upstream;
+
+/// Why the outbound client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("the HTTPS client could not be built: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+/// The one pooled client for every outbound call. Building one loads the TLS roots,
+/// which is most of the start-up time, and clones share the connection pool.
+///
+/// It follows no redirects: a redirecting token endpoint is a misconfiguration, and
+/// following it would send credentials somewhere unchecked.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
+    Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("dynamics-companion/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// A reqwest error as one readable phrase, without the URL (which could carry a query
+/// secret).
+pub fn error_text(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    if e.is_connect() {
+        return "connection failed".into();
+    }
+    let e = e.without_url();
+    match std::error::Error::source(&e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
+/// `Retry-After` in delta-seconds, the form Dataverse, F&O and Entra send.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// Text from a service as one line: Entra and the Azure SDK put `\r\n` in messages,
+/// and the host turns every line of ours into its own log record.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_delta_seconds_only() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, " 7 ".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn one_line_folds_white_space() {
+        assert_eq!(one_line("AADSTS700016: app\r\nnot found \n"), "AADSTS700016: app not found");
+    }
+}

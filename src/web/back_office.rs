@@ -1,0 +1,105 @@
+//! The back-office API under `/api/connections`, for Dynamics (plug-ins, X++, Power
+//! Automate) and scripts. Every route needs a bearer token accepted by
+//! [`crate::auth::BearerVerifier`].
+
+use warp::http::{Method, StatusCode, header};
+
+use super::mapping::{Closed, configured};
+use super::views::{ConnectionView, ReconnectRequest, StartRequest, Started, TokenRequest, TokenResponse};
+use super::{ApiError, Request, Response, proxy, response};
+use crate::app::App;
+use crate::auth::Caller;
+use crate::connections::ConnectionError;
+use crate::store::{ListFilter, Status};
+
+/// Checks the back-office caller's bearer token.
+pub(super) async fn caller(app: &App, req: &Request) -> Result<Caller, ApiError> {
+    let verifier = configured(app.back_office.as_ref(), Closed::BackOffice)?;
+    Ok(verifier.verify(req.header(header::AUTHORIZATION)).await?)
+}
+
+/// `GET /api/connections` (list) and `POST /api/connections` (start).
+pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let who = caller(app, &req).await?;
+    if req.method == Method::POST {
+        let start: StartRequest = req.json().await?;
+        let started = app.connections.start(start.into()).await?;
+        tracing::info!(connection = %started.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "start");
+        return Ok(response::json(StatusCode::CREATED, &Started::from(&started)));
+    }
+    let mut filter = ListFilter { limit: 1000, ..Default::default() };
+    for (k, v) in req.query_pairs() {
+        match k.as_str() {
+            "provider" => filter.provider = Some(v),
+            "owner" => filter.owner = Some(v),
+            "status" => {
+                filter.status = Some(Status::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid-status",
+                        format!("status {v:?} is not one of pending, active, needs_reauth, failed."),
+                    )
+                })?)
+            }
+            "limit" => {
+                filter.limit =
+                    v.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                        ApiError::bad_request("invalid-limit", "limit must be a number from 1 to 1000.")
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let list = app.connections.list(&filter).await?;
+    let views: Vec<ConnectionView> = list.iter().map(ConnectionView::from).collect();
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "connections": views })))
+}
+
+/// `GET /api/connections/{id}` (status) and `DELETE` (revoke and remove).
+pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
+    caller(app, &req).await?;
+    if req.method == Method::DELETE {
+        let skip = req.query_param("skip_revocation").is_some_and(|v| v == "true");
+        return match app.connections.delete(id, skip).await {
+            Ok(revoked) => Ok(response::json(
+                StatusCode::OK,
+                &serde_json::json!({ "connection_id": id, "deleted": true, "revoked_at_provider": revoked }),
+            )),
+            Err(ConnectionError::Provider(e)) => Err(ApiError::bad_gateway(
+                "revocation-failed",
+                format!(
+                    "The provider did not confirm the revocation ({e}); the connection is kept. Retry, or delete with ?skip_revocation=true."
+                ),
+            )),
+            Err(e) => Err(e.into()),
+        };
+    }
+    let conn = app.connections.get(id).await?;
+    Ok(response::json(StatusCode::OK, &ConnectionView::from(&conn)))
+}
+
+/// `POST /api/connections/{id}/token`: a valid access token.
+pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    caller(app, &req).await?;
+    let body: Option<TokenRequest> = req.json().await?;
+    let force =
+        body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
+    let token = app.connections.access_token(id, force).await?;
+    Ok(response::json_no_store(StatusCode::OK, &TokenResponse::new(id, &token)))
+}
+
+/// `POST /api/connections/{id}/reconnect`: a new authorization URL for a connection.
+pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    caller(app, &req).await?;
+    let body: Option<ReconnectRequest> = req.json().await?;
+    let started = app.connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), None).await?;
+    Ok(response::json(StatusCode::OK, &Started::from(&started)))
+}
+
+/// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
+pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    caller(app, &req).await?;
+    let conn = app.connections.get(id).await?;
+    let (_, target) = proxy::target(app, &conn, &req)?;
+    let body = req.body_bytes().await?;
+    proxy::send_with_token(app, id, req.method.clone(), target, &req.headers, body).await
+}

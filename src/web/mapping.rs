@@ -1,0 +1,114 @@
+//! How each domain error is said to an HTTP caller: its status, its problem slug, and
+//! whether a retry may help. The domain names what went wrong; only this file decides
+//! what that looks like on the wire.
+
+use super::error::ApiError;
+use crate::auth::AuthError;
+use crate::captures::CaptureError;
+use crate::connections::{ConnectionError, InvalidInput};
+use crate::oauth::OAuthError;
+use crate::portal::PortalError;
+use crate::store::StoreError;
+
+impl InvalidInput {
+    fn slug(self) -> &'static str {
+        match self {
+            InvalidInput::UnknownProvider => "unknown-provider",
+            InvalidInput::ConnectionId => "invalid-connection-id",
+            InvalidInput::Owner => "invalid-owner",
+            InvalidInput::Scopes => "invalid-scopes",
+            InvalidInput::ReturnUrl => "invalid-return-url",
+        }
+    }
+}
+
+impl From<ConnectionError> for ApiError {
+    fn from(e: ConnectionError) -> ApiError {
+        match e {
+            ConnectionError::NotFound(id) => ApiError::not_found(format!("There is no connection {id:?}.")),
+            ConnectionError::Invalid(what, detail) => ApiError::bad_request(what.slug(), detail),
+            e @ ConnectionError::Exists(_) => ApiError::conflict("connection-exists", e.to_string()),
+            e @ ConnectionError::NotAuthorized { .. } => ApiError::conflict("not-authorized", e.to_string()),
+            e @ ConnectionError::NeedsReauth { .. } => ApiError::conflict("needs-reauth", e.to_string()),
+            e @ ConnectionError::Backoff { retry_after, .. } => {
+                ApiError::unavailable("provider-unavailable", e.to_string(), Some(retry_after))
+            }
+            ConnectionError::Provider(e @ OAuthError::Transient(_)) => {
+                ApiError::unavailable("provider-unavailable", e.to_string(), Some(30))
+            }
+            ConnectionError::Provider(e @ OAuthError::Config(_)) => ApiError::internal(e),
+            ConnectionError::Provider(e) => ApiError::bad_gateway("provider-error", e.to_string()),
+            ConnectionError::Store(e) => e.into(),
+            ConnectionError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Unavailable(m) => {
+                ApiError::unavailable("store-unavailable", format!("The store is unavailable: {m}"), Some(5))
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<CaptureError> for ApiError {
+    fn from(e: CaptureError) -> ApiError {
+        match e {
+            CaptureError::Store(e) => e.into(),
+            CaptureError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::Unauthenticated(m) => ApiError::unauthorized(m),
+            AuthError::Forbidden(m) => ApiError::forbidden(m),
+            AuthError::Unavailable(m) => ApiError::unavailable(
+                "auth-unavailable",
+                format!("Bearer tokens cannot be verified right now: {m}"),
+                Some(10),
+            ),
+        }
+    }
+}
+
+impl From<PortalError> for ApiError {
+    fn from(e: PortalError) -> ApiError {
+        match e {
+            PortalError::ContactNotFound => ApiError::not_found("Your contact record was not found in Dynamics."),
+            PortalError::Dataverse(e) if e.is_transient() => {
+                ApiError::unavailable("dataverse-unavailable", e.to_string(), Some(5))
+            }
+            PortalError::Dataverse(e) => ApiError::internal(e),
+        }
+    }
+}
+
+/// A part of the API that stays closed until it is configured: 503 with what to set.
+pub fn configured<T>(part: Option<&T>, closed: Closed) -> Result<&T, ApiError> {
+    part.ok_or_else(|| {
+        let (code, detail) = match closed {
+            Closed::BackOffice => (
+                "api-not-configured",
+                "The back-office API is closed: set AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ALLOWED_CLIENT_IDS (or AUTH_ALLOWED_ROLES).",
+            ),
+            Closed::Portal => (
+                "portal-not-configured",
+                "The portal API is closed: set PORTAL_URL and PORTAL_CLIENT_ID (Power Pages) or PORTAL_OIDC_ISSUER.",
+            ),
+        };
+        ApiError::unavailable(code, detail, None)
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Closed {
+    BackOffice,
+    Portal,
+}

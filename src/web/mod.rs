@@ -1,0 +1,32 @@
+//! The web layer, on top: the server and router, one handler file per audience, the
+//! request and response view types, and the one place where a domain error becomes an
+//! HTTP answer ([`mapping`]). Nothing below imports from here.
+//!
+//! - [`back_office`]: `/api/connections`, for Dynamics and scripts (bearer tokens);
+//! - [`captures`]: `/api/captures`, capture mode's read side;
+//! - [`callback`]: `/api/oauth/callback`, the fixed redirect URI a person's browser hits;
+//! - [`portal`]: `/api/portal/...`, for Power Pages users across origins;
+//! - [`proxy`]: the provider API proxy both of the above use;
+//! - [`health`] and [`timer`]: `/api/health`, and `/refresh`, the host's timer invocation.
+
+pub mod back_office;
+pub mod callback;
+pub mod captures;
+pub mod cors;
+pub mod error;
+pub mod health;
+pub mod html;
+mod mapping;
+pub mod portal;
+pub mod proxy;
+pub mod request;
+pub mod response;
+mod router;
+mod server;
+pub mod timer;
+pub mod views;
+
+pub use error::{ApiError, Audience};
+pub use request::Request;
+pub use response::Response;
+pub use server::{bind, handle, serve};

@@ -1,0 +1,116 @@
+//! The portal API under `/api/portal`, called across origins by portal pages for the
+//! signed-in contact (CORS is answered in the server, before this runs).
+//!
+//! Anything that is not the contact's own answers 404, whatever the verb. Portal users
+//! see statuses and reach a provider's API only through the proxy, limited by the
+//! provider's `portal.proxy` allow-list of methods and paths.
+
+use serde_json::json;
+use warp::http::{Method, StatusCode, header};
+
+use super::mapping::{Closed, configured};
+use super::views::{ConnectBody, ConnectionView, Started};
+use super::{ApiError, Request, Response, cors, proxy, response};
+use crate::app::App;
+use crate::connections::{ConnectionError, NewConnection};
+use crate::portal::identity::PortalUser;
+use crate::portal::{self, Contact, Portal};
+use crate::store::{Connection, ListFilter};
+
+async fn user<'a>(app: &'a App, req: &Request) -> Result<(&'a Portal, PortalUser), ApiError> {
+    let portal = configured(app.portal.as_ref(), Closed::Portal)?;
+    Ok((portal, portal.verifier.verify(req.header(header::AUTHORIZATION)).await?))
+}
+
+/// The connection, if it exists and belongs to this contact; 404 otherwise.
+async fn own(app: &App, u: &PortalUser, id: &str) -> Result<Connection, ApiError> {
+    portal::own(&app.connections, u, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("You have no connection {id:?}.")))
+}
+
+/// `GET /api/portal/me`: the contact.
+pub async fn me(app: &App, req: Request) -> Result<Response, ApiError> {
+    let (portal, u) = user(app, &req).await?;
+    let body = match portal.contact(&u).await? {
+        Contact::FromToken(u) => {
+            json!({ "contact_id": u.contact_id, "name": u.name, "email": u.email, "source": "token" })
+        }
+        Contact::FromDataverse { contact_id, name, first_name, last_name, email } => json!({
+            "contact_id": contact_id,
+            "name": name,
+            "first_name": first_name,
+            "last_name": last_name,
+            "email": email,
+            "source": "dataverse",
+        }),
+    };
+    Ok(response::json(StatusCode::OK, &body))
+}
+
+/// `GET /api/portal/connections` (the contact's) and `POST` (connect a provider).
+pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let (_, u) = user(app, &req).await?;
+    if req.method == Method::POST {
+        let body: ConnectBody = req.json().await?;
+        let provider = app.connections.catalog().get(&body.provider).filter(|p| p.portal.enabled).ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown-provider",
+                format!("Provider {:?} is not available to portal users.", body.provider),
+            )
+        })?;
+        let id = portal::connection_id(&u, &provider.name);
+        let opener =
+            req.header(header::ORIGIN).filter(|o| cors::is_listed(&app.config.portal.origins, o)).map(str::to_string);
+        let start = NewConnection {
+            provider: provider.name.clone(),
+            connection_id: Some(id.clone()),
+            owner: Some(portal::owner(&u)),
+            opener_origin: opener.clone(),
+            ..Default::default()
+        };
+        let started = match app.connections.start(start).await {
+            Err(ConnectionError::Exists(_)) => {
+                own(app, &u, &id).await?;
+                app.connections.reconnect(&id, None, opener).await?
+            }
+            other => other?,
+        };
+        return Ok(response::json(StatusCode::CREATED, &Started::from(&started)));
+    }
+    let filter = ListFilter { owner: Some(portal::owner(&u)), limit: 200, ..Default::default() };
+    let list = app.connections.list(&filter).await?;
+    let views: Vec<ConnectionView> = list.iter().map(ConnectionView::from).collect();
+    Ok(response::json(StatusCode::OK, &json!({ "connections": views })))
+}
+
+/// `GET /api/portal/connections/{id}` (status) and `DELETE` (disconnect).
+pub async fn connection(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, u) = user(app, &req).await?;
+    let conn = own(app, &u, id).await?;
+    if req.method == Method::DELETE {
+        app.connections.delete(id, false).await?;
+        return Ok(response::json(StatusCode::OK, &json!({ "connection_id": id, "deleted": true })));
+    }
+    Ok(response::json(StatusCode::OK, &ConnectionView::from(&conn)))
+}
+
+/// `/api/portal/connections/{id}/proxy/{*path}`: the provider's API, for the listed
+/// methods and paths only.
+pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, u) = user(app, &req).await?;
+    let conn = own(app, &u, id).await?;
+    let (provider, target) = proxy::target(app, &conn, &req)?;
+    let base_path = provider.api_base_url.as_ref().map(|b| b.path()).unwrap_or("/");
+    let relative = target.path().strip_prefix(base_path).unwrap_or("");
+    if !provider.portal.allows(req.method.as_str(), relative) {
+        return Err(ApiError::forbidden(format!(
+            "{} {relative} is not allowed for portal users of {} (portal.proxy in the catalog).",
+            req.method, provider.name
+        )));
+    }
+    let body = req.body_bytes().await?;
+    let mut headers = req.headers.clone();
+    headers.remove(header::ORIGIN);
+    proxy::send_with_token(app, id, req.method.clone(), target, &headers, body).await
+}
