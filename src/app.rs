@@ -13,7 +13,7 @@ use crate::captures::Captures;
 use crate::config::{
     CaptureMode, Config, ConfigError, CredentialConfig, DataverseConfig, FnoConfig, Settings, StoreConfig,
 };
-use crate::connections::Connections;
+use crate::connections::{Connections, Deps};
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
@@ -96,15 +96,15 @@ impl App {
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let endpoint = Arc::new(HttpTokenEndpoint { http: http.clone(), secrets: secrets.clone() });
-        let connections = Connections::new(
-            store.clone(),
-            keys.clone(),
-            Arc::new(catalog),
+        let connections = Connections::new(Deps {
+            store: store.clone(),
+            keys: keys.clone(),
+            catalog: Arc::new(catalog),
             endpoint,
-            clock.clone(),
-            config.oauth.clone(),
-            config.redirect_uri.clone(),
-        );
+            clock: clock.clone(),
+            cfg: config.oauth.clone(),
+            redirect_uri: config.redirect_uri.clone(),
+        });
         let captures = Captures::new(store, keys.clone(), clock, fno);
         Ok(App {
             config,

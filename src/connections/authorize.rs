@@ -14,7 +14,7 @@ use super::{ConnectionError, Connections, InvalidInput};
 use crate::crypto::{self, VerifiedState};
 use crate::oauth::catalog::Provider;
 use crate::oauth::client::authorization_url;
-use crate::oauth::{AuthorizationCode, ErrorCode, OAuthError, PkceVerifier, State};
+use crate::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State};
 use crate::store::{Connection, PendingAuth, Status, StoreError};
 
 const MAX_ID_LEN: usize = 128;
@@ -96,7 +96,7 @@ impl Connections {
         }
         let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
-        let t = self.clock.now();
+        let t = self.deps.clock.now();
         let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.opener_origin, t);
         let mut conn = Connection {
             id: id.clone(),
@@ -117,7 +117,7 @@ impl Connections {
             refreshed_at: None,
             version: Default::default(),
         };
-        match self.store.insert(&conn).await {
+        match self.deps.store.insert(&conn).await {
             Ok(v) => conn.version = v,
             Err(StoreError::Conflict(_)) => return Err(ConnectionError::Exists(id)),
             Err(e) => return Err(e.into()),
@@ -137,7 +137,7 @@ impl Connections {
     ) -> Result<StartedAuthorization, ConnectionError> {
         let return_url = return_url.map(|u| self.validate_return_url(u)).transpose()?;
         let mut issued = None;
-        let now = self.clock.now();
+        let now = self.deps.clock.now();
         let conn = self
             .modify(id, None, |c| {
                 let provider = self.provider(&c.provider)?;
@@ -163,12 +163,12 @@ impl Connections {
         opener_origin: Option<String>,
         t: i64,
     ) -> (PendingAuth, State, Option<String>) {
-        let expires_at = t + self.cfg.state_ttl.as_secs() as i64;
-        let state = State::new(self.keys.issue_state(id, expires_at));
+        let expires_at = t + self.deps.cfg.state_ttl.as_secs() as i64;
+        let state = State::new(self.deps.keys.issue_state(id, expires_at));
         let verifier = provider.pkce.then(PkceVerifier::random);
         let challenge = verifier.as_ref().map(PkceVerifier::challenge);
         let secret = PendingSecret { verifier, return_url: return_url.map(|u| u.to_string()), opener_origin };
-        let sealed = self.keys.seal(&serde_json::to_vec(&secret).unwrap_or_default(), &pending_aad(id));
+        let sealed = self.deps.keys.seal(&serde_json::to_vec(&secret).unwrap_or_default(), &pending_aad(id));
         (PendingAuth { state_hash: crypto::sha256_hex(state.secret()), sealed, expires_at }, state, challenge)
     }
 
@@ -180,7 +180,7 @@ impl Connections {
         challenge: Option<&str>,
         expires_at: i64,
     ) -> StartedAuthorization {
-        let authorization_url = authorization_url(p, &self.redirect_uri, state, challenge, &connection.scopes);
+        let authorization_url = authorization_url(p, &self.deps.redirect_uri, state, challenge, &connection.scopes);
         StartedAuthorization { connection, authorization_url, expires_at }
     }
 
@@ -190,7 +190,7 @@ impl Connections {
         if !matches!(url.scheme(), "https" | "http") || !url.username().is_empty() || url.password().is_some() {
             return Err(invalid("return_url must be an http(s) URL without credentials.".into()));
         }
-        if !self.cfg.return_url_origins.contains(&url.origin()) {
+        if !self.deps.cfg.return_url_origins.contains(&url.origin()) {
             return Err(invalid(format!(
                 "return_url's origin {} is not in RETURN_URL_ALLOWLIST.",
                 url.origin().ascii_serialization()
@@ -209,6 +209,7 @@ impl Connections {
         provider_error: Option<(&ErrorCode, Option<&str>)>,
     ) -> Result<Completed, CallbackFailure> {
         let conn = self
+            .deps
             .store
             .find_by_state(&verified.hash)
             .await
@@ -217,7 +218,7 @@ impl Connections {
         if !verified.is_for(&conn.id) {
             return Err(CallbackFailure::StateForOtherConnection);
         }
-        let t = self.clock.now();
+        let t = self.deps.clock.now();
         let pending = conn.pending.clone().ok_or(CallbackFailure::StateUsed)?;
         if pending.expires_at <= t {
             return Err(CallbackFailure::StateExpired);
@@ -236,6 +237,7 @@ impl Connections {
             return Err(CallbackFailure::MissingCode);
         }
         let secret: PendingSecret = self
+            .deps
             .keys
             .open(&pending.sealed, &pending_aad(&conn.id))
             .ok()
@@ -255,7 +257,7 @@ impl Connections {
         let mut consumed = conn.clone();
         consumed.pending = None;
         consumed.updated_at = t;
-        match self.store.update(&consumed, &conn.version).await {
+        match self.deps.store.update(&consumed, &conn.version).await {
             Ok(v) => consumed.version = v,
             Err(StoreError::Conflict(_)) | Err(StoreError::NotFound(_)) => return Err(CallbackFailure::StateUsed),
             Err(e) => return Err(CallbackFailure::Store(e)),
@@ -276,8 +278,8 @@ impl Connections {
         let Some(code) = code else {
             return Err(CallbackFailure::MissingCode);
         };
-        let exchanged =
-            self.endpoint.exchange_code(&provider, code, secret.verifier.as_ref(), &self.redirect_uri, t).await;
+        let grant = CodeGrant { code, verifier: secret.verifier.as_ref(), redirect_uri: &self.deps.redirect_uri };
+        let exchanged = self.deps.endpoint.exchange_code(&provider, grant, t).await;
         let tokens = match exchanged {
             Ok(tokens) => tokens,
             Err(e) => {
@@ -289,12 +291,12 @@ impl Connections {
         // The code is spent; these tokens exist nowhere else. Keep trying to store them.
         let stored = self
             .update(&conn.id, Some(consumed), |c| {
-                super::refresh::apply_tokens(c, &tokens, &self.keys, self.clock.now())
+                super::refresh::apply_tokens(c, &tokens, &self.deps.keys, self.deps.clock.now())
             })
             .await;
         match stored {
             Ok(c) => {
-                self.cache.put(&c.id, super::CachedToken::from_tokens(&tokens, self.clock.now_millis()));
+                self.cache.put(&c.id, super::CachedToken::from_tokens(&tokens, self.deps.clock.now_millis()));
                 tracing::info!(connection = %c.id, provider = %provider.name, "connection authorized");
                 Ok(done(return_url))
             }

@@ -83,15 +83,20 @@ impl From<ConnectionError> for Abandon {
     }
 }
 
-/// Everything the connection rules need, built once by the app.
+/// What the connection rules depend on, built once by the app (or by a test).
+pub struct Deps {
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<Keyring>,
+    pub catalog: Arc<Catalog>,
+    pub endpoint: Arc<dyn TokenEndpoint>,
+    pub clock: Arc<dyn Clock>,
+    pub cfg: OAuthConfig,
+    /// The fixed redirect URI registered with every provider.
+    pub redirect_uri: Url,
+}
+
 pub struct Connections {
-    store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
-    catalog: Arc<Catalog>,
-    endpoint: Arc<dyn TokenEndpoint>,
-    clock: Arc<dyn Clock>,
-    cfg: OAuthConfig,
-    redirect_uri: Url,
+    deps: Deps,
     /// This process's name in refresh leases.
     instance: String,
     cache: cache::TokenCache,
@@ -103,48 +108,30 @@ const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::
 const STORE_RETRY_BUDGET_MS: i64 = 30_000;
 
 impl Connections {
-    pub fn new(
-        store: Arc<dyn Store>,
-        keys: Arc<Keyring>,
-        catalog: Arc<Catalog>,
-        endpoint: Arc<dyn TokenEndpoint>,
-        clock: Arc<dyn Clock>,
-        cfg: OAuthConfig,
-        redirect_uri: Url,
-    ) -> Connections {
-        let cache = cache::TokenCache::new(cfg.token_cache_ttl);
-        Connections {
-            store,
-            keys,
-            catalog,
-            endpoint,
-            clock,
-            cfg,
-            redirect_uri,
-            instance: crypto::random_token::<9>(),
-            cache,
-        }
+    pub fn new(deps: Deps) -> Connections {
+        let cache = cache::TokenCache::new(deps.cfg.token_cache_ttl);
+        Connections { deps, instance: crypto::random_token::<9>(), cache }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.deps.store
     }
 
     pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+        &self.deps.catalog
     }
 
     pub(crate) fn config(&self) -> &OAuthConfig {
-        &self.cfg
+        &self.deps.cfg
     }
 
     pub(crate) fn clock(&self) -> &dyn Clock {
-        self.clock.as_ref()
+        self.deps.clock.as_ref()
     }
 
     fn provider(&self, name: &str) -> Result<&Provider, ConnectionError> {
-        self.catalog.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.catalog.iter().map(|p| p.name.as_str()).collect();
+        self.deps.catalog.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.deps.catalog.iter().map(|p| p.name.as_str()).collect();
             ConnectionError::Invalid(
                 InvalidInput::UnknownProvider,
                 format!(
@@ -158,11 +145,11 @@ impl Connections {
     // ----- reading ------------------------------------------------------------------
 
     pub async fn get(&self, id: &str) -> Result<Connection, ConnectionError> {
-        self.store.get(id).await?.ok_or_else(|| ConnectionError::NotFound(id.to_string()))
+        self.deps.store.get(id).await?.ok_or_else(|| ConnectionError::NotFound(id.to_string()))
     }
 
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Connection>, ConnectionError> {
-        Ok(self.store.list(filter).await?)
+        Ok(self.deps.store.list(filter).await?)
     }
 
     // ----- deleting -----------------------------------------------------------------
@@ -171,18 +158,18 @@ impl Connections {
     /// provider cannot be reached the connection is kept, unless `skip_revocation`.
     pub async fn delete(&self, id: &str, skip_revocation: bool) -> Result<bool, ConnectionError> {
         let conn = self.get(id).await?;
-        let provider = self.catalog.get(&conn.provider);
+        let provider = self.deps.catalog.get(&conn.provider);
         let mut revoked = false;
         if let (Some(provider), Some(sealed), false) = (provider, &conn.tokens, skip_revocation)
             && provider.revocation_url.is_some()
         {
-            let tokens = TokenSet::open(sealed, &self.keys, id)?;
+            let tokens = TokenSet::open(sealed, &self.deps.keys, id)?;
             // Revoking the refresh token ends the grant; the access token is revoked
             // too for providers that keep them apart.
             if let Some(rt) = &tokens.refresh_token {
-                self.endpoint.revoke(provider, rt, TokenHint::RefreshToken).await?;
+                self.deps.endpoint.revoke(provider, rt, TokenHint::RefreshToken).await?;
             }
-            match self.endpoint.revoke(provider, &tokens.access_token, TokenHint::AccessToken).await {
+            match self.deps.endpoint.revoke(provider, &tokens.access_token, TokenHint::AccessToken).await {
                 // RFC 7009 §2.2.1: a server that cannot revoke access tokens says so.
                 Err(OAuthError::Rejected { error: ErrorCode::UnsupportedTokenType, .. }) => {}
                 other => other?,
@@ -191,7 +178,7 @@ impl Connections {
         }
         let mut current = conn;
         for _ in 0..5 {
-            match self.store.delete(id, &current.version).await {
+            match self.deps.store.delete(id, &current.version).await {
                 Ok(()) => break,
                 Err(StoreError::Conflict(_)) => current = self.get(id).await?,
                 Err(StoreError::NotFound(_)) => break,
@@ -218,17 +205,17 @@ impl Connections {
         F: FnMut(&mut Connection) -> Result<(), E>,
         E: From<ConnectionError>,
     {
-        let give_up = self.clock.now_millis() + STORE_RETRY_BUDGET_MS;
+        let give_up = self.deps.clock.now_millis() + STORE_RETRY_BUDGET_MS;
         let mut attempt = 0;
         loop {
             let current = match known.take() {
                 Some(c) => c,
-                None => match self.store.get(id).await {
+                None => match self.deps.store.get(id).await {
                     Ok(Some(c)) => c,
                     Ok(None) => return Err(ConnectionError::NotFound(id.to_string()).into()),
-                    Err(e) if e.is_transient() && self.clock.now_millis() < give_up => {
+                    Err(e) if e.is_transient() && self.deps.clock.now_millis() < give_up => {
                         attempt += 1;
-                        self.clock.sleep(STORE_RETRY.wait(attempt, None)).await;
+                        self.deps.clock.sleep(STORE_RETRY.wait(attempt, None)).await;
                         continue;
                     }
                     Err(e) => return Err(ConnectionError::from(e).into()),
@@ -236,19 +223,19 @@ impl Connections {
             };
             let mut next = current.clone();
             change(&mut next)?;
-            next.updated_at = self.clock.now();
-            match self.store.update(&next, &current.version).await {
+            next.updated_at = self.deps.clock.now();
+            match self.deps.store.update(&next, &current.version).await {
                 Ok(v) => {
                     next.version = v;
                     return Ok(next);
                 }
                 Err(StoreError::Conflict(_)) => continue,
                 Err(StoreError::NotFound(_)) => return Err(ConnectionError::NotFound(id.to_string()).into()),
-                Err(e) if e.is_transient() && self.clock.now_millis() < give_up => {
+                Err(e) if e.is_transient() && self.deps.clock.now_millis() < give_up => {
                     tracing::warn!(connection = %id, error = %e, "store busy; retrying");
                     known = Some(current);
                     attempt += 1;
-                    self.clock.sleep(STORE_RETRY.wait(attempt, None)).await;
+                    self.deps.clock.sleep(STORE_RETRY.wait(attempt, None)).await;
                 }
                 Err(e) => return Err(ConnectionError::from(e).into()),
             }

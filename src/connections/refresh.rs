@@ -74,8 +74,8 @@ impl Connections {
     /// A valid access token for a connection, refreshing first when it expires within
     /// the margin (or always, with `force`).
     pub async fn access_token(&self, id: &str, force: bool) -> Result<CachedToken, ConnectionError> {
-        let asked_at = self.clock.now_millis();
-        let margin = self.cfg.refresh_margin.as_secs() as i64;
+        let asked_at = self.deps.clock.now_millis();
+        let margin = self.deps.cfg.refresh_margin.as_secs() as i64;
         let want = if force { Want::RefreshedAfter(asked_at) } else { Want::Fresh { margin, asked_at_ms: asked_at } };
         if let Some(t) = self.cached(id, want) {
             return Ok(t);
@@ -84,7 +84,7 @@ impl Connections {
     }
 
     fn cached(&self, id: &str, want: Want) -> Option<CachedToken> {
-        let now_ms = self.clock.now_millis();
+        let now_ms = self.deps.clock.now_millis();
         self.cache.get_satisfying(id, |t| want.satisfied_by(t.expires_at, t.obtained_ms, now_ms))
     }
 
@@ -103,10 +103,10 @@ impl Connections {
 
     /// The cross-process half: read, lease, refresh, store.
     async fn refresh(&self, id: &str, want: Want) -> Result<CachedToken, ConnectionError> {
-        let deadline = self.clock.now_millis() + (self.cfg.lease_duration.as_millis() as i64) + 5_000;
+        let deadline = self.deps.clock.now_millis() + (self.deps.cfg.lease_duration.as_millis() as i64) + 5_000;
         let (mut waits, mut store_retries) = (0, 0);
         loop {
-            if self.clock.now_millis() > deadline {
+            if self.deps.clock.now_millis() > deadline {
                 return Err(ConnectionError::Backoff {
                     detail: "the connection record kept changing under the refresh".into(),
                     retry_after: 1,
@@ -114,10 +114,10 @@ impl Connections {
             }
             let conn = self.get(id).await?;
             let tokens = self.usable_tokens(&conn)?;
-            let t = self.clock.now();
+            let t = self.deps.clock.now();
             let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at) * 1000;
             let current = CachedToken::from_tokens(&tokens, obtained_ms);
-            if want.satisfied_by(tokens.expires_at, obtained_ms, self.clock.now_millis()) {
+            if want.satisfied_by(tokens.expires_at, obtained_ms, self.deps.clock.now_millis()) {
                 self.cache.put(id, current.clone());
                 return Ok(current);
             }
@@ -145,33 +145,33 @@ impl Connections {
             }
             if let Some(lease) = &conn.lease
                 && lease.owner != self.instance
-                && lease.until_ms > self.clock.now_millis()
+                && lease.until_ms > self.deps.clock.now_millis()
             {
                 // Another instance is refreshing. Wait for its result.
-                if self.clock.now_millis() > deadline {
+                if self.deps.clock.now_millis() > deadline {
                     return Err(ConnectionError::Backoff {
                         detail: "another instance holds the refresh lease".into(),
                         retry_after: 1,
                     });
                 }
                 waits += 1;
-                self.clock.sleep(LEASE_WAIT.wait(waits, None)).await;
+                self.deps.clock.sleep(LEASE_WAIT.wait(waits, None)).await;
                 continue;
             }
             // Take the lease. A conflict means someone else changed the record: re-read.
             let mut leased = conn.clone();
             leased.lease = Some(Lease {
                 owner: self.instance.clone(),
-                until_ms: self.clock.now_millis() + self.cfg.lease_duration.as_millis() as i64,
+                until_ms: self.deps.clock.now_millis() + self.deps.cfg.lease_duration.as_millis() as i64,
             });
             leased.updated_at = t;
-            match self.store.update(&leased, &conn.version).await {
+            match self.deps.store.update(&leased, &conn.version).await {
                 Ok(v) => leased.version = v,
                 Err(StoreError::Conflict(_)) => continue,
                 Err(StoreError::NotFound(_)) => return Err(ConnectionError::NotFound(id.to_string())),
-                Err(e) if e.is_transient() && self.clock.now_millis() < deadline => {
+                Err(e) if e.is_transient() && self.deps.clock.now_millis() < deadline => {
                     store_retries += 1;
-                    self.clock.sleep(LEASE_STORE_RETRY.wait(store_retries, None)).await;
+                    self.deps.clock.sleep(LEASE_STORE_RETRY.wait(store_retries, None)).await;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -189,8 +189,8 @@ impl Connections {
     ) -> Result<CachedToken, ConnectionError> {
         let provider = self.provider(&leased.provider)?.clone();
         let id = leased.id.clone();
-        let started = self.clock.now();
-        match self.endpoint.refresh(&provider, &refresh_token, started).await {
+        let started = self.deps.clock.now();
+        match self.deps.endpoint.refresh(&provider, &refresh_token, started).await {
             Ok(tokens) => {
                 let lease_version = leased.version.clone();
                 let stored = self
@@ -199,13 +199,13 @@ impl Connections {
                             // Our lease expired and another instance stored newer tokens.
                             return Err(Abandon::Superseded);
                         }
-                        apply_tokens(c, &tokens, &self.keys, self.clock.now());
+                        apply_tokens(c, &tokens, &self.deps.keys, self.deps.clock.now());
                         Ok(())
                     })
                     .await;
                 match stored {
                     Ok(c) => {
-                        let token = CachedToken::from_tokens(&tokens, self.clock.now_millis());
+                        let token = CachedToken::from_tokens(&tokens, self.deps.clock.now_millis());
                         self.cache.put(&c.id, token.clone());
                         tracing::info!(connection = %c.id, provider = %provider.name, "token refreshed");
                         Ok(token)
@@ -223,7 +223,7 @@ impl Connections {
                 Err(self.mark_needs_reauth(leased, &detail).await)
             }
             Err(e) => {
-                let t = self.clock.now();
+                let t = self.deps.clock.now();
                 let failures = leased.failures.saturating_add(1);
                 let backoff = REFRESH_BACKOFF.delay(failures).as_secs() as i64;
                 let detail = e.to_string();
@@ -271,7 +271,7 @@ impl Connections {
                 id: conn.id.clone(),
                 detail: conn.status_detail.clone().unwrap_or_else(|| "the provider refused the refresh token".into()),
             }),
-            (_, Some(sealed)) => Ok(TokenSet::open(sealed, &self.keys, &conn.id)?),
+            (_, Some(sealed)) => Ok(TokenSet::open(sealed, &self.deps.keys, &conn.id)?),
             (status, None) => Err(ConnectionError::NotAuthorized { id: conn.id.clone(), status: status.as_str() }),
         }
     }

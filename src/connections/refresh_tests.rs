@@ -14,10 +14,10 @@ use url::Url;
 
 use super::{REFRESH_BACKOFF, apply_tokens};
 use crate::config::{CaptureMode, OAuthConfig};
-use crate::connections::{ConnectionError, Connections};
+use crate::connections::{ConnectionError, Connections, Deps};
 use crate::crypto::Keyring;
 use crate::oauth::catalog::{Catalog, Provider};
-use crate::oauth::{AuthorizationCode, ErrorCode, OAuthError, PkceVerifier, TokenEndpoint, TokenHint, TokenSet};
+use crate::oauth::{CodeGrant, ErrorCode, OAuthError, TokenEndpoint, TokenHint, TokenSet};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Capture, Connection, Lease, ListFilter, Status, Store, StoreResult, Version};
 use crate::time::{Clock, ManualClock};
@@ -58,14 +58,7 @@ impl ScriptedEndpoint {
 
 #[async_trait]
 impl TokenEndpoint for ScriptedEndpoint {
-    async fn exchange_code(
-        &self,
-        _: &Provider,
-        _: &AuthorizationCode,
-        _: Option<&PkceVerifier>,
-        _: &Url,
-        _: i64,
-    ) -> Result<TokenSet, OAuthError> {
+    async fn exchange_code(&self, _: &Provider, _: CodeGrant<'_>, _: i64) -> Result<TokenSet, OAuthError> {
         Err(OAuthError::Config("no exchange in these tests".into()))
     }
 
@@ -192,15 +185,15 @@ fn fixture() -> Fx {
         return_url_origins: Vec::new(),
         upstream_timeout: Duration::from_secs(30),
     };
-    let conns = Connections::new(
-        racing.clone(),
-        keys.clone(),
-        Arc::new(catalog),
-        endpoint.clone(),
-        clock.clone(),
+    let conns = Connections::new(Deps {
+        store: racing.clone(),
+        keys: keys.clone(),
+        catalog: Arc::new(catalog),
+        endpoint: endpoint.clone(),
+        clock: clock.clone(),
         cfg,
-        Url::parse("https://dc.example/api/oauth/callback").unwrap(),
-    );
+        redirect_uri: Url::parse("https://dc.example/api/oauth/callback").unwrap(),
+    });
     Fx { conns, sqlite, racing, clock, endpoint, keys, _dir: dir }
 }
 

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::catalog::{ClientAuth, ExpiresInUnit, Provider};
-use super::{AuthorizationCode, ErrorCode, OAuthError, PkceVerifier, State, TokenEndpoint, TokenHint, TokenSet};
+use super::{CodeGrant, ErrorCode, OAuthError, State, TokenEndpoint, TokenHint, TokenSet};
 use crate::auth::jwt::{Segment, unverified};
 use crate::outbound::{self, Backoff};
 use crate::secrets::SecretSource;
@@ -69,20 +69,13 @@ pub fn authorization_url(
 
 #[async_trait]
 impl TokenEndpoint for HttpTokenEndpoint {
-    async fn exchange_code(
-        &self,
-        provider: &Provider,
-        code: &AuthorizationCode,
-        verifier: Option<&PkceVerifier>,
-        redirect_uri: &Url,
-        now: i64,
-    ) -> Result<TokenSet, OAuthError> {
+    async fn exchange_code(&self, provider: &Provider, grant: CodeGrant<'_>, now: i64) -> Result<TokenSet, OAuthError> {
         let mut form = vec![
             ("grant_type".to_string(), "authorization_code".to_string()),
-            ("code".to_string(), code.secret().to_string()),
-            ("redirect_uri".to_string(), redirect_uri.to_string()),
+            ("code".to_string(), grant.code.secret().to_string()),
+            ("redirect_uri".to_string(), grant.redirect_uri.to_string()),
         ];
-        if let Some(v) = verifier {
+        if let Some(v) = grant.verifier {
             form.push(("code_verifier".into(), v.secret().into()));
         }
         let body = self.post_token(provider, form).await?;

@@ -107,19 +107,22 @@ impl TokenHint {
     }
 }
 
+/// What an authorization-code exchange sends besides the client's credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct CodeGrant<'a> {
+    pub code: &'a AuthorizationCode,
+    /// The PKCE verifier (RFC 7636 §4.5), for providers that use PKCE.
+    pub verifier: Option<&'a PkceVerifier>,
+    /// The same redirect URI the authorization request named (RFC 6749 §4.1.3).
+    pub redirect_uri: &'a Url,
+}
+
 /// A provider's token and revocation endpoints: the seam between the connection rules
 /// and HTTP. [`client::HttpTokenEndpoint`] is the real one; tests pass their own.
 #[async_trait]
 pub trait TokenEndpoint: Send + Sync {
     /// Exchanges an authorization code (RFC 6749 §4.1.3).
-    async fn exchange_code(
-        &self,
-        provider: &Provider,
-        code: &AuthorizationCode,
-        verifier: Option<&PkceVerifier>,
-        redirect_uri: &Url,
-        now: i64,
-    ) -> Result<TokenSet, OAuthError>;
+    async fn exchange_code(&self, provider: &Provider, grant: CodeGrant<'_>, now: i64) -> Result<TokenSet, OAuthError>;
 
     /// Uses a refresh token (RFC 6749 §6). The result holds the provider's new refresh
     /// token, or the one sent when the provider did not rotate it.

@@ -109,6 +109,19 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The connection whose unique `column` equals `value`.
+    async fn one_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Connection>> {
+        let value = value.to_string();
+        self.with(move |c| {
+            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE {column} = ?1"))?
+                .query_row([value], from_row)
+                .optional()
+        })
+        .await
+    }
+}
+
 /// Columns added after the first release, for files created before them.
 fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
@@ -224,23 +237,11 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
-        let id = id.to_string();
-        self.with(move |c| {
-            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE id = ?1"))?
-                .query_row([id], from_row)
-                .optional()
-        })
-        .await
+        self.one_where("id", id).await
     }
 
     async fn find_by_state(&self, state_hash: &str) -> StoreResult<Option<Connection>> {
-        let hash = state_hash.to_string();
-        self.with(move |c| {
-            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE state_hash = ?1"))?
-                .query_row([hash], from_row)
-                .optional()
-        })
-        .await
+        self.one_where("state_hash", state_hash).await
     }
 
     async fn insert(&self, conn: &Connection) -> StoreResult<Version> {
