@@ -210,22 +210,12 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
             if config.secrets.dev_key_file.is_some() && config.secrets.key_vault.is_none() =>
         {
             let path = config.secrets.dev_key_file.clone().unwrap_or_default();
-            let spec = match std::fs::read_to_string(&path) {
-                Ok(s) => s,
-                Err(_) => {
-                    let spec = Keyring::generate_spec("local1");
-                    if let Some(dir) = path.parent() {
-                        let _ = std::fs::create_dir_all(dir);
-                    }
-                    write_private(&path, &spec).map_err(|e| {
-                        ConfigError::new(
-                            &setting,
-                            format!("is not set and a local key could not be written to {}: {e}", path.display()),
-                        )
-                    })?;
-                    spec
-                }
-            };
+            let spec = local_key(&path).map_err(|e| {
+                ConfigError::new(
+                    &setting,
+                    format!("is not set and a local key could not be written to {}: {e}", path.display()),
+                )
+            })?;
             tracing::warn!(
                 "{setting} is not set: using the local development key in {} (set {setting} for any shared or deployed instance)",
                 path.display()
@@ -236,8 +226,20 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
     }
 }
 
-fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+/// The local development key in `path`, created on first use. Several handler processes
+/// can start at once on a fresh app root (the host runs several workers), so the key is
+/// written whole to a private temporary file and then linked into place, which fails if
+/// another process got there first: the loser reads the winner's key, never half of it.
+fn local_key(path: &std::path::Path) -> std::io::Result<String> {
     use std::io::Write;
+    if let Ok(spec) = std::fs::read_to_string(path) {
+        return Ok(spec);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("key-{}.tmp", crate::crypto::random_hex::<8>()));
+    let spec = Keyring::generate_spec("local1");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -245,5 +247,12 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(path)?.write_all(contents.as_bytes())
+    let written = opts.open(&tmp).and_then(|mut f| f.write_all(spec.as_bytes()).and_then(|()| f.sync_all()));
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(spec),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(path),
+        Err(e) => Err(e),
+    }
 }

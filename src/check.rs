@@ -139,6 +139,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     }
 
     // A token for every Azure resource, and a call that proves it is accepted.
+    let mut dataverse = None;
     if let Some(dv) = config.dataverse.clone() {
         let cred = dv.credential.as_ref().unwrap_or(&config.azure_credential);
         match app::resource_token(dv.credential.as_ref(), &config, secrets.as_ref(), &dv.url).await {
@@ -153,7 +154,9 @@ pub async fn run(settings: Settings, config: Config) -> Report {
                     let who = client.who_am_i().await.map(|v| {
                         format!("application user {}", v.get("UserId").and_then(|u| u.as_str()).unwrap_or("?"))
                     });
-                    report.add("Dataverse WhoAmI", who.map_err(|e| e.to_string()));
+                    if report.add("Dataverse WhoAmI", who.map_err(|e| e.to_string())) {
+                        dataverse = Some((client, dv.prefix.clone()));
+                    }
                 }
             }
             Err(e) => {
@@ -190,10 +193,18 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             report.add("store (SQLite)", opened);
         }
         StoreConfig::Dataverse(_) => {
-            report.add(
-                "store (Dataverse)",
-                Ok("checked through WhoAmI above; run `handler provision` to create the tables".into()),
-            );
+            let verdict = match &dataverse {
+                None => Err("not checked: Dataverse did not accept the identity above".to_string()),
+                Some((client, prefix)) => {
+                    let schema = crate::dataverse::provision::Schema::new(prefix);
+                    match crate::dataverse::provision::verify(client, &schema).await {
+                        Ok(Ok(())) => Ok("the tables and their keys exist".to_string()),
+                        Ok(Err(missing)) => Err(format!("{missing}: run `handler provision`")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            };
+            report.add("store (Dataverse)", verdict);
         }
     }
     report

@@ -13,6 +13,9 @@ use crate::connections::{ConnectionError, Connections};
 const CONCURRENCY: usize = 4;
 /// How many rows one run takes of each kind.
 const BATCH: usize = 500;
+/// The furthest ahead a run refreshes, whatever the payload's `ScheduleStatus.Next` says:
+/// a forged or broken `Next` must not refresh every connection at once.
+const MAX_LOOKAHEAD_SECS: i64 = 3600;
 
 /// Everything the timer did, for its invocation logs.
 #[derive(Debug, Default)]
@@ -53,7 +56,8 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
     let clock = connections.clock();
     let t = clock.now();
     let margin = cfg.refresh_margin.as_secs() as i64;
-    let horizon = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).max(t) + margin;
+    let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64);
+    let horizon = next.clamp(t, t + MAX_LOOKAHEAD_SECS) + margin;
     let catalog = connections.catalog();
     let keepalive = catalog.iter().filter_map(|p| p.refresh_keepalive).min();
     let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);

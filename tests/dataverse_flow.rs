@@ -256,3 +256,41 @@ async fn valid_tokens_are_served_without_dataverse_calls() {
     println!("Dataverse calls per 1000 token requests for valid tokens: {calls}");
     assert!(calls < 10, "{calls} Dataverse calls for 1000 token requests");
 }
+
+/// Issue [2/7] item 7: a Dataverse whose tables were never provisioned is not healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprovisioned_dataverse_is_not_ready_and_check_names_provision() {
+    let w = World::new(json!({}));
+    let (code, stdout, stderr) = w.builder(&[]).args(&["check"]).run_to_exit();
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let row = stdout.lines().find(|l| l.starts_with("store (Dataverse)")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.contains("FAIL") && row.contains("handler provision"), "{row}");
+    assert!(stdout.lines().any(|l| l.starts_with("Dataverse WhoAmI") && l.contains("  ok  ")), "{stdout}");
+
+    let h = w.start(&[]).await;
+    let health = h.get("/api/health", &[]).await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    let store = &health.json()["dependencies"]["store"];
+    assert_eq!(store["ready"], false, "{store}");
+    assert!(store["detail"].as_str().unwrap().contains("handler provision"), "{store}");
+
+    // Once provisioned, both agree it is ready.
+    w.provision();
+    let (code, stdout, _) = w.builder(&[]).args(&["check"]).run_to_exit();
+    assert_eq!(code, Some(0), "{stdout}");
+    let h = w.start(&[]).await;
+    assert_eq!(h.get("/api/health", &[]).await.status, 200);
+}
+
+/// Issue [2/7] item 7: when the identity check fails the store row does not claim
+/// it was checked through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_does_not_claim_a_store_check_it_could_not_make() {
+    let w = World::new(json!({}));
+    w.dataverse.set_accepted_tokens(&["a-token-nobody-has".to_string()]).await;
+    let (code, stdout, _) = w.builder(&[]).args(&["check"]).run_to_exit();
+    assert_eq!(code, Some(1), "{stdout}");
+    let row = stdout.lines().find(|l| l.starts_with("store (Dataverse)")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.contains("FAIL") && row.contains("not checked"), "{row}");
+    assert!(!stdout.contains("checked through WhoAmI"), "{stdout}");
+}

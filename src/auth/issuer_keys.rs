@@ -3,8 +3,9 @@
 //!
 //! A token signed with a key id we have not seen triggers one re-fetch, at most every
 //! [`REFETCH_INTERVAL`], so garbage tokens cannot make us hammer the issuer; when a
-//! re-fetch fails the keys we have keep working. The fetch runs under the cache's
-//! single-fetch turn, never under a lock that readers of known keys wait on.
+//! re-fetch fails the keys we have keep working, and a failed first fetch is remembered
+//! for [`FAILED_FETCH_TTL`]. The fetch runs under the cache's single-fetch turn, never
+//! under a lock that readers of known keys wait on.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,10 @@ use crate::config::parse_service_url;
 use crate::outbound::{self, Cache};
 
 const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// After a failed fetch with no keys at all, how long callers are told "unavailable"
+/// without another fetch: an issuer outage costs one fetch per interval, not one per
+/// bad token.
+const FAILED_FETCH_TTL: Duration = Duration::from_secs(5);
 /// Keys stay until a token names one we do not have; freshness plays no part.
 const KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -45,12 +50,15 @@ pub struct IssuerKeys {
     jwks_url: Option<Url>,
     http: reqwest::Client,
     keys: Cache<(), KeySet>,
+    /// The last fetch, while it still counts: `None` after a success, the error after a
+    /// failure. While it is fresh no new fetch is made.
+    attempted: Cache<(), Option<String>>,
 }
 
 impl IssuerKeys {
     /// `jwks_url` overrides OpenID discovery on the issuer.
     pub fn new(issuer: &str, jwks_url: Option<Url>, http: reqwest::Client) -> IssuerKeys {
-        IssuerKeys { issuer: issuer.to_string(), jwks_url, http, keys: Cache::new(1) }
+        IssuerKeys { issuer: issuer.to_string(), jwks_url, http, keys: Cache::new(1), attempted: Cache::new(1) }
     }
 
     pub fn loaded(&self) -> bool {
@@ -62,40 +70,53 @@ impl IssuerKeys {
         let keys = self.fetch().await?;
         let n = keys.len();
         self.keys.insert((), keys, KEEP);
+        self.attempted.insert((), None, REFETCH_INTERVAL);
         Ok(n)
     }
 
     /// The key with this id, fetching the JWKS when the id is unknown (rate-limited).
     pub async fn key(&self, kid: &str) -> Result<DecodingKey, AuthError> {
-        let known = self.keys.get_stale(&());
-        if let Some(k) = known.as_ref().and_then(|s| s.value.get(kid)) {
-            return Ok(k.clone());
+        if let Some(k) = self.known(kid) {
+            return Ok(k);
         }
-        if known.as_ref().is_none_or(|s| s.age >= REFETCH_INTERVAL) {
+        if self.attempted.get(&()).is_none() {
             self.keys
                 .exclusive(&(), || async {
                     // Another request may have fetched while we waited for the turn.
-                    let now = self.keys.get_stale(&());
-                    if now.as_ref().is_some_and(|s| s.value.contains_key(kid) || s.age < REFETCH_INTERVAL) {
-                        return Ok(());
+                    if self.known(kid).is_some() || self.attempted.get(&()).is_some() {
+                        return;
                     }
                     match self.fetch().await {
                         Ok(fresh) => {
                             self.keys.insert((), fresh, KEEP);
-                            Ok(())
+                            self.attempted.insert((), None, REFETCH_INTERVAL);
                         }
-                        Err(e) if now.is_none() => Err(AuthError::Unavailable(e.to_string())),
                         Err(e) => {
-                            tracing::warn!("could not refresh the signing keys of {}: {e}", self.issuer);
-                            Ok(())
+                            let have_keys = self.keys.get_stale(&()).is_some();
+                            if have_keys {
+                                tracing::warn!("could not refresh the signing keys of {}: {e}", self.issuer);
+                            }
+                            let ttl = if have_keys { REFETCH_INTERVAL } else { FAILED_FETCH_TTL };
+                            self.attempted.insert((), Some(e.to_string()), ttl);
                         }
                     }
                 })
-                .await?;
+                .await;
         }
-        self.keys.get_stale(&()).and_then(|s| s.value.get(kid).cloned()).ok_or_else(|| {
-            AuthError::Unauthenticated("The bearer token is signed with a key the issuer does not publish.".into())
-        })
+        if let Some(k) = self.known(kid) {
+            return Ok(k);
+        }
+        match (self.keys.get_stale(&()), self.attempted.get(&()).flatten()) {
+            (None, Some(failure)) => Err(AuthError::Unavailable(failure)),
+            (None, None) => Err(AuthError::Unavailable(format!("the signing keys of {} are not loaded", self.issuer))),
+            (Some(_), _) => Err(AuthError::Unauthenticated(
+                "The bearer token is signed with a key the issuer does not publish.".into(),
+            )),
+        }
+    }
+
+    fn known(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys.get_stale(&()).and_then(|s| s.value.get(kid).cloned())
     }
 
     async fn fetch(&self) -> Result<KeySet, KeysError> {

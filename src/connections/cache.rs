@@ -60,15 +60,15 @@ impl TokenCache {
 
     /// The cached token, if it is recent and `ok` accepts it.
     pub fn get_satisfying(&self, id: &str, ok: impl FnOnce(&CachedToken) -> bool) -> Option<CachedToken> {
-        self.entries.get_if(id, ok)
+        self.entries.get_if(key(id).as_ref(), ok)
     }
 
     pub fn put(&self, id: &str, token: CachedToken) {
-        self.entries.insert(id.to_string(), token, self.ttl);
+        self.entries.insert(key(id).into_owned(), token, self.ttl);
     }
 
     pub fn remove(&self, id: &str) {
-        self.entries.remove(id);
+        self.entries.remove(key(id).as_ref());
     }
 
     /// Runs `f` as the only caller for this connection in this process.
@@ -77,6 +77,16 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        self.entries.exclusive(&id.to_string(), f).await
+        self.entries.exclusive(&key(id).into_owned(), f).await
+    }
+}
+
+/// Connection ids compare without case, as Dataverse compares them: `ERP-1` and `erp-1`
+/// are one connection, with one cache entry and one refresh turn.
+fn key(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(id.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(id)
     }
 }

@@ -158,6 +158,10 @@ impl Connections {
     /// provider cannot be reached the connection is kept, unless `skip_revocation`.
     pub async fn delete(&self, id: &str, skip_revocation: bool) -> Result<bool, ConnectionError> {
         let conn = self.get(id).await?;
+        // From here on the stored id: the caller's may differ in case, and the tokens are
+        // sealed to the stored one.
+        let id = conn.id.clone();
+        let id = id.as_str();
         let provider = self.deps.catalog.get(&conn.provider);
         let mut revoked = false;
         if let (Some(provider), Some(sealed), false) = (provider, &conn.tokens, skip_revocation)

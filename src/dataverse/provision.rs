@@ -319,6 +319,27 @@ pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -
     Ok(report)
 }
 
+/// Whether the tables and their alternate keys exist and are active: one metadata read
+/// per table. `Ok(Err(what))` names what is missing.
+pub async fn verify(dv: &Dataverse, schema: &Schema) -> Result<Result<(), String>, DataverseError> {
+    for t in TABLES {
+        let logical = schema.table(&t);
+        let key_name = schema.key_name(&t);
+        let path = format!(
+            "EntityDefinitions(LogicalName='{logical}')/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus"
+        );
+        let Some(keys) = dv.raw(Method::GET, &path, None, "read keys").await? else {
+            return Ok(Err(format!("table {logical} does not exist")));
+        };
+        match key_status(Some(&keys), &key_name).as_deref() {
+            Some("Active") => {}
+            Some(status) => return Ok(Err(format!("key {key_name} of table {logical} is not active ({status})"))),
+            None => return Ok(Err(format!("table {logical} has no key {key_name}"))),
+        }
+    }
+    Ok(Ok(()))
+}
+
 fn key_status(keys: Option<&Value>, schema_name: &str) -> Option<String> {
     keys?.get("value")?.as_array()?.iter().find_map(|k| {
         let name = k.get("SchemaName").and_then(Value::as_str)?;

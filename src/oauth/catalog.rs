@@ -17,6 +17,7 @@
 //! authorization_params = { prompt = "consent" }
 //! token_params = {}
 //! api_base_url = "https://api.acme.example/v1/"
+//! proxy_headers = ["x-acme-tenant"]   # extra request headers the proxy passes on
 //! [providers.acme.token_response]
 //! path = "data"                 # tokens nested under this object path
 //! default_expires_in = 3600     # when the provider sends no expires_in
@@ -101,6 +102,9 @@ struct ProviderSpec {
     refresh_keepalive_seconds: Option<u64>,
     #[serde(default)]
     portal: Option<PortalAccess>,
+    /// Request headers, besides the standard ones, that the proxy passes to this API.
+    #[serde(default)]
+    proxy_headers: Vec<String>,
 }
 
 /// What portal users may do with a provider: connect their own account, and call the
@@ -166,6 +170,8 @@ pub struct Provider {
     pub token_response: TokenResponseQuirks,
     pub refresh_keepalive: Option<Duration>,
     pub portal: PortalAccess,
+    /// Extra request headers the proxy passes on (lower case).
+    pub proxy_headers: Vec<String>,
 }
 
 /// Parameters the handler sets itself; a catalog entry may not override them.
@@ -173,6 +179,33 @@ const RESERVED_AUTH_PARAMS: &[&str] =
     &["response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method", "scope"];
 const RESERVED_TOKEN_PARAMS: &[&str] =
     &["grant_type", "code", "redirect_uri", "code_verifier", "refresh_token", "client_id", "client_secret"];
+
+/// Headers no provider entry may have the proxy pass on: credentials, routing and
+/// forwarding, method override and URL rewriting, and hop-by-hop headers.
+fn never_proxied(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "cookie"
+            | "host"
+            | "connection"
+            | "content-length"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "keep-alive"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-rewrite-url"
+            | "x-functions-key"
+            | "origin"
+            | "referer"
+    ) || ["proxy-", "x-forwarded-", "x-original-", "x-azure-", "x-arr-"].iter().any(|p| name.starts_with(p))
+}
 
 /// All providers, by name.
 #[derive(Debug, Clone, Default)]
@@ -271,6 +304,17 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
             return Err(format!("token_params may not set {key:?}; the handler sets it"));
         }
     }
+    let mut proxy_headers = Vec::new();
+    for h in &spec.proxy_headers {
+        let lower = h.trim().to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!("proxy_headers: {h:?} is not a header name"));
+        }
+        if never_proxied(&lower) {
+            return Err(format!("proxy_headers may not pass {h:?}: the proxy never forwards it"));
+        }
+        proxy_headers.push(lower);
+    }
     Ok(Provider {
         name: name.to_string(),
         display_name: spec.display_name.unwrap_or_else(|| name.to_string()),
@@ -290,6 +334,7 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         token_response: spec.token_response,
         refresh_keepalive: spec.refresh_keepalive_seconds.map(Duration::from_secs),
         portal: spec.portal.unwrap_or_default(),
+        proxy_headers,
     })
 }
 
@@ -346,6 +391,8 @@ mod tests {
             ),
             (GOOD.replace("scopes =", "authorization_params = { state = \"x\" }\nscopes ="), "state"),
             (GOOD.replace("client_id = \"dc\"", "client_id = \"dc\"\nclient_secrett = \"x\""), "unknown field"),
+            (GOOD.replace("scopes =", "proxy_headers = [\"X-HTTP-Method-Override\"]\nscopes ="), "never forwards"),
+            (GOOD.replace("scopes =", "proxy_headers = [\"X-Forwarded-Host\"]\nscopes ="), "never forwards"),
         ];
         for (text, needle) in cases {
             let err = Catalog::parse(&text).unwrap_err();

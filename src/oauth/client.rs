@@ -35,6 +35,10 @@ pub struct HttpTokenEndpoint {
     pub secrets: Arc<dyn SecretSource>,
 }
 
+/// The longest lifetime believed: a provider's `expires_in` of 10^16 would overflow the
+/// arithmetic on expiry and make every call a refresh.
+const MAX_EXPIRES_IN: i64 = 365 * 24 * 3600;
+
 /// One retry, after 200 ms, of a request whose connection could not be made.
 const CONNECT_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(200));
 
@@ -263,7 +267,15 @@ fn parse_token_response(
         ExpiresInUnit::Milliseconds => v / 1000.0,
     });
     let expires_at = match expires_in {
-        Some(secs) if secs.is_finite() && secs >= 0.0 => now + secs as i64,
+        Some(secs) if secs.is_finite() && secs >= 0.0 => {
+            if secs > MAX_EXPIRES_IN as f64 {
+                tracing::warn!(
+                    provider = %provider.name,
+                    "the token response's expires_in ({secs} s) is beyond a year; using a year"
+                );
+            }
+            now + secs.min(MAX_EXPIRES_IN as f64) as i64
+        }
         _ => match jwt_exp(&access_token) {
             Some(exp) => exp,
             None => {
@@ -362,6 +374,12 @@ mod tests {
         assert_eq!(parse(&provider(""), "application/json", &body, None).unwrap().expires_at, 5000);
         let p = provider("[providers.p.token_response]\ndefault_expires_in = 600");
         assert_eq!(parse(&p, "application/json", r#"{"access_token":"a"}"#, None).unwrap().expires_at, 1600);
+    }
+
+    #[test]
+    fn an_absurd_lifetime_is_clamped_to_a_year() {
+        let t = parse(&provider(""), "application/json", r#"{"access_token":"a","expires_in":1e16}"#, None).unwrap();
+        assert_eq!(t.expires_at, 1000 + 365 * 24 * 3600);
     }
 
     #[test]

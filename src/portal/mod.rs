@@ -98,7 +98,8 @@ pub fn connection_id(u: &PortalUser, provider: &str) -> String {
 /// The connection, if it exists and belongs to this contact; `None` otherwise.
 pub async fn own(connections: &Connections, u: &PortalUser, id: &str) -> Result<Option<Connection>, ConnectionError> {
     match connections.get(id).await {
-        Ok(c) if c.owner.as_deref() == Some(owner(u).as_str()) => Ok(Some(c)),
+        // Owners compare without case, as Dataverse compares them.
+        Ok(c) if c.owner.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(&owner(u))) => Ok(Some(c)),
         Ok(_) | Err(ConnectionError::NotFound(_)) => Ok(None),
         Err(e) => Err(e),
     }

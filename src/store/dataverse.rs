@@ -11,7 +11,11 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
-use crate::dataverse::provision::{CAPTURES, CONNECTIONS, Schema};
+use crate::dataverse::provision::{CAPTURES, CONNECTIONS, Schema, verify};
+use crate::outbound::Cache;
+
+const SCHEMA_OK_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+const SCHEMA_MISSING_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::dataverse::{Condition, Dataverse, DataverseError, Key, Record, literal};
 
 pub struct DataverseStore {
@@ -22,6 +26,8 @@ pub struct DataverseStore {
     key: String,
     connection_columns: Vec<String>,
     capture_columns: Vec<String>,
+    /// The last answer of [`verify`]: whether the tables and keys exist.
+    schema_checked: Cache<(), Result<(), String>>,
 }
 
 impl DataverseStore {
@@ -38,6 +44,7 @@ impl DataverseStore {
             key,
             schema,
             dv,
+            schema_checked: Cache::new(1),
         }
     }
 
@@ -157,6 +164,19 @@ impl Store for DataverseStore {
 
     async fn ping(&self) -> StoreResult<()> {
         self.dv.who_am_i().await.map(|_| ()).map_err(map_err)
+    }
+
+    async fn check_schema(&self) -> StoreResult<()> {
+        let verdict = self
+            .schema_checked
+            .get_or_try_insert_with(&(), || async {
+                let verdict = verify(&self.dv, &self.schema).await.map_err(map_err)?;
+                // Provisioned stays provisioned; a missing table is asked about again soon.
+                let ttl = if verdict.is_ok() { SCHEMA_OK_FOR } else { SCHEMA_MISSING_FOR };
+                Ok::<_, StoreError>((verdict, ttl))
+            })
+            .await?;
+        verdict.map_err(StoreError::NotProvisioned)
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {

@@ -137,6 +137,9 @@ pub enum StoreError {
     /// The store could not be opened at start-up (a path, a permission, a schema).
     #[error("{0}")]
     Open(String),
+    /// The store's tables are not there (yet): `handler provision` creates them.
+    #[error("the store's tables are not provisioned: {0}; run `handler provision`")]
+    NotProvisioned(String),
 }
 
 impl StoreError {
@@ -154,6 +157,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap round trip proving the store answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Whether the tables and keys the store needs exist ([`StoreError::NotProvisioned`]
+    /// if not). Cheap enough for every health probe: a store that reads metadata caches
+    /// the answer. The embedded store creates its tables when it opens.
+    async fn check_schema(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>>;
 

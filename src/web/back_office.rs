@@ -99,7 +99,7 @@ pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response
 pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let conn = app.connections.get(id).await?;
-    let (_, target) = proxy::target(app, &conn, &req)?;
+    let (provider, target) = proxy::target(app, &conn, &req)?;
     let body = req.body_bytes().await?;
-    proxy::send_with_token(app, id, req.method.clone(), target, &req.headers, body).await
+    proxy::send_with_token(app, provider, id, req.method.clone(), target, &req.headers, body).await
 }

@@ -8,9 +8,15 @@ use super::{ApiError, Response, response};
 use crate::app::App;
 
 pub async fn handle(app: &App) -> Result<Response, ApiError> {
-    let store = match app.connections.store().ping().await {
-        Ok(()) => json!({ "kind": app.connections.store().kind(), "ready": true }),
-        Err(e) => json!({ "kind": app.connections.store().kind(), "ready": false, "detail": e.to_string() }),
+    let store = app.connections.store();
+    // Answering is not enough: the tables and keys must be there too.
+    let checked = match store.ping().await {
+        Ok(()) => store.check_schema().await,
+        Err(e) => Err(e),
+    };
+    let store = match checked {
+        Ok(()) => json!({ "kind": store.kind(), "ready": true }),
+        Err(e) => json!({ "kind": store.kind(), "ready": false, "detail": e.to_string() }),
     };
     let store_ready = store["ready"].as_bool().unwrap_or(false);
     let back_office = match &app.back_office {

@@ -110,7 +110,5 @@ pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
         )));
     }
     let body = req.body_bytes().await?;
-    let mut headers = req.headers.clone();
-    headers.remove(header::ORIGIN);
-    proxy::send_with_token(app, id, req.method.clone(), target, &headers, body).await
+    proxy::send_with_token(app, provider, id, req.method.clone(), target, &req.headers, body).await
 }

@@ -11,38 +11,36 @@ use crate::oauth::catalog::Provider;
 use crate::outbound;
 use crate::store::Connection;
 
-/// Request headers not passed on to the provider's API: ours (auth, host routing,
-/// Functions and Azure front-end headers) and hop-by-hop ones.
-fn forwardable_request_header(name: &str) -> bool {
-    !matches!(
-        name,
-        "host"
-            | "authorization"
-            | "cookie"
-            | "connection"
-            | "content-length"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "max-forwards"
-            | "origin"
-            | "referer"
-            | "x-functions-key"
-            | "disguised-host"
-            | "traceparent"
-    ) && !name.starts_with("x-forwarded-")
-        && !name.starts_with("x-azure-")
-        && !name.starts_with("x-arr-")
-        && !name.starts_with("x-original-")
-        && !name.starts_with("x-ms-")
-}
+/// Request headers that pass to the provider's API, besides those a provider entry names
+/// (`proxy_headers`): what describes the body and what the caller will accept, and
+/// conditional requests. Everything else stays here: our own authentication, cookies,
+/// the Functions and Azure front-end headers, hop-by-hop headers, and above all
+/// method-override, URL-rewrite and forwarding headers, which some APIs honour and which
+/// would let a caller run a method or reach a path the portal's allow-list refused.
+const FORWARDED_REQUEST_HEADERS: &[&str] = &[
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-type",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "if-unmodified-since",
+    "odata-maxversion",
+    "odata-version",
+    "prefer",
+    "range",
+];
 
+/// Response headers that never reach the caller: hop-by-hop ones (RFC 9110 §7.6.1), the
+/// provider's cookies, its authentication challenges, and its CORS headers (the
+/// handler's own CORS layer alone decides what a browser may read).
 fn forwardable_response_header(name: &str) -> bool {
-    !matches!(
+    !(matches!(
         name,
         "connection"
             | "transfer-encoding"
@@ -51,10 +49,25 @@ fn forwardable_response_header(name: &str) -> bool {
             | "trailer"
             | "upgrade"
             | "set-cookie"
+            | "set-cookie2"
             | "content-length"
             | "www-authenticate"
             | "proxy-authenticate"
-    )
+            | "proxy-connection"
+            | "timing-allow-origin"
+    ) || name.starts_with("access-control-"))
+}
+
+/// The header names a `Connection` header lists: hop-by-hop for this message only.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 /// The connection's provider and the provider URL a proxy request is for.
@@ -74,22 +87,46 @@ pub fn target<'a>(app: &'a App, conn: &Connection, req: &Request) -> Result<(&'a
     Ok((provider, proxy_target(base, &req.path, req.query.as_deref())?))
 }
 
-/// Builds the provider URL from the raw (still percent-encoded) path after `/proxy/`,
-/// refusing anything that would leave the API base.
+/// Builds the provider URL from the raw (still percent-encoded) path after the route's
+/// `/proxy/` segment, refusing anything that would leave the API base or that a server
+/// behind it could read differently: dot segments, encoded separators (`%2F`, `%5C`),
+/// `;` path parameters (`..;/`), double encoding (`%252e`), control characters and empty
+/// segments. The path is decoded once, here, only to check it.
 pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
-    let rest = raw_path.split_once("/proxy/").map(|(_, r)| r).unwrap_or("");
-    let escapes = rest.split('/').any(|seg| {
-        let decoded = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
-        decoded == ".." || decoded == "." || decoded.contains('/') || decoded.contains('\\')
+    let segments: Vec<&str> = raw_path.split('/').collect();
+    // What follows the route's `proxy` segment: `/api/connections/{id}/proxy/...` or
+    // `/api/portal/connections/{id}/proxy/...` (an id that is itself `proxy` is not it).
+    let at = if segments.get(2) == Some(&"portal") { 6 } else { 5 };
+    if segments.get(at - 1) != Some(&"proxy") {
+        return Err(ApiError::bad_request("invalid-proxy-path", "This is not a proxy path."));
+    }
+    let rest = &segments[at.min(segments.len())..];
+    let last = rest.len().saturating_sub(1);
+    let refused = rest.iter().enumerate().any(|(i, seg)| {
+        if seg.is_empty() {
+            return i != last; // only a trailing slash may leave a segment empty
+        }
+        if seg.contains(';') {
+            return true;
+        }
+        match percent_encoding::percent_decode_str(seg).decode_utf8() {
+            Err(_) => true,
+            Ok(decoded) => {
+                decoded == "."
+                    || decoded == ".."
+                    || decoded.chars().any(|c| matches!(c, '/' | '\\' | ';' | '%') || c.is_control())
+            }
+        }
     });
-    if escapes || rest.starts_with('/') || rest.contains("//") {
+    if refused || rest.is_empty() {
         return Err(ApiError::bad_request(
             "invalid-proxy-path",
-            "The proxied path may not contain '.', '..' or empty segments.",
+            "The proxied path may not contain '.', '..', empty segments, ';', encoded separators or double encoding.",
         ));
     }
+    let rest = rest.join("/");
     let mut url = base
-        .join(rest)
+        .join(&rest)
         .map_err(|e| ApiError::bad_request("invalid-proxy-path", format!("The proxied path is not valid: {e}.")))?;
     if !url.as_str().starts_with(base.as_str()) {
         return Err(ApiError::bad_request(
@@ -105,6 +142,7 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
 /// one refresh and retries once (the token may have been revoked early).
 pub async fn send_with_token(
     app: &App,
+    provider: &Provider,
     id: &str,
     method: Method,
     target: url::Url,
@@ -115,8 +153,12 @@ pub async fn send_with_token(
     let mut retried = false;
     loop {
         let mut out = app.http.request(method.clone(), target.clone()).body(body.clone());
+        let hop_by_hop = connection_listed(headers);
         for (name, value) in headers {
-            if forwardable_request_header(name.as_str()) {
+            let name_str = name.as_str();
+            let allowed =
+                FORWARDED_REQUEST_HEADERS.contains(&name_str) || provider.proxy_headers.iter().any(|h| h == name_str);
+            if allowed && !hop_by_hop.iter().any(|h| h == name_str) {
                 out = out.header(name, value);
             }
         }
@@ -133,9 +175,10 @@ pub async fn send_with_token(
             continue;
         }
         let status = resp.status();
+        let hop_by_hop = connection_listed(resp.headers());
         let mut passed = HeaderMap::new();
         for (name, value) in resp.headers() {
-            if forwardable_response_header(name.as_str()) {
+            if forwardable_response_header(name.as_str()) && !hop_by_hop.iter().any(|h| h == name.as_str()) {
                 passed.append(name.clone(), value.clone());
             }
         }
@@ -170,5 +213,25 @@ mod tests {
         ] {
             assert!(proxy_target(&base, bad, None).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn proxy_paths_refuse_what_a_server_behind_could_read_differently() {
+        let base = url::Url::parse("https://api.example/v1/").unwrap();
+        for bad in [
+            "/api/connections/c/proxy/items/..;/admin",
+            "/api/connections/c/proxy/items;jsessionid=1",
+            "/api/connections/c/proxy/items/%252e%252e/admin",
+            "/api/connections/c/proxy/a%5Cb",
+            "/api/connections/c/proxy/a%3Bb",
+            "/api/connections/c/proxy/a%00b",
+            "/api/portal/connections/c/proxy/%2e",
+        ] {
+            assert!(proxy_target(&base, bad, None).is_err(), "{bad} should be refused");
+        }
+        let portal = proxy_target(&base, "/api/portal/connections/proxy/proxy/items/", None).unwrap();
+        assert_eq!(portal.as_str(), "https://api.example/v1/items/", "an id named proxy is the id");
+        let spaced = proxy_target(&base, "/api/connections/c/proxy/a%20b", None).unwrap();
+        assert_eq!(spaced.as_str(), "https://api.example/v1/a%20b");
     }
 }

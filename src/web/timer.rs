@@ -82,6 +82,9 @@ pub fn unwrap_double_encoded(v: &Value) -> Value {
 
 /// `POST /refresh`: runs the refresh timer's work and reports it in `Logs`.
 pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    if !may_invoke(app.config.listen.under_host, req.remote) {
+        return Err(ApiError::forbidden("The timer is invoked by the Functions host, or from this machine only."));
+    }
     let body = req.body_bytes().await?;
     let invocation: Invocation = parse_json(&body)?;
     let info = invocation.timer();
@@ -104,9 +107,25 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
     Ok(response::json(StatusCode::OK, &result))
 }
 
+/// Under the host only the host can reach us (it binds us to 127.0.0.1); standalone, the
+/// handler may listen on other addresses, and the timer answers this machine only.
+fn may_invoke(under_host: bool, remote: Option<std::net::SocketAddr>) -> bool {
+    under_host || remote.is_some_and(|r| r.ip().is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standalone_the_timer_answers_loopback_callers_only() {
+        let from = |ip: &str| Some(std::net::SocketAddr::new(ip.parse().unwrap(), 50_000));
+        assert!(may_invoke(false, from("127.0.0.1")));
+        assert!(may_invoke(false, from("::1")));
+        assert!(!may_invoke(false, from("192.0.2.10")));
+        assert!(!may_invoke(false, None));
+        assert!(may_invoke(true, from("192.0.2.10")), "under the host the host is the only caller");
+    }
 
     #[test]
     fn reads_the_timer_whatever_its_binding_name_and_encoding() {

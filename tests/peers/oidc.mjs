@@ -599,6 +599,16 @@ provider.use(async (ctx, next) => {
     return;
   }
   const body = await readBody(ctx.req).catch(() => Buffer.alloc(0));
+  // `?hostile=1`: answer with what a proxy must not pass to a browser (CORS, cookies,
+  // hop-by-hop headers), next to one ordinary header it must pass.
+  if (/(^|&)hostile=1(&|$)/.test(ctx.querystring)) {
+    ctx.set('access-control-allow-origin', '*');
+    ctx.set('access-control-allow-credentials', 'true');
+    ctx.set('set-cookie', 'api-session=1; Path=/');
+    ctx.set('connection', 'x-hop');
+    ctx.set('x-hop', 'hop-by-hop');
+    ctx.set('x-api-kept', 'yes');
+  }
   sendJson(ctx, 200, {
     method: ctx.method,
     path: ctx.path,
@@ -607,6 +617,7 @@ provider.use(async (ctx, next) => {
     body: body.toString('utf8'),
     content_type: ctx.get('content-type') || null,
     forwarded_cookie: ctx.get('cookie') || null,
+    headers: ctx.headers,
   });
 });
 

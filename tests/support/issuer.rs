@@ -17,6 +17,8 @@ pub struct Issuer {
     pub url: String,
     key: EncodingKey,
     pub jwks_requests: Arc<AtomicUsize>,
+    /// While set, the JWKS endpoint answers 500 (an issuer outage).
+    jwks_failing: Arc<std::sync::atomic::AtomicBool>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -34,13 +36,20 @@ impl Issuer {
         let url = format!("http://127.0.0.1:{}/tenant-1/v2.0", listener.local_addr().unwrap().port());
         let jwks_requests = Arc::new(AtomicUsize::new(0));
         let counter = jwks_requests.clone();
+        let jwks_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failing = jwks_failing.clone();
         let issuer = url.clone();
         let discovery = warp::path!("tenant-1" / "v2.0" / ".well-known" / "openid-configuration").map(move || {
             warp::reply::json(&json!({ "issuer": issuer, "jwks_uri": format!("{issuer}/discovery/v2.0/keys") }))
         });
         let keys = warp::path!("tenant-1" / "v2.0" / "discovery" / "v2.0" / "keys").map(move || {
             counter.fetch_add(1, Ordering::SeqCst);
-            warp::reply::json(&jwks)
+            let status = if failing.load(Ordering::SeqCst) {
+                warp::http::StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                warp::http::StatusCode::OK
+            };
+            warp::reply::with_status(warp::reply::json(&jwks), status)
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(
@@ -51,7 +60,15 @@ impl Issuer {
                 })
                 .run(),
         );
-        Issuer { url, key, jwks_requests, _shutdown: tx }
+        Issuer { url, key, jwks_requests, jwks_failing, _shutdown: tx }
+    }
+
+    /// Makes the JWKS endpoint fail (500) or answer again.
+    pub fn fail_jwks(&self, failing: bool) {
+        self.jwks_failing.store(failing, Ordering::SeqCst);
+        if failing {
+            self.jwks_requests.store(0, Ordering::SeqCst);
+        }
     }
 
     /// Claims of a valid app-only token for the allowed client.
@@ -65,8 +82,13 @@ impl Issuer {
     }
 
     pub fn sign(&self, claims: &Value) -> String {
+        self.sign_with_kid(claims, KID)
+    }
+
+    /// Signed with the issuer's key but naming another key id.
+    pub fn sign_with_kid(&self, claims: &Value, kid: &str) -> String {
         let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(KID.into());
+        header.kid = Some(kid.into());
         jsonwebtoken::encode(&header, claims, &self.key).unwrap()
     }
 

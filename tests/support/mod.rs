@@ -14,6 +14,7 @@
 
 pub mod azure;
 pub mod dataverse;
+pub mod flow;
 pub mod fno;
 pub mod issuer;
 pub mod oidc;
@@ -136,6 +137,13 @@ impl HandlerBuilder {
     }
 
     /// A sub-command and its arguments (`provision`, `check`, ...).
+    pub fn envs(mut self, settings: Vec<(&str, String)>) -> Self {
+        for (k, v) in settings {
+            self.env.insert(k.to_string(), v);
+        }
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args = args.iter().map(|a| a.to_string()).collect();
         self.under_host = false;

@@ -1,0 +1,210 @@
+//! Regression tests for what an outside security review and an end-to-end fuzz run found
+//! (issue [2/7]). Each test names the fault it pins down; each failed before its fix.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::HandlerBuilder;
+use support::flow::{Setup, world};
+use support::issuer::Issuer;
+
+// ----- 3. what the proxies forward -------------------------------------------------
+
+#[tokio::test]
+async fn the_proxy_forwards_an_allow_list_of_headers_and_none_that_reroute() {
+    let w = world(Setup::default()).await;
+    w.connect("p1").await;
+    let bearer = format!("Bearer {}", w.bearer);
+    let sent = [
+        ("Authorization", bearer.as_str()),
+        ("Accept-Language", "de-CH"),
+        ("If-Match", "\"v1\""),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X-Original-URL", "/admin"),
+        ("Forwarded", "for=203.0.113.7;host=evil.example"),
+        ("X-Real-IP", "203.0.113.7"),
+        ("X-Custom", "from-the-caller"),
+        ("Cookie", "session=ours"),
+    ];
+    let r = w.h.forward(Method::GET, "/api/connections/p1/proxy/items", &sent, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = &r.json()["headers"];
+    assert_eq!(got["accept-language"], "de-CH");
+    assert_eq!(got["if-match"], "\"v1\"");
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-rewrite-url",
+        "x-original-url",
+        "forwarded",
+        "x-real-ip",
+        "x-custom",
+        "cookie",
+    ] {
+        assert!(got.get(name).is_none(), "{name} reached the provider: {got}");
+    }
+    // A header named in Connection is hop-by-hop, even when it is on the allow-list.
+    let r =
+        w.h.forward(
+            Method::GET,
+            "/api/connections/p1/proxy/items",
+            &[("Authorization", &bearer), ("Connection", "accept-language"), ("Accept-Language", "fr")],
+            None,
+        )
+        .await;
+    assert!(r.json()["headers"].get("accept-language").is_none(), "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_proxy_refuses_paths_a_server_behind_it_could_read_differently() {
+    let w = world(Setup::default()).await;
+    w.connect("p2").await;
+    let bearer = format!("Bearer {}", w.bearer);
+    for path in ["items/..;/admin", "items;x=1", "items/%252e%252e/admin", "a%2Fb", "a%5Cb"] {
+        let r =
+            w.h.forward(Method::GET, &format!("/api/connections/p2/proxy/{path}"), &[("Authorization", &bearer)], None)
+                .await;
+        r.assert_problem(400, "invalid-proxy-path");
+    }
+}
+
+#[tokio::test]
+async fn the_providers_cors_headers_cookies_and_hop_by_hop_headers_stay_behind() {
+    let w = world(Setup::default()).await;
+    w.connect("p3").await;
+    let bearer = format!("Bearer {}", w.bearer);
+    let r =
+        w.h.forward(Method::GET, "/api/connections/p3/proxy/items?hostile=1", &[("Authorization", &bearer)], None)
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-api-kept"), "yes");
+    for name in ["access-control-allow-origin", "access-control-allow-credentials", "set-cookie", "x-hop"] {
+        assert_eq!(r.header(name), "", "{name} reached the caller");
+    }
+}
+
+// ----- 5. correctness faults found by fuzzing ---------------------------------------
+
+#[tokio::test]
+async fn a_case_variant_id_is_the_same_connection_for_every_verb() {
+    let w = world(Setup::default()).await;
+    w.connect("erp-1").await;
+    let token = w.access_token("erp-1").await;
+    // Warm the cache under the variant too, as a caller spelling it differently would.
+    assert_eq!(w.access_token("ERP-1").await, token);
+
+    let deleted = w.api(Method::DELETE, "/api/connections/ERP-1", Value::Null).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["revoked_at_provider"], true);
+    // Gone under every spelling at once, not after the token cache's 30 s.
+    for id in ["erp-1", "ERP-1", "Erp-1"] {
+        w.token(id, false).await.assert_problem(404, "not-found");
+    }
+}
+
+#[tokio::test]
+async fn an_issuer_that_is_down_costs_one_key_fetch_not_one_per_bad_token() {
+    let issuer = Issuer::start().await;
+    issuer.fail_jwks(true);
+    let h = HandlerBuilder::new().envs(issuer.settings()).start().await;
+
+    let started = std::time::Instant::now();
+    let bad: Vec<String> =
+        (0..50).map(|i| issuer.sign_with_kid(&issuer.claims(), &format!("unknown-kid-{i}"))).collect();
+    let replies = futures_util::future::join_all(
+        bad.iter().map(|t| h.json(Method::GET, "/api/connections", Some(t), &Value::Null)),
+    )
+    .await;
+    for r in replies {
+        r.assert_problem(503, "auth-unavailable");
+    }
+    // A valid token is answered at once too, with the same clear 503, not after a queue.
+    let t = std::time::Instant::now();
+    h.json(Method::GET, "/api/connections", Some(&issuer.token()), &Value::Null)
+        .await
+        .assert_problem(503, "auth-unavailable");
+    assert!(t.elapsed() < Duration::from_millis(500), "a valid token waited {:?}", t.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let fetches = issuer.jwks_requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(fetches, 1, "the failed fetch is remembered");
+
+    // The issuer comes back: after the failure is forgotten, keys load and tokens verify.
+    issuer.fail_jwks(false);
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let ok = h.json(Method::GET, "/api/connections", Some(&issuer.token()), &Value::Null).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+#[tokio::test]
+async fn handlers_started_together_on_a_fresh_root_share_one_local_key() {
+    for _ in 0..8 {
+        let root = tempfile::tempdir().unwrap();
+        let a = HandlerBuilder::in_root(root.path()).without_env("TOKEN_ENCRYPTION_KEYS");
+        let b = HandlerBuilder::in_root(root.path()).without_env("TOKEN_ENCRYPTION_KEYS");
+        let (a, b) = tokio::join!(a.start(), b.start());
+        for h in [&a, &b] {
+            assert!(h.logs.wait_for_line(|l| l.contains("local development key")).is_some(), "{}", h.logs.all());
+        }
+        let key = std::fs::read_to_string(root.path().join(".data/companion.key")).unwrap();
+        assert!(key.starts_with("local1:"), "one whole key: {key:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(root.path().join(".data"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary key files are left: {leftovers:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_forged_schedule_does_not_refresh_tokens_beyond_an_hour() {
+    // Tokens live two hours; a payload claiming the next run is in 9999 must not
+    // refresh them all.
+    let w = world(Setup { peer: json!({ "access_token_ttl": 7200 }), ..Default::default() }).await;
+    w.connect("two-hours").await;
+    let payload = json!({
+        "Data": { "timer": { "Schedule": {}, "ScheduleStatus": { "Next": "9999-12-31T00:00:00+00:00" }, "IsPastDue": false } },
+        "Metadata": {}
+    });
+    let r = w.h.invoke_timer(&payload).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("0 due"), "{}", r.body);
+    assert_eq!(w.peer.refresh_grants().await, 0);
+}
+
+// ----- 7. honest health and logs ---------------------------------------------------------
+
+#[tokio::test]
+async fn caller_mistakes_are_warnings_on_stdout_with_their_problem_named() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).start().await;
+    let good = issuer.token();
+    for _ in 0..10 {
+        let r = h
+            .forward(
+                Method::POST,
+                "/api/connections",
+                &[("Authorization", &format!("Bearer {good}")), ("Content-Type", "application/json")],
+                Some(b"{not json".to_vec()),
+            )
+            .await;
+        r.assert_problem(400, "malformed-json");
+        h.json(Method::GET, "/api/connections", Some("not-a-jwt"), &Value::Null)
+            .await
+            .assert_problem(401, "unauthorized");
+        h.get("/api/oauth/callback?state=dc1.AAAA.BBBB&code=x", &[]).await.assert_html(400);
+    }
+    let line = h.logs.wait_for_line(|l| l.contains("problem=\"state-tampered\"")).unwrap_or_else(|| h.logs.all());
+    assert!(line.contains("WARN"), "{line}");
+    assert!(h.logs.wait_for_line(|l| l.contains("problem=\"malformed-json\"")).is_some(), "{}", h.logs.all());
+    assert!(h.logs.wait_for_line(|l| l.contains("problem=\"unauthorized\"")).is_some(), "{}", h.logs.all());
+    assert!(h.logs.stderr().is_empty(), "caller mistakes wrote to stderr: {:?}", h.logs.stderr());
+}
