@@ -43,6 +43,8 @@ pub struct App {
     pub portal: Option<Portal>,
     /// The one pooled HTTPS client (providers' APIs through the proxy, among others).
     pub http: reqwest::Client,
+    /// Places for requests without an `Authorization` header (`MAX_ANONYMOUS_REQUESTS`).
+    pub anonymous: tokio::sync::Semaphore,
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -106,7 +108,9 @@ impl App {
             redirect_uri: config.redirect_uri.clone(),
         });
         let captures = Captures::new(store, keys.clone(), clock, fno);
+        let anonymous = tokio::sync::Semaphore::new(config.limits.max_anonymous_requests);
         Ok(App {
+            anonymous,
             config,
             started,
             started_at: crate::time::now(),

@@ -90,6 +90,99 @@ async fn the_providers_cors_headers_cookies_and_hop_by_hop_headers_stay_behind()
     }
 }
 
+// ----- 4. the server does not wait forever --------------------------------------------
+
+async fn raw(port: u16, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// What the server sends before closing, or until `wait` runs out (then `None`).
+async fn read_until_closed(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&got).contains("\r\n\r\n") && got.starts_with(b"HTTP/1.1 408") {
+                    return Some(String::from_utf8_lossy(&got).into_owned());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn half_sent_headers_are_cut_off_after_the_header_timeout() {
+    let h = HandlerBuilder::new().env("HEADER_READ_TIMEOUT_SECONDS", "1").start().await;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(raw(h.port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await);
+    }
+    for c in &mut conns {
+        assert!(read_until_closed(c, Duration::from_secs(4)).await.is_some(), "a half-sent request was kept open");
+    }
+    assert_eq!(h.get("/api/health", &[]).await.status, 200);
+    assert!(h.logs.stderr().is_empty(), "{:?}", h.logs.stderr());
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_after_the_body_timeout() {
+    let h = HandlerBuilder::new().env("BODY_READ_TIMEOUT_SECONDS", "1").start().await;
+    let mut s = raw(
+        h.port,
+        b"POST /api/oauth/callback HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ncode=abc",
+    )
+    .await;
+    let answer = read_until_closed(&mut s, Duration::from_secs(4)).await.expect("an answer within the timeout");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test]
+async fn anonymous_requests_have_a_bounded_number_of_places() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new()
+        .envs(issuer.settings())
+        .env("MAX_ANONYMOUS_REQUESTS", "3")
+        .env("BODY_READ_TIMEOUT_SECONDS", "2")
+        .start()
+        .await;
+    let slow = b"POST /api/oauth/callback HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ncode=";
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(raw(h.port, slow).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.get("/api/health", &[]).await.assert_problem(503, "busy");
+    // Callers with credentials are not held up by the anonymous ones.
+    let r = h.json(Method::GET, "/api/connections", Some(&issuer.token()), &Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // When the slow bodies time out, their places are free again.
+    for s in &mut held {
+        read_until_closed(s, Duration::from_secs(5)).await.expect("the slow request was answered");
+    }
+    assert_eq!(h.get("/api/health", &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_head_request_on_the_callback_spends_nothing() {
+    let w = world(Setup::default()).await;
+    let started = w.start(json!({ "provider": "test", "connection_id": "scanned" })).await;
+    let cb = w.consent(started["authorization_url"].as_str().unwrap()).await;
+    let probe = w.h.forward(Method::HEAD, &cb, &[], None).await;
+    assert_eq!(probe.status, 200);
+    // The person's own visit still completes the connection.
+    w.callback(&cb).await.assert_html(200);
+    assert_eq!(w.status("scanned").await["status"], "active");
+}
+
 // ----- 5. correctness faults found by fuzzing ---------------------------------------
 
 #[tokio::test]

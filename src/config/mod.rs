@@ -98,6 +98,24 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest single OAuth callback parameter (`code`, `state`, ...).
     pub max_param_bytes: usize,
+    /// How long a connection may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// Requests without an `Authorization` header served at once; past it, 503.
+    pub max_anonymous_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_param_bytes: 8 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_anonymous_requests: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,10 +324,24 @@ impl StoreConfig {
 
 impl Limits {
     fn from_settings(s: &Settings) -> Result<Limits, ConfigError> {
-        Ok(Limits {
-            max_body_bytes: s.parse("MAX_BODY_BYTES", 1024 * 1024, "a number of bytes")?,
-            max_param_bytes: s.parse("MAX_PARAM_BYTES", 8 * 1024, "a number of bytes")?,
-        })
+        let d = Limits::default();
+        let limits = Limits {
+            max_body_bytes: s.parse("MAX_BODY_BYTES", d.max_body_bytes, "a number of bytes")?,
+            max_param_bytes: s.parse("MAX_PARAM_BYTES", d.max_param_bytes, "a number of bytes")?,
+            header_read_timeout: s.seconds("HEADER_READ_TIMEOUT_SECONDS", d.header_read_timeout.as_secs())?,
+            body_read_timeout: s.seconds("BODY_READ_TIMEOUT_SECONDS", d.body_read_timeout.as_secs())?,
+            max_anonymous_requests: s.parse("MAX_ANONYMOUS_REQUESTS", d.max_anonymous_requests, "a number")?,
+        };
+        for (setting, zero) in [
+            ("HEADER_READ_TIMEOUT_SECONDS", limits.header_read_timeout.is_zero()),
+            ("BODY_READ_TIMEOUT_SECONDS", limits.body_read_timeout.is_zero()),
+            ("MAX_ANONYMOUS_REQUESTS", limits.max_anonymous_requests == 0),
+        ] {
+            if zero {
+                return Err(ConfigError::new(setting, "must be at least 1"));
+            }
+        }
+        Ok(limits)
     }
 }
 

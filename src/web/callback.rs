@@ -32,6 +32,16 @@ struct Params {
 const NAMES: [&str; 6] = ["code", "state", "iss", "error", "error_description", "error_uri"];
 
 pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    if req.method == Method::HEAD {
+        // Link scanners and mail filters probe links with HEAD: a probe must not spend
+        // the one code an authorization produces.
+        return Ok(html::page(
+            StatusCode::OK,
+            "Authorization callback",
+            "Open this link in a browser to finish the authorization.",
+            Tone::Success,
+        ));
+    }
     let params = read_params(app, &mut req).await?;
     let Some(state) = params.state.as_deref() else {
         return Err(match &params.error {

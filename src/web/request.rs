@@ -12,11 +12,13 @@ use serde::de::DeserializeOwned;
 use warp::http::{HeaderMap, Method, header};
 
 use super::error::ApiError;
+use crate::config::Limits;
 
 /// How far past the limit an oversized body is still read before answering 413.
 const DRAIN_FACTOR: usize = 8;
 
-pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send + Sync>>;
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send + Sync>>;
 
 pub struct Request {
     pub method: Method,
@@ -29,6 +31,8 @@ pub struct Request {
     pub remote: Option<std::net::SocketAddr>,
     body: Option<BodyStream>,
     max_body: usize,
+    /// How long the whole body may take to arrive.
+    body_timeout: std::time::Duration,
 }
 
 impl Request {
@@ -38,15 +42,26 @@ impl Request {
         query: Option<String>,
         headers: HeaderMap,
         body: BodyStream,
-        max_body: usize,
+        limits: &Limits,
     ) -> Request {
-        Request { method, path, query, headers, remote: None, body: Some(body), max_body }
+        Request {
+            method,
+            path,
+            query,
+            headers,
+            remote: None,
+            body: Some(body),
+            max_body: limits.max_body_bytes,
+            body_timeout: limits.body_read_timeout,
+        }
     }
 
     /// A request with a fixed body (tests, internal calls).
     pub fn from_parts(method: Method, path: &str, query: Option<&str>, headers: HeaderMap, body: Bytes) -> Request {
         let stream: BodyStream = Box::pin(futures_util::stream::once(async move { Ok(body) }));
-        Request::new(method, path.to_string(), query.map(str::to_string), headers, stream, usize::MAX)
+        let limits =
+            Limits { max_body_bytes: usize::MAX, body_read_timeout: std::time::Duration::MAX, ..Limits::default() };
+        Request::new(method, path.to_string(), query.map(str::to_string), headers, stream, &limits)
     }
 
     pub fn header(&self, name: impl header::AsHeaderName) -> Option<&str> {
@@ -66,8 +81,22 @@ impl Request {
         self.query_pairs().into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
     }
 
-    /// Reads the whole body, failing with 413 as soon as it passes the limit.
+    /// Reads the whole body, failing with 413 as soon as it passes the limit, and with
+    /// 408 when it does not arrive within the body timeout (a client that sends its
+    /// headers and then trickles, or stops, holds nothing for long).
     pub async fn body_bytes(&mut self) -> Result<Bytes, ApiError> {
+        let timeout = self.body_timeout;
+        match tokio::time::timeout(timeout, self.read_body()).await {
+            Ok(read) => read,
+            Err(_) => Err(ApiError::new(
+                warp::http::StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                format!("The request body did not arrive within {} s.", timeout.as_secs()),
+            )),
+        }
+    }
+
+    async fn read_body(&mut self) -> Result<Bytes, ApiError> {
         let Some(mut stream) = self.body.take() else {
             return Ok(Bytes::new());
         };

@@ -1,25 +1,31 @@
-//! The HTTP server: warp accepts connections, one catch-all filter turns each request
-//! into a [`Request`], and [`super::router`] sends it to the code that owns the route.
+//! The HTTP server: hyper serves each connection, one service turns each request into a
+//! [`Request`], and [`super::router`] sends it to the code that owns the route.
 //!
 //! Routing is done here rather than with a tree of warp filters so that an unknown
 //! route is always 404, a known route with the wrong method is always 405 with `Allow`,
 //! and each request produces exactly one log line with its route template, status and
 //! duration (never its query string, which can carry an authorization code).
+//!
+//! hyper is driven directly (warp supplies the reply types) for what a server facing the
+//! internet needs and warp's own loop does not set: a deadline for a request's headers,
+//! so half-sent requests do not hold connections open; client hang-ups and malformed
+//! requests logged as debug rather than errors (the host counts every stderr line as one);
+//! and the peer's address on every request.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Buf;
 use futures_util::StreamExt;
-use warp::Filter;
-use warp::http::{HeaderMap, Method};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use warp::http::Method;
 
 use super::error::Audience;
 use super::request::{BodyStream, Request};
-use super::response::{self, Response};
+use super::response::Response;
 use super::{cors, router};
 use crate::app::App;
 use crate::outbound::timing;
@@ -30,40 +36,52 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let max_body = app.config.limits.max_body_bytes;
-    let filter = warp::method()
-        .and(warp::path::full())
-        .and(warp::query::raw().map(Some).or(warp::any().map(|| None)).unify())
-        .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
-        .and(warp::body::stream())
-        .then(
-            move |method: Method,
-                  path: warp::path::FullPath,
-                  query: Option<String>,
-                  headers: HeaderMap,
-                  remote: Option<SocketAddr>,
-                  body| {
-                let app = app.clone();
-                let mut req = Request::new(method, path.as_str().to_string(), query, headers, boxed(body), max_body);
-                req.remote = remote;
-                async move { handle(&app, req).await }
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!("could not accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
-        )
-        .recover(|_rejection: warp::Rejection| async move {
-            // The catch-all filter never rejects; this keeps the types infallible.
-            Ok::<_, Infallible>(response::empty(warp::http::StatusCode::NOT_FOUND))
+            () = &mut shutdown => break,
+        };
+        let app_for_conn = app.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let app = app_for_conn.clone();
+            async move { Ok::<_, Infallible>(handle(&app, from_hyper(&app, req, remote)).await) }
         });
-    warp::serve(filter).incoming(listener).graceful(shutdown).run().await;
+        let header_timeout = app.config.limits.header_read_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
+                // A client that hangs up, times out or sends garbage: not our error.
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
-/// Erases warp's body stream type (it cannot be named) into our boxed stream.
-fn boxed<S, B>(body: S) -> BodyStream
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
-    B: Buf,
-{
-    Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))))
+/// Our [`Request`] from hyper's: the path as received (still percent-encoded), the raw
+/// query, the headers, the peer, and the body as a stream read later under the limits.
+fn from_hyper(app: &App, req: hyper::Request<hyper::body::Incoming>, remote: SocketAddr) -> Request {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().filter(|q| !q.is_empty()).map(str::to_string);
+    let stream: BodyStream = Box::pin(body.into_data_stream().map(|chunk| chunk.map_err(Into::into)));
+    let mut req = Request::new(parts.method, path, query, parts.headers, stream, &app.config.limits);
+    req.remote = Some(remote);
+    req
 }
 
 /// Handles one request end to end, including its log line.
@@ -73,6 +91,23 @@ pub async fn handle(app: &App, req: Request) -> Response {
     let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
     let path = req.path.clone();
     // The portal API is called across origins: CORS first, when this layer answers it.
+    // Anyone can send requests without credentials (the callback, health, junk): they get
+    // a bounded number of places, so a flood of slow ones cannot hold the server.
+    let _place = if req.headers.contains_key(warp::http::header::AUTHORIZATION) {
+        None
+    } else {
+        match app.anonymous.try_acquire() {
+            Ok(place) => Some(place),
+            Err(_) => {
+                let err = super::ApiError::unavailable(
+                    "busy",
+                    "Too many requests without credentials are in progress; retry shortly.",
+                    Some(1),
+                );
+                return log_line(started, &method, "(busy)", err.into_response(Audience::Api, &path), invocation);
+            }
+        }
+    };
     let portal = path == "/api/portal" || path.starts_with("/api/portal/");
     let mut allowed_origin = None;
     if portal && app.config.portal.handler_cors {
