@@ -235,15 +235,19 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
 /// written whole to a private temporary file and then linked into place, which fails if
 /// another process got there first: the loser reads the winner's key, never half of it.
 fn local_key(path: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Write;
     if let Ok(spec) = std::fs::read_to_string(path) {
         return Ok(spec);
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    store_new_key(path, &Keyring::generate_spec("local1"))
+}
+
+/// Puts `spec` at `path` unless another process did first; returns the key in force.
+fn store_new_key(path: &std::path::Path, spec: &str) -> std::io::Result<String> {
+    use std::io::Write;
     let tmp = path.with_extension(format!("key-{}.tmp", crate::crypto::random_hex::<8>()));
-    let spec = Keyring::generate_spec("local1");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -255,8 +259,25 @@ fn local_key(path: &std::path::Path) -> std::io::Result<String> {
     let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
     match linked {
-        Ok(()) => Ok(spec),
+        Ok(()) => Ok(spec.to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(path),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_that_loses_the_key_race_uses_the_winners_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("companion.key");
+        assert_eq!(store_new_key(&path, "first").unwrap(), "first");
+        // The loser read nothing, generated its own key, and finds the winner's in place.
+        assert_eq!(store_new_key(&path, "second").unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "first");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
     }
 }
