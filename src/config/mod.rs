@@ -155,6 +155,8 @@ pub struct OAuthConfig {
     /// Origins (`https://host[:port]`) a `return_url` may point to.
     pub return_url_origins: Vec<url::Origin>,
     pub upstream_timeout: Duration,
+    /// How long a write that must not be lost retries a store that is unavailable.
+    pub store_retry: Duration,
 }
 
 /// An OIDC issuer of bearer tokens we accept: the back office's (Entra ID) and the
@@ -398,6 +400,7 @@ impl OAuthConfig {
             capture_retention: s.seconds("CAPTURE_RETENTION_SECONDS", 7 * 24 * 3600)?,
             return_url_origins: s.origins("RETURN_URL_ALLOWLIST")?,
             upstream_timeout: s.seconds("UPSTREAM_TIMEOUT_SECONDS", 30)?,
+            store_retry: s.seconds("STORE_RETRY_SECONDS", 30)?,
         };
         if oauth.state_ttl.is_zero() {
             return Err(ConfigError::new("STATE_TTL_SECONDS", "must be at least 1"));

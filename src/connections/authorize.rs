@@ -7,6 +7,9 @@
 //! spend; then the code is exchanged and the tokens stored, retrying the store, because
 //! the code is spent and the tokens exist nowhere else.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -14,8 +17,9 @@ use super::{ConnectionError, Connections, InvalidInput};
 use crate::crypto::{self, VerifiedState};
 use crate::oauth::catalog::Provider;
 use crate::oauth::client::authorization_url;
-use crate::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State};
-use crate::store::{Connection, PendingAuth, Status, StoreError};
+use crate::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenHint, TokenSet};
+use crate::store::{Connection, PendingAuth, Status, Store, StoreError};
+use crate::time::Clock;
 
 const MAX_ID_LEN: usize = 128;
 
@@ -68,13 +72,29 @@ pub enum CallbackFailure {
     StateExpired,
     StateForOtherConnection,
     UnknownProvider(String),
-    WrongIssuer { expected: String, got: String },
-    MissingIssuer { expected: String },
+    WrongIssuer {
+        expected: String,
+        got: String,
+    },
+    MissingIssuer {
+        expected: String,
+    },
     MissingCode,
     Crypto,
-    ProviderError { error: ErrorCode, description: Option<String>, completed: Completed },
-    Exchange { error: OAuthError, completed: Completed },
-    NotSaved(String),
+    ProviderError {
+        error: ErrorCode,
+        description: Option<String>,
+        completed: Completed,
+    },
+    Exchange {
+        error: OAuthError,
+        completed: Completed,
+    },
+    /// The tokens were obtained but could not be stored; `revoked` says whether the grant
+    /// was withdrawn at the provider, so nothing is left alive there.
+    NotSaved {
+        revoked: bool,
+    },
     Store(StoreError),
 }
 
@@ -302,7 +322,37 @@ impl Connections {
             }
             Err(e) => {
                 tracing::error!(connection = %conn.id, error = %e, "tokens were obtained but could not be stored; the person must authorize again");
-                Err(CallbackFailure::NotSaved(e.to_string()))
+                let revoked = self.withdraw(&provider, &tokens).await;
+                let detail = format!(
+                    "The provider granted access, but the tokens could not be stored ({e}); {} Authorize again.",
+                    if revoked {
+                        "the grant was revoked at the provider."
+                    } else {
+                        "the provider has no revocation endpoint, so the grant may still be alive there."
+                    }
+                );
+                let (store, clock, id) = (self.deps.store.clone(), self.deps.clock.clone(), conn.id.clone());
+                tokio::spawn(record_when_back(store, clock, id, detail));
+                Err(CallbackFailure::NotSaved { revoked })
+            }
+        }
+    }
+
+    /// Revokes a grant we could not keep (RFC 7009): the refresh token, which ends it,
+    /// or the access token when there is none. True when the provider confirmed.
+    async fn withdraw(&self, provider: &Provider, tokens: &TokenSet) -> bool {
+        if provider.revocation_url.is_none() {
+            return false;
+        }
+        let (token, hint) = match &tokens.refresh_token {
+            Some(rt) => (rt, TokenHint::RefreshToken),
+            None => (&tokens.access_token, TokenHint::AccessToken),
+        };
+        match self.deps.endpoint.revoke(provider, token, hint).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(provider = %provider.name, error = %e, "the unsaved grant could not be revoked");
+                false
             }
         }
     }
@@ -320,6 +370,35 @@ impl Connections {
             tracing::warn!(connection = %conn.id, error = %e, "could not record the authorization failure");
         }
     }
+}
+
+/// How long, and how often, a failure that could not be written is tried again.
+const RECORD_FOR: Duration = Duration::from_secs(600);
+const RECORD_EVERY: Duration = Duration::from_secs(5);
+
+/// Writes `detail` on the connection once the store answers again, so the record does
+/// not stay `pending` with nothing said; gives up after [`RECORD_FOR`].
+async fn record_when_back(store: Arc<dyn Store>, clock: Arc<dyn Clock>, id: String, detail: String) {
+    let give_up = clock.now_millis() + RECORD_FOR.as_millis() as i64;
+    while clock.now_millis() < give_up {
+        clock.sleep(RECORD_EVERY).await;
+        let Ok(Some(mut c)) = store.get(&id).await else { continue };
+        let expected = c.version.clone();
+        if c.tokens.is_none() {
+            c.status = Status::Failed;
+        }
+        c.status_detail = Some(detail.clone());
+        c.updated_at = clock.now();
+        match store.update(&c, &expected).await {
+            Ok(_) => {
+                tracing::info!(connection = %id, "the failed authorization is recorded on the connection");
+                return;
+            }
+            Err(StoreError::NotFound(_)) => return,
+            Err(_) => continue,
+        }
+    }
+    tracing::warn!(connection = %id, "the store stayed unavailable; the failed authorization was not recorded");
 }
 
 fn pending_aad(id: &str) -> String {
@@ -363,3 +442,7 @@ fn validate_scopes(scopes: Vec<String>, provider: &Provider) -> Result<Vec<Strin
     }
     Ok(scopes)
 }
+
+#[cfg(test)]
+#[path = "authorize_tests.rs"]
+mod tests;

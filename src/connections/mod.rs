@@ -19,6 +19,8 @@
 pub mod authorize;
 mod cache;
 pub mod refresh;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,10 +104,9 @@ pub struct Connections {
     cache: cache::TokenCache,
 }
 
-/// Store writes retry transient failures for about half a minute: what is being stored
-/// may exist nowhere else.
+/// Store writes retry transient failures for `STORE_RETRY_SECONDS` (30 s by default):
+/// what is being stored may exist nowhere else.
 const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(4));
-const STORE_RETRY_BUDGET_MS: i64 = 30_000;
 
 impl Connections {
     pub fn new(deps: Deps) -> Connections {
@@ -209,7 +210,7 @@ impl Connections {
         F: FnMut(&mut Connection) -> Result<(), E>,
         E: From<ConnectionError>,
     {
-        let give_up = self.deps.clock.now_millis() + STORE_RETRY_BUDGET_MS;
+        let give_up = self.deps.clock.now_millis() + self.deps.cfg.store_retry.as_millis() as i64;
         let mut attempt = 0;
         loop {
             let current = match known.take() {

@@ -291,9 +291,13 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
                 _ => ApiError::bad_gateway("provider-unavailable", format!("{detail}. Start the connection again.")),
             }
         }
-        CallbackFailure::NotSaved(_) => ApiError::unavailable(
+        CallbackFailure::NotSaved { revoked } => ApiError::unavailable(
             "not-saved",
-            "The provider granted access, but the tokens could not be saved. The error is logged; please start the connection again.",
+            if revoked {
+                "The provider granted access, but it could not be saved here, so it was withdrawn at the provider. Nothing was kept: please start the connection again in a little while."
+            } else {
+                "The provider granted access, but it could not be saved here. Nothing was kept: please start the connection again in a little while."
+            },
             None,
         ),
         CallbackFailure::Store(e) => e.into(),
