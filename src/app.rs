@@ -27,6 +27,7 @@ use crate::secrets::{KeyVaultSecrets, SecretError, SecretSource, SettingsSecrets
 use crate::store::dataverse::DataverseStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
+use crate::throttle::Throttle;
 use crate::time::{Clock, SystemClock};
 
 pub struct App {
@@ -45,6 +46,8 @@ pub struct App {
     pub http: reqwest::Client,
     /// Places for requests without an `Authorization` header (`MAX_ANONYMOUS_REQUESTS`).
     pub anonymous: tokio::sync::Semaphore,
+    /// Callback hits per client address (`CALLBACK_RATE_PER_MINUTE`).
+    pub callback_rate: Throttle<std::net::IpAddr>,
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -107,10 +110,22 @@ impl App {
             cfg: config.oauth.clone(),
             redirect_uri: config.redirect_uri.clone(),
         });
-        let captures = Captures::new(store, keys.clone(), clock, fno);
+        let policy = config.oauth.capture_policy.clone();
+        let state_key = match &policy.state_key_secret {
+            Some(name) => Some(secrets.get(name).await?),
+            None => None,
+        };
+        if policy.any_state && !matches!(config.oauth.capture, CaptureMode::Off) {
+            tracing::warn!(
+                "CAPTURE_STATES=any: every callback with a state this service did not issue is kept; anyone can add captures"
+            );
+        }
+        let captures = Captures::new(store, keys.clone(), clock, policy, state_key, fno);
         let anonymous = tokio::sync::Semaphore::new(config.limits.max_anonymous_requests);
+        let callback_rate = Throttle::new(config.limits.callbacks_per_minute);
         Ok(App {
             anonymous,
+            callback_rate,
             config,
             started,
             started_at: crate::time::now(),

@@ -239,6 +239,48 @@ pub enum StateError {
     Expired,
 }
 
+/// The prefix of a capture-mode state signed by Dynamics with the shared capture key.
+pub const SIGNED_CAPTURE_STATE_PREFIX: &str = "dcx1.";
+
+/// Why a signed capture-mode state was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignedStateError {
+    #[error("the signed state is malformed or its signature does not match")]
+    Invalid,
+    #[error("the signed state has expired")]
+    Expired,
+}
+
+/// Signs a capture-mode state the way Dynamics does: `dcx1.{expires}.{nonce}.{mac}`, where
+/// `mac` is base64url (no padding) of HMAC-SHA256 over `dcx1.{expires}.{nonce}` with the
+/// shared key's UTF-8 bytes. `nonce` is 16-128 characters of `A-Z a-z 0-9 - _`.
+pub fn sign_capture_state(key: &[u8], expires_at: i64, nonce: &str) -> String {
+    let signed = format!("{SIGNED_CAPTURE_STATE_PREFIX}{expires_at}.{nonce}");
+    let mac = hmac(key, &[signed.as_bytes()]);
+    format!("{signed}.{}", B64URL.encode(mac))
+}
+
+/// Checks a state signed with [`sign_capture_state`].
+pub fn verify_capture_state(key: &[u8], state: &str, now: i64) -> Result<(), SignedStateError> {
+    let rest = state.strip_prefix(SIGNED_CAPTURE_STATE_PREFIX).ok_or(SignedStateError::Invalid)?;
+    let mut parts = rest.split('.');
+    let (Some(expires), Some(nonce), Some(mac), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(SignedStateError::Invalid);
+    };
+    let expires_at: i64 = expires.parse().map_err(|_| SignedStateError::Invalid)?;
+    let nonce_ok =
+        (16..=128).contains(&nonce.len()) && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let given = B64URL.decode(mac).map_err(|_| SignedStateError::Invalid)?;
+    let expected = hmac(key, &[format!("{SIGNED_CAPTURE_STATE_PREFIX}{expires}.{nonce}").as_bytes()]);
+    if !nonce_ok || !constant_time_eq(&expected, &given) {
+        return Err(SignedStateError::Invalid);
+    }
+    if now >= expires_at {
+        return Err(SignedStateError::Expired);
+    }
+    Ok(())
+}
+
 /// A stable, non-reversible key for a value: how the store finds a state (never the
 /// state itself) and tells one capture's code from another. Lower-case hex, because
 /// Dataverse compares strings case-insensitively.
@@ -355,6 +397,19 @@ mod tests {
         // A state from another deployment's key is not accepted.
         let other = ring(&Keyring::generate_spec("k1"));
         assert_eq!(other.verify_state(&s, 0).unwrap_err(), StateError::Tampered);
+    }
+
+    #[test]
+    fn signed_capture_states_round_trip_and_refuse_tampering() {
+        let key = b"shared-with-dynamics";
+        let s = sign_capture_state(key, 2_000, "nonce-0123456789abcdef");
+        assert!(s.starts_with("dcx1.2000.nonce-0123456789abcdef."));
+        assert_eq!(verify_capture_state(key, &s, 1_999), Ok(()));
+        assert_eq!(verify_capture_state(key, &s, 2_000), Err(SignedStateError::Expired));
+        assert_eq!(verify_capture_state(b"another-key", &s, 0), Err(SignedStateError::Invalid));
+        let later = s.replace("dcx1.2000.", "dcx1.9000.");
+        assert_eq!(verify_capture_state(key, &later, 0), Err(SignedStateError::Invalid));
+        assert_eq!(verify_capture_state(key, "dcx1.2000.short.AAAA", 0), Err(SignedStateError::Invalid));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! - persistence and Azure clients: [`store`], [`dataverse`], [`fno`], [`secrets`],
 //!   [`azure`], [`auth`];
 //! - leaves: [`outbound`] (the pooled HTTPS client, upstream timing, back-off, the cache),
-//!   [`crypto`], [`config`], [`logging`], [`time`].
+//!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`].
 
 pub mod app;
 pub mod auth;
@@ -32,5 +32,6 @@ pub mod portal;
 pub mod secrets;
 pub mod store;
 pub mod sweep;
+pub mod throttle;
 pub mod time;
 pub mod web;

@@ -26,14 +26,6 @@ pub enum SecretError {
     Client(String),
 }
 
-/// Checks a secret name against Key Vault's rules, which are the strictest we meet.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 127 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("secret name {name:?} must be 1-127 letters, digits or dashes (the Key Vault rule)"));
-    }
-    Ok(())
-}
-
 /// The environment-style spelling of a secret name.
 pub fn env_name(name: &str) -> String {
     name.replace('-', "_").to_ascii_uppercase()

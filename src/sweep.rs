@@ -111,5 +111,8 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
         Ok(n) => report.purged_captures = n,
         Err(e) => report.errors.push(format!("could not purge captures: {e}")),
     }
+    if let Err(e) = captures.purge_expectations().await {
+        report.errors.push(format!("could not purge expired capture registrations: {e}"));
+    }
     report
 }

@@ -53,6 +53,9 @@ async fn captures_reach_an_fno_custom_service_once_and_survive_an_outage() {
     let h = handler(&azure, &fno, &issuer, path, &[]).await;
     let bearer = issuer.token();
 
+    for state in ["fo-state-1", "fo-state-2"] {
+        h.expect_state(&bearer, state).await;
+    }
     let cb = "/api/oauth/callback?code=fo-code-1&state=fo-state-1&iss=https%3A%2F%2Ferp.example";
     h.get(cb, &[]).await.assert_html(200);
     h.get(cb, &[]).await.assert_html(200);
@@ -91,6 +94,7 @@ async fn captures_reach_an_fno_data_entity_through_throttling() {
     let fno = FnoDouble::start().await;
     let issuer = Issuer::start().await;
     let h = handler(&azure, &fno, &issuer, "/data/DCOAuthCaptures", &[("FNO_DATA_AREA_ID", "usmf")]).await;
+    h.expect_state(&issuer.token(), "fo-state-3").await;
     fno.fail_next(429, 1);
     h.get("/api/oauth/callback?error=access_denied&error_description=User+declined&state=fo-state-3", &[])
         .await

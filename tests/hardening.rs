@@ -11,6 +11,103 @@ use support::HandlerBuilder;
 use support::flow::{Setup, world};
 use support::issuer::Issuer;
 
+// ----- 2. capture mode keeps expected states only ----------------------------------
+
+fn captures_in(root: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(root.join(".data/companion.db")).unwrap();
+    db.query_row("SELECT COUNT(*) FROM captures", [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_of_made_up_callbacks_stores_nothing() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).env("CALLBACK_RATE_PER_MINUTE", "100000").start().await;
+    let started = std::time::Instant::now();
+    for batch in 0..15 {
+        let paths: Vec<String> =
+            (0..100).map(|i| format!("/api/oauth/callback?state=made-up-{batch}-{i}&code=junk-{batch}-{i}")).collect();
+        let replies = futures_util::future::join_all(paths.iter().map(|p| h.get(p, &[]))).await;
+        for r in replies {
+            r.assert_html(400);
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(captures_in(&h.root), 0, "1,500 made-up callbacks stored nothing");
+}
+
+#[tokio::test]
+async fn registered_and_signed_states_are_kept_and_the_first_code_wins() {
+    use dynamics_companion::crypto::sign_capture_state;
+    let issuer = Issuer::start().await;
+    let key = "a-key-shared-with-dynamics-0123456789";
+    let h = HandlerBuilder::new()
+        .envs(issuer.settings())
+        .env("CAPTURE_STATE_KEY_SECRET", "capture-state-key")
+        .env("CAPTURE_STATE_KEY", key)
+        .start()
+        .await;
+    let bearer = issuer.token();
+    let captured = |state: String| {
+        let (h, bearer) = (&h, &bearer);
+        async move {
+            let r = h.json(Method::GET, &format!("/api/captures?state={state}"), Some(bearer), &Value::Null).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["captures"].as_array().unwrap().clone()
+        }
+    };
+
+    // Registered by Dynamics through the back office.
+    h.expect_state(&bearer, "erp-state-1").await;
+    h.get("/api/oauth/callback?state=erp-state-1&code=first-code", &[]).await.assert_html(200);
+    assert_eq!(captured("erp-state-1".into()).await[0]["code"], "first-code");
+
+    // Signed by Dynamics with the shared key: no registration needed.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let signed = sign_capture_state(key.as_bytes(), now + 600, "xpp-nonce-0123456789");
+    h.get(&format!("/api/oauth/callback?state={signed}&code=signed-code"), &[]).await.assert_html(200);
+    assert_eq!(captured(signed.clone()).await[0]["code"], "signed-code");
+    // Signed with another key, or expired: refused.
+    let forged = sign_capture_state(b"not-the-key", now + 600, "xpp-nonce-0123456789");
+    h.get(&format!("/api/oauth/callback?state={forged}&code=x"), &[]).await.assert_html(400);
+    let stale = sign_capture_state(key.as_bytes(), now - 1, "xpp-nonce-0123456789");
+    h.get(&format!("/api/oauth/callback?state={stale}&code=x"), &[]).await.assert_html(400);
+
+    // A second, different code for a state is refused and shown as a conflict.
+    let second = h.get("/api/oauth/callback?state=erp-state-1&code=second-code", &[]).await;
+    second.assert_html(409);
+    let caps = captured("erp-state-1".into()).await;
+    assert_eq!(caps.len(), 2, "{caps:?}");
+    assert_eq!(caps[0]["code"], "first-code", "the first code still wins");
+    assert_eq!(caps[1]["error"], "conflicting_code");
+    assert!(!h.logs.all().contains("second-code"));
+    assert_eq!(captures_in(&h.root), 3);
+}
+
+#[tokio::test]
+async fn callback_hits_are_limited_per_client_address() {
+    let h = HandlerBuilder::new().env("CALLBACK_RATE_PER_MINUTE", "5").start().await;
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    for _ in 0..5 {
+        h.get("/api/oauth/callback?state=s&code=c", &from("203.0.113.9")).await.assert_html(400);
+    }
+    let limited = h.get("/api/oauth/callback?state=s&code=c", &from("203.0.113.9")).await;
+    limited.assert_html(429);
+    assert!(limited.header("retry-after").parse::<u64>().unwrap() >= 1);
+    // Another address has its own allowance; the last hop of a forwarded chain counts.
+    h.get("/api/oauth/callback?state=s&code=c", &from("203.0.113.10")).await.assert_html(400);
+    h.get("/api/oauth/callback?state=s&code=c", &[("X-Forwarded-For", "203.0.113.9, 198.51.100.4")])
+        .await
+        .assert_html(400);
+}
+
+#[tokio::test]
+async fn capture_states_any_keeps_foreign_states_and_says_so() {
+    let h = HandlerBuilder::new().env("CAPTURE_STATES", "any").start().await;
+    assert!(h.logs.wait_for_line(|l| l.contains("CAPTURE_STATES=any")).is_some(), "{}", h.logs.all());
+    h.get("/api/oauth/callback?state=anything&code=c1", &[]).await.assert_html(200);
+    assert_eq!(captures_in(&h.root), 1);
+}
+
 // ----- 3. what the proxies forward -------------------------------------------------
 
 #[tokio::test]

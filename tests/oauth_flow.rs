@@ -431,6 +431,10 @@ async fn provider_errors_return_urls_and_form_posts() {
 #[tokio::test]
 async fn capture_mode_keeps_foreign_callbacks_once() {
     let w = world(Setup::default()).await;
+    // Dynamics registers the states it issued; only those are kept.
+    for state in ["fo-state-123", "fo-state-456"] {
+        w.h.expect_state(&w.bearer, state).await;
+    }
     let cb = "/api/oauth/callback?code=dyn-code-1&state=fo-state-123&iss=https%3A%2F%2Ferp.example";
     w.seen.lock().unwrap().extend(["dyn-code-1".to_string()]);
     let first = w.callback(cb).await;
@@ -439,11 +443,12 @@ async fn capture_mode_keeps_foreign_callbacks_once() {
     let again = w.callback(cb).await;
     again.assert_html(200);
     assert!(again.body.contains("already received"));
-    // JSON body too.
+    // JSON body too; a second, different code for the same state is refused (the first
+    // code wins) and recorded as a conflict.
     let r =
         w.h.json(Method::POST, "/api/oauth/callback", None, &json!({ "code": "dyn-code-2", "state": "fo-state-123" }))
             .await;
-    r.assert_html(200);
+    r.assert_html(409);
     w.seen.lock().unwrap().push("dyn-code-2".into());
     // An error for another state.
     w.callback("/api/oauth/callback?error=access_denied&error_description=User+said+no&state=fo-state-456")
@@ -453,10 +458,11 @@ async fn capture_mode_keeps_foreign_callbacks_once() {
     let r = w.api(Method::GET, "/api/captures?state=fo-state-123", Value::Null).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let caps = r.json()["captures"].as_array().unwrap().clone();
-    assert_eq!(caps.len(), 2, "one record per code: {caps:?}");
+    assert_eq!(caps.len(), 2, "the code, and the refused one as a conflict: {caps:?}");
     assert_eq!(caps[0]["code"], "dyn-code-1");
     assert_eq!(caps[0]["iss"], "https://erp.example");
-    assert_eq!(caps[1]["code"], "dyn-code-2");
+    assert_eq!(caps[1]["code"], Value::Null, "a refused code is not kept");
+    assert_eq!(caps[1]["error"], "conflicting_code");
     let r = w.api(Method::GET, "/api/captures?state=fo-state-456", Value::Null).await;
     assert_eq!(r.json()["captures"][0]["error_description"], "User said no");
     w.api(Method::GET, "/api/captures?state=unknown", Value::Null).await.assert_problem(404, "not-found");

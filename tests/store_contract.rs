@@ -161,6 +161,18 @@ async fn contract(store: Arc<dyn Store>) {
     assert!(store.undelivered_captures(10).await.unwrap().is_empty());
     assert_eq!(store.captures_by_state("state-4").await.unwrap()[0].delivered_at, Some(150));
     assert_eq!(store.purge_captures(103).await.unwrap(), 1);
+
+    // Expected states (capture mode keeps only these): registered, extended, purged.
+    let (h1, h2) = ("aa11".repeat(16), "bb22".repeat(16));
+    assert_eq!(store.expected_until(&h1).await.unwrap(), None);
+    store.expect_state(&h1, 500).await.unwrap();
+    store.expect_state(&h2, 100).await.unwrap();
+    assert_eq!(store.expected_until(&h1).await.unwrap(), Some(500));
+    store.expect_state(&h1, 700).await.unwrap();
+    assert_eq!(store.expected_until(&h1).await.unwrap(), Some(700), "registering again extends");
+    assert_eq!(store.purge_expectations(200).await.unwrap(), 1);
+    assert_eq!(store.expected_until(&h2).await.unwrap(), None);
+    assert_eq!(store.expected_until(&h1).await.unwrap(), Some(700));
 }
 
 fn ids(list: &[Connection]) -> Vec<&str> {

@@ -32,6 +32,14 @@ impl ConfigError {
     }
 }
 
+/// Checks a secret name against Key Vault's rules, which are the strictest we meet.
+pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 127 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("secret name {name:?} must be 1-127 letters, digits or dashes (the Key Vault rule)"));
+    }
+    Ok(())
+}
+
 /// Everything the handler needs to know, parsed once.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -104,6 +112,8 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Requests without an `Authorization` header served at once; past it, 503.
     pub max_anonymous_requests: usize,
+    /// Callback hits one client address may make per minute (and in one burst).
+    pub callbacks_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -114,6 +124,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_anonymous_requests: 64,
+            callbacks_per_minute: 300,
         }
     }
 }
@@ -126,6 +137,17 @@ pub enum CaptureMode {
     Store,
     /// Kept in the store and delivered to Finance & Operations.
     Fno(Box<FnoConfig>),
+}
+
+/// Which foreign states capture mode keeps, and how many may wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturePolicy {
+    /// `CAPTURE_STATES=any` keeps every state; otherwise only registered or signed ones.
+    pub any_state: bool,
+    /// The secret (by name) Dynamics signs states with (`dcx1.` states), if it does.
+    pub state_key_secret: Option<String>,
+    /// Captures not yet delivered to F&O past which new ones are refused.
+    pub max_pending: usize,
 }
 
 /// Where captures go in Finance & Operations.
@@ -151,6 +173,7 @@ pub struct OAuthConfig {
     /// The timer refreshes tokens that expire within this window.
     pub timer_lookahead: Duration,
     pub capture: CaptureMode,
+    pub capture_policy: CapturePolicy,
     pub capture_retention: Duration,
     /// Origins (`https://host[:port]`) a `return_url` may point to.
     pub return_url_origins: Vec<url::Origin>,
@@ -333,11 +356,13 @@ impl Limits {
             header_read_timeout: s.seconds("HEADER_READ_TIMEOUT_SECONDS", d.header_read_timeout.as_secs())?,
             body_read_timeout: s.seconds("BODY_READ_TIMEOUT_SECONDS", d.body_read_timeout.as_secs())?,
             max_anonymous_requests: s.parse("MAX_ANONYMOUS_REQUESTS", d.max_anonymous_requests, "a number")?,
+            callbacks_per_minute: s.parse("CALLBACK_RATE_PER_MINUTE", d.callbacks_per_minute, "a number")?,
         };
         for (setting, zero) in [
             ("HEADER_READ_TIMEOUT_SECONDS", limits.header_read_timeout.is_zero()),
             ("BODY_READ_TIMEOUT_SECONDS", limits.body_read_timeout.is_zero()),
             ("MAX_ANONYMOUS_REQUESTS", limits.max_anonymous_requests == 0),
+            ("CALLBACK_RATE_PER_MINUTE", limits.callbacks_per_minute == 0),
         ] {
             if zero {
                 return Err(ConfigError::new(setting, "must be at least 1"));
@@ -388,6 +413,30 @@ impl CaptureMode {
     }
 }
 
+impl CapturePolicy {
+    fn from_settings(s: &Settings) -> Result<CapturePolicy, ConfigError> {
+        let any_state = match s.get("CAPTURE_STATES").unwrap_or("registered").to_ascii_lowercase().as_str() {
+            "registered" => false,
+            "any" => true,
+            other => {
+                return Err(ConfigError::new(
+                    "CAPTURE_STATES",
+                    format!("expected \"registered\" or \"any\", got {other:?}"),
+                ));
+            }
+        };
+        let state_key_secret = s.get("CAPTURE_STATE_KEY_SECRET").map(str::to_string);
+        if let Some(name) = &state_key_secret {
+            validate_secret_name(name).map_err(|e| ConfigError::new("CAPTURE_STATE_KEY_SECRET", e))?;
+        }
+        Ok(CapturePolicy {
+            any_state,
+            state_key_secret,
+            max_pending: s.parse("CAPTURE_MAX_PENDING", 1000, "a number")?,
+        })
+    }
+}
+
 impl OAuthConfig {
     fn from_settings(s: &Settings) -> Result<OAuthConfig, ConfigError> {
         let oauth = OAuthConfig {
@@ -397,6 +446,7 @@ impl OAuthConfig {
             lease_duration: s.seconds("REFRESH_LEASE_SECONDS", 60)?,
             timer_lookahead: s.seconds("TIMER_LOOKAHEAD_SECONDS", 900)?,
             capture: CaptureMode::from_settings(s)?,
+            capture_policy: CapturePolicy::from_settings(s)?,
             capture_retention: s.seconds("CAPTURE_RETENTION_SECONDS", 7 * 24 * 3600)?,
             return_url_origins: s.origins("RETURN_URL_ALLOWLIST")?,
             upstream_timeout: s.seconds("UPSTREAM_TIMEOUT_SECONDS", 30)?,

@@ -15,7 +15,7 @@ use url::Url;
 
 use super::refresh::apply_tokens;
 use super::{ConnectionError, Connections, Deps};
-use crate::config::{CaptureMode, OAuthConfig};
+use crate::config::{CaptureMode, CapturePolicy, OAuthConfig};
 use crate::crypto::Keyring;
 use crate::oauth::catalog::{Catalog, Provider};
 use crate::oauth::{CodeGrant, OAuthError, TokenEndpoint, TokenHint, TokenSet};
@@ -162,6 +162,15 @@ impl Store for RacingStore {
     async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
         self.inner.purge_captures(before).await
     }
+    async fn expect_state(&self, h: &str, until: i64) -> StoreResult<()> {
+        self.inner.expect_state(h, until).await
+    }
+    async fn expected_until(&self, h: &str) -> StoreResult<Option<i64>> {
+        self.inner.expected_until(h).await
+    }
+    async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
+        self.inner.purge_expectations(now).await
+    }
 }
 
 pub struct Fx {
@@ -201,6 +210,7 @@ pub fn fixture() -> Fx {
         lease_duration: Duration::from_secs(60),
         timer_lookahead: Duration::from_secs(900),
         capture: CaptureMode::Store,
+        capture_policy: CapturePolicy { any_state: false, state_key_secret: None, max_pending: 10 },
         capture_retention: Duration::from_secs(3600),
         return_url_origins: Vec::new(),
         upstream_timeout: Duration::from_secs(30),

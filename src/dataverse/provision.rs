@@ -92,7 +92,17 @@ pub const CAPTURES: Table = Table {
     ],
 };
 
-pub const TABLES: [Table; 2] = [CONNECTIONS, CAPTURES];
+/// Expectations: one row per capture-mode state Dynamics registered before sending the
+/// person to the provider (keyed by the state's SHA-256), so only expected callbacks are
+/// kept.
+pub const EXPECTATIONS: Table = Table {
+    name: "expectation",
+    label: "OAuth expected state",
+    plural: "OAuth expected states",
+    columns: &[col("expiresat", "Expires at (Unix)", Kind::BigInt)],
+};
+
+pub const TABLES: [Table; 3] = [CONNECTIONS, CAPTURES, EXPECTATIONS];
 
 /// Names under a publisher prefix (`dc` gives `dc_connection`, `dc_connections`, ...).
 #[derive(Debug, Clone)]

@@ -33,8 +33,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::config::parse_service_url;
-use crate::secrets;
+use crate::config::{parse_service_url, validate_secret_name};
 
 /// How the client authenticates at the token and revocation endpoints (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -291,7 +290,7 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         (None, ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost) => {
             return Err("client_auth needs a client_secret (the name of the secret, not its value)".into());
         }
-        (Some(secret), _) => secrets::validate_name(secret).map_err(|e| format!("client_secret: {e}"))?,
+        (Some(secret), _) => validate_secret_name(secret).map_err(|e| format!("client_secret: {e}"))?,
         (None, ClientAuth::None) => {}
     }
     for key in spec.authorization_params.keys() {

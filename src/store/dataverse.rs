@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
-use crate::dataverse::provision::{CAPTURES, CONNECTIONS, Schema, verify};
+use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, verify};
 use crate::outbound::Cache;
 
 const SCHEMA_OK_FOR: std::time::Duration = std::time::Duration::from_secs(600);
@@ -23,6 +23,7 @@ pub struct DataverseStore {
     schema: Schema,
     connections: String,
     captures: String,
+    expectations: String,
     key: String,
     connection_columns: Vec<String>,
     capture_columns: Vec<String>,
@@ -39,6 +40,7 @@ impl DataverseStore {
         DataverseStore {
             connections: schema.entity_set(&CONNECTIONS),
             captures: schema.entity_set(&CAPTURES),
+            expectations: schema.entity_set(&EXPECTATIONS),
             connection_columns: with_key(CONNECTIONS.columns),
             capture_columns: with_key(CAPTURES.columns),
             key,
@@ -332,6 +334,40 @@ impl Store for DataverseStore {
         for r in rows {
             if let Some(key) = r.str(&self.key)
                 && self.dv.delete(&self.captures, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
+            {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()> {
+        let fields = json!({ self.c("expiresat"): expires_at });
+        self.dv
+            .write(&self.expectations, &Key::Alternate(&self.key, state_hash), &fields, Condition::None, &[&self.key])
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn expected_until(&self, state_hash: &str) -> StoreResult<Option<i64>> {
+        let expires = self.c("expiresat");
+        let rec = self
+            .dv
+            .get(&self.expectations, &Key::Alternate(&self.key, state_hash), &[self.key.as_str(), expires.as_str()])
+            .await
+            .map_err(map_err)?;
+        Ok(rec.and_then(|r| r.i64(&expires)))
+    }
+
+    async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
+        let filter = format!("{} lt {now}", self.c("expiresat"));
+        let rows =
+            self.dv.query(&self.expectations, &filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
+        let mut purged = 0;
+        for r in rows {
+            if let Some(key) = r.str(&self.key)
+                && self.dv.delete(&self.expectations, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
             {
                 purged += 1;
             }

@@ -200,4 +200,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes delivered captures received before `before`; returns how many.
     async fn purge_captures(&self, before: i64) -> StoreResult<u64>;
+
+    /// Registers a capture-mode state (by its hash) as expected until `expires_at`.
+    async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()>;
+
+    /// Until when a state (by its hash) is expected, if it was registered.
+    async fn expected_until(&self, state_hash: &str) -> StoreResult<Option<i64>>;
+
+    /// Deletes expectations that ended before `now`, at most a batch; returns how many.
+    async fn purge_expectations(&self, now: i64) -> StoreResult<u64>;
 }

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS captures (
     delivered_at      INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS captures_state ON captures (state);
+CREATE TABLE IF NOT EXISTS expectations (
+    key               TEXT PRIMARY KEY,
+    expires_at        INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS expectations_expiry ON expectations (expires_at);
 CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
 "#;
 
@@ -414,5 +419,32 @@ impl Store for SqliteStore {
                 .map(|n| n as u64)
         })
         .await
+    }
+
+    async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()> {
+        let key = state_hash.to_string();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO expectations (key, expires_at) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                params![key, expires_at],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn expected_until(&self, state_hash: &str) -> StoreResult<Option<i64>> {
+        let key = state_hash.to_string();
+        self.with(move |c| {
+            c.prepare_cached("SELECT expires_at FROM expectations WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
+        self.with(move |c| c.execute("DELETE FROM expectations WHERE expires_at < ?1", [now]).map(|n| n as u64)).await
     }
 }

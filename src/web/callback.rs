@@ -13,7 +13,7 @@ use super::html::{self, Tone};
 use super::request::{is_json, parse_json};
 use super::{ApiError, Request, Response, response};
 use crate::app::App;
-use crate::captures::Received;
+use crate::captures::{Outcome, Received};
 use crate::config::CaptureMode;
 use crate::connections::{CallbackFailure, Completed};
 use crate::crypto::StateError;
@@ -32,6 +32,17 @@ struct Params {
 const NAMES: [&str; 6] = ["code", "state", "iss", "error", "error_description", "error_uri"];
 
 pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    // Anyone can hit the callback: a bounded rate per client address.
+    if let Some(ip) = client_address(app, &req)
+        && let Err(wait) = app.callback_rate.take(ip)
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-callbacks",
+            "Too many authorization responses came from your address; wait a moment and try again.",
+        )
+        .with_header(header::RETRY_AFTER, header::HeaderValue::from(wait.as_secs().max(1))));
+    }
     if req.method == Method::HEAD {
         // Link scanners and mail filters probe links with HEAD: a probe must not spend
         // the one code an authorization produces.
@@ -144,6 +155,23 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
     Ok(p)
 }
 
+/// The address the request came from. Under the Functions host every request comes from
+/// the host on 127.0.0.1, and the host (YARP, in proxying mode) *sets* `X-Forwarded-For`
+/// to the address it was called from, replacing whatever the client sent; where a front
+/// end appends instead, the last entry is the one the nearest trusted hop added. Without
+/// the host, the TCP peer is the client and the header is not trusted.
+fn client_address(app: &App, req: &Request) -> Option<std::net::IpAddr> {
+    if app.config.listen.under_host
+        && let Some(last) = req.header("x-forwarded-for").and_then(|v| v.rsplit(',').next())
+    {
+        let last = last.trim();
+        // `1.2.3.4:5678` and `[::1]:5678` carry a port; a bare address does not.
+        let bare = last.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok();
+        return bare.or_else(|| last.trim_start_matches('[').trim_end_matches(']').parse().ok());
+    }
+    req.remote.map(|r| r.ip())
+}
+
 /// RFC 6749 §3.1: parameters must not be sent more than once.
 fn repeated(name: &str) -> ApiError {
     ApiError::bad_request("repeated-parameter", format!("The {name} parameter was sent twice with different values."))
@@ -167,7 +195,7 @@ async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiErro
         error: p.error.as_deref(),
         error_description: p.error_description.as_deref(),
     };
-    let fresh = app.captures.capture(received).await?;
+    let outcome = app.captures.capture(received).await?;
     let (title, message, tone) = match &p.error {
         Some(error) => (
             "Authorization not granted",
@@ -177,7 +205,7 @@ async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiErro
             ),
             Tone::Error,
         ),
-        None if fresh => (
+        None if outcome == Outcome::New => (
             "Authorization received",
             "Dynamics will finish connecting. You can close this window.".to_string(),
             Tone::Success,

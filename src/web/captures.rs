@@ -1,15 +1,29 @@
-//! `GET /api/captures?state=...`: what the callback captured for a state Dynamics
-//! issued (capture mode), for back-office callers.
+//! `/api/captures`, capture mode for back-office callers: `POST` registers a state
+//! Dynamics issued (only registered or signed states are kept), `GET ?state=...` reads
+//! what the callback captured for it.
 
-use warp::http::StatusCode;
+use warp::http::{Method, StatusCode};
 
 use super::back_office::caller;
-use super::views::CaptureView;
+use super::views::{CaptureView, ExpectRequest};
 use super::{ApiError, Request, Response, response};
 use crate::app::App;
 
-pub async fn list(app: &App, req: Request) -> Result<Response, ApiError> {
+/// `GET /api/captures?state=...` and `POST /api/captures`.
+pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     caller(app, &req).await?;
+    if req.method == Method::POST {
+        let body: ExpectRequest = req.json().await?;
+        let until = app.captures.expect(&body.state, body.expires_in.unwrap_or(600)).await?;
+        return Ok(response::json(
+            StatusCode::CREATED,
+            &serde_json::json!({ "state": body.state, "expires_at": crate::time::rfc3339(until) }),
+        ));
+    }
+    list(app, req).await
+}
+
+async fn list(app: &App, req: Request) -> Result<Response, ApiError> {
     let state = req
         .query_param("state")
         .filter(|s| !s.is_empty())

@@ -58,6 +58,24 @@ impl From<StoreError> for ApiError {
 impl From<CaptureError> for ApiError {
     fn from(e: CaptureError) -> ApiError {
         match e {
+            CaptureError::Unexpected => ApiError::bad_request(
+                "unknown-state",
+                "This authorization response was not expected: Dynamics did not register (or sign) its state, so nothing was kept. Start again from Dynamics.",
+            ),
+            CaptureError::Expired => ApiError::bad_request(
+                "state-expired",
+                "This authorization link has expired. Start again from Dynamics to get a new one.",
+            ),
+            CaptureError::Conflict => ApiError::conflict(
+                "capture-conflict",
+                "Another authorization was already received for this request; this one was refused and recorded.",
+            ),
+            CaptureError::Backlog => ApiError::unavailable(
+                "capture-backlog",
+                "Too many authorizations are waiting to be delivered to Dynamics; try again in a minute.",
+                Some(60),
+            ),
+            CaptureError::InvalidState(m) => ApiError::bad_request("invalid-state", m),
             CaptureError::Store(e) => e.into(),
             CaptureError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
         }

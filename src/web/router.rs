@@ -76,7 +76,9 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
             [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
             portal::proxy(app, req, id)
         ),
-        ["api", "captures"] => route!("/api/captures", Api, [Method::GET], captures::list(app, req)),
+        ["api", "captures"] => {
+            route!("/api/captures", Api, [Method::GET, Method::POST], captures::handle(app, req))
+        }
         _ => (
             "(unknown)",
             if segs.first() == Some(&"api") && segs.get(1) == Some(&"oauth") { Browser } else { Api },

@@ -135,6 +135,16 @@ pub struct ReconnectRequest {
     pub return_url: Option<String>,
 }
 
+/// `POST /api/captures`: a state Dynamics issued, to be kept when its callback comes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectRequest {
+    pub state: String,
+    /// Seconds; 600 when not given, at most a day.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
 /// A capture as the back office reads it.
 #[derive(Debug, Serialize)]
 pub struct CaptureView {

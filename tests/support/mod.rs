@@ -413,6 +413,12 @@ impl Handler {
     }
 
     /// Invokes the `refresh` timer with the payload protocol: chunked JSON, no length.
+    /// Registers a capture-mode state as Dynamics does before sending a person away.
+    pub async fn expect_state(&self, bearer: &str, state: &str) {
+        let r = self.json(Method::POST, "/api/captures", Some(bearer), &serde_json::json!({ "state": state })).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+
     pub async fn invoke_timer(&self, payload: &Value) -> Reply {
         let bytes = serde_json::to_vec(payload).unwrap();
         self.post_chunked("/refresh", bytes, "application/json; charset=utf-8").await
