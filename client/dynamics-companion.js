@@ -10,6 +10,11 @@
  * It gets the signed-in user's token from the portal (/_services/auth/token, the Power Pages
  * OAuth implicit grant), calls the companion with it, and runs the connect flow in a popup
  * whose result comes back by postMessage from the companion's origin.
+ *
+ * The flow is bound to this page: it makes a random secret, registers only its SHA-256 when
+ * it starts the connection, and hands the secret to the popup (on the companion's origin,
+ * before any provider page) by postMessage. An authorization link opened anywhere else is
+ * refused at the callback.
  */
 (function (global) {
   "use strict";
@@ -77,13 +82,33 @@
       });
     }
 
+    function hex(buffer) {
+      return Array.prototype.map.call(new Uint8Array(buffer), function (b) {
+        return ("0" + b.toString(16)).slice(-2);
+      }).join("");
+    }
+
+    // 32 random bytes, base64url; and the SHA-256 of it in hex, which is all we register.
+    function newBinding() {
+      var bytes = new Uint8Array(32);
+      global.crypto.getRandomValues(bytes);
+      var secret = btoa(String.fromCharCode.apply(null, bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+      return global.crypto.subtle.digest("SHA-256", new TextEncoder().encode(secret)).then(function (digest) {
+        return { secret: secret, hash: hex(digest) };
+      });
+    }
+
     // Connects the user's account at a provider. Call it from a click handler: the popup
     // is opened at once, so browsers do not block it.
     function connect(provider) {
       var popup = global.open("about:blank", "dynamics-companion-connect", "width=520,height=700");
-      return call("POST", "/portal/connections", { provider: provider }).then(function (started) {
+      var binding;
+      return newBinding().then(function (b) {
+        binding = b;
+        return call("POST", "/portal/connections", { provider: provider, binding: b.hash });
+      }).then(function (started) {
         if (!popup) throw new CompanionError("popup-blocked", "Allow pop-ups for this site to connect.", 0);
-        popup.location.href = started.authorization_url;
+        popup.location.href = started.bind_url;
         return new Promise(function (resolve, reject) {
           var timer = setInterval(function () {
             if (popup.closed) {
@@ -97,7 +122,14 @@
           }
           function onMessage(event) {
             var d = event.data;
-            if (event.origin !== apiOrigin || !d || d.type !== "dynamics-companion:connection") return;
+            if (event.origin !== apiOrigin || !d) return;
+            if (d.type === "dynamics-companion:bind-ready" && event.source === popup) {
+              // Only to the companion's origin: the secret never reaches another page.
+              popup.postMessage({ type: "dynamics-companion:bind", secret: binding.secret,
+                                  authorization_url: started.authorization_url }, apiOrigin);
+              return;
+            }
+            if (d.type !== "dynamics-companion:connection") return;
             cleanup();
             if (d.status === "active") resolve({ connection_id: d.connection_id, status: d.status });
             else reject(new CompanionError(d.error || "failed", "The connection was not authorized (" + (d.error || d.status) + ").", 0));

@@ -72,15 +72,21 @@ impl World {
         self.h.forward(method, path, &headers, body.map(|b| serde_json::to_vec(&b).unwrap())).await
     }
 
-    /// A contact connects the test provider (the person consents at the provider).
+    /// A contact connects the test provider as the portal page does: registers the hash
+    /// of its secret, binds the popup with the secret (which sets the cookie), and the
+    /// person consents at the provider in that same browser.
     async fn connect(&self, contact: &str) -> (String, Reply) {
         let token = self.portal.token(contact);
-        let r =
-            self.call(Method::POST, "/api/portal/connections", Some(&token), Some(json!({ "provider": "test" }))).await;
+        let (secret, hash) = support::portal::binding();
+        let body = json!({ "provider": "test", "binding": hash });
+        let r = self.call(Method::POST, "/api/portal/connections", Some(&token), Some(body)).await;
         assert_eq!(r.status, 201, "{}", r.body);
         let started = r.json();
-        let location = self.peer.consent(started["authorization_url"].as_str().unwrap(), false).await;
-        let page = self.h.get(location.strip_prefix(PUBLIC).unwrap(), &[]).await;
+        let auth_url = started["authorization_url"].as_str().unwrap();
+        let origin = self.portal.url.trim_end_matches('/');
+        let cookie = support::portal::bind(&self.h, &secret, auth_url, origin).await;
+        let location = self.peer.consent(auth_url, false).await;
+        let page = self.h.get(location.strip_prefix(PUBLIC).unwrap(), &[("Cookie", &cookie)]).await;
         (started["connection_id"].as_str().unwrap().to_string(), page)
     }
 }
@@ -218,7 +224,14 @@ async fn a_contact_never_reaches_another_contacts_connection() {
     assert_eq!(w.call(Method::DELETE, &item, Some(&b), None).await.status, 200);
     w.call(Method::GET, &item, Some(&b), None).await.assert_problem(404, "not-found");
     // Providers not opened to portal users cannot be connected.
-    let r = w.call(Method::POST, "/api/portal/connections", Some(&b), Some(json!({ "provider": "nope" }))).await;
+    let r = w
+        .call(
+            Method::POST,
+            "/api/portal/connections",
+            Some(&b),
+            Some(json!({ "provider": "nope", "binding": support::portal::binding().1 })),
+        )
+        .await;
     r.assert_problem(400, "unknown-provider");
 }
 

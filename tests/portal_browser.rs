@@ -1,14 +1,15 @@
 //! What only a browser decides, in headless Chromium: a page on an allowed origin calls
 //! the companion with the portal token and gets the contact; the same page on another
 //! origin is blocked by the browser; the connect popup completes against oidc-provider
-//! and the page learns the result from the callback page's postMessage.
+//! and the page learns the result from the callback page's postMessage; an authorization
+//! link opened in another browser is refused; a foreign opener hears nothing.
 
 mod support;
 
 use serde_json::{Value, json};
 use support::HandlerBuilder;
 use support::oidc::{CLIENT_SECRET, OidcPeer};
-use support::portal::{CLIENT_ID, CONTACT_A, PortalDouble};
+use support::portal::{CLIENT_ID, CONTACT_A, CONTACT_B, PortalDouble};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_page_in_chromium() {
@@ -35,7 +36,29 @@ async fn the_portal_page_in_chromium() {
 
     let page =
         |site: &PortalDouble| format!("{}/example.html?api={base}/api&client_id={CLIENT_ID}&provider=test", site.url);
-    let scenario = json!({ "allowed": page(&allowed), "other": page(&other), "user": "alice" });
+    // Another portal user starts a connection and sends its authorization link to a victim.
+    let (_secret, hash) = support::portal::binding();
+    let started = h
+        .forward(
+            reqwest::Method::POST,
+            "/api/portal/connections",
+            &[
+                ("Authorization", &format!("Bearer {}", allowed.token(CONTACT_B))),
+                ("Origin", allowed.url.trim_end_matches('/')),
+                ("Content-Type", "application/json"),
+            ],
+            Some(serde_json::to_vec(&json!({ "provider": "test", "binding": hash })).unwrap()),
+        )
+        .await;
+    assert_eq!(started.status, 201, "{}", started.body);
+    let stolen = started.json()["authorization_url"].as_str().unwrap().to_string();
+    let scenario = json!({
+        "allowed": page(&allowed),
+        "other": page(&other),
+        "user": "alice",
+        "stolen_link": stolen,
+        "bind_url": format!("{base}/api/oauth/bind"),
+    });
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node")
             .arg(format!("{}/tests/peers/browser.mjs", env!("CARGO_MANIFEST_DIR")))
@@ -66,4 +89,25 @@ async fn the_portal_page_in_chromium() {
     assert_eq!(connections[0]["owner"], format!("contact:{CONTACT_A}"));
     assert_eq!(seen["popup_closed"], true, "the result page closes itself");
     assert!(h.logs.all().contains("route=\"(cors)\" status=403"), "the other origin was refused before any work");
+
+    // The stolen link, completed in another browser, is refused and changes nothing.
+    assert_eq!(seen["stolen"]["status"], 400, "{seen:#}");
+    assert!(seen["stolen"]["text"].as_str().unwrap().contains("another browser"), "{seen:#}");
+    let theirs = h
+        .forward(
+            reqwest::Method::GET,
+            "/api/portal/connections",
+            &[("Authorization", &format!("Bearer {}", allowed.token(CONTACT_B)))],
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(theirs["connections"][0]["status"], "pending", "{theirs}");
+    assert_eq!(theirs["connections"][0]["authorization_pending"], true, "nothing was spent: {theirs}");
+
+    // A page on an origin that is not a portal's opens the bind page: it hears nothing,
+    // and the popup posts nothing (the one bind in the logs is the allowed page's).
+    assert_eq!(seen["foreign_opener"]["messages"], json!([]), "{seen:#}");
+    let binds = h.logs.stdout().iter().filter(|l| l.contains("method=POST") && l.contains("/api/oauth/bind")).count();
+    assert_eq!(binds, 1, "{}", h.logs.all());
 }

@@ -31,9 +31,38 @@ pub struct NewConnection {
     pub owner: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub return_url: Option<String>,
-    /// The portal origin whose popup runs the authorization (told the result by
-    /// `postMessage`); set by the portal API, never by a caller's body.
+    /// Set by the portal API only, never from a caller's body.
+    pub portal: PortalFlow,
+}
+
+/// A flow a portal page runs in a popup: the page's origin (told the result by
+/// `postMessage`), and the SHA-256 of a secret only that page knows, which the browser
+/// that completes the flow must present (a cookie set on our origin before it left for
+/// the provider). A link sent to anyone else is refused at the callback.
+#[derive(Debug, Default, Clone)]
+pub struct PortalFlow {
     pub opener_origin: Option<String>,
+    pub binding: Option<String>,
+}
+
+/// What the bind step learned: where the popup may go, and how the cookie must be set.
+#[derive(Debug)]
+pub struct Bound {
+    /// The provider's authorization endpoint, which the authorization URL must be on.
+    pub authorization_endpoint: Url,
+    pub opener_origin: Option<String>,
+    /// The provider answers with `response_mode=form_post` (a cross-site POST).
+    pub form_post: bool,
+    pub expires_at: i64,
+}
+
+/// Why a bind step was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindFailure {
+    /// No pending authorization has this state (used, replaced or never issued).
+    UnknownState,
+    /// The flow was not started by a portal page, or with another secret.
+    WrongSecret,
 }
 
 /// A started (or restarted) authorization: where to send the person.
@@ -53,6 +82,9 @@ struct PendingSecret {
     return_url: Option<String>,
     #[serde(default)]
     opener_origin: Option<String>,
+    /// SHA-256 (hex) of the portal page's secret; see [`PortalFlow`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    binding: Option<String>,
 }
 
 /// What the callback learned, for the page it shows.
@@ -80,6 +112,10 @@ pub enum CallbackFailure {
         expected: String,
     },
     MissingCode,
+    /// A portal flow completed in a browser that did not start it (no binding cookie).
+    BindingMissing,
+    /// A binding cookie that is not this flow's.
+    BindingMismatch,
     Crypto,
     ProviderError {
         error: ErrorCode,
@@ -117,7 +153,7 @@ impl Connections {
         let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
         let t = self.deps.clock.now();
-        let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.opener_origin, t);
+        let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.portal, t);
         let mut conn = Connection {
             id: id.clone(),
             provider: provider.name.clone(),
@@ -147,13 +183,13 @@ impl Connections {
     }
 
     /// Issues a new authorization for an existing connection. Its current tokens keep
-    /// working until the new authorization completes. `opener_origin` is for a flow a
-    /// portal page runs in a popup.
+    /// working until the new authorization completes. `portal` is for a flow a portal
+    /// page runs in a popup.
     pub async fn reconnect(
         &self,
         id: &str,
         return_url: Option<&str>,
-        opener_origin: Option<String>,
+        portal: PortalFlow,
     ) -> Result<StartedAuthorization, ConnectionError> {
         let return_url = return_url.map(|u| self.validate_return_url(u)).transpose()?;
         let mut issued = None;
@@ -162,7 +198,7 @@ impl Connections {
             .modify(id, None, |c| {
                 let provider = self.provider(&c.provider)?;
                 let (pending, state, challenge) =
-                    self.new_pending(&c.id, provider, return_url.as_ref(), opener_origin.clone(), now);
+                    self.new_pending(&c.id, provider, return_url.as_ref(), portal.clone(), now);
                 c.pending = Some(pending);
                 issued = Some((state, challenge));
                 Ok::<(), ConnectionError>(())
@@ -180,14 +216,19 @@ impl Connections {
         id: &str,
         provider: &Provider,
         return_url: Option<&Url>,
-        opener_origin: Option<String>,
+        portal: PortalFlow,
         t: i64,
     ) -> (PendingAuth, State, Option<String>) {
         let expires_at = t + self.deps.cfg.state_ttl.as_secs() as i64;
         let state = State::new(self.deps.keys.issue_state(id, expires_at));
         let verifier = provider.pkce.then(PkceVerifier::random);
         let challenge = verifier.as_ref().map(PkceVerifier::challenge);
-        let secret = PendingSecret { verifier, return_url: return_url.map(|u| u.to_string()), opener_origin };
+        let secret = PendingSecret {
+            verifier,
+            return_url: return_url.map(|u| u.to_string()),
+            opener_origin: portal.opener_origin,
+            binding: portal.binding,
+        };
         let sealed = self.deps.keys.seal(&serde_json::to_vec(&secret).unwrap_or_default(), &pending_aad(id));
         (PendingAuth { state_hash: crypto::sha256_hex(state.secret()), sealed, expires_at }, state, challenge)
     }
@@ -227,6 +268,7 @@ impl Connections {
         code: Option<&AuthorizationCode>,
         iss: Option<&str>,
         provider_error: Option<(&ErrorCode, Option<&str>)>,
+        presented_binding: Option<&str>,
     ) -> Result<Completed, CallbackFailure> {
         let conn = self
             .deps
@@ -263,6 +305,17 @@ impl Connections {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(CallbackFailure::Crypto)?;
+        // A portal flow completes only in the browser that started it; refused before the
+        // state is consumed, so nothing is spent and the person who did start it can finish.
+        if let Some(binding) = &secret.binding {
+            match presented_binding {
+                None => return Err(CallbackFailure::BindingMissing),
+                Some(p) if !crypto::constant_time_eq(crypto::sha256_hex(p).as_bytes(), binding.as_bytes()) => {
+                    return Err(CallbackFailure::BindingMismatch);
+                }
+                Some(_) => {}
+            }
+        }
         let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
         let opener_origin = secret.opener_origin.clone();
         let done = |return_url| Completed {
@@ -336,6 +389,37 @@ impl Connections {
                 Err(CallbackFailure::NotSaved { revoked })
             }
         }
+    }
+
+    /// The bind step of a portal flow: checks that `secret` is the one the portal page
+    /// registered for this state, before the popup goes to the provider.
+    pub async fn bind(&self, verified: &VerifiedState, secret: &str) -> Result<Bound, BindFailure> {
+        let conn = match self.deps.store.find_by_state(&verified.hash).await {
+            Ok(Some(c)) if verified.is_for(&c.id) => c,
+            _ => return Err(BindFailure::UnknownState),
+        };
+        let pending = conn.pending.clone().filter(|p| p.expires_at > self.deps.clock.now());
+        let opened: Option<PendingSecret> = pending
+            .as_ref()
+            .and_then(|p| self.deps.keys.open(&p.sealed, &pending_aad(&conn.id)).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (Some(pending), Some(opened)) = (pending, opened) else {
+            return Err(BindFailure::UnknownState);
+        };
+        let matches = opened
+            .binding
+            .as_deref()
+            .is_some_and(|b| crypto::constant_time_eq(crypto::sha256_hex(secret).as_bytes(), b.as_bytes()));
+        if !matches {
+            return Err(BindFailure::WrongSecret);
+        }
+        let provider = self.deps.catalog.get(&conn.provider).ok_or(BindFailure::UnknownState)?;
+        Ok(Bound {
+            authorization_endpoint: provider.authorization_url.clone(),
+            opener_origin: opened.opener_origin,
+            form_post: provider.authorization_params.iter().any(|(k, v)| k == "response_mode" && v == "form_post"),
+            expires_at: pending.expires_at,
+        })
     }
 
     /// Revokes a grant we could not keep (RFC 7009): the refresh token, which ends it,

@@ -22,7 +22,7 @@ async fn tokens_that_cannot_be_stored_are_revoked_and_the_failure_recorded_later
     // The consume of the state goes through; every write after it finds the store locked.
     fx.racing.updates_before_outage.store(1, Ordering::SeqCst);
     fx.endpoint.answer(Answer::Tokens { access: "at-1", refresh: Some("rt-1"), expires_in: 3600 });
-    let outcome = fx.conns.complete(&verified, Some(&AuthorizationCode::new("code-1")), None, None).await;
+    let outcome = fx.conns.complete(&verified, Some(&AuthorizationCode::new("code-1")), None, None, None).await;
     assert!(matches!(outcome, Err(CallbackFailure::NotSaved { revoked: true })), "{outcome:?}");
     assert_eq!(
         *fx.endpoint.revoked.lock().unwrap(),

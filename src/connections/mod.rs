@@ -35,7 +35,7 @@ use crate::outbound::Backoff;
 use crate::store::{Connection, ListFilter, Store, StoreError};
 use crate::time::Clock;
 
-pub use authorize::{CallbackFailure, Completed, NewConnection, StartedAuthorization};
+pub use authorize::{BindFailure, Bound, CallbackFailure, Completed, NewConnection, PortalFlow, StartedAuthorization};
 pub use cache::CachedToken;
 
 /// Which piece of a caller's input was refused.

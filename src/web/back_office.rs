@@ -91,7 +91,7 @@ pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
 pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
     let body: Option<ReconnectRequest> = req.json().await?;
-    let started = app.connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), None).await?;
+    let started = app.connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), Default::default()).await?;
     Ok(response::json(StatusCode::OK, &Started::from(&started)))
 }
 

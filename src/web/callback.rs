@@ -82,12 +82,21 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         Ok(verified) => {
             let error = params.error.as_deref().map(ErrorCode::parse);
             let provider_error = error.as_ref().map(|e| (e, params.error_description.as_deref()));
-            let outcome =
-                app.connections.complete(&verified, params.code.as_ref(), params.iss.as_deref(), provider_error).await;
-            match outcome {
-                Ok(done) => Ok(success(done)),
-                Err(failure) => failure_response(failure),
+            let presented = super::binding::presented(app, &req, &verified.hash);
+            let outcome = app
+                .connections
+                .complete(&verified, params.code.as_ref(), params.iss.as_deref(), provider_error, presented)
+                .await;
+            let mut resp = match outcome {
+                Ok(done) => success(done),
+                Err(failure) => failure_response(failure)?,
+            };
+            if presented.is_some()
+                && let Some(clear) = super::binding::cleared(app, &verified.hash)
+            {
+                resp.headers_mut().append(header::SET_COOKIE, clear);
             }
+            Ok(resp)
         }
     }
 }
@@ -282,6 +291,14 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
             format!(
                 "The response carries no iss parameter, but provider {expected:?} must send one (RFC 9207). Nothing was changed."
             ),
+        ),
+        CallbackFailure::BindingMissing => ApiError::bad_request(
+            "binding-missing",
+            "This authorization was started from a portal page in another browser, so it cannot be completed here. Nothing was changed: start the connection from your own portal page.",
+        ),
+        CallbackFailure::BindingMismatch => ApiError::bad_request(
+            "binding-mismatch",
+            "This authorization belongs to another portal session. Nothing was changed: start the connection again from the portal.",
         ),
         CallbackFailure::MissingCode => {
             ApiError::bad_request("missing-code", "The callback has neither a code nor an error.")

@@ -5,11 +5,13 @@
 //! - [`back_office`]: `/api/connections`, for Dynamics and scripts (bearer tokens);
 //! - [`captures`]: `/api/captures`, capture mode's read side;
 //! - [`callback`]: `/api/oauth/callback`, the fixed redirect URI a person's browser hits;
+//! - [`binding`]: `/api/oauth/bind`, where a portal popup proves it is the page's own;
 //! - [`portal`]: `/api/portal/...`, for Power Pages users across origins;
 //! - [`proxy`]: the provider API proxy both of the above use;
 //! - [`health`] and [`timer`]: `/api/health`, and `/refresh`, the host's timer invocation.
 
 pub mod back_office;
+pub mod binding;
 pub mod callback;
 pub mod captures;
 pub mod cors;

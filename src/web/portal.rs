@@ -9,10 +9,10 @@ use serde_json::json;
 use warp::http::{Method, StatusCode, header};
 
 use super::mapping::{Closed, configured};
-use super::views::{ConnectBody, ConnectionView, Started};
-use super::{ApiError, Request, Response, cors, proxy, response};
+use super::views::{ConnectBody, ConnectionView, PortalStarted, Started};
+use super::{ApiError, Request, Response, binding, cors, proxy, response};
 use crate::app::App;
-use crate::connections::{ConnectionError, NewConnection};
+use crate::connections::{ConnectionError, NewConnection, PortalFlow};
 use crate::portal::identity::PortalUser;
 use crate::portal::{self, Contact, Portal};
 use crate::store::{Connection, ListFilter};
@@ -59,24 +59,33 @@ pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiErr
                 format!("Provider {:?} is not available to portal users.", body.provider),
             )
         })?;
+        let binding = body.binding.to_ascii_lowercase();
+        if binding.len() != 64 || !binding.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApiError::bad_request(
+                "invalid-binding",
+                "binding must be the SHA-256 of the page's secret, as 64 hexadecimal digits.",
+            ));
+        }
         let id = portal::connection_id(&u, &provider.name);
         let opener =
             req.header(header::ORIGIN).filter(|o| cors::is_listed(&app.config.portal.origins, o)).map(str::to_string);
+        let flow = PortalFlow { opener_origin: opener, binding: Some(binding) };
         let start = NewConnection {
             provider: provider.name.clone(),
             connection_id: Some(id.clone()),
             owner: Some(portal::owner(&u)),
-            opener_origin: opener.clone(),
+            portal: flow.clone(),
             ..Default::default()
         };
         let started = match app.connections.start(start).await {
             Err(ConnectionError::Exists(_)) => {
                 own(app, &u, &id).await?;
-                app.connections.reconnect(&id, None, opener).await?
+                app.connections.reconnect(&id, None, flow).await?
             }
             other => other?,
         };
-        return Ok(response::json(StatusCode::CREATED, &Started::from(&started)));
+        let body = PortalStarted { started: Started::from(&started), bind_url: binding::page_url(app) };
+        return Ok(response::json(StatusCode::CREATED, &body));
     }
     let filter = ListFilter { owner: Some(portal::owner(&u)), limit: 200, ..Default::default() };
     let list = app.connections.list(&filter).await?;

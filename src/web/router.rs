@@ -9,7 +9,7 @@ use super::back_office as connections;
 use super::error::{ApiError, Audience};
 use super::request::Request;
 use super::response::{self, Response};
-use super::{callback, captures, health, portal, timer};
+use super::{binding, callback, captures, health, portal, timer};
 use crate::app::App;
 
 type Outcome = (&'static str, Audience, Result<Response, ApiError>);
@@ -42,6 +42,9 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app)),
         ["api", "oauth", "callback"] => {
             route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], callback::handle(app, req))
+        }
+        ["api", "oauth", "bind"] => {
+            route!("/api/oauth/bind", Browser, [Method::GET, Method::POST], binding::handle(app, req))
         }
         ["api", "connections"] => {
             route!("/api/connections", Api, [Method::GET, Method::POST], connections::collection(app, req))

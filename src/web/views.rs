@@ -31,7 +31,7 @@ impl From<StartRequest> for NewConnection {
             owner: r.owner,
             scopes: r.scopes,
             return_url: r.return_url,
-            opener_origin: None,
+            portal: Default::default(),
         }
     }
 }
@@ -177,4 +177,15 @@ impl From<OpenedCapture> for CaptureView {
 #[serde(deny_unknown_fields)]
 pub struct ConnectBody {
     pub provider: String,
+    /// SHA-256 (64 hex digits) of a random secret the page keeps, see `web::binding`.
+    pub binding: String,
+}
+
+/// The answer to a portal connect: a start, plus the page the popup opens first.
+#[derive(Debug, Serialize)]
+pub struct PortalStarted {
+    #[serde(flatten)]
+    pub started: Started,
+    /// Our own page that takes the secret from the opener before going to the provider.
+    pub bind_url: String,
 }

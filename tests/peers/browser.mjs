@@ -2,8 +2,12 @@
 // and prints one JSON line with what the browser saw. Scenario in env BROWSER_SCENARIO:
 //   {"allowed": "<page URL on an allowed origin>", "other": "<same page on another origin>",
 //    "user": "alice"}
+//    "user": "alice", "stolen_link": "<an authorization URL another page started>", "bind_url": "..."}
 // Steps: "Who am I?" on both pages (the other one must be blocked by CORS), then "Connect"
 // on the allowed page: sign in and consent in the popup, wait for the page to learn the result.
+// Then the stolen link in a second browser context (its own cookies, no opener): sign in,
+// consent, and report the page the callback shows. Last, a page on the other origin opens
+// the bind page as a popup and reports every message it receives from it.
 import { chromium } from 'playwright-core';
 
 const scenario = JSON.parse(process.env.BROWSER_SCENARIO || '{}');
@@ -48,6 +52,34 @@ try {
   await popup.click('form#consent button[type=submit]');
   out.connect = await result(page);
   out.popup_closed = popup.isClosed() || await popup.waitForEvent('close', { timeout: 5000 }).then(() => true, () => false);
+
+  if (scenario.stolen_link) {
+    const victim = await browser.newContext();
+    const v = await victim.newPage();
+    await v.goto(scenario.stolen_link);
+    await v.waitForSelector('form#login', { timeout: 20000 });
+    await v.fill('form#login input[name=login]', 'victim');
+    await v.click('form#login button[type=submit]');
+    await v.waitForSelector('form#consent', { timeout: 20000 });
+    const answer = v.waitForResponse((r) => r.url().includes('/api/oauth/callback'), { timeout: 20000 });
+    await v.click('form#consent button[type=submit]');
+    const cb = await answer;
+    out.stolen = { status: cb.status(), text: await cb.text() };
+    await victim.close();
+  }
+
+  if (scenario.bind_url) {
+    out.foreign_opener = await other.evaluate(async (bindUrl) => {
+      const got = [];
+      window.addEventListener('message', (e) => got.push({ origin: e.origin, data: e.data }));
+      const w = window.open(bindUrl, 'bind-probe', 'width=300,height=300');
+      await new Promise((r) => setTimeout(r, 2000));
+      let stayed = null;
+      try { stayed = w.location.href; } catch (e) { stayed = 'cross-origin'; }
+      w.close();
+      return { messages: got, popup_location: stayed };
+    }, scenario.bind_url);
+  }
 } catch (err) {
   out.error = String(err && err.stack || err);
 } finally {

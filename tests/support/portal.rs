@@ -114,3 +114,38 @@ fn mint(key: &EncodingKey, claims: &Value) -> String {
     let header = Header::new(Algorithm::RS256);
     jsonwebtoken::encode(&header, claims, key).unwrap()
 }
+
+/// A portal page's binding: a random secret and the SHA-256 (hex) it registers.
+pub fn binding() -> (String, String) {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).unwrap();
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let hash = sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    (secret, hash)
+}
+
+/// The popup's bind step, as its page posts it: returns the cookie (`name=value`) the
+/// browser then holds, and checks that the popup is sent on to the provider.
+/// `origin` is the portal page's, as the bind page reads it from the message.
+pub async fn bind(h: &super::Handler, secret: &str, authorization_url: &str, origin: &str) -> String {
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("secret", secret)
+        .append_pair("authorization_url", authorization_url)
+        .append_pair("origin", origin)
+        .finish();
+    let r = h
+        .forward(
+            reqwest::Method::POST,
+            "/api/oauth/bind",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            Some(form.into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), authorization_url);
+    let set = r.header("set-cookie").to_string();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax"), "{set}");
+    set.split(';').next().unwrap().to_string()
+}

@@ -1,0 +1,152 @@
+//! Binding a portal flow to the browser that started it (RFC 9700 §4.7.1, login CSRF).
+//!
+//! Without it, portal user A could start a connection, send the authorization link to a
+//! victim, and once the victim consents, A's proxy calls would run with the victim's
+//! account. PKCE does not help: the verifier belongs to the connection, not to a browser.
+//!
+//! 1. The portal page makes a random secret and registers only its SHA-256 when it starts
+//!    the connection (an authenticated call with the user's portal token).
+//! 2. The popup opens on our origin first, at `GET /api/oauth/bind`. That page tells the
+//!    opener it is ready (only portal origins can hear it), takes the secret and the
+//!    authorization URL from the opener's `postMessage` (its origin checked against the
+//!    portal origins), and posts them here.
+//! 3. `POST /api/oauth/bind` checks the secret against the hash registered for the URL's
+//!    state, sets a first-party cookie holding the secret on our origin, and sends the
+//!    popup on to the provider. The secret reaches our origin before any provider page
+//!    loads, so a provider page that severs `window.opener` cannot break the flow.
+//! 4. The callback refuses a bound state whose cookie is missing or different, before it
+//!    spends anything.
+//!
+//! The cookie is `__Host-` prefixed, `Secure`, `HttpOnly`, `Path=/`, `SameSite=Lax` (or
+//! `None` for providers that answer with `response_mode=form_post`, a cross-site POST);
+//! on a plain-http loopback address (local work) it drops `Secure` and with it the
+//! prefix, which requires `Secure`, and stays `Lax`.
+
+use warp::http::{HeaderValue, Method, StatusCode, header};
+
+use super::html::{self, Tone};
+use super::{ApiError, Request, Response};
+use crate::app::App;
+use crate::connections::BindFailure;
+use crate::crypto::StateError;
+
+/// The page the portal popup opens first.
+pub fn page_url(app: &App) -> String {
+    let mut url = app.config.redirect_uri.clone();
+    url.set_path("/api/oauth/bind");
+    url.set_query(None);
+    url.to_string()
+}
+
+/// `GET /api/oauth/bind` (the page) and `POST /api/oauth/bind` (the check).
+pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    if req.method != Method::POST {
+        return Ok(page(app));
+    }
+    let body = req.body_bytes().await?;
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or("");
+    let refused = |detail: &str| ApiError::bad_request("binding-refused", detail.to_string());
+    let (secret, target, origin) = (field("secret"), field("authorization_url"), field("origin"));
+    if secret.len() < 32 || secret.len() > 256 {
+        return Err(refused(
+            "The portal page did not hand over its secret. Start the connection again from the portal.",
+        ));
+    }
+    let target = url::Url::parse(target).map_err(|_| refused("The authorization link is not a URL."))?;
+    let state = target.query_pairs().find(|(k, _)| k == "state").map(|(_, v)| v.into_owned()).unwrap_or_default();
+    let verified = match app.keys.verify_state(&state, crate::time::now()) {
+        Ok(v) => v,
+        Err(StateError::Expired) => {
+            return Err(ApiError::bad_request(
+                "state-expired",
+                "This authorization link has expired. Start the connection again from the portal.",
+            ));
+        }
+        Err(_) => return Err(refused("The authorization link was not issued by this service.")),
+    };
+    let bound = app.connections.bind(&verified, secret).await.map_err(|e| match e {
+        BindFailure::UnknownState => {
+            refused("This authorization was already used or replaced. Start the connection again from the portal.")
+        }
+        BindFailure::WrongSecret => refused("This authorization was started by another page. Nothing was changed."),
+    })?;
+    let endpoint = &bound.authorization_endpoint;
+    if target.origin() != endpoint.origin() || target.path() != endpoint.path() {
+        return Err(refused("The link does not lead to this connection's provider."));
+    }
+    if bound.opener_origin.as_deref().is_some_and(|o| o != origin) {
+        return Err(refused("The secret came from another page than the one that started the connection."));
+    }
+    let max_age = (bound.expires_at - crate::time::now()).max(1);
+    let cookie =
+        format!("{}={secret}; Max-Age={max_age}{}", cookie_name(app, &verified.hash), attributes(app, bound.form_post));
+    let mut resp = super::response::redirect(target.as_str());
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+/// The secret the browser presents for a state, from its cookie.
+pub fn presented<'a>(app: &App, req: &'a Request, state_hash: &str) -> Option<&'a str> {
+    let name = cookie_name(app, state_hash);
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A `Set-Cookie` value that removes the binding cookie once the flow is done.
+pub fn cleared(app: &App, state_hash: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{}=; Max-Age=0{}", cookie_name(app, state_hash), attributes(app, false))).ok()
+}
+
+/// One cookie per flow (a browser may run two at once), named after the state's hash.
+fn cookie_name(app: &App, state_hash: &str) -> String {
+    let short = state_hash.get(..16).unwrap_or(state_hash);
+    if secure(app) { format!("__Host-dcb-{short}") } else { format!("dcb-{short}") }
+}
+
+fn secure(app: &App) -> bool {
+    app.config.redirect_uri.scheme() == "https"
+}
+
+fn attributes(app: &App, form_post: bool) -> &'static str {
+    match (secure(app), form_post) {
+        (true, true) => "; Path=/; HttpOnly; Secure; SameSite=None",
+        (true, false) => "; Path=/; HttpOnly; Secure; SameSite=Lax",
+        (false, _) => "; Path=/; HttpOnly; SameSite=Lax",
+    }
+}
+
+/// The page: says it is ready to the portal origins only, takes one message from its
+/// opener on one of them, and posts it here as a form (a top-level navigation, so the
+/// cookie is first-party).
+fn page(app: &App) -> Response {
+    let origins: Vec<String> = app.config.portal.origins.iter().map(|o| o.ascii_serialization()).collect();
+    let origins = serde_json::to_string(&origins).unwrap_or_else(|_| "[]".into()).replace('<', "\\u003c");
+    let script = format!(
+        "(function(){{var origins={origins};var done=false;\
+window.addEventListener('message',function(e){{\
+if(done||e.source!==window.opener||origins.indexOf(e.origin)<0)return;\
+var d=e.data;if(!d||d.type!=='dynamics-companion:bind'||typeof d.secret!=='string'||typeof d.authorization_url!=='string')return;\
+done=true;var f=document.createElement('form');f.method='POST';f.action='/api/oauth/bind';\
+[['secret',d.secret],['authorization_url',d.authorization_url],['origin',e.origin]].forEach(function(p){{\
+var i=document.createElement('input');i.type='hidden';i.name=p[0];i.value=p[1];f.appendChild(i);}});\
+document.body.appendChild(f);f.submit();}});\
+if(window.opener){{origins.forEach(function(o){{window.opener.postMessage({{type:'dynamics-companion:bind-ready'}},o);}});}}\
+}})();"
+    );
+    html::page_with_script(
+        StatusCode::OK,
+        "Connecting",
+        "Taking you to the provider. If nothing happens, close this window and start again from the portal.",
+        Tone::Success,
+        Some(&script),
+    )
+}
