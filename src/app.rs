@@ -120,7 +120,7 @@ impl App {
                 "CAPTURE_STATES=any: every callback with a state this service did not issue is kept; anyone can add captures"
             );
         }
-        let captures = Captures::new(store, keys.clone(), clock, policy, state_key, fno);
+        let captures = Captures { store, keys: keys.clone(), clock, policy, state_key, fno };
         let anonymous = tokio::sync::Semaphore::new(config.limits.max_anonymous_requests);
         let callback_rate = Throttle::new(config.limits.callbacks_per_minute);
         Ok(App {

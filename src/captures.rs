@@ -58,29 +58,19 @@ pub const CONFLICT: &str = "conflicting_code";
 /// How long a registration may ask to wait for its callback, at most.
 pub const MAX_EXPECTATION_SECS: u64 = 24 * 3600;
 
+/// Capture mode's parts, wired by the app.
 pub struct Captures {
-    store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
-    clock: Arc<dyn Clock>,
-    policy: CapturePolicy,
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<Keyring>,
+    pub clock: Arc<dyn Clock>,
+    pub policy: CapturePolicy,
     /// The key Dynamics signs `dcx1.` states with, when configured.
-    state_key: Option<SecretString>,
+    pub state_key: Option<SecretString>,
     /// Where captures go besides the store (Finance & Operations), if anywhere.
-    fno: Option<Fno>,
+    pub fno: Option<Fno>,
 }
 
 impl Captures {
-    pub fn new(
-        store: Arc<dyn Store>,
-        keys: Arc<Keyring>,
-        clock: Arc<dyn Clock>,
-        policy: CapturePolicy,
-        state_key: Option<SecretString>,
-        fno: Option<Fno>,
-    ) -> Captures {
-        Captures { store, keys, clock, policy, state_key, fno }
-    }
-
     /// Registers a state Dynamics issued, so its callback is kept; until `expires_in`.
     pub async fn expect(&self, state: &str, expires_in: u64) -> Result<i64, CaptureError> {
         if state.is_empty() || state.len() > 2048 || state.chars().any(char::is_control) {

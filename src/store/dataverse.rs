@@ -54,6 +54,21 @@ impl DataverseStore {
         &self.dv
     }
 
+    /// Deletes the rows of `set` that match `filter`, a batch of at most 500 (the timer
+    /// comes back for the rest); returns how many.
+    async fn delete_where(&self, set: &str, filter: &str) -> StoreResult<u64> {
+        let rows = self.dv.query(set, filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
+        let mut deleted = 0;
+        for r in rows {
+            if let Some(key) = r.str(&self.key)
+                && self.dv.delete(set, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
+            {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     fn c(&self, name: &str) -> String {
         self.schema.column(name)
     }
@@ -329,16 +344,7 @@ impl Store for DataverseStore {
 
     async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
         let filter = format!("{} lt {before} and {} ne null", self.c("receivedat"), self.c("deliveredat"));
-        let rows = self.dv.query(&self.captures, &filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
-        let mut purged = 0;
-        for r in rows {
-            if let Some(key) = r.str(&self.key)
-                && self.dv.delete(&self.captures, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
-            {
-                purged += 1;
-            }
-        }
-        Ok(purged)
+        self.delete_where(&self.captures, &filter).await
     }
 
     async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()> {
@@ -362,16 +368,6 @@ impl Store for DataverseStore {
 
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         let filter = format!("{} lt {now}", self.c("expiresat"));
-        let rows =
-            self.dv.query(&self.expectations, &filter, &[self.key.as_str()], None, 500).await.map_err(map_err)?;
-        let mut purged = 0;
-        for r in rows {
-            if let Some(key) = r.str(&self.key)
-                && self.dv.delete(&self.expectations, &Key::Alternate(&self.key, key), None).await.map_err(map_err)?
-            {
-                purged += 1;
-            }
-        }
-        Ok(purged)
+        self.delete_where(&self.expectations, &filter).await
     }
 }
