@@ -200,7 +200,7 @@ pub async fn dataverse_client(
     let credential = dv.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %dv.url, "Dataverse: authenticating with {}", credential.describe());
     let tokens = resource_token(dv.credential.as_ref(), config, secrets, &dv.url).await?;
-    Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone())))
+    Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone()).with_concurrency(dv.max_concurrency)))
 }
 
 /// The Finance & Operations capture target with the configured identity.

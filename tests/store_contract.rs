@@ -218,6 +218,59 @@ async fn the_dataverse_store_keeps_the_contract_while_throttled() {
     assert!(dv.requests.load(std::sync::atomic::Ordering::Relaxed) > stats["faults_injected"].as_u64().unwrap());
 }
 
+/// Issue [3/7]: one limit on concurrent Dataverse requests per client, whatever asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dataverse_requests_never_exceed_the_limit() {
+    let double = DataverseDouble::start();
+    dataverse_store(&double).await; // provisioned
+    let url = url::Url::parse(&double.url).unwrap();
+    let token = Arc::new(StaticToken(SecretString::from("test-s2s-token".to_string())));
+    let dv = Arc::new(Dataverse::new(&url, reqwest::Client::new(), token, None).with_concurrency(4));
+    let store: Arc<dyn Store> = Arc::new(DataverseStore::new(dv.clone(), Schema::new("dc")));
+    double.reset().await;
+    double.faults(serde_json::json!({ "rate": 0.0, "delay_ms": 40 })).await;
+    let reads = (0..40).map(|i| {
+        let store = store.clone();
+        async move { store.get(&format!("missing-{i}")).await.unwrap() }
+    });
+    let got = futures_util::future::join_all(reads).await;
+    assert!(got.iter().all(Option::is_none));
+    let stats = double.stats().await;
+    assert_eq!(stats["peak_in_flight"], 4, "{stats}");
+    assert_eq!(dv.concurrency(), (4, 4));
+}
+
+/// Issue [3/7]: a 429 pauses the whole client for its `Retry-After`, not only the
+/// request that got it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_every_request_of_the_client() {
+    let double = DataverseDouble::start();
+    let (_, store) = dataverse_store(&double).await;
+    double.reset().await;
+    double.faults(serde_json::json!({ "rate": 1.0, "statuses": [429], "retry_after_seconds": 2, "count": 1 })).await;
+    let started = std::time::Instant::now();
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.get("first").await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // the 429 has been answered
+    let later = (0..9).map(|i| {
+        let store = store.clone();
+        async move {
+            store.get(&format!("later-{i}")).await.unwrap();
+            started.elapsed()
+        }
+    });
+    let took = futures_util::future::join_all(later).await;
+    first.await.unwrap();
+    let stats = double.stats().await;
+    assert_eq!(stats["faults_by_status"]["429"], 1, "{stats}");
+    for t in &took {
+        assert!(*t >= Duration::from_millis(1900), "a request went out during the pause: {took:?}");
+    }
+    assert_eq!(stats["requests"], 11, "the throttled one twice, the others once: {stats}");
+}
+
 #[tokio::test]
 async fn provision_creates_everything_once() {
     let double = DataverseDouble::start();

@@ -89,6 +89,8 @@ pub struct DataverseConfig {
     pub solution: Option<String>,
     /// A Dataverse-specific credential; `None` uses the app's.
     pub credential: Option<CredentialConfig>,
+    /// Requests this instance sends Dataverse at once, at most.
+    pub max_concurrency: usize,
 }
 
 impl StoreConfig {
@@ -330,6 +332,15 @@ impl DataverseConfig {
             prefix,
             solution: s.get("DATAVERSE_SOLUTION").map(str::to_string),
             credential: CredentialConfig::from_settings(s, "DATAVERSE")?,
+            max_concurrency: match s.parse("DATAVERSE_MAX_CONCURRENCY", 16usize, "a number")? {
+                n @ 1..=52 => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        "DATAVERSE_MAX_CONCURRENCY",
+                        "must be 1-52 (Dataverse allows 52 concurrent requests per application user)",
+                    ));
+                }
+            },
         }))
     }
 }

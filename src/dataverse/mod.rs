@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use crate::azure::{IdentityError, TokenSource};
-use crate::outbound::{self, Backoff};
+use crate::outbound::{self, Backoff, Gate};
 
 /// How a Dataverse call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,12 +135,18 @@ impl Record {
 /// 30 s, and are jittered so instances throttled together do not return together.
 const MAX_ATTEMPTS: u32 = 10;
 const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).jittered();
+/// Well under the 52 concurrent requests Dataverse allows an application user, leaving
+/// room for the other instances of the app that share it.
+pub const DEFAULT_CONCURRENCY: usize = 16;
 
 pub struct Dataverse {
     /// `https://org.crm.dynamics.com/api/data/v9.2/`
     api: Url,
     http: reqwest::Client,
     tokens: Arc<dyn TokenSource>,
+    /// Every request of this client passes here: a limit on concurrent requests and the
+    /// pause a 429 imposes on all of them.
+    gate: Gate,
     /// Requests sent (including retries), for health and the benchmarks.
     pub requests: AtomicU64,
     solution: Option<String>,
@@ -162,7 +168,18 @@ impl Dataverse {
         let mut api = org_url.clone();
         api.set_path("/api/data/v9.2/");
         api.set_query(None);
-        Dataverse { api, http, tokens, requests: AtomicU64::new(0), solution }
+        Dataverse { api, http, tokens, gate: Gate::new(DEFAULT_CONCURRENCY), requests: AtomicU64::new(0), solution }
+    }
+
+    /// At most `limit` requests in flight at once (`DATAVERSE_MAX_CONCURRENCY`).
+    pub fn with_concurrency(mut self, limit: usize) -> Dataverse {
+        self.gate = Gate::new(limit);
+        self
+    }
+
+    /// The gate's figures: (limit, most requests ever in flight at once).
+    pub fn concurrency(&self) -> (usize, usize) {
+        (self.gate.limit(), self.gate.peak())
     }
 
     pub fn api_url(&self) -> &Url {
@@ -365,6 +382,7 @@ impl Dataverse {
             if let Body::Json(v) = &body {
                 req = req.header(header::CONTENT_TYPE, "application/json; charset=utf-8").json(v);
             }
+            let pass = outbound::upstream(self.gate.enter()).await;
             self.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = outbound::upstream(req.send()).await;
             let (wait, error) = match outcome {
@@ -373,6 +391,11 @@ impl Dataverse {
                     let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
                     let retry_after = outbound::retry_after(resp.headers());
                     let bytes = outbound::upstream(resp.bytes()).await.unwrap_or_default();
+                    drop(pass);
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        // Service protection is per client: everyone waits, not only us.
+                        self.gate.pause(retry_after.unwrap_or_else(|| RETRY.delay(attempt)).min(RETRY.max));
+                    }
                     if status.is_success() {
                         let json = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
                         return Ok((status, etag, json));
@@ -384,6 +407,7 @@ impl Dataverse {
                     (retry_after, err)
                 }
                 Err(e) => {
+                    drop(pass);
                     let reason = outbound::error_text(e);
                     (None, DataverseError::Unreachable { table: table.into(), operation, reason })
                 }

@@ -4,6 +4,7 @@
 //! - [`timing`]: how long the current request waited on upstreams (`Server-Timing`);
 //! - [`backoff`]: the one retry-delay policy every retry loop uses;
 //! - [`cache`]: the one TTL + single-fetch cache every cache uses;
+//! - [`gate`]: a concurrency limit and a shared `Retry-After` pause for one upstream;
 //! - [`error_text`] and [`retry_after`]: reading a failed call.
 //!
 //! Nothing here knows about providers, Dataverse or the web layer: those sit above and
@@ -11,6 +12,7 @@
 
 pub mod backoff;
 pub mod cache;
+pub mod gate;
 pub mod timing;
 
 use std::time::Duration;
@@ -19,6 +21,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 pub use backoff::Backoff;
 pub use cache::Cache;
+pub use gate::Gate;
 pub use timing::upstream;
 
 /// Why the outbound client could not be built.

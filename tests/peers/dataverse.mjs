@@ -1315,6 +1315,8 @@ function freshStats() {
     tokens: {},
     rejected_tokens: {},
     unauthenticated: 0,
+    in_flight: 0,
+    peak_in_flight: 0,
   };
 }
 let stats = freshStats();
@@ -1410,6 +1412,11 @@ async function handleApi(req, res, m, url) {
   const resource = (path.split(/[(/]/)[0] || '(service document)');
   const method = req.method.toUpperCase();
   stats.requests += 1;
+  // Requests being served at once, from arrival (latency included) to the end of the answer.
+  const counted = stats;
+  counted.in_flight += 1;
+  counted.peak_in_flight = Math.max(counted.peak_in_flight, counted.in_flight);
+  res.on('close', () => { counted.in_flight -= 1; });
   bump(stats.by_method, method);
   bump(stats.by_entity_set, resource);
   bump(stats.by_operation, `${method} ${resource}`);
