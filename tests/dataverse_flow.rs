@@ -257,6 +257,25 @@ async fn valid_tokens_are_served_without_dataverse_calls() {
     assert!(calls < 10, "{calls} Dataverse calls for 1000 token requests");
 }
 
+/// Issue [3/7]: the proxy needs no Dataverse read while the connection's token is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_calls_with_a_cached_token_read_no_store() {
+    let w = World::new(json!({}));
+    w.provision();
+    let h = w.start(&[]).await;
+    let c = Caller { h: &h, bearer: w.issuer.token() };
+    c.connect(&w.peer, "proxied").await;
+    c.token("proxied").await; // the token is in this instance's cache
+    let before = w.dataverse.requests().await;
+    let bearer = format!("Bearer {}", c.bearer);
+    for _ in 0..50 {
+        let r =
+            h.forward(Method::GET, "/api/connections/proxied/proxy/items", &[("Authorization", &bearer)], None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(w.dataverse.requests().await - before, 0, "50 proxied calls read the store");
+}
+
 /// Issue [2/7] item 7: a Dataverse whose tables were never provisioned is not healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprovisioned_dataverse_is_not_ready_and_check_names_provision() {

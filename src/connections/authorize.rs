@@ -369,7 +369,7 @@ impl Connections {
             .await;
         match stored {
             Ok(c) => {
-                self.cache.put(&c.id, super::CachedToken::from_tokens(&tokens, self.deps.clock.now_millis()));
+                self.cache.put(&c.id, super::CachedToken::for_connection(&c, &tokens, self.deps.clock.now_millis()));
                 tracing::info!(connection = %c.id, provider = %provider.name, "connection authorized");
                 Ok(done(return_url))
             }

@@ -14,10 +14,15 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::oauth::TokenSet;
 use crate::outbound::Cache;
+use crate::store::Connection;
 
-/// An access token as handed to callers (never a refresh token).
+/// An access token as handed to callers (never a refresh token), with what the proxies
+/// need to know of its connection, so a proxied call with a cached token reads no store.
 #[derive(Debug, Clone)]
 pub struct CachedToken {
+    /// The connection's provider (catalog name) and owner.
+    pub provider: String,
+    pub owner: Option<String>,
     pub access_token: SecretString,
     pub token_type: String,
     /// Unix seconds.
@@ -28,8 +33,10 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    pub fn from_tokens(t: &TokenSet, obtained_ms: i64) -> CachedToken {
+    pub fn for_connection(c: &Connection, t: &TokenSet, obtained_ms: i64) -> CachedToken {
         CachedToken {
+            provider: c.provider.clone(),
+            owner: c.owner.clone(),
             access_token: t.access_token.clone(),
             token_type: t.token_type.clone(),
             expires_at: t.expires_at,
@@ -69,6 +76,11 @@ impl TokenCache {
 
     pub fn remove(&self, id: &str) {
         self.entries.remove(key(id).as_ref());
+    }
+
+    /// The cached entry while it is trusted, whatever it holds (for who owns it).
+    pub fn peek(&self, id: &str) -> Option<CachedToken> {
+        self.entries.get(key(id).as_ref())
     }
 
     /// Runs `f` as the only caller for this connection in this process.

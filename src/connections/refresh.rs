@@ -83,6 +83,12 @@ impl Connections {
         self.refresh_single_flight(id, want).await
     }
 
+    /// Who owns a connection, when its token is in the cache (no store read); `None` when
+    /// it is not cached.
+    pub fn cached_owner(&self, id: &str) -> Option<Option<String>> {
+        self.cache.peek(id).map(|t| t.owner)
+    }
+
     fn cached(&self, id: &str, want: Want) -> Option<CachedToken> {
         let now_ms = self.deps.clock.now_millis();
         self.cache.get_satisfying(id, |t| want.satisfied_by(t.expires_at, t.obtained_ms, now_ms))
@@ -116,7 +122,7 @@ impl Connections {
             let tokens = self.usable_tokens(&conn)?;
             let t = self.deps.clock.now();
             let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at) * 1000;
-            let current = CachedToken::from_tokens(&tokens, obtained_ms);
+            let current = CachedToken::for_connection(&conn, &tokens, obtained_ms);
             if want.satisfied_by(tokens.expires_at, obtained_ms, self.deps.clock.now_millis()) {
                 self.cache.put(id, current.clone());
                 return Ok(current);
@@ -189,6 +195,7 @@ impl Connections {
     ) -> Result<CachedToken, ConnectionError> {
         let provider = self.provider(&leased.provider)?.clone();
         let id = leased.id.clone();
+        let leased_view = leased.clone();
         let started = self.deps.clock.now();
         match self.deps.endpoint.refresh(&provider, &refresh_token, started).await {
             Ok(tokens) => {
@@ -205,7 +212,7 @@ impl Connections {
                     .await;
                 match stored {
                     Ok(c) => {
-                        let token = CachedToken::from_tokens(&tokens, self.deps.clock.now_millis());
+                        let token = CachedToken::for_connection(&c, &tokens, self.deps.clock.now_millis());
                         self.cache.put(&c.id, token.clone());
                         tracing::info!(connection = %c.id, provider = %provider.name, "token refreshed");
                         Ok(token)
@@ -237,7 +244,7 @@ impl Connections {
                     .await;
                 tracing::warn!(connection = %id, provider = %provider.name, error = %e, failures, "refresh failed; backing off {backoff} s");
                 if old.expires_at > t && want.accepts_still_valid() {
-                    return Ok(CachedToken::from_tokens(&old, 0));
+                    return Ok(CachedToken::for_connection(&leased_view, &old, 0));
                 }
                 // Either way the record backs off; the caller learns whether waiting helps.
                 match e {

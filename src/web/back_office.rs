@@ -98,8 +98,7 @@ pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
 pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
     caller(app, &req).await?;
-    let conn = app.connections.get(id).await?;
-    let (provider, target) = proxy::target(app, &conn, &req)?;
-    let body = req.body_bytes().await?;
-    proxy::send_with_token(app, provider, id, req.method.clone(), target, &req.headers, body).await
+    let token = app.connections.access_token(id, false).await?;
+    let (provider, target) = proxy::target(app, &token, id, &req)?;
+    proxy::send_with_token(app, provider, id, token, target, &mut req).await
 }

@@ -3,13 +3,13 @@
 //! with the connection's token, refreshed and retried once on a 401.
 
 use bytes::Bytes;
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::{ApiError, Request, Response};
 use crate::app::App;
+use crate::connections::CachedToken;
 use crate::oauth::catalog::Provider;
 use crate::outbound;
-use crate::store::Connection;
 
 /// Request headers that pass to the provider's API, besides those a provider entry names
 /// (`proxy_headers`): what describes the body and what the caller will accept, and
@@ -71,12 +71,14 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The connection's provider and the provider URL a proxy request is for.
-pub fn target<'a>(app: &'a App, conn: &Connection, req: &Request) -> Result<(&'a Provider, url::Url), ApiError> {
-    let provider = app.connections.catalog().get(&conn.provider).ok_or_else(|| {
-        ApiError::internal(format!(
-            "connection {} names provider {} which is not in the catalog",
-            conn.id, conn.provider
-        ))
+pub fn target<'a>(
+    app: &'a App,
+    token: &CachedToken,
+    id: &str,
+    req: &Request,
+) -> Result<(&'a Provider, url::Url), ApiError> {
+    let provider = app.connections.catalog().get(&token.provider).ok_or_else(|| {
+        ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", token.provider))
     })?;
     let base = provider.api_base_url.as_ref().ok_or_else(|| {
         ApiError::bad_request(
@@ -138,18 +140,19 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
     Ok(url)
 }
 
-/// Sends a request to the provider's API with the connection's token; on 401, forces
-/// one refresh and retries once (the token may have been revoked early).
+/// Sends a request to the provider's API with the connection's token (from the cache when
+/// it is there: a proxied call then reads no store); on 401, forces one refresh and
+/// retries once (the token may have been revoked early).
 pub async fn send_with_token(
     app: &App,
     provider: &Provider,
     id: &str,
-    method: Method,
+    mut token: CachedToken,
     target: url::Url,
-    headers: &HeaderMap,
-    body: Bytes,
+    req: &mut Request,
 ) -> Result<Response, ApiError> {
-    let mut token = app.connections.access_token(id, false).await?;
+    let body: Bytes = req.body_bytes().await?;
+    let (method, headers) = (req.method.clone(), &req.headers);
     let mut retried = false;
     loop {
         let mut out = app.http.request(method.clone(), target.clone()).body(body.clone());
