@@ -173,6 +173,16 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(store.purge_expectations(200).await.unwrap(), 1);
     assert_eq!(store.expected_until(&h2).await.unwrap(), None);
     assert_eq!(store.expected_until(&h1).await.unwrap(), Some(700));
+
+    // Paging the list: after a cursor (created at, id), in that order, nothing twice.
+    let all = store.list(&ListFilter { limit: 100, ..Default::default() }).await.unwrap();
+    assert!(all.len() >= 2, "the contract left connections to page over");
+    let first = store.list(&ListFilter { limit: 1, ..Default::default() }).await.unwrap();
+    let after = first.last().map(|c| (c.created_at, c.id.clone()));
+    let rest = store.list(&ListFilter { limit: 100, after, ..Default::default() }).await.unwrap();
+    let paged: Vec<&str> = first.iter().chain(rest.iter()).map(|c| c.id.as_str()).collect();
+    let whole: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(paged, whole);
 }
 
 fn ids(list: &[Connection]) -> Vec<&str> {

@@ -260,6 +260,10 @@ impl Store for DataverseStore {
         if let Some(s) = f.status {
             clauses.push(format!("{} eq {}", self.c("status"), literal(s.as_str())));
         }
+        if let Some((created, id)) = &f.after {
+            let (c, k) = (self.c("createdat"), &self.key);
+            clauses.push(format!("({c} gt {created} or ({c} eq {created} and {k} gt {}))", literal(id)));
+        }
         let limit = if f.limit == 0 { 1000 } else { f.limit };
         let order = format!("{} asc,{} asc", self.c("createdat"), self.key);
         self.query_connections(&clauses.join(" and "), Some(&order), limit).await

@@ -120,6 +120,9 @@ pub struct ListFilter {
     pub owner: Option<String>,
     pub status: Option<Status>,
     pub limit: usize,
+    /// Only connections after this one in the list's order (created, then id): the next
+    /// page after a page that ended there.
+    pub after: Option<(i64, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS connections (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS connections_expiry ON connections (status, access_expires_at);
 CREATE INDEX IF NOT EXISTS connections_owner ON connections (owner);
+CREATE INDEX IF NOT EXISTS connections_idle ON connections (status, refreshed_at);
+CREATE INDEX IF NOT EXISTS connections_state_expiry ON connections (state_expires_at) WHERE state_expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS connections_created ON connections (created_at, id);
 CREATE TABLE IF NOT EXISTS captures (
     key               TEXT PRIMARY KEY,
     state             TEXT NOT NULL,
@@ -64,6 +67,22 @@ CREATE TABLE IF NOT EXISTS expectations (
 CREATE INDEX IF NOT EXISTS expectations_expiry ON expectations (expires_at);
 CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
 "#;
+
+/// Due for refresh: expiring before ?1, or (keep-alive) last refreshed before ?2. Two
+/// branches so each uses its index (`connections_expiry`, `connections_idle`): with an
+/// `OR` the query would scan the table. An active connection always has `refreshed_at`.
+fn due_query() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM connections WHERE status = 'active' AND access_expires_at < ?1 AND has_refresh_token = 1 \
+         UNION \
+         SELECT {COLUMNS} FROM connections WHERE status = 'active' AND refreshed_at < ?2 AND has_refresh_token = 1 \
+         ORDER BY access_expires_at LIMIT ?3"
+    )
+}
+
+/// The list's filters and its page cursor (?5, ?6: created at, id).
+const LIST_WHERE: &str = "(?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR owner = ?2) AND (?3 IS NULL OR status = ?3) \
+AND (?5 IS NULL OR created_at > ?5 OR (created_at = ?5 AND id > ?6))";
 
 const COLUMNS: &str = "id, provider, owner, scopes, status, status_detail, tokens, access_expires_at, \
 has_refresh_token, state_hash, pending_sealed, state_expires_at, lease_owner, lease_until_ms, failures, \
@@ -324,11 +343,12 @@ impl Store for SqliteStore {
         let f = filter.clone();
         self.with(move |c| {
             let limit = if f.limit == 0 { 1000 } else { f.limit } as i64;
+            let (after_created, after_id) = f.after.clone().unzip();
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connections WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR owner = ?2) \
-                 AND (?3 IS NULL OR status = ?3) ORDER BY created_at, id LIMIT ?4"
+                "SELECT {COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"
             ))?;
-            let rows = stmt.query_map(params![f.provider, f.owner, f.status.map(Status::as_str), limit], from_row)?;
+            let args = params![f.provider, f.owner, f.status.map(Status::as_str), limit, after_created, after_id];
+            let rows = stmt.query_map(args, from_row)?;
             rows.collect()
         })
         .await
@@ -336,11 +356,7 @@ impl Store for SqliteStore {
 
     async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connections WHERE status = 'active' AND has_refresh_token = 1 \
-                 AND (access_expires_at < ?1 OR COALESCE(refreshed_at, created_at) < ?2) \
-                 ORDER BY access_expires_at LIMIT ?3"
-            ))?;
+            let mut stmt = c.prepare_cached(&due_query())?;
             let rows = stmt.query_map(params![before, idle_before, limit as i64], from_row)?;
             rows.collect()
         })
@@ -446,5 +462,39 @@ impl Store for SqliteStore {
 
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         self.with(move |c| c.execute("DELETE FROM expectations WHERE expires_at < ?1", [now]).map(|n| n as u64)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What SQLite plans for a query: every line of `EXPLAIN QUERY PLAN`.
+    fn plan(conn: &rusqlite::Connection, sql: &str, args: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map(args, |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn the_timer_and_list_queries_use_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("plan.db")).unwrap();
+        let conn = store.conn.lock().unwrap();
+        let due = plan(&conn, &due_query(), params![100, 50, 500]);
+        assert!(!due.contains("SCAN connections"), "the due query scans: {due}");
+        assert!(due.contains("connections_expiry") && due.contains("connections_idle"), "{due}");
+        let expired = plan(
+            &conn,
+            &format!("SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"),
+            params![1, 5],
+        );
+        assert!(expired.contains("connections_state_expiry") && !expired.contains("SCAN"), "{expired}");
+        let list = plan(
+            &conn,
+            &format!("SELECT {COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"),
+            params![None::<String>, None::<String>, None::<String>, 10, None::<i64>, None::<String>],
+        );
+        assert!(!list.contains("TEMP B-TREE"), "the list sorts: {list}");
     }
 }

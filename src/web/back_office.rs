@@ -46,12 +46,46 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
                         ApiError::bad_request("invalid-limit", "limit must be a number from 1 to 1000.")
                     })?
             }
+            "after" => {
+                filter.after = Some(cursor::read(&v).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid-cursor",
+                        "after must be the value a previous page's next link carried.",
+                    )
+                })?)
+            }
             _ => {}
         }
     }
     let list = app.connections.list(&filter).await?;
     let views: Vec<ConnectionView> = list.iter().map(ConnectionView::from).collect();
-    Ok(response::json(StatusCode::OK, &serde_json::json!({ "connections": views })))
+    // A full page may have more after it: say where, as Dataverse does with its nextLink.
+    let next = (list.len() == filter.limit).then(|| list.last()).flatten().map(|last| {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in req.query_pairs().into_iter().filter(|(k, _)| k != "after" && k != "limit") {
+            q.append_pair(&k, &v);
+        }
+        q.append_pair("limit", &filter.limit.to_string());
+        q.append_pair("after", &cursor::write(last.created_at, &last.id));
+        format!("/api/connections?{}", q.finish())
+    });
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "connections": views, "next": next })))
+}
+
+/// The opaque page cursor: where a page ended, in the list's order.
+mod cursor {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    pub fn write(created_at: i64, id: &str) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{created_at}:{id}"))
+    }
+
+    pub fn read(value: &str) -> Option<(i64, String)> {
+        let text = String::from_utf8(URL_SAFE_NO_PAD.decode(value).ok()?).ok()?;
+        let (created, id) = text.split_once(':')?;
+        Some((created.parse().ok()?, id.to_string())).filter(|(_, id)| !id.is_empty() && id.len() <= 128)
+    }
 }
 
 /// `GET /api/connections/{id}` (status) and `DELETE` (revoke and remove).
