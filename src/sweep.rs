@@ -9,10 +9,15 @@ use crate::captures::Captures;
 use crate::connections::refresh::Want;
 use crate::connections::{ConnectionError, Connections};
 
-/// How many refreshes run at once.
-const CONCURRENCY: usize = 4;
-/// How many rows one run takes of each kind.
+/// How many refreshes run at once (each is a few store requests and one provider call;
+/// the Dataverse gate bounds the store side whatever this says).
+const CONCURRENCY: usize = 8;
+/// How many rows one query takes; the refresh pages on, the other steps take one batch.
 const BATCH: usize = 500;
+/// The refresh part of one run stops starting pages after half the time until the next
+/// run, within these bounds.
+const MIN_BUDGET_MS: i64 = 10_000;
+const MAX_BUDGET_MS: i64 = 240_000;
 /// The furthest ahead a run refreshes, whatever the payload's `ScheduleStatus.Next` says:
 /// a forged or broken `Next` must not refresh every connection at once.
 const MAX_LOOKAHEAD_SECS: i64 = 3600;
@@ -56,36 +61,61 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
     let clock = connections.clock();
     let t = clock.now();
     let margin = cfg.refresh_margin.as_secs() as i64;
-    let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64);
-    let horizon = next.clamp(t, t + MAX_LOOKAHEAD_SECS) + margin;
+    let horizon =
+        next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS) + margin;
     let catalog = connections.catalog();
     let keepalive = catalog.iter().filter_map(|p| p.refresh_keepalive).min();
     let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
-    match connections.store().due_for_refresh(horizon, idle_before, BATCH).await {
-        Ok(due) => {
-            report.due = due.len();
-            let results: Vec<_> = futures_util::stream::iter(due)
-                .map(|c| async move {
-                    let keep = catalog.get(&c.provider).and_then(|p| p.refresh_keepalive);
-                    let idle = keep.is_some_and(|k| c.refreshed_at.unwrap_or(c.created_at) < t - k.as_secs() as i64);
-                    let want = if idle { Want::RefreshedAfter(clock.now_millis()) } else { Want::ValidUntil(horizon) };
-                    (c.id.clone(), connections.refresh_single_flight(&c.id, want).await)
-                })
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
-            for (id, r) in results {
-                match r {
-                    Ok(_) => report.refreshed += 1,
-                    Err(ConnectionError::NeedsReauth { .. }) => report.needs_reauth += 1,
-                    Err(e) => {
-                        report.failed += 1;
-                        report.errors.push(format!("connection {id}: {e}"));
-                    }
+    // Page through what is due until nothing is left or the run's time is spent: a share
+    // of the time until the next run, so runs do not pile up.
+    let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS);
+    let budget_ms = ((next - t) * 1000 / 2).clamp(MIN_BUDGET_MS, MAX_BUDGET_MS);
+    let deadline = clock.now_millis() + budget_ms;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let page = match connections.store().due_for_refresh(horizon, idle_before, t, BATCH).await {
+            Ok(page) => page,
+            Err(e) => {
+                report.errors.push(format!("could not list connections due for refresh: {e}"));
+                break;
+            }
+        };
+        let full = page.len() == BATCH;
+        // A row that failed stays due (a non-transient provider error): never twice a run.
+        let fresh: Vec<_> = page.into_iter().filter(|c| seen.insert(c.id.to_ascii_lowercase())).collect();
+        if fresh.is_empty() {
+            break;
+        }
+        report.due += fresh.len();
+        let results: Vec<_> = futures_util::stream::iter(fresh)
+            .map(|c| async move {
+                let keep = catalog.get(&c.provider).and_then(|p| p.refresh_keepalive);
+                let idle = keep.is_some_and(|k| c.refreshed_at.unwrap_or(c.created_at) < t - k.as_secs() as i64);
+                let want = if idle { Want::RefreshedAfter(clock.now_millis()) } else { Want::ValidUntil(horizon) };
+                let id = c.id.clone();
+                // The row just read is the first read: two store requests per refresh.
+                (id.clone(), connections.refresh_single_flight(&id, want, Some(c)).await)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for (id, r) in results {
+            match r {
+                Ok(_) => report.refreshed += 1,
+                Err(ConnectionError::NeedsReauth { .. }) => report.needs_reauth += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    report.errors.push(format!("connection {id}: {e}"));
                 }
             }
         }
-        Err(e) => report.errors.push(format!("could not list connections due for refresh: {e}")),
+        if !full {
+            break;
+        }
+        if clock.now_millis() > deadline {
+            report.errors.push("the run's time was spent; the rest is refreshed by the next run".into());
+            break;
+        }
     }
     match connections.store().expired_pending(t, BATCH).await {
         Ok(expired) => {
@@ -115,4 +145,44 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
         report.errors.push(format!("could not purge expired capture registrations: {e}"));
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use crate::captures::Captures;
+    use crate::config::CapturePolicy;
+    use crate::connections::testing::{Answer, T0, fixture};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_run_pages_through_everything_due_with_two_store_writes_per_refresh() {
+        let fx = fixture();
+        let due = super::BATCH + 100;
+        for i in 0..due {
+            fx.seed_as(&format!("due-{i:04}"), "at-0", Some("rt-0"), T0 - 3500, T0 + 100).await;
+            fx.endpoint.answer(Answer::Tokens { access: "at-1", refresh: None, expires_in: 3600 });
+        }
+        // Not due: expires well after the horizon.
+        fx.seed_as("later", "at-0", Some("rt-0"), T0, T0 + 7200).await;
+        let captures = Captures {
+            store: fx.racing.clone(),
+            keys: fx.keys.clone(),
+            clock: fx.clock.clone(),
+            policy: CapturePolicy { any_state: false, state_key_secret: None, max_pending: 10 },
+            state_key: None,
+            fno: None,
+        };
+        let (gets, updates) = (fx.racing.gets.load(Ordering::SeqCst), fx.racing.updates.load(Ordering::SeqCst));
+        let report = super::run(&fx.conns, &captures, Some(T0 + 300)).await;
+        assert_eq!((report.due, report.refreshed, report.failed), (due, due, 0), "{:?}", report.errors);
+        assert_eq!(fx.endpoint.sent().len(), due);
+        let gets = fx.racing.gets.load(Ordering::SeqCst) - gets;
+        let updates = fx.racing.updates.load(Ordering::SeqCst) - updates;
+        assert_eq!(gets, 0, "the due query's rows are the first read");
+        assert_eq!(updates, 2 * due as i64, "the lease, then the tokens");
+        // A second run finds nothing due.
+        let again = super::run(&fx.conns, &captures, Some(T0 + 300)).await;
+        assert_eq!(again.due, 0);
+    }
 }

@@ -20,7 +20,7 @@ pub mod authorize;
 mod cache;
 pub mod refresh;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -80,7 +80,7 @@ impl Connections {
         if let Some(t) = self.cached(id, want) {
             return Ok(t);
         }
-        self.refresh_single_flight(id, want).await
+        self.refresh_single_flight(id, want, None).await
     }
 
     /// Who owns a connection, when its token is in the cache (no store read); `None` when
@@ -96,19 +96,31 @@ impl Connections {
 
     /// The in-process half: callers for one connection take turns, and whoever held the
     /// turn before may have done the work.
-    pub(crate) async fn refresh_single_flight(&self, id: &str, want: Want) -> Result<CachedToken, ConnectionError> {
+    /// `known` is the record as a query just returned it (the timer's): used instead of a
+    /// first read, its version (the Dataverse ETag) guards the lease all the same.
+    pub(crate) async fn refresh_single_flight(
+        &self,
+        id: &str,
+        want: Want,
+        known: Option<Connection>,
+    ) -> Result<CachedToken, ConnectionError> {
         self.cache
             .exclusive(id, || async {
                 match self.cached(id, want) {
                     Some(t) => Ok(t),
-                    None => self.refresh(id, want).await,
+                    None => self.refresh(id, want, known).await,
                 }
             })
             .await
     }
 
     /// The cross-process half: read, lease, refresh, store.
-    async fn refresh(&self, id: &str, want: Want) -> Result<CachedToken, ConnectionError> {
+    async fn refresh(
+        &self,
+        id: &str,
+        want: Want,
+        mut known: Option<Connection>,
+    ) -> Result<CachedToken, ConnectionError> {
         let deadline = self.deps.clock.now_millis() + (self.deps.cfg.lease_duration.as_millis() as i64) + 5_000;
         let (mut waits, mut store_retries) = (0, 0);
         loop {
@@ -118,7 +130,10 @@ impl Connections {
                     retry_after: 1,
                 });
             }
-            let conn = self.get(id).await?;
+            let conn = match known.take() {
+                Some(c) => c,
+                None => self.get(id).await?,
+            };
             let tokens = self.usable_tokens(&conn)?;
             let t = self.deps.clock.now();
             let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at) * 1000;
@@ -218,7 +233,7 @@ impl Connections {
                         Ok(token)
                     }
                     // Someone else's newer tokens won; serve those.
-                    Err(Abandon::Superseded) => Box::pin(self.refresh(&id, want)).await,
+                    Err(Abandon::Superseded) => Box::pin(self.refresh(&id, want, None)).await,
                     Err(Abandon::Failed(e)) => {
                         tracing::error!(error = %e, "a refreshed token could not be stored");
                         Err(e)

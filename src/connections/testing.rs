@@ -101,6 +101,9 @@ impl ScriptedEndpoint {
 /// `update`, the way a race between two instances interleaves.
 pub struct RacingStore {
     inner: Arc<SqliteStore>,
+    /// Reads and writes of single connections that reached the store.
+    pub gets: AtomicI64,
+    pub updates: AtomicI64,
     pub before_update: Mutex<Option<Hook>>,
     /// Updates still served before every further one answers "unavailable"; negative
     /// for never.
@@ -116,6 +119,7 @@ impl Store for RacingStore {
         self.inner.ping().await
     }
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id).await
     }
     async fn find_by_state(&self, h: &str) -> StoreResult<Option<Connection>> {
@@ -125,6 +129,7 @@ impl Store for RacingStore {
         self.inner.insert(c).await
     }
     async fn update(&self, c: &Connection, expected: &Version) -> StoreResult<Version> {
+        self.updates.fetch_add(1, Ordering::SeqCst);
         if self.updates_before_outage.fetch_sub(1, Ordering::SeqCst) == 0 {
             self.updates_before_outage.store(0, Ordering::SeqCst);
             return Err(StoreError::Unavailable("the store is locked (test outage)".into()));
@@ -141,8 +146,8 @@ impl Store for RacingStore {
     async fn list(&self, f: &ListFilter) -> StoreResult<Vec<Connection>> {
         self.inner.list(f).await
     }
-    async fn due_for_refresh(&self, before: i64, idle: i64, limit: usize) -> StoreResult<Vec<Connection>> {
-        self.inner.due_for_refresh(before, idle, limit).await
+    async fn due_for_refresh(&self, before: i64, idle: i64, ready: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+        self.inner.due_for_refresh(before, idle, ready, limit).await
     }
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.inner.expired_pending(now, limit).await
@@ -188,6 +193,8 @@ pub fn fixture() -> Fx {
     let sqlite = Arc::new(SqliteStore::open(&dir.path().join("refresh.db")).unwrap());
     let racing = Arc::new(RacingStore {
         inner: sqlite.clone(),
+        gets: AtomicI64::new(0),
+        updates: AtomicI64::new(0),
         before_update: Mutex::new(None),
         updates_before_outage: AtomicI64::new(-1),
     });
@@ -241,8 +248,20 @@ pub fn tokens(access: &str, refresh: Option<&str>, expires_at: i64) -> TokenSet 
 impl Fx {
     /// An active connection whose token was obtained at `obtained` and expires at `expires_at`.
     pub async fn seed(&self, access: &str, refresh: Option<&str>, obtained: i64, expires_at: i64) -> Connection {
+        self.seed_as(ID, access, refresh, obtained, expires_at).await
+    }
+
+    /// [`Fx::seed`] under another id.
+    pub async fn seed_as(
+        &self,
+        id: &str,
+        access: &str,
+        refresh: Option<&str>,
+        obtained: i64,
+        expires_at: i64,
+    ) -> Connection {
         let mut c = Connection {
-            id: ID.into(),
+            id: id.into(),
             provider: "p".into(),
             owner: None,
             scopes: vec![],

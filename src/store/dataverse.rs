@@ -269,7 +269,13 @@ impl Store for DataverseStore {
         self.query_connections(&clauses.join(" and "), Some(&order), limit).await
     }
 
-    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+    async fn due_for_refresh(
+        &self,
+        before: i64,
+        idle_before: i64,
+        ready_at: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
         let mut filter = format!(
             "{status} eq 'active' and {has} eq true and ({exp} lt {before}",
             status = self.c("status"),
@@ -284,6 +290,10 @@ impl Store for DataverseStore {
             ));
         }
         filter.push(')');
+        if ready_at < i64::MAX {
+            let next = self.c("nextattemptat");
+            filter.push_str(&format!(" and ({next} eq null or {next} le {ready_at})"));
+        }
         let order = format!("{} asc", self.c("accessexpiresat"));
         self.query_connections(&filter, Some(&order), limit).await
     }

@@ -185,8 +185,15 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Connection>>;
 
     /// Active connections with a refresh token that expire before `before`, or that
-    /// were last refreshed before `idle_before` (keep-alive), at most `limit`.
-    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>>;
+    /// were last refreshed before `idle_before` (keep-alive), leaving out those backing
+    /// off past `ready_at` (their next attempt is later), at most `limit`.
+    async fn due_for_refresh(
+        &self,
+        before: i64,
+        idle_before: i64,
+        ready_at: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>>;
 
     /// Connections whose pending authorization expired before `now`.
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>>;

@@ -74,8 +74,10 @@ CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
 fn due_query() -> String {
     format!(
         "SELECT {COLUMNS} FROM connections WHERE status = 'active' AND access_expires_at < ?1 AND has_refresh_token = 1 \
+         AND (next_attempt_at IS NULL OR next_attempt_at <= ?4) \
          UNION \
          SELECT {COLUMNS} FROM connections WHERE status = 'active' AND refreshed_at < ?2 AND has_refresh_token = 1 \
+         AND (next_attempt_at IS NULL OR next_attempt_at <= ?4) \
          ORDER BY access_expires_at LIMIT ?3"
     )
 }
@@ -354,10 +356,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn due_for_refresh(&self, before: i64, idle_before: i64, limit: usize) -> StoreResult<Vec<Connection>> {
+    async fn due_for_refresh(
+        &self,
+        before: i64,
+        idle_before: i64,
+        ready_at: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(&due_query())?;
-            let rows = stmt.query_map(params![before, idle_before, limit as i64], from_row)?;
+            let rows = stmt.query_map(params![before, idle_before, limit as i64, ready_at], from_row)?;
             rows.collect()
         })
         .await
@@ -481,7 +489,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("plan.db")).unwrap();
         let conn = store.conn.lock().unwrap();
-        let due = plan(&conn, &due_query(), params![100, 50, 500]);
+        let due = plan(&conn, &due_query(), params![100, 50, 500, 100]);
         assert!(!due.contains("SCAN connections"), "the due query scans: {due}");
         assert!(due.contains("connections_expiry") && due.contains("connections_idle"), "{due}");
         let expired = plan(
