@@ -140,6 +140,30 @@ impl App {
         })
     }
 
+    /// Loads, in the background and all at once, what a cold instance's first requests
+    /// would otherwise fetch one after another: the back-office issuer's signing keys
+    /// (discovery, then JWKS), and the Dataverse token with a warm connection (WhoAmI).
+    /// Failures are only logged: the requests fetch again when they need to.
+    pub async fn prefetch(self: Arc<App>) {
+        let started = Instant::now();
+        let keys = async {
+            if let Some(v) = &self.back_office
+                && let Err(e) = v.load_keys().await
+            {
+                tracing::warn!("prefetch: the back-office issuer's keys: {e}");
+            }
+        };
+        let dataverse = async {
+            if let Some(dv) = &self.dataverse
+                && let Err(e) = dv.who_am_i().await
+            {
+                tracing::warn!("prefetch: Dataverse: {e}");
+            }
+        };
+        futures_util::join!(keys, dataverse);
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "prefetch done");
+    }
+
     /// Re-reads the token encryption keys (a key rotated in Key Vault is used without a
     /// restart). The old keys must stay listed until tokens sealed with them are gone.
     pub async fn reload_keys(&self) {

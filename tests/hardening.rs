@@ -372,6 +372,19 @@ async fn a_forged_schedule_does_not_refresh_tokens_beyond_an_hour() {
     assert_eq!(w.peer.refresh_grants().await, 0);
 }
 
+// ----- [3/7] a cold instance ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_instance_prefetches_the_issuers_keys_without_delaying_readiness() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).start().await;
+    assert!(h.logs.wait_for_line(|l| l.contains("prefetch done")).is_some(), "{}", h.logs.all());
+    assert_eq!(issuer.jwks_requests.load(std::sync::atomic::Ordering::SeqCst), 1, "loaded once, before any request");
+    let r = h.json(Method::GET, "/api/connections", Some(&issuer.token()), &Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(issuer.jwks_requests.load(std::sync::atomic::Ordering::SeqCst), 1, "the first request fetched nothing");
+}
+
 // ----- 7. honest health and logs ---------------------------------------------------------
 
 #[tokio::test]

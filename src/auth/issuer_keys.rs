@@ -67,11 +67,20 @@ impl IssuerKeys {
 
     /// Loads the keys now; returns how many.
     pub async fn load(&self) -> Result<usize, KeysError> {
-        let keys = self.fetch().await?;
-        let n = keys.len();
-        self.keys.insert((), keys, KEEP);
-        self.attempted.insert((), None, REFETCH_INTERVAL);
-        Ok(n)
+        match self.fetch().await {
+            Ok(keys) => {
+                let n = keys.len();
+                self.keys.insert((), keys, KEEP);
+                self.attempted.insert((), None, REFETCH_INTERVAL);
+                Ok(n)
+            }
+            Err(e) => {
+                if self.keys.get_stale(&()).is_none() {
+                    self.attempted.insert((), Some(e.to_string()), FAILED_FETCH_TTL);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The key with this id, fetching the JWKS when the id is unknown (rate-limited).
