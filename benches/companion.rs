@@ -470,11 +470,52 @@ async fn run() -> String {
     ));
     drop(base);
 
+    // 4b. The proxy with a cached token, next to calling the provider's API directly with
+    // the same token (both pay the resource's own token check); Dataverse requests counted.
+    let direct_token = w
+        .h
+        .json(Method::POST, "/api/connections/load-1/token", Some(&w.bearer), &json!({}))
+        .await
+        .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dv_before_proxy = w.dataverse.requests().await;
+    let (direct, proxied) = paired(
+        &format!("{}/__api/items", w.peer.issuer),
+        &format!("{}/api/connections/load-1/proxy/items", w.h.base),
+        Method::GET,
+        vec![("Authorization".to_string(), format!("Bearer {direct_token}"))],
+        None,
+        w.h.pid(),
+    )
+    .await;
+    let _ = &proxied;
+    let proxy_dv_calls = w.dataverse.requests().await - dv_before_proxy;
+    r.push_str(&format!(
+        "| the provider's API called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+        direct.rps, direct.p50, direct.p99, direct.errors
+    ));
+    r.push_str(&format!(
+        "| `GET /api/connections/{{id}}/proxy/items`, token cached, Dataverse store | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+        proxied.rps,
+        proxied.rps / direct.rps,
+        proxied.p50,
+        proxied.p99,
+        proxied.errors,
+        proxied.peak_rss
+    ));
+
     // 5. Dataverse calls per 1000 token requests (during the token load above).
     let per_1000 = dv_calls as f64 * 1000.0 / token.requests.max(1) as f64;
     r.push_str(&format!(
         "\n| other | figure |\n|---|---|\n| Dataverse calls per 1000 token requests (valid tokens) | {per_1000:.2} ({dv_calls} calls for {} requests) |\n",
         token.requests
+    ));
+    r.push_str(&format!(
+        "| Dataverse calls per 1000 proxied calls (token cached) | {:.2} ({proxy_dv_calls} calls for {} proxied calls) |\n",
+        proxy_dv_calls as f64 * 1000.0 / proxied.requests.max(1) as f64,
+        proxied.requests
     ));
 
     // 6. The refresh storm: 1000 concurrent requests on an expired token.
