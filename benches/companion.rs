@@ -184,10 +184,22 @@ async fn paired(
     body: Option<String>,
     pid: u32,
 ) -> (Load, Load) {
+    paired_each((baseline_url, headers.clone()), (handler_url, headers), method, body, pid).await
+}
+
+/// [`paired`], with headers of its own for each side (the proxy's caller authenticates
+/// to us, the direct caller to the provider).
+async fn paired_each(
+    (baseline_url, baseline_headers): (&str, Vec<(String, String)>),
+    (handler_url, handler_headers): (&str, Vec<(String, String)>),
+    method: Method,
+    body: Option<String>,
+    pid: u32,
+) -> (Load, Load) {
     let (mut base, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        base.push(load(baseline_url, method.clone(), headers.clone(), body.clone(), None).await);
-        ours.push(load(handler_url, method.clone(), headers.clone(), body.clone(), Some(pid)).await);
+        base.push(load(baseline_url, method.clone(), baseline_headers.clone(), body.clone(), None).await);
+        ours.push(load(handler_url, method.clone(), handler_headers.clone(), body.clone(), Some(pid)).await);
     }
     (median_load(&base), median_load(&ours))
 }
@@ -408,7 +420,7 @@ async fn run() -> String {
         percentile(&own, 0.9)
     ));
 
-    // 3. The token endpoint for valid tokens, next to the baseline, at 64 connections.
+    // 3. The token endpoint for valid tokens, next to the baseline: 64 sockets, one connection id.
     for i in 0..16 {
         let cb = w.start_and_consent(&w.peer, "test", &format!("load-{i}")).await;
         assert_eq!(w.h.get(&cb, &[]).await.status, 200);
@@ -429,7 +441,7 @@ async fn run() -> String {
     )
     .await;
     let dv_calls = w.dataverse.requests().await - dv_before;
-    r.push_str("\n| load (64 connections, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
+    r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
     r.push_str(&format!(
         "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
         baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
@@ -481,16 +493,17 @@ async fn run() -> String {
         .unwrap()
         .to_string();
     let dv_before_proxy = w.dataverse.requests().await;
-    let (direct, proxied) = paired(
-        &format!("{}/__api/items", w.peer.issuer),
-        &format!("{}/api/connections/load-1/proxy/items", w.h.base),
+    let (direct, proxied) = paired_each(
+        (&format!("{}/__api/items", w.peer.issuer), vec![("Authorization".into(), format!("Bearer {direct_token}"))]),
+        (
+            &format!("{}/api/connections/load-1/proxy/items", w.h.base),
+            vec![("Authorization".into(), format!("Bearer {}", w.bearer))],
+        ),
         Method::GET,
-        vec![("Authorization".to_string(), format!("Bearer {direct_token}"))],
         None,
         w.h.pid(),
     )
     .await;
-    let _ = &proxied;
     let proxy_dv_calls = w.dataverse.requests().await - dv_before_proxy;
     r.push_str(&format!(
         "| the provider's API called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",

@@ -48,7 +48,9 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or("");
     let refused = |detail: &str| ApiError::bad_request("binding-refused", detail.to_string());
     let (secret, target, origin) = (field("secret"), field("authorization_url"), field("origin"));
-    if secret.len() < 32 || secret.len() > 256 {
+    // Random and base64url in the portal client; nothing else may reach a cookie header.
+    let well_formed = secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if secret.len() < 32 || secret.len() > 256 || !well_formed {
         return Err(refused(
             "The portal page did not hand over its secret. Start the connection again from the portal.",
         ));

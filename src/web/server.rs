@@ -90,7 +90,6 @@ pub async fn handle(app: &App, req: Request) -> Response {
     let method = req.method.clone();
     let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
     let path = req.path.clone();
-    // The portal API is called across origins: CORS first, when this layer answers it.
     // Anyone can send requests without credentials (the callback, health, junk): they get
     // a bounded number of places, so a flood of slow ones cannot hold the server.
     let _place = if req.headers.contains_key(warp::http::header::AUTHORIZATION) {
@@ -108,6 +107,7 @@ pub async fn handle(app: &App, req: Request) -> Response {
             }
         }
     };
+    // The portal API is called across origins: CORS first, when this layer answers it.
     let portal = path == "/api/portal" || path.starts_with("/api/portal/");
     let mut allowed_origin = None;
     if portal && app.config.portal.handler_cors {
