@@ -26,7 +26,7 @@ use crate::portal::identity::PortalVerifier;
 use crate::secrets::{KeyVaultSecrets, SecretError, SecretSource, SettingsSecrets};
 use crate::store::dataverse::DataverseStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, StoreError};
+use crate::store::{Changes, Store, StoreError};
 use crate::throttle::Throttle;
 use crate::time::{Clock, SystemClock};
 
@@ -164,6 +164,53 @@ impl App {
         tracing::info!(ms = started.elapsed().as_millis() as u64, "prefetch done");
     }
 
+    /// Follows what other instances change in the store (`CHANGE_FEED_SECONDS`): one
+    /// request per interval whatever the number of connections, and every cached token
+    /// another instance changed or deleted is dropped. While it runs, a cached token is
+    /// trusted until it is due; when the feed breaks, for `TOKEN_CACHE_SECONDS` again and
+    /// everything cached is dropped, since changes may have been missed.
+    pub async fn follow_changes(self: Arc<App>) {
+        let every = self.config.oauth.change_feed;
+        if every.is_zero() {
+            return;
+        }
+        let store = self.connections.store().clone();
+        let mut cursor: Option<String> = None;
+        loop {
+            match store.connection_changes(cursor.as_deref()).await {
+                Ok(None) => return,
+                Ok(Some((changes, next))) => {
+                    if cursor.is_none() {
+                        self.connections.forget(&Changes::All);
+                        self.connections.follow(Some(FEED_TRUST));
+                        tracing::info!(every_ms = every.as_millis() as u64, "following the connections' changes");
+                    } else {
+                        self.connections.forget(&changes);
+                    }
+                    cursor = Some(next);
+                }
+                Err(e) => {
+                    if cursor.take().is_some() {
+                        self.connections.follow(None);
+                        self.connections.forget(&Changes::All);
+                    }
+                    if !e.is_transient() {
+                        // Change tracking is off on the table (provisioned by an earlier
+                        // version) or refused: say so once and rely on TOKEN_CACHE_SECONDS.
+                        tracing::warn!(
+                            "no change feed ({e}); turn on change tracking for the connections table (handler provision does for new tables); cached tokens are trusted for TOKEN_CACHE_SECONDS"
+                        );
+                        return;
+                    }
+                    tracing::warn!(
+                        "the change feed failed ({e}); cached tokens are trusted for TOKEN_CACHE_SECONDS until it is back"
+                    );
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// Re-reads the token encryption keys (a key rotated in Key Vault is used without a
     /// restart). The old keys must stay listed until tokens sealed with them are gone.
     pub async fn reload_keys(&self) {
@@ -180,6 +227,10 @@ impl App {
         }
     }
 }
+
+/// How long a cached token is trusted while the change feed runs: the refresh margin
+/// decides long before this.
+const FEED_TRUST: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 // The builders below are the running app's and `handler check`'s alike, so a check
 // exercises exactly the wiring production runs.

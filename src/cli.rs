@@ -97,6 +97,7 @@ fn serve() -> ExitCode {
         // Warm what the first requests would otherwise wait for, in series, without
         // holding readiness back: the issuer's keys, the Dataverse token and connection.
         tokio::spawn(app.clone().prefetch());
+        tokio::spawn(app.clone().follow_changes());
         if app.config.secrets.key_vault.is_some() {
             let app = app.clone();
             let every = app.config.secrets.cache_ttl.max(std::time::Duration::from_secs(1));

@@ -262,7 +262,8 @@ async fn valid_tokens_are_served_without_dataverse_calls() {
 async fn proxied_calls_with_a_cached_token_read_no_store() {
     let w = World::new(json!({}));
     w.provision();
-    let h = w.start(&[]).await;
+    // The change feed's own request every interval is not a read for a proxied call.
+    let h = w.start(&[("CHANGE_FEED_SECONDS", "0")]).await;
     let c = Caller { h: &h, bearer: w.issuer.token() };
     c.connect(&w.peer, "proxied").await;
     c.token("proxied").await; // the token is in this instance's cache
@@ -274,6 +275,34 @@ async fn proxied_calls_with_a_cached_token_read_no_store() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
     assert_eq!(w.dataverse.requests().await - before, 0, "50 proxied calls read the store");
+}
+
+/// Issue [3/7]: a change made by another instance reaches this one's cache within the
+/// change feed's interval, instead of after TOKEN_CACHE_SECONDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instances_delete_is_seen_within_the_feed_interval() {
+    let w = World::new(json!({}));
+    w.provision();
+    let feed = [("CHANGE_FEED_SECONDS", "1"), ("TOKEN_CACHE_SECONDS", "600")];
+    let a = w.start(&feed).await;
+    let b = w.start(&feed).await;
+    let (ca, cb) = (Caller { h: &a, bearer: w.issuer.token() }, Caller { h: &b, bearer: w.issuer.token() });
+    assert!(b.logs.wait_for_line(|l| l.contains("following the connections' changes")).is_some(), "{}", b.logs.all());
+    ca.connect(&w.peer, "shared").await;
+    let token = cb.token("shared").await; // now in B's cache
+    assert_eq!(cb.token("shared").await, token);
+    let r = ca.call(Method::DELETE, "/api/connections/shared?skip_revocation=true", Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let r = cb.call(Method::POST, "/api/connections/shared/token", Value::Null).await;
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(Instant::now() < deadline, "B still served the deleted connection's token");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Issue [2/7] item 7: a Dataverse whose tables were never provisioned is not healthy.

@@ -67,6 +67,12 @@ impl IssuerKeys {
 
     /// Loads the keys now; returns how many.
     pub async fn load(&self) -> Result<usize, KeysError> {
+        // Under the same turn as a request's fetch: a request arriving while the keys load
+        // waits for them instead of fetching them again.
+        self.keys.exclusive(&(), || self.load_now()).await
+    }
+
+    async fn load_now(&self) -> Result<usize, KeysError> {
         match self.fetch().await {
             Ok(keys) => {
                 let n = keys.len();

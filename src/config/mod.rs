@@ -182,6 +182,8 @@ pub struct OAuthConfig {
     pub upstream_timeout: Duration,
     /// How long a write that must not be lost retries a store that is unavailable.
     pub store_retry: Duration,
+    /// How often an instance asks the store what other instances changed; zero: never.
+    pub change_feed: Duration,
 }
 
 /// An OIDC issuer of bearer tokens we accept: the back office's (Entra ID) and the
@@ -462,6 +464,7 @@ impl OAuthConfig {
             return_url_origins: s.origins("RETURN_URL_ALLOWLIST")?,
             upstream_timeout: s.seconds("UPSTREAM_TIMEOUT_SECONDS", 30)?,
             store_retry: s.seconds("STORE_RETRY_SECONDS", 30)?,
+            change_feed: s.seconds("CHANGE_FEED_SECONDS", 5)?,
         };
         if oauth.state_ttl.is_zero() {
             return Err(ConfigError::new("STATE_TTL_SECONDS", "must be at least 1"));

@@ -8,6 +8,7 @@
 //! also where callers for one connection take turns ([`TokenCache::exclusive`]): the
 //! in-process half of the refresh single flight.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -56,13 +57,24 @@ const MAX_ENTRIES: usize = 50_000;
 /// Access tokens by connection id, each trusted for `ttl` (and only while it satisfies
 /// what the caller wants).
 pub struct TokenCache {
-    ttl: Duration,
+    /// How long an entry is trusted, in milliseconds: `TOKEN_CACHE_SECONDS`, or much
+    /// longer while a change feed tells this instance what others change.
+    ttl_ms: AtomicU64,
     entries: Cache<String, CachedToken>,
 }
 
 impl TokenCache {
     pub fn new(ttl: Duration) -> TokenCache {
-        TokenCache { ttl, entries: Cache::new(MAX_ENTRIES) }
+        TokenCache { ttl_ms: AtomicU64::new(ttl.as_millis() as u64), entries: Cache::new(MAX_ENTRIES) }
+    }
+
+    /// Trusts new entries for `ttl` from now on.
+    pub fn trust_for(&self, ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self) {
+        self.entries.clear();
     }
 
     /// The cached token, if it is recent and `ok` accepts it.
@@ -71,7 +83,7 @@ impl TokenCache {
     }
 
     pub fn put(&self, id: &str, token: CachedToken) {
-        self.entries.insert(key(id).into_owned(), token, self.ttl);
+        self.entries.insert(key(id).into_owned(), token, Duration::from_millis(self.ttl_ms.load(Ordering::SeqCst)));
     }
 
     pub fn remove(&self, id: &str) {

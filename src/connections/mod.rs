@@ -32,7 +32,7 @@ use crate::crypto::{self, CryptoError, Keyring};
 use crate::oauth::catalog::{Catalog, Provider};
 use crate::oauth::{ErrorCode, OAuthError, TokenEndpoint, TokenHint, TokenSet};
 use crate::outbound::Backoff;
-use crate::store::{Connection, ListFilter, Store, StoreError};
+use crate::store::{Changes, Connection, ListFilter, Store, StoreError};
 use crate::time::Clock;
 
 pub use authorize::{BindFailure, Bound, CallbackFailure, Completed, NewConnection, PortalFlow, StartedAuthorization};
@@ -141,6 +141,22 @@ impl Connections {
                 ),
             )
         })
+    }
+
+    // ----- what other instances changed ----------------------------------------------
+
+    /// Drops cached tokens of connections another instance changed or deleted.
+    pub fn forget(&self, changes: &Changes) {
+        match changes {
+            Changes::Ids(ids) => ids.iter().for_each(|id| self.cache.remove(id)),
+            Changes::All => self.cache.clear(),
+        }
+    }
+
+    /// With a change feed running, a cached token is trusted until it is due (`trusted`
+    /// long); without one, for `TOKEN_CACHE_SECONDS` again.
+    pub fn follow(&self, trusted: Option<Duration>) {
+        self.cache.trust_for(trusted.unwrap_or(self.deps.cfg.token_cache_ttl));
     }
 
     // ----- reading ------------------------------------------------------------------

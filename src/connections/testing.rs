@@ -222,6 +222,7 @@ pub fn fixture() -> Fx {
         return_url_origins: Vec::new(),
         upstream_timeout: Duration::from_secs(30),
         store_retry: Duration::from_secs(30),
+        change_feed: Duration::ZERO,
     };
     let conns = Connections::new(Deps {
         store: racing.clone(),

@@ -96,6 +96,16 @@ pub enum Condition<'a> {
     Version(&'a str),
 }
 
+/// What changed in a tracked table since a delta link.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub changed: Vec<Record>,
+    /// Primary ids of deleted rows.
+    pub deleted: Vec<String>,
+    /// Where to ask next time.
+    pub link: String,
+}
+
 /// A record and its ETag.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -322,6 +332,46 @@ impl Dataverse {
                 .map(|link| link.strip_prefix(self.api.as_str()).unwrap_or(link).to_string());
         }
         Ok(out)
+    }
+
+    /// Change tracking (the table must have it on): with `link` `None`, every row now and
+    /// a delta link; with the last delta link, what changed since and the next link.
+    /// Deleted rows come back by primary id.
+    pub async fn changes(&self, set: &str, select: &[&str], link: Option<&str>) -> Result<Delta, DataverseError> {
+        let mut next = Some(match link {
+            Some(l) => l.strip_prefix(self.api.as_str()).unwrap_or(l).to_string(),
+            None => format!("{set}?$select={}", select.join(",")),
+        });
+        let mut delta = Delta::default();
+        while let Some(path) = next.take() {
+            let mut headers = HeaderMap::new();
+            headers.insert("Prefer", HeaderValue::from_static("odata.track-changes,odata.maxpagesize=5000"));
+            let (_, _, body) = self.send(set, Method::GET, &path, "track changes", Body::None, headers, true).await?;
+            let Some(Value::Object(mut page)) = body else { break };
+            if let Some(Value::Array(rows)) = page.remove("value") {
+                for row in rows {
+                    let Value::Object(fields) = row else { continue };
+                    let deleted = fields
+                        .get("@odata.context")
+                        .and_then(Value::as_str)
+                        .is_some_and(|c| c.ends_with("$deletedEntity"));
+                    if deleted {
+                        if let Some(id) = fields.get("id").and_then(Value::as_str) {
+                            delta.deleted.push(id.to_string());
+                        }
+                    } else {
+                        delta.changed.push(Record::from_body(fields, None));
+                    }
+                }
+            }
+            let link = |name: &str| page.get(name).and_then(Value::as_str).map(str::to_string);
+            match (link("@odata.nextLink"), link("@odata.deltaLink")) {
+                (Some(more), _) => next = Some(more.strip_prefix(self.api.as_str()).unwrap_or(&more).to_string()),
+                (None, Some(done)) => delta.link = done,
+                (None, None) => {}
+            }
+        }
+        Ok(delta)
     }
 
     /// A metadata or other call, for `provision`: `Ok(None)` on 404.

@@ -43,6 +43,8 @@ pub struct Table {
     pub plural: &'static str,
     /// The primary name column (`name`), which is also the alternate key.
     pub columns: &'static [Column],
+    /// Change tracking on (instances follow the table's changes through delta links).
+    pub track_changes: bool,
 }
 
 const fn col(name: &'static str, label: &'static str, kind: Kind) -> Column {
@@ -51,6 +53,7 @@ const fn col(name: &'static str, label: &'static str, kind: Kind) -> Column {
 
 /// Connections: one row per OAuth connection, tokens sealed in `tokens`.
 pub const CONNECTIONS: Table = Table {
+    track_changes: true,
     name: "connection",
     label: "OAuth connection",
     plural: "OAuth connections",
@@ -78,6 +81,7 @@ pub const CONNECTIONS: Table = Table {
 
 /// Captures: one row per authorization code received for a state we did not issue.
 pub const CAPTURES: Table = Table {
+    track_changes: false,
     name: "capture",
     label: "OAuth capture",
     plural: "OAuth captures",
@@ -96,6 +100,7 @@ pub const CAPTURES: Table = Table {
 /// person to the provider (keyed by the state's SHA-256), so only expected callbacks are
 /// kept.
 pub const EXPECTATIONS: Table = Table {
+    track_changes: false,
     name: "expectation",
     label: "OAuth expected state",
     plural: "OAuth expected states",
@@ -130,6 +135,11 @@ impl Schema {
     /// A column's logical name (`dc_provider`); `name` is the primary name / key column.
     pub fn column(&self, name: &str) -> String {
         format!("{}_{}", self.prefix, name)
+    }
+
+    /// The primary id column Dataverse adds (`dc_connectionid`).
+    pub fn primary_id(&self, t: &Table) -> String {
+        format!("{}id", self.table(t))
     }
 
     fn schema_name(&self, name: &str) -> String {
@@ -193,6 +203,7 @@ fn table_body(schema: &Schema, t: &Table) -> Value {
         "@odata.type": "Microsoft.Dynamics.CRM.EntityMetadata",
         "SchemaName": schema.schema_name(t.name),
         "EntitySetName": schema.entity_set(t),
+        "ChangeTrackingEnabled": t.track_changes,
         "DisplayName": label(t.label),
         "DisplayCollectionName": label(t.plural),
         "Description": label("Kept by Dynamics Companion; do not edit by hand."),

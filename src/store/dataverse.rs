@@ -10,7 +10,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
-use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
+use super::{
+    Capture, Changes, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+};
 use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, verify};
 use crate::outbound::Cache;
 
@@ -29,6 +31,9 @@ pub struct DataverseStore {
     capture_columns: Vec<String>,
     /// The last answer of [`verify`]: whether the tables and keys exist.
     schema_checked: Cache<(), Result<(), String>>,
+    /// Connection names by primary id, as the change feed saw them: deletions come back
+    /// by primary id only.
+    feed_names: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl DataverseStore {
@@ -47,6 +52,7 @@ impl DataverseStore {
             schema,
             dv,
             schema_checked: Cache::new(1),
+            feed_names: Default::default(),
         }
     }
 
@@ -383,5 +389,35 @@ impl Store for DataverseStore {
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         let filter = format!("{} lt {now}", self.c("expiresat"));
         self.delete_where(&self.expectations, &filter).await
+    }
+
+    async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
+        let id_col = self.schema.primary_id(&CONNECTIONS);
+        let delta = self.dv.changes(&self.connections, &[&self.key, &id_col], cursor).await.map_err(map_err)?;
+        let mut names = self.feed_names.lock().unwrap_or_else(|e| e.into_inner());
+        if cursor.is_none() {
+            names.clear();
+        }
+        let mut ids = Vec::new();
+        for r in &delta.changed {
+            if let (Some(guid), Some(name)) = (r.str(&id_col), r.str(&self.key)) {
+                names.insert(guid.to_ascii_lowercase(), name.to_string());
+                ids.push(name.to_string());
+            }
+        }
+        let mut unknown = false;
+        for guid in &delta.deleted {
+            match names.remove(&guid.to_ascii_lowercase()) {
+                Some(name) => ids.push(name),
+                None => unknown = true,
+            }
+        }
+        // The first answer is everything there is: nothing has changed yet.
+        let changes = match (cursor, unknown) {
+            (None, _) => Changes::Ids(Vec::new()),
+            (Some(_), true) => Changes::All,
+            (Some(_), false) => Changes::Ids(ids),
+        };
+        Ok(Some((changes, delta.link)))
     }
 }

@@ -219,4 +219,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expectations that ended before `now`, at most a batch; returns how many.
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64>;
+
+    /// The connections other instances changed (or deleted) since `cursor`, and the cursor
+    /// to ask with next time; `cursor` `None` starts following now. `Ok(None)`: this store
+    /// cannot tell.
+    async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
+        let _ = cursor;
+        Ok(None)
+    }
+}
+
+/// What a change feed says changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// These connection ids (changed or deleted).
+    Ids(Vec<String>),
+    /// Something changed; the store cannot say what.
+    All,
 }

@@ -19,7 +19,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version};
+use super::{
+    Capture, Changes, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS connections (
@@ -470,6 +472,19 @@ impl Store for SqliteStore {
 
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         self.with(move |c| c.execute("DELETE FROM expectations WHERE expires_at < ?1", [now]).map(|n| n as u64)).await
+    }
+
+    /// SQLite cannot say which rows another process changed, only that one did:
+    /// `PRAGMA data_version` moves when another connection commits (our own writes update
+    /// our cache directly).
+    async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
+        let version: i64 = self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0))).await?;
+        let now = version.to_string();
+        let changes = match cursor {
+            Some(before) if before != now => Changes::All,
+            _ => Changes::Ids(Vec::new()),
+        };
+        Ok(Some((changes, now)))
     }
 }
 

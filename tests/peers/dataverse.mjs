@@ -1076,7 +1076,7 @@ function objectSchema(typeName, sample) {
 // query options
 // ---------------------------------------------------------------------------
 
-const KNOWN_OPTIONS = new Set(['$select', '$filter', '$top', '$orderby', '$count', '$expand', '$skiptoken', '$format', '$id']);
+const KNOWN_OPTIONS = new Set(['$select', '$filter', '$top', '$orderby', '$count', '$expand', '$skiptoken', '$format', '$id', '$deltatoken']);
 
 function queryOptions(params) {
   const o = {};
@@ -1767,8 +1767,48 @@ function deleteRecord(ctx, table, keyRaw) {
   }
   checkIfMatch(ctx, found.row);
   table.rows.delete(found.row.id);
+  // Change tracking reports deletions by primary id, at the version they happened.
+  (table.deleted ||= []).push({ id: found.row.id, version: nextVersion() });
   if (table.logicalName === 'systemuser') associations.delete(found.row.id);
   send(ctx, 204);
+}
+
+// Change tracking (reference §10): the first GET with `Prefer: odata.track-changes` returns
+// every row and an `@odata.deltaLink` ending in `$deltatoken=<version>!<timestamp>`; a GET on
+// that link returns the rows changed since, and deleted rows as `$deletedEntity` entries by
+// primary id. `$filter`, `$orderby`, `$expand` and `$top` are refused with it.
+function trackChanges(ctx, table, opts, schema, select) {
+  if (!table.changeTracking) {
+    throw new DvError(400, '0x80044352', `Change tracking is not enabled for the entity ${table.logicalName}.`);
+  }
+  for (const o of ['$filter', '$orderby', '$expand', '$top']) {
+    if (opts[o] !== undefined) throw E.odata(`The query option ${o} is not allowed with change tracking.`);
+  }
+  let since = null;
+  if (opts.$deltatoken !== undefined) {
+    const m = /^(\d+)!/.exec(opts.$deltatoken);
+    if (!m) throw new DvError(400, '0x80044353', 'The delta token is not valid.');
+    since = Number(m[1]);
+  }
+  const changed = [...table.rows.values()].filter((r) => since === null || r.version > since);
+  changed.sort((a, b) => a.version - b.version);
+  const value = changed.map((r) => renderRow(table, r, select));
+  if (since !== null) {
+    for (const d of table.deleted || []) {
+      if (d.version > since) {
+        value.push({ '@odata.context': `${ctx.base}$metadata#${table.entitySetName}/$deletedEntity`, id: d.id, reason: 'deleted' });
+      }
+    }
+  }
+  const token = `${lastVersion}!${new Date().toISOString().replace(/[-:]/g, '').slice(0, 15)}`;
+  const selectPart = opts.$select !== undefined ? `$select=${encodeURIComponent(opts.$select)}&` : '';
+  const out = {
+    '@odata.context': `${contextUrl(ctx, table, select, false)}/$delta`,
+    value,
+    '@odata.deltaLink': `${ctx.base}${table.entitySetName}?${selectPart}$deltatoken=${encodeURIComponent(token)}`,
+  };
+  if (ctx.prefs['odata.track-changes']) ctx.applied.push('odata.track-changes');
+  send(ctx, 200, out);
 }
 
 function queryCollection(ctx, table, opts, schema) {
@@ -1779,7 +1819,7 @@ function queryCollection(ctx, table, opts, schema) {
   const count = parseCount(opts.$count);
   const expand = parseExpand(opts.$expand);
   if (opts.$filter !== undefined && !opts.$filter.trim()) throw E.odata('The $filter query option is empty.');
-  if (ctx.prefs['odata.track-changes']) throw E.unsupported('odata.track-changes');
+  if (ctx.prefs['odata.track-changes'] || opts.$deltatoken !== undefined) return trackChanges(ctx, table, opts, schema, select);
 
   let rows = [...table.rows.values()];
   if (filter) rows = rows.filter((r) => evalFilter(filter, r));
@@ -1912,7 +1952,7 @@ function entityJson(t) {
     HasActivities: t.hasActivities,
     HasNotes: t.hasNotes,
     IsOptimisticConcurrencyEnabled: true,
-    ChangeTrackingEnabled: false,
+    ChangeTrackingEnabled: !!t.changeTracking,
     IsValidForAdvancedFind: true,
     IntroducedVersion: '1.0',
     CreatedOn: t.createdOn,
@@ -2282,6 +2322,10 @@ function createEntity(ctx, body, solution) {
     isCustom: true,
     solution,
   });
+  if (body.ChangeTrackingEnabled !== undefined && typeof body.ChangeTrackingEnabled !== 'boolean') {
+    throw E.invalidArgument('EntityMetadata: ChangeTrackingEnabled must be a boolean.');
+  }
+  t.changeTracking = body.ChangeTrackingEnabled === true;
   registerTable(t);
   countMetadataWrite('entity', `POST EntityDefinitions ${logicalName}`);
   send(ctx, 204, null, { 'OData-EntityId': `${ctx.base}EntityDefinitions(${t.metadataId})` });
