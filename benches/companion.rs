@@ -574,7 +574,7 @@ async fn run() -> String {
 /// Median time of the timer's due query over `n` active connections that are not due.
 async fn sqlite_due_query(n: usize) -> (usize, f64) {
     use dynamics_companion::store::sqlite::SqliteStore;
-    use dynamics_companion::store::{Connection, Status, Store, Version};
+    use dynamics_companion::store::{Connection, Due, Status, Store, Version};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("due.db")).unwrap();
     let now = 1_800_000_000;
@@ -608,7 +608,8 @@ async fn sqlite_due_query(n: usize) -> (usize, f64) {
     let mut times = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();
-        let due = store.due_for_refresh(now + 1200, now - 86_400, now, 500).await.unwrap();
+        let query = Due { before: now + 1200, idle_before: now - 86_400, ready_at: now, limit: 500 };
+        let due = store.due_for_refresh(&query).await.unwrap();
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         assert!(due.is_empty());
     }

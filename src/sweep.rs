@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use crate::captures::Captures;
 use crate::connections::refresh::Want;
 use crate::connections::{ConnectionError, Connections};
+use crate::store::Due;
 
 /// How many refreshes run at once (each is a few store requests and one provider call;
 /// the Dataverse gate bounds the store side whatever this says).
@@ -73,7 +74,8 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
     let deadline = clock.now_millis() + budget_ms;
     let mut seen = std::collections::HashSet::new();
     loop {
-        let page = match connections.store().due_for_refresh(horizon, idle_before, t, BATCH).await {
+        let due = Due { before: horizon, idle_before, ready_at: t, limit: BATCH };
+        let page = match connections.store().due_for_refresh(&due).await {
             Ok(page) => page,
             Err(e) => {
                 report.errors.push(format!("could not list connections due for refresh: {e}"));

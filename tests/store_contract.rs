@@ -14,7 +14,7 @@ use dynamics_companion::dataverse::provision::{Schema, provision};
 use dynamics_companion::store::dataverse::DataverseStore;
 use dynamics_companion::store::sqlite::SqliteStore;
 use dynamics_companion::store::{
-    Capture, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Version,
+    Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Version,
 };
 use secrecy::SecretString;
 use support::dataverse::DataverseDouble;
@@ -114,17 +114,45 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(ids(&active), ["erp-a"]);
 
     // The timer's scans.
-    let due = store.due_for_refresh(1_600, i64::MIN, i64::MAX, 100).await.unwrap();
+    let due = store
+        .due_for_refresh(&Due { before: 1_600, idle_before: i64::MIN, ready_at: i64::MAX, limit: 100 })
+        .await
+        .unwrap();
     assert_eq!(ids(&due), ["erp-a"], "active, refreshable, expiring before 1600");
-    assert!(store.due_for_refresh(1_400, i64::MIN, i64::MAX, 100).await.unwrap().is_empty());
-    assert_eq!(ids(&store.due_for_refresh(1_400, 1_200, i64::MAX, 100).await.unwrap()), ["erp-a"], "idle since 1100");
+    assert!(
+        store
+            .due_for_refresh(&Due { before: 1_400, idle_before: i64::MIN, ready_at: i64::MAX, limit: 100 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        ids(&store
+            .due_for_refresh(&Due { before: 1_400, idle_before: 1_200, ready_at: i64::MAX, limit: 100 })
+            .await
+            .unwrap()),
+        ["erp-a"],
+        "idle since 1100"
+    );
     // Backing off until 1500: not due at 1450, due again at 1500.
     let mut backing = store.get("erp-a").await.unwrap().unwrap();
     let expected = backing.version.clone();
     backing.next_attempt_at = Some(1_500);
     backing.version = store.update(&backing, &expected).await.unwrap();
-    assert!(store.due_for_refresh(1_600, i64::MIN, 1_450, 100).await.unwrap().is_empty());
-    assert_eq!(ids(&store.due_for_refresh(1_600, i64::MIN, 1_500, 100).await.unwrap()), ["erp-a"]);
+    assert!(
+        store
+            .due_for_refresh(&Due { before: 1_600, idle_before: i64::MIN, ready_at: 1_450, limit: 100 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        ids(&store
+            .due_for_refresh(&Due { before: 1_600, idle_before: i64::MIN, ready_at: 1_500, limit: 100 })
+            .await
+            .unwrap()),
+        ["erp-a"]
+    );
     let expired = store.expired_pending(2_001, 100).await.unwrap();
     assert_eq!(ids(&expired), ["erp-p", "other-1"]);
     assert!(store.expired_pending(2_000, 100).await.unwrap().is_empty());

@@ -20,7 +20,7 @@ use crate::crypto::Keyring;
 use crate::oauth::catalog::{Catalog, Provider};
 use crate::oauth::{CodeGrant, OAuthError, TokenEndpoint, TokenHint, TokenSet};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Capture, Connection, ListFilter, Status, Store, StoreError, StoreResult, Version};
+use crate::store::{Capture, Connection, Due, ListFilter, Status, Store, StoreError, StoreResult, Version};
 use crate::time::ManualClock;
 
 pub const T0: i64 = 1_800_000_000;
@@ -146,8 +146,8 @@ impl Store for RacingStore {
     async fn list(&self, f: &ListFilter) -> StoreResult<Vec<Connection>> {
         self.inner.list(f).await
     }
-    async fn due_for_refresh(&self, before: i64, idle: i64, ready: i64, limit: usize) -> StoreResult<Vec<Connection>> {
-        self.inner.due_for_refresh(before, idle, ready, limit).await
+    async fn due_for_refresh(&self, due: &Due) -> StoreResult<Vec<Connection>> {
+        self.inner.due_for_refresh(due).await
     }
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.inner.expired_pending(now, limit).await

@@ -33,13 +33,16 @@ pub struct ClientError(#[from] reqwest::Error);
 /// which is most of the start-up time, and clones share the connection pool.
 ///
 /// It follows no redirects: a redirecting token endpoint is a misconfiguration, and
-/// following it would send credentials somewhere unchecked.
+/// following it would send credentials somewhere unchecked. Idle connections are dropped
+/// after 4 s: servers commonly close idle keep-alive connections after 5 s (Node's
+/// default), and a request written to a connection the server is closing fails without
+/// reaching it, which for a single-use code is not something to retry blindly.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
     Ok(reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10).min(timeout))
         .timeout(timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(Duration::from_secs(4))
         .user_agent(concat!("dynamics-companion/", env!("CARGO_PKG_VERSION")))
         .build()?)
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Capture, Changes, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+    Capture, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
 };
 use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, verify};
 use crate::outbound::Cache;
@@ -275,13 +275,8 @@ impl Store for DataverseStore {
         self.query_connections(&clauses.join(" and "), Some(&order), limit).await
     }
 
-    async fn due_for_refresh(
-        &self,
-        before: i64,
-        idle_before: i64,
-        ready_at: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>> {
+    async fn due_for_refresh(&self, due: &Due) -> StoreResult<Vec<Connection>> {
+        let Due { before, idle_before, ready_at, limit } = *due;
         let mut filter = format!(
             "{status} eq 'active' and {has} eq true and ({exp} lt {before}",
             status = self.c("status"),

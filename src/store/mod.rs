@@ -113,6 +113,18 @@ pub struct Capture {
     pub delivered_at: Option<i64>,
 }
 
+/// What the timer asks for: active connections with a refresh token that expire before
+/// `before`, or that were last refreshed before `idle_before` (keep-alive), leaving out
+/// those backing off past `ready_at` (their next attempt is later), at most `limit`, the
+/// soonest to expire first.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    pub before: i64,
+    pub idle_before: i64,
+    pub ready_at: i64,
+    pub limit: usize,
+}
+
 /// Filters for listing connections.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -184,16 +196,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Connection>>;
 
-    /// Active connections with a refresh token that expire before `before`, or that
-    /// were last refreshed before `idle_before` (keep-alive), leaving out those backing
-    /// off past `ready_at` (their next attempt is later), at most `limit`.
-    async fn due_for_refresh(
-        &self,
-        before: i64,
-        idle_before: i64,
-        ready_at: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>>;
+    /// The connections the timer should refresh (see [`Due`]).
+    async fn due_for_refresh(&self, due: &Due) -> StoreResult<Vec<Connection>>;
 
     /// Connections whose pending authorization expired before `now`.
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>>;

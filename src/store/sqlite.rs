@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
 use super::{
-    Capture, Changes, Connection, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+    Capture, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
 };
 
 const SCHEMA: &str = r#"
@@ -358,13 +358,8 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn due_for_refresh(
-        &self,
-        before: i64,
-        idle_before: i64,
-        ready_at: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>> {
+    async fn due_for_refresh(&self, due: &Due) -> StoreResult<Vec<Connection>> {
+        let Due { before, idle_before, ready_at, limit } = *due;
         self.with(move |c| {
             let mut stmt = c.prepare_cached(&due_query())?;
             let rows = stmt.query_map(params![before, idle_before, limit as i64, ready_at], from_row)?;
