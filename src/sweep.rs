@@ -62,14 +62,13 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
     let clock = connections.clock();
     let t = clock.now();
     let margin = cfg.refresh_margin.as_secs() as i64;
-    let horizon =
-        next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS) + margin;
+    let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS);
+    let horizon = next + margin;
     let catalog = connections.catalog();
     let keepalive = catalog.iter().filter_map(|p| p.refresh_keepalive).min();
     let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
     // Page through what is due until nothing is left or the run's time is spent: a share
     // of the time until the next run, so runs do not pile up.
-    let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS);
     let budget_ms = ((next - t) * 1000 / 2).clamp(MIN_BUDGET_MS, MAX_BUDGET_MS);
     let deadline = clock.now_millis() + budget_ms;
     let mut seen = std::collections::HashSet::new();

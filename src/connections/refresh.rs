@@ -210,7 +210,6 @@ impl Connections {
     ) -> Result<CachedToken, ConnectionError> {
         let provider = self.provider(&leased.provider)?.clone();
         let id = leased.id.clone();
-        let leased_view = leased.clone();
         let started = self.deps.clock.now();
         match self.deps.endpoint.refresh(&provider, &refresh_token, started).await {
             Ok(tokens) => {
@@ -249,6 +248,9 @@ impl Connections {
                 let failures = leased.failures.saturating_add(1);
                 let backoff = REFRESH_BACKOFF.delay(failures).as_secs() as i64;
                 let detail = e.to_string();
+                // What is still valid is served while the record backs off.
+                let still_valid = (old.expires_at > t && want.accepts_still_valid())
+                    .then(|| CachedToken::for_connection(&leased, &old, 0));
                 let _ = self
                     .update(&id, Some(leased), |c| {
                         c.lease = None;
@@ -258,8 +260,8 @@ impl Connections {
                     })
                     .await;
                 tracing::warn!(connection = %id, provider = %provider.name, error = %e, failures, "refresh failed; backing off {backoff} s");
-                if old.expires_at > t && want.accepts_still_valid() {
-                    return Ok(CachedToken::for_connection(&leased_view, &old, 0));
+                if let Some(token) = still_valid {
+                    return Ok(token);
                 }
                 // Either way the record backs off; the caller learns whether waiting helps.
                 match e {
