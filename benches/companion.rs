@@ -6,11 +6,16 @@
 //! start-up and idle memory; the OAuth callback end to end and the handler's own share of
 //! it (from its `Server-Timing`); the token endpoint and `/api/portal/me` at 64
 //! concurrent connections, each next to a minimal warp server answering a fixed JSON body
-//! in the same run; a refresh storm; Dataverse calls per 1000 token requests.
+//! in the same run; the proxy next to calling the same fast upstream directly, on both
+//! stores; a refresh storm; Dataverse calls per 1000 token requests; and, in `scale`,
+//! 10,000 connections on the Dataverse double (the timer, 128 clients spread over them,
+//! changes made by another instance, a cold instance's first request).
 //!
 //! It prints a Markdown report (also written to `target/bench-report.md`). It is a
 //! measurement, not a test: it asserts nothing beyond the runs working at all.
 
+#[path = "companion/scale.rs"]
+mod scale;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -31,13 +36,16 @@ use support::portal::{CLIENT_ID, CONTACT_A, PortalDouble};
 use support::{Handler, HandlerBuilder};
 
 const BASELINE_ENV: &str = "DC_BENCH_BASELINE_PORT";
+/// Milliseconds the baseline waits before answering: an upstream API with latency.
+const BASELINE_DELAY_ENV: &str = "DC_BENCH_BASELINE_DELAY_MS";
 const CONCURRENCY: usize = 64;
 const LOAD_SECS: u64 = 5;
 const PUBLIC: &str = "http://localhost:7071";
 
 fn main() {
     if let Ok(port) = std::env::var(BASELINE_ENV) {
-        baseline(port.parse().expect("a port"));
+        let delay = std::env::var(BASELINE_DELAY_ENV).ok().and_then(|d| d.parse().ok()).unwrap_or(0);
+        baseline(port.parse().expect("a port"), delay);
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -48,13 +56,17 @@ fn main() {
     eprintln!("(written to {path})");
 }
 
-/// The minimal warp handler: a fixed JSON body for any request, as a reference point.
-fn baseline(port: u16) {
+/// The minimal warp handler: a fixed JSON body for any request, as a reference point;
+/// after `delay_ms` (without using the CPU) when it stands for an API with latency.
+fn baseline(port: u16, delay_ms: u64) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         use warp::Filter;
         let body = r#"{"connection_id":"c","access_token":"fixed","token_type":"Bearer","expires_in":3600}"#;
-        let route = warp::any().map(move || {
+        let route = warp::any().then(move || async move {
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
             warp::http::Response::builder().header("content-type", "application/json").body(body).unwrap()
         });
         warp::serve(route).run(([127, 0, 0, 1], port)).await;
@@ -74,9 +86,14 @@ impl Drop for Baseline {
 }
 
 fn start_baseline() -> Baseline {
+    start_baseline_with_delay(0)
+}
+
+fn start_baseline_with_delay(delay_ms: u64) -> Baseline {
     let port = support::free_port();
     let child = std::process::Command::new(std::env::current_exe().unwrap())
         .env(BASELINE_ENV, port.to_string())
+        .env(BASELINE_DELAY_ENV, delay_ms.to_string())
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
@@ -287,7 +304,7 @@ async fn load(
 }
 
 struct World {
-    _azure: AzureDoubles,
+    azure: AzureDoubles,
     dataverse: DataverseDouble,
     peer: OidcPeer,
     storm_peer: OidcPeer,
@@ -295,9 +312,39 @@ struct World {
     portal: PortalDouble,
     h: Handler,
     bearer: String,
+    /// The handler's encryption keys, so the bench can seal rows as another instance would.
+    keys: dynamics_companion::crypto::Keyring,
+    key_spec: String,
+    catalog: String,
+    /// A fast upstream (the minimal warp handler) that the `fast` provider's token
+    /// endpoint and API point at, for the proxy reference and the timer's refreshes.
+    api: Baseline,
+    /// The same answering after 10 ms: the `slow` provider's API.
+    api10: Baseline,
+}
+
+/// The `fast` provider: its token endpoint and API are the minimal warp handler, which
+/// answers every request with a token response (so refreshes succeed) and a fixed body.
+fn fast_catalog(name: &str, api: &str) -> String {
+    format!(
+        r#"
+[providers.{name}]
+display_name = "Fast upstream"
+authorization_url = "{api}/auth"
+token_url = "{api}/token"
+client_id = "{CLIENT_ID}"
+client_secret = "test-provider-secret"
+scopes = ["api.read"]
+api_base_url = "{api}/"
+"#
+    )
 }
 
 async fn world() -> World {
+    let api = start_baseline();
+    let api10 = start_baseline_with_delay(10);
+    let key_spec = support::test_keys();
+    let keys = dynamics_companion::crypto::Keyring::parse(&key_spec).unwrap();
     let azure = AzureDoubles::start(json!({}));
     let dataverse = DataverseDouble::with_config(json!({
         "key_activation_ms": 50,
@@ -318,9 +365,11 @@ async fn world() -> World {
     let issuer = Issuer::start().await;
     let portal = PortalDouble::start().await;
     let catalog = format!(
-        "{}\n{}",
+        "{}\n{}\n{}\n{}",
         peer.catalog("test", "[providers.test.portal]\nenabled = true\n"),
-        storm_peer.catalog("storm", "")
+        storm_peer.catalog("storm", ""),
+        fast_catalog("fast", &api.url),
+        fast_catalog("slow", &api10.url)
     );
     let settings = |b: HandlerBuilder| {
         let mut b = b
@@ -331,6 +380,7 @@ async fn world() -> World {
             .env("DATAVERSE_URL", &dataverse.url)
             .env("PORTAL_URL", &portal.url)
             .env("PORTAL_CLIENT_ID", CLIENT_ID)
+            .env("TOKEN_ENCRYPTION_KEYS", &key_spec)
             .env("LOG_LEVEL", "warn");
         for (k, v) in azure.dataverse_client_secret_settings().into_iter().chain(issuer.settings()) {
             b = b.env(k, v);
@@ -338,14 +388,11 @@ async fn world() -> World {
         b
     };
     let b = settings(HandlerBuilder::new());
-    let (code, out, err) = settings(HandlerBuilder::in_root(b.root()))
-        .env("TOKEN_ENCRYPTION_KEYS", support::test_keys())
-        .args(&["provision"])
-        .run_to_exit();
+    let (code, out, err) = settings(HandlerBuilder::in_root(b.root())).args(&["provision"]).run_to_exit();
     assert_eq!(code, Some(0), "provision: {out}{err}");
     let h = b.start().await;
     let bearer = issuer.token();
-    World { _azure: azure, dataverse, peer, storm_peer, issuer, portal, h, bearer }
+    World { azure, dataverse, peer, storm_peer, issuer, portal, h, bearer, keys, key_spec, catalog, api, api10 }
 }
 
 impl World {
@@ -482,42 +529,70 @@ async fn run() -> String {
     ));
     drop(base);
 
-    // 4b. The proxy with a cached token, next to calling the provider's API directly with
-    // the same token (both pay the resource's own token check); Dataverse requests counted.
-    let direct_token = w
-        .h
-        .json(Method::POST, "/api/connections/load-1/token", Some(&w.bearer), &json!({}))
-        .await
-        .json()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dv_before_proxy = w.dataverse.requests().await;
-    let (direct, proxied) = paired_each(
-        (&format!("{}/__api/items", w.peer.issuer), vec![("Authorization".into(), format!("Bearer {direct_token}"))]),
-        (
-            &format!("{}/api/connections/load-1/proxy/items", w.h.base),
-            vec![("Authorization".into(), format!("Bearer {}", w.bearer))],
-        ),
-        Method::GET,
-        None,
-        w.h.pid(),
+    // 4b. The proxy with a cached token, next to calling the same fast upstream (the
+    // minimal warp handler) directly, on both stores; Dataverse requests counted.
+    let seeder = scale::other_instance(&w.dataverse.url);
+    let far = 1_900_000_000;
+    scale::insert_all(
+        &seeder,
+        vec![scale::connection(&w.keys, "fast", "px", far), scale::connection(&w.keys, "slow", "px10", far)],
     )
     .await;
-    let proxy_dv_calls = w.dataverse.requests().await - dv_before_proxy;
-    r.push_str(&format!(
-        "| the provider's API called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-        direct.rps, direct.p50, direct.p99, direct.errors
-    ));
-    r.push_str(&format!(
-        "| `GET /api/connections/{{id}}/proxy/items`, token cached, Dataverse store | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-        proxied.rps,
-        proxied.rps / direct.rps,
-        proxied.p50,
-        proxied.p99,
-        proxied.errors,
-        proxied.peak_rss
-    ));
+    let sqlite_h = {
+        let b = HandlerBuilder::new()
+            .file("providers.toml", &w.catalog)
+            .env("PUBLIC_BASE_URL", PUBLIC)
+            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+            .env("TOKEN_ENCRYPTION_KEYS", &w.key_spec)
+            .env("LOG_LEVEL", "warn")
+            .envs(w.issuer.settings());
+        std::fs::create_dir_all(b.root().join(".data")).unwrap();
+        let store = dynamics_companion::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db")).unwrap();
+        scale::insert_all(&store, vec![scale::connection(&w.keys, "fast", "px", far)]).await;
+        drop(store);
+        b.start().await
+    };
+    let caller = vec![("Authorization".to_string(), format!("Bearer {}", w.bearer))];
+    let mut proxy_dv = (0, 0);
+    let runs = [
+        ("Dataverse", &w.h, &w.api, "px", "upstream without latency"),
+        ("SQLite", &sqlite_h, &w.api, "px", "upstream without latency"),
+        ("Dataverse", &w.h, &w.api10, "px10", "upstream answering in 10 ms"),
+    ];
+    for (label, h, api, id, upstream) in runs {
+        let probe = h
+            .get(&format!("/api/connections/{id}/proxy/items"), &[("Authorization", &format!("Bearer {}", w.bearer))])
+            .await;
+        assert_eq!(probe.status, 200, "{}", probe.body);
+        let dv_before = w.dataverse.requests().await;
+        let (direct, proxied) = paired_each(
+            (&format!("{}/items", api.url), vec![]),
+            (&format!("{}/api/connections/{id}/proxy/items", h.base), caller.clone()),
+            Method::GET,
+            None,
+            h.pid(),
+        )
+        .await;
+        if label == "Dataverse" {
+            let (calls, requests) = proxy_dv;
+            proxy_dv = (calls + w.dataverse.requests().await - dv_before, requests + proxied.requests);
+        }
+        r.push_str(&format!(
+            "| the same {upstream} called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+            direct.rps, direct.p50, direct.p99, direct.errors
+        ));
+        r.push_str(&format!(
+            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+            proxied.rps,
+            proxied.rps / direct.rps,
+            proxied.p50,
+            proxied.p99,
+            proxied.errors,
+            proxied.peak_rss
+        ));
+    }
+    drop(sqlite_h);
+    let (proxy_dv_calls, proxied_requests) = proxy_dv;
 
     // 5. Dataverse calls per 1000 token requests (during the token load above).
     let per_1000 = dv_calls as f64 * 1000.0 / token.requests.max(1) as f64;
@@ -527,8 +602,8 @@ async fn run() -> String {
     ));
     r.push_str(&format!(
         "| Dataverse calls per 1000 proxied calls (token cached) | {:.2} ({proxy_dv_calls} calls for {} proxied calls) |\n",
-        proxy_dv_calls as f64 * 1000.0 / proxied.requests.max(1) as f64,
-        proxied.requests
+        proxy_dv_calls as f64 * 1000.0 / proxied_requests.max(1) as f64,
+        proxied_requests
     ));
 
     // 6. The refresh storm: 1000 concurrent requests on an expired token.
@@ -561,50 +636,32 @@ async fn run() -> String {
         "| refresh storm: 1000 concurrent requests on an expired token | {refreshes} refresh at the provider; {ok} answered 200 with {} distinct token(s); drained in {drain:.0} ms |\n",
         tokens.len()
     ));
-    let _ = &w.issuer;
 
     // 7. The timer's due query on the embedded store: 50,000 connections, none due.
     let (rows, due_ms) = sqlite_due_query(50_000).await;
     r.push_str(&format!(
         "| SQLite due query, {rows} active connections, none due | {due_ms:.2} ms median of 21 (indexed; a full scan before) |\n"
     ));
+
+    // 8. At scale on the Dataverse double.
+    r.push_str(&scale::section(&w).await);
     r
 }
 
 /// Median time of the timer's due query over `n` active connections that are not due.
 async fn sqlite_due_query(n: usize) -> (usize, f64) {
     use dynamics_companion::store::sqlite::SqliteStore;
-    use dynamics_companion::store::{Connection, Due, Status, Store, Version};
+    use dynamics_companion::store::{Due, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("due.db")).unwrap();
     let now = 1_800_000_000;
-    let rows = futures_util::stream::iter(0..n).map(|i| {
-        let store = &store;
-        async move {
-            let c = Connection {
-                id: format!("bulk-{i:06}"),
-                provider: "test".into(),
-                owner: None,
-                scopes: vec![],
-                status: Status::Active,
-                status_detail: None,
-                tokens: Some("v1.k.sealed".into()),
-                access_expires_at: Some(now + 7200 + (i as i64 % 3600)),
-                has_refresh_token: true,
-                pending: None,
-                lease: None,
-                failures: 0,
-                next_attempt_at: None,
-                created_at: now - 86_400,
-                updated_at: now,
-                refreshed_at: Some(now),
-                version: Version::default(),
-            };
-            store.insert(&c).await.unwrap();
-        }
+    let keys = dynamics_companion::crypto::Keyring::parse(&support::test_keys()).unwrap();
+    let rows = (0..n).map(|i| {
+        let mut c = scale::connection(&keys, "test", &format!("bulk-{i:06}"), now + 7200 + (i as i64 % 3600));
+        (c.created_at, c.updated_at, c.refreshed_at) = (now - 86_400, now, Some(now));
+        c
     });
-    use futures_util::StreamExt;
-    rows.buffer_unordered(8).collect::<Vec<_>>().await;
+    scale::insert_all(&store, rows.collect()).await;
     let mut times = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();

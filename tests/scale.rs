@@ -1,4 +1,5 @@
-//! Issue [3/7], behaviour rather than speed: the list pages. (The figures themselves
+//! Issue [3/7], behaviour rather than speed: the list pages, and the timer pages through
+//! everything due in one run. (The figures themselves
 //! are in `scripts/bench`.)
 
 mod support;
@@ -39,4 +40,39 @@ async fn the_connection_list_pages_with_an_opaque_next_link() {
     sorted.sort();
     assert_eq!(sorted, expected, "every connection once: {seen:?}");
     w.api(Method::GET, "/api/connections?after=not-a-cursor", Value::Null).await.assert_problem(400, "invalid-cursor");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_timer_run_pages_through_everything_due() {
+    use dynamics_companion::crypto::Keyring;
+    use dynamics_companion::store::Store;
+    use dynamics_companion::store::sqlite::SqliteStore;
+    use support::seed::{GrantingEndpoint, connection, now};
+
+    let provider = GrantingEndpoint::start().await;
+    let spec = support::test_keys();
+    let keys = Keyring::parse(&spec).unwrap();
+    let b = support::HandlerBuilder::new()
+        .file("providers.toml", &provider.catalog("granting"))
+        .env("GRANTING_SECRET", "s")
+        .env("TOKEN_ENCRYPTION_KEYS", &spec);
+    // 1,100 due (more than two of the timer's 500-row pages) and 300 that are not.
+    let store = SqliteStore::open(&b.root().join(".data/companion.db")).unwrap();
+    let t = now();
+    for i in 0..1_400 {
+        let expires = if i < 1_100 { t + 60 } else { t + 7_200 };
+        store.insert(&connection(&keys, "granting", &format!("c-{i:04}"), expires)).await.unwrap();
+    }
+    drop(store);
+    let h = b.start().await;
+
+    let reply = h.invoke_timer(&support::timer_payload(false)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let logs = reply.json()["Logs"].to_string();
+    assert!(logs.contains("refresh: 1100 due, 1100 refreshed, 0 need re-authorization, 0 failed"), "{logs}");
+    assert_eq!(provider.grants(), 1_100, "each due connection refreshed once");
+    // Nothing is due any more: the next run refreshes nothing.
+    let again = h.invoke_timer(&support::timer_payload(false)).await.json()["Logs"].to_string();
+    assert!(again.contains("refresh: 0 due, 0 refreshed"), "{again}");
+    assert_eq!(provider.grants(), 1_100);
 }

@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::oauth::TokenSet;
 use crate::outbound::Cache;
-use crate::store::Connection;
+use crate::store::{Connection, Version};
 
 /// An access token as handed to callers (never a refresh token), with what the proxies
 /// need to know of its connection, so a proxied call with a cached token reads no store.
@@ -31,6 +31,9 @@ pub struct CachedToken {
     pub scope: Option<String>,
     /// When the token was obtained from the provider (Unix milliseconds).
     pub obtained_ms: i64,
+    /// The version of the record it was read from or written to: the change feed then
+    /// tells this instance's own writes from other instances'.
+    pub version: Version,
 }
 
 impl CachedToken {
@@ -43,6 +46,7 @@ impl CachedToken {
             expires_at: t.expires_at,
             scope: t.scope.clone(),
             obtained_ms,
+            version: c.version.clone(),
         }
     }
 

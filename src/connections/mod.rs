@@ -148,7 +148,14 @@ impl Connections {
     /// Drops cached tokens of connections another instance changed or deleted.
     pub fn forget(&self, changes: &Changes) {
         match changes {
-            Changes::Ids(ids) => ids.iter().for_each(|id| self.cache.remove(id)),
+            Changes::Ids(ids) => {
+                for (id, now) in ids {
+                    let ours = now.as_ref().is_some_and(|v| self.cache.peek(id).is_some_and(|t| &t.version == v));
+                    if !ours {
+                        self.cache.remove(id);
+                    }
+                }
+            }
             Changes::All => self.cache.clear(),
         }
     }

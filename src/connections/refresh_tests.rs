@@ -248,3 +248,26 @@ async fn an_expired_token_without_a_refresh_token_needs_reauth() {
     assert!(matches!(fx.token().await, Err(ConnectionError::NeedsReauth { .. })));
     assert_eq!(fx.record().await.status, Status::NeedsReauth);
 }
+
+#[tokio::test]
+async fn the_change_feed_drops_other_instances_changes_but_not_our_own_writes() {
+    use crate::store::{Changes, Version};
+    use std::sync::atomic::Ordering;
+    let fx = fixture();
+    seed_due(&fx).await;
+    fx.endpoint.answer(Answer::Tokens { access: "at-1", refresh: Some("rt-1"), expires_in: 3600 });
+    assert_eq!(fx.token().await.unwrap(), "at-1");
+    let ours = fx.record().await.version;
+    let reads = fx.racing.gets.load(Ordering::SeqCst);
+    // Our own refresh comes back through the feed with the version we wrote: kept.
+    fx.conns.forget(&Changes::Ids(vec![(ID.into(), Some(ours.clone()))]));
+    assert_eq!(fx.token().await.unwrap(), "at-1");
+    assert_eq!(fx.racing.gets.load(Ordering::SeqCst), reads, "served from the cache");
+    // Another instance's write (another version), or a deletion: dropped, read again.
+    fx.conns.forget(&Changes::Ids(vec![(ID.into(), Some(Version("W/\"other\"".into())))]));
+    assert_eq!(fx.token().await.unwrap(), "at-1");
+    assert_eq!(fx.racing.gets.load(Ordering::SeqCst), reads + 1);
+    fx.conns.forget(&Changes::Ids(vec![(ID.into(), None)]));
+    assert_eq!(fx.token().await.unwrap(), "at-1");
+    assert_eq!(fx.racing.gets.load(Ordering::SeqCst), reads + 2);
+}

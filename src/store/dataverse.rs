@@ -83,6 +83,19 @@ impl DataverseStore {
         cols.iter().map(String::as_str).collect()
     }
 
+    /// A connection as a row of this store's table, its alternate key included: what a
+    /// bulk load (the benchmarks' seeding) writes.
+    pub fn connection_row(&self, conn: &Connection) -> Value {
+        let mut row = self.connection_fields(conn);
+        row[self.key.as_str()] = json!(conn.id);
+        row
+    }
+
+    /// The connections table's entity set (`dc_connections`).
+    pub fn connections_set(&self) -> &str {
+        &self.connections
+    }
+
     fn connection_fields(&self, conn: &Connection) -> Value {
         let mut m = Map::new();
         let mut put = |name: &str, v: Value| {
@@ -397,13 +410,13 @@ impl Store for DataverseStore {
         for r in &delta.changed {
             if let (Some(guid), Some(name)) = (r.str(&id_col), r.str(&self.key)) {
                 names.insert(guid.to_ascii_lowercase(), name.to_string());
-                ids.push(name.to_string());
+                ids.push((name.to_string(), Some(Version(r.etag.clone())).filter(|v| !v.0.is_empty())));
             }
         }
         let mut unknown = false;
         for guid in &delta.deleted {
             match names.remove(&guid.to_ascii_lowercase()) {
-                Some(name) => ids.push(name),
+                Some(name) => ids.push((name, None)),
                 None => unknown = true,
             }
         }

@@ -236,8 +236,10 @@ pub trait Store: Send + Sync + 'static {
 /// What a change feed says changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Changes {
-    /// These connection ids (changed or deleted).
-    Ids(Vec<String>),
+    /// These connections, each with the version it has now (`None`: deleted, or not
+    /// known). A cached entry of that very version is the instance's own write coming
+    /// back through the feed, and stays.
+    Ids(Vec<(String, Option<Version>)>),
     /// Something changed; the store cannot say what.
     All,
 }

@@ -20,6 +20,7 @@ pub mod issuer;
 pub mod oidc;
 pub mod peer;
 pub mod portal;
+pub mod seed;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -39,6 +40,14 @@ pub fn test_keys() -> String {
     let mut k = [0u8; 32];
     getrandom::fill(&mut k).unwrap();
     format!("t1:{}", base64::engine::general_purpose::STANDARD.encode(k))
+}
+
+/// Whether this process runs as root (uid 0), from /proc: no libc call needed.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
 }
 
 pub fn free_port() -> u16 {
@@ -82,11 +91,29 @@ impl Logs {
 /// check that no secret ever reached the logs.
 pub static ALL_LOGS: std::sync::LazyLock<Logs> = std::sync::LazyLock::new(Logs::default);
 
+/// How the Functions host hands HTTP requests to the handler (host.json `customHandler`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostMode {
+    /// `enableProxyingHttpRequest` (what host.json sets): YARP forwards the request as it
+    /// came, raw query and streamed body, and sets `X-Forwarded-For/Host/Proto` and the
+    /// invocation id headers.
+    Proxying,
+    /// `enableForwardingHttpRequest`, the legacy mode: the request is rebuilt, repeated
+    /// query keys joined with commas, values re-encoded, a body without Content-Length
+    /// dropped.
+    Forwarding,
+}
+
 pub struct HandlerBuilder {
     env: BTreeMap<String, String>,
     args: Vec<String>,
     root: PathBuf,
     under_host: bool,
+    mode: HostMode,
+    /// Another `handler` binary to run (the packaged one), and whether to drop root's
+    /// privileges for it so that a read-only folder is read-only to it.
+    program: Option<PathBuf>,
+    unprivileged: bool,
     port: u16,
     _tmp: Option<Arc<tempfile::TempDir>>,
 }
@@ -100,6 +127,9 @@ impl HandlerBuilder {
             args: Vec::new(),
             root: tmp.path().to_path_buf(),
             under_host: true,
+            mode: HostMode::Proxying,
+            program: None,
+            unprivileged: false,
             port: free_port(),
             _tmp: Some(tmp),
         };
@@ -114,6 +144,9 @@ impl HandlerBuilder {
             args: Vec::new(),
             root: root.to_path_buf(),
             under_host: true,
+            mode: HostMode::Proxying,
+            program: None,
+            unprivileged: false,
             port: free_port(),
             _tmp: None,
         }
@@ -126,9 +159,26 @@ impl HandlerBuilder {
             args: Vec::new(),
             root: other.root.clone(),
             under_host: true,
+            mode: other.mode,
+            program: None,
+            unprivileged: false,
             port: free_port(),
             _tmp: other._tmp.clone(),
         }
+    }
+
+    /// Runs this binary instead of the one cargo built for the tests; as an unprivileged
+    /// user (nobody) when the tests run as root, who would ignore file permissions.
+    pub fn program(mut self, path: &Path, unprivileged: bool) -> Self {
+        self.program = Some(path.to_path_buf());
+        self.unprivileged = unprivileged;
+        self
+    }
+
+    /// Drives the handler as a host in the legacy forwarding mode does.
+    pub fn legacy_forwarding(mut self) -> Self {
+        self.mode = HostMode::Forwarding;
+        self
     }
 
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
@@ -176,7 +226,14 @@ impl HandlerBuilder {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
+        let program = self.program.clone().unwrap_or_else(|| PathBuf::from(BIN));
+        let mut cmd = if self.unprivileged && is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
         cmd.args(&self.args).env_clear().current_dir(&self.root);
         for var in ["PATH", "HOME", "SSL_CERT_FILE", "LLVM_PROFILE_FILE"] {
             if let Some(v) = std::env::var_os(var) {
@@ -245,6 +302,7 @@ impl HandlerBuilder {
         };
         Handler {
             child,
+            mode: self.mode,
             port,
             base,
             logs,
@@ -259,6 +317,7 @@ impl HandlerBuilder {
 
 pub struct Handler {
     child: Child,
+    pub mode: HostMode,
     pub port: u16,
     pub base: String,
     pub logs: Logs,
@@ -363,7 +422,9 @@ impl Handler {
         }
     }
 
-    /// Forwards a request as the host does (`enableForwardingHttpRequest`).
+    /// Sends a request as the host does in this handler's [`HostMode`]. In proxying mode
+    /// an `X-Forwarded-For` among `headers` stands for the client address the host writes
+    /// (YARP sets the header, replacing what the client sent); without one it is 127.0.0.1.
     pub async fn forward(
         &self,
         method: Method,
@@ -371,23 +432,41 @@ impl Handler {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Reply {
-        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
-        let mut url = format!("{}{}", self.base, path);
-        let rebuilt = host_rebuilt_query(query);
-        if !rebuilt.is_empty() {
-            url = format!("{url}?{rebuilt}");
-        }
-        let mut req = self
-            .http
-            .request(method, url)
-            .header("X-Azure-Functions-HostVersion", "4.1040.300.0")
-            .header("X-Azure-Functions-InvocationId", invocation_id())
-            .header("User-Agent", "test-browser/1.0 Azure-Functions-Host/4.1040.300.0");
+        let id = invocation_id();
+        let mut req = match self.mode {
+            HostMode::Proxying => {
+                let mut req = self.http.request(method, format!("{}{}", self.base, path_and_query));
+                if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for")) {
+                    req = req.header("X-Forwarded-For", "127.0.0.1");
+                }
+                if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("user-agent")) {
+                    req = req.header("User-Agent", "test-browser/1.0");
+                }
+                req.header("X-Forwarded-Host", "localhost:7071")
+                    .header("X-Forwarded-Proto", "http")
+                    .header("X-Azure-Functions-HostVersion", "4.1044.400.0")
+                    .header("X-Azure-Functions-InvocationId", &id)
+                    .header("x-ms-invocation-id", &id)
+            }
+            HostMode::Forwarding => {
+                let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+                let mut url = format!("{}{}", self.base, path);
+                let rebuilt = host_rebuilt_query(query);
+                if !rebuilt.is_empty() {
+                    url = format!("{url}?{rebuilt}");
+                }
+                self.http
+                    .request(method, url)
+                    .header("X-Azure-Functions-HostVersion", "4.1040.300.0")
+                    .header("X-Azure-Functions-InvocationId", &id)
+                    .header("User-Agent", "test-browser/1.0 Azure-Functions-Host/4.1040.300.0")
+            }
+        };
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        // The host copies a body only when Content-Length > 0.
-        if let Some(body) = body.filter(|b| !b.is_empty()) {
+        // The legacy mode copies a body only when Content-Length > 0; proxying streams it.
+        if let Some(body) = body.filter(|b| !b.is_empty() || self.mode == HostMode::Proxying) {
             req = req.body(body);
         }
         let resp = req.send().await.expect("the handler answers");
