@@ -82,7 +82,12 @@ impl App {
             None => None,
         };
         let store: Arc<dyn Store> = match (&config.store, &dataverse) {
-            (StoreConfig::Sqlite { path }, _) => Arc::new(SqliteStore::open(path)?),
+            (StoreConfig::Sqlite { path }, _) => {
+                Arc::new(SqliteStore::open(path).map_err(|e| match read_only(path) {
+                    Some(why) => ConfigError::new("SQLITE_PATH", format!("{e}: {why}")).into(),
+                    None => StartupError::from(e),
+                })?)
+            }
             (StoreConfig::Dataverse(dv), Some(client)) => {
                 Arc::new(DataverseStore::new(client.clone(), Schema::new(&dv.prefix)))
             }
@@ -305,9 +310,10 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
         {
             let path = config.secrets.dev_key_file.clone().unwrap_or_default();
             let spec = local_key(&path).map_err(|e| {
+                let why = read_only(&path).map(|why| format!("; {why}")).unwrap_or_default();
                 ConfigError::new(
                     &setting,
-                    format!("is not set and a local key could not be written to {}: {e}", path.display()),
+                    format!("is not set and a local key could not be written to {}: {e}{why}", path.display()),
                 )
             })?;
             tracing::warn!(
@@ -317,6 +323,25 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
             Keyring::parse(spec.trim()).map_err(|e| ConfigError::new(format!("{}", path.display()), e.0).into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Why nothing can be written next to `path`, when the reason is a read-only folder: a
+/// deployed package (Flex Consumption runs the zip mounted read-only) has no place for
+/// the embedded defaults, so the answer says what to set instead.
+fn read_only(path: &std::path::Path) -> Option<String> {
+    let dir = path.parent()?;
+    let probe = dir.join(format!(".write-probe-{}", crate::crypto::random_hex::<4>()));
+    let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::File::create_new(&probe).map(drop));
+    let _ = std::fs::remove_file(&probe);
+    match written {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => {
+            Some(format!(
+                "{} cannot be written: the app folder is read-only (a deployed package is mounted read-only): set STORE=dataverse with TOKEN_ENCRYPTION_KEYS or KEY_VAULT_URL for production, or SQLITE_PATH to a writable file such as /tmp/companion.db (lost when the instance stops)",
+                dir.display()
+            ))
+        }
+        _ => None,
     }
 }
 

@@ -79,6 +79,11 @@ fn serve() -> ExitCode {
         if let Some(file) = &settings.local_settings_file {
             tracing::info!("read settings from {}", file.display());
         }
+        for name in &settings.secrets_in_local_file {
+            tracing::warn!(
+                "local.settings.json holds a value for {name}: keep secrets out of files in the app folder (use Key Vault, or the environment)"
+            );
+        }
         let addr = config.listen.addr;
         let under_host = config.listen.under_host;
         let app = match App::build(settings, config).await {

@@ -1,5 +1,5 @@
 //! The function app foundation, tested as the Azure Functions host drives it: start-up
-//! and readiness, forwarded HTTP, the timer payload protocol, configuration errors,
+//! and readiness, proxied HTTP (host.json's mode) and the legacy forwarding mode, the timer payload protocol, configuration errors,
 //! the error model, and the function.json layout the host discovers.
 
 mod support;
@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{HandlerBuilder, host_rebuilt_query, timer_payload};
+use support::issuer::Issuer;
+use support::{HandlerBuilder, HostMode, host_rebuilt_query, timer_payload};
 
 #[tokio::test]
 async fn answers_readiness_and_health_as_the_host_starts_it() {
@@ -60,6 +61,29 @@ async fn without_the_host_it_serves_port_7071_and_reads_local_settings() {
     let v: Value = direct.json().await.unwrap();
     assert_eq!(v["under_functions_host"], false);
     assert!(h.logs.wait_for_line(|l| l.contains("local.settings.json")).is_some());
+}
+
+#[tokio::test]
+async fn a_secret_kept_in_local_settings_is_warned_about_by_name_only() {
+    let settings = json!({
+        "IsEncrypted": false,
+        "Values": {
+            "FUNCTIONS_WORKER_RUNTIME": "custom",
+            "XERO_CLIENT_SECRET": "s3cr3t-value-never-logged",
+            "TOKEN_ENCRYPTION_KEYS_SECRET": "token-encryption-keys"
+        }
+    });
+    // Under the host (Core Tools reads the file) and without it.
+    for b in [
+        HandlerBuilder::new(),
+        HandlerBuilder::new().standalone().env("LOCAL_HTTP_PORT", support::free_port().to_string()),
+    ] {
+        let h = b.file("local.settings.json", &settings.to_string()).start().await;
+        let warned = h.logs.wait_for_line(|l| l.contains("local.settings.json holds a value for"));
+        assert!(warned.as_deref().is_some_and(|l| l.contains("XERO_CLIENT_SECRET")), "{}", h.logs.all());
+        assert!(!h.logs.all().contains("s3cr3t-value"), "{}", h.logs.all());
+        assert!(!h.logs.all().contains("value for TOKEN_ENCRYPTION_KEYS_SECRET"), "it names a secret, holds none");
+    }
 }
 
 #[tokio::test]
@@ -175,6 +199,61 @@ async fn sigterm_stops_it_gracefully() {
     assert!(h.logs.wait_for_line(|l| l.contains("SIGTERM received")).is_some(), "{}", h.logs.all());
 }
 
+/// What a provider's redirect looks like on the wire, and what Dynamics reads back: the
+/// capture of `state`'s callback through the back office.
+async fn captured_code(h: &support::Handler, bearer: &str, state: &str) -> Value {
+    let r = h.json(Method::GET, &format!("/api/captures?state={state}"), Some(bearer), &Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["captures"][0].clone()
+}
+
+#[tokio::test]
+async fn proxying_mode_hands_the_callback_its_query_as_the_provider_sent_it() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).start().await;
+    assert_eq!(h.mode, HostMode::Proxying, "the harness drives host.json's mode by default");
+    let bearer = issuer.token();
+    // Encoded bytes arrive as sent: the code is the provider's, byte for byte.
+    h.expect_state(&bearer, "st-1").await;
+    let page = h.get("/api/oauth/callback?code=a%2Bb%2F%3D~c+d&state=st-1&iss=https%3A%2F%2Fop.example", &[]).await;
+    page.assert_html(200);
+    let cap = captured_code(&h, &bearer, "st-1").await;
+    assert_eq!(cap["code"], "a+b/=~c d");
+    assert_eq!(cap["iss"], "https://op.example");
+    // A parameter sent twice with different values reaches the handler as two, so RFC
+    // 6749 §3.1 can be enforced (the legacy mode joins them, see below).
+    h.expect_state(&bearer, "st-2").await;
+    let twice = h.get("/api/oauth/callback?state=st-2&code=one&code=two", &[]).await;
+    twice.assert_html(400);
+    assert!(twice.body.contains("twice"), "{}", twice.body);
+    // A form_post callback with a chunked body (no Content-Length) is read in full.
+    h.expect_state(&bearer, "st-3").await;
+    let posted = h
+        .post_chunked(
+            "/api/oauth/callback",
+            b"state=st-3&code=posted-code".to_vec(),
+            "application/x-www-form-urlencoded",
+        )
+        .await;
+    posted.assert_html(200);
+    assert_eq!(captured_code(&h, &bearer, "st-3").await["code"], "posted-code");
+}
+
+#[tokio::test]
+async fn legacy_forwarding_mode_still_works_with_its_known_losses() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).legacy_forwarding().start().await;
+    let bearer = issuer.token();
+    h.expect_state(&bearer, "st-1").await;
+    h.get("/api/oauth/callback?code=a%2Bb%2F%3D&state=st-1", &[]).await.assert_html(200);
+    assert_eq!(captured_code(&h, &bearer, "st-1").await["code"], "a+b/=");
+    // The host joined the repeated key before the handler saw it: a comma-joined value.
+    h.expect_state(&bearer, "st-2").await;
+    h.get("/api/oauth/callback?state=st-2&code=one&code=two", &[]).await.assert_html(200);
+    assert_eq!(captured_code(&h, &bearer, "st-2").await["code"], "one,two");
+    assert_eq!(h.get("/api/health", &[]).await.status, 200);
+}
+
 #[test]
 fn host_query_rebuilding_is_emulated() {
     assert_eq!(host_rebuilt_query("a=1&a=2&b=x+y"), "a=1%2C2&b=x%20y");
@@ -189,7 +268,8 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
     let host: Value = serde_json::from_str(&std::fs::read_to_string(root.join("host.json")).unwrap()).unwrap();
     assert_eq!(host["version"], "2.0");
     assert_eq!(host["customHandler"]["description"]["defaultExecutablePath"], "handler");
-    assert_eq!(host["customHandler"]["enableForwardingHttpRequest"], true);
+    assert_eq!(host["customHandler"]["enableProxyingHttpRequest"], true);
+    assert!(host["customHandler"].get("enableForwardingHttpRequest").is_none(), "one mode, not both");
     assert!(host["extensionBundle"]["id"].is_string());
     let local: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("local.settings.json")).unwrap()).unwrap();
@@ -228,8 +308,9 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
         if let Some(trigger) =
             bindings.iter().find(|b| b["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("httpTrigger")))
         {
-            // Forwarded functions need exactly one httpTrigger in and one http out.
-            assert_eq!(bindings.len(), 2, "{name}: forwarding needs exactly httpTrigger + http");
+            // The host proxies (or forwards) only a function with exactly one httpTrigger in
+            // and one http out; any other shape silently gets the JSON payload instead.
+            assert_eq!(bindings.len(), 2, "{name}: proxying needs exactly httpTrigger + http");
             assert!(bindings.iter().any(|b| b["type"] == "http" && b["direction"] == "out"), "{name}");
             assert_eq!(
                 trigger["authLevel"], "anonymous",

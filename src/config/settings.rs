@@ -20,6 +20,9 @@ pub struct Settings {
     values: HashMap<String, String>,
     /// Where the file values came from, for the start-up log line.
     pub local_settings_file: Option<PathBuf>,
+    /// Settings in the app root's `local.settings.json` whose names say they hold a
+    /// secret and that have a value there: start-up warns about each (names only).
+    pub secrets_in_local_file: Vec<String>,
     /// `Host.LocalHttpPort` / `Host.LocalHttpAddress` from local.settings.json.
     pub(super) local_host: LocalHost,
     /// The function app's root (`FUNCTIONS_APP_ROOT_PATH`, else the working directory):
@@ -41,10 +44,12 @@ impl Settings {
         let under_host = env.contains_key("FUNCTIONS_CUSTOMHANDLER_PORT");
         let root = app_root_from(&env);
         let mut settings = Settings { app_root: root.clone(), ..Settings::default() };
-        if !under_host {
-            let path = root.join("local.settings.json");
-            if path.is_file() {
-                settings.read_local_settings(&path)?;
+        let path = root.join("local.settings.json");
+        if path.is_file() {
+            // Under the host (Core Tools) the file's values arrive as the environment;
+            // it is still read for the warning about secrets kept in it.
+            settings.read_local_settings(&path, !under_host)?;
+            if !under_host {
                 settings.local_settings_file = Some(path);
             }
         }
@@ -70,7 +75,7 @@ impl Settings {
         if p.is_absolute() { p } else { self.app_root.join(p) }
     }
 
-    fn read_local_settings(&mut self, path: &Path) -> Result<(), ConfigError> {
+    fn read_local_settings(&mut self, path: &Path, apply: bool) -> Result<(), ConfigError> {
         let setting = "local.settings.json";
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
@@ -86,8 +91,16 @@ impl Settings {
                     serde_json::Value::Null => continue,
                     other => other.to_string(),
                 };
-                self.values.insert(name.clone(), value);
+                if holds_secret(name, &value) {
+                    self.secrets_in_local_file.push(name.clone());
+                }
+                if apply {
+                    self.values.insert(name.clone(), value);
+                }
             }
+        }
+        if !apply {
+            return Ok(());
         }
         if let Some(host) = doc.get("Host") {
             self.local_host.port =
@@ -137,6 +150,23 @@ impl Settings {
     }
 }
 
+/// Whether a setting with this name and value holds a secret: its name says so
+/// (`..._SECRET`, `...PASSWORD...`, `..._KEY(S)`) and it is not one of the settings that
+/// *name* a secret or a vault; or it is a storage connection string with an account key.
+fn holds_secret(name: &str, value: &str) -> bool {
+    const NAMES_A_SECRET: [&str; 4] =
+        ["TOKEN_ENCRYPTION_KEYS_SECRET", "CAPTURE_STATE_KEY_SECRET", "SECRETS_CACHE_SECONDS", "KEY_VAULT_URL"];
+    let n = name.to_ascii_uppercase();
+    if value.trim().is_empty() || NAMES_A_SECRET.contains(&n.as_str()) || n.ends_with("_SECRET_NAME") {
+        return false;
+    }
+    n.contains("SECRET")
+        || n.contains("PASSWORD")
+        || n.ends_with("_KEY")
+        || n.ends_with("_KEYS")
+        || value.contains("AccountKey=")
+}
+
 /// Parses a URL the handler will call or hand out. HTTPS is required except for
 /// loopback hosts, which local development and the tests use.
 pub fn parse_service_url(v: &str) -> Result<Url, String> {
@@ -162,5 +192,22 @@ fn app_root_from(env: &HashMap<String, String>) -> PathBuf {
     match env.get("FUNCTIONS_APP_ROOT_PATH").filter(|s| !s.is_empty()) {
         Some(p) => PathBuf::from(p),
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_secret;
+
+    #[test]
+    fn secret_named_settings_are_told_from_settings_that_name_a_secret() {
+        assert!(holds_secret("TOKEN_ENCRYPTION_KEYS", "k1:AAAA"));
+        assert!(holds_secret("XERO_CLIENT_SECRET", "s"));
+        assert!(holds_secret("AzureWebJobsStorage", "DefaultEndpointsProtocol=https;AccountKey=abc"));
+        assert!(!holds_secret("AzureWebJobsStorage", "UseDevelopmentStorage=true"));
+        assert!(!holds_secret("TOKEN_ENCRYPTION_KEYS_SECRET", "token-encryption-keys"));
+        assert!(!holds_secret("KEY_VAULT_URL", "https://v.vault.azure.net"));
+        assert!(!holds_secret("XERO_CLIENT_SECRET", ""));
+        assert!(!holds_secret("PUBLIC_BASE_URL", "http://localhost:7071"));
     }
 }
