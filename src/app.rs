@@ -13,11 +13,13 @@ use crate::captures::Captures;
 use crate::config::{
     CaptureMode, Config, ConfigError, CredentialConfig, DataverseConfig, FnoConfig, Settings, StoreConfig,
 };
+use crate::connections::events::{Events, NoEvents, StatusChange};
 use crate::connections::{Connections, Deps};
 use crate::crypto::Keyring;
 use crate::dataverse::Dataverse;
 use crate::dataverse::provision::Schema;
 use crate::fno::Fno;
+use crate::notify::{Event, Webhook};
 use crate::oauth::catalog::Catalog;
 use crate::oauth::client::HttpTokenEndpoint;
 use crate::outbound;
@@ -48,6 +50,7 @@ pub struct App {
     pub anonymous: tokio::sync::Semaphore,
     /// Callback hits per client address (`CALLBACK_RATE_PER_MINUTE`).
     pub callback_rate: Throttle<std::net::IpAddr>,
+    last_timer: std::sync::Mutex<Option<TimerRun>>,
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -106,6 +109,13 @@ impl App {
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let endpoint = Arc::new(HttpTokenEndpoint { http: http.clone(), secrets: secrets.clone() });
+        let events: Arc<dyn Events> = match &config.webhook {
+            Some(w) => {
+                let key = secrets.get(&w.key_secret).await?;
+                Arc::new(WebhookEvents(Webhook::start(w.url.clone(), key, http.clone())))
+            }
+            None => Arc::new(NoEvents),
+        };
         let connections = Connections::new(Deps {
             store: store.clone(),
             keys: keys.clone(),
@@ -114,6 +124,7 @@ impl App {
             clock: clock.clone(),
             cfg: config.oauth.clone(),
             redirect_uri: config.redirect_uri.clone(),
+            events,
         });
         let policy = config.oauth.capture_policy.clone();
         let state_key = match &policy.state_key_secret {
@@ -131,6 +142,7 @@ impl App {
         Ok(App {
             anonymous,
             callback_rate,
+            last_timer: Default::default(),
             config,
             started,
             started_at: crate::time::now(),
@@ -143,6 +155,14 @@ impl App {
             portal,
             http,
         })
+    }
+
+    pub fn record_timer_run(&self, run: TimerRun) {
+        *self.last_timer.lock().unwrap_or_else(|e| e.into_inner()) = Some(run);
+    }
+
+    pub fn last_timer_run(&self) -> Option<TimerRun> {
+        *self.last_timer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Loads, in the background and all at once, what a cold instance's first requests
@@ -323,6 +343,35 @@ async fn load_keys(config: &Config, secrets: &dyn SecretSource) -> Result<Keyrin
             Keyring::parse(spec.trim()).map_err(|e| ConfigError::new(format!("{}", path.display()), e.0).into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What the last timer run in this process did (for `/api/health`).
+#[derive(Debug, Clone, Copy)]
+pub struct TimerRun {
+    /// Unix seconds.
+    pub at: i64,
+    pub ms: u64,
+    pub refreshed: usize,
+    pub needs_reauth: usize,
+    pub failed: usize,
+}
+
+/// Status changes as signed webhook events.
+struct WebhookEvents(Webhook);
+
+impl Events for WebhookEvents {
+    fn status_changed(&self, c: StatusChange) {
+        let status = c.to.map(|s| s.as_str()).unwrap_or("deleted");
+        self.0.send(Event::status_changed(
+            c.connection_id,
+            c.provider,
+            c.owner,
+            c.from.map(|s| s.as_str()),
+            status,
+            c.detail,
+            c.at,
+        ));
     }
 }
 

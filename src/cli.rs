@@ -34,6 +34,10 @@ pub enum Command {
     /// Check the configuration: every secret it names, a token for every Azure resource,
     /// the back-office issuer's keys and the store. Exits non-zero when something fails.
     Check,
+    /// Seal every stored token set and pending authorization again with the current
+    /// (first) key of TOKEN_ENCRYPTION_KEYS, then say how many records still need each
+    /// older key. Safe while the app runs. Exits non-zero when some remain.
+    Reseal,
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -47,6 +51,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(),
         Command::Provision { key_timeout_seconds } => provision(key_timeout_seconds),
         Command::Check => check(),
+        Command::Reseal => reseal(),
         Command::NewKey { id } => {
             println!("{}", crate::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -66,7 +71,7 @@ fn serve() -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    crate::logging::init(&config.log_filter);
+    crate::logging::init(&config.log_filter, config.log_format);
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -129,7 +134,7 @@ fn load() -> Result<(Settings, Config), ExitCode> {
 /// Settings and configuration for an operator sub-command, which logs warnings only.
 fn load_for_tool() -> Result<(Settings, Config), ExitCode> {
     let loaded = load()?;
-    crate::logging::init("warn");
+    crate::logging::init("warn", loaded.1.log_format);
     Ok(loaded)
 }
 
@@ -140,18 +145,40 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .map_err(|e| fail(format!("cannot start the async runtime: {e}")))
 }
 
+/// An operator sub-command's settings, configuration and runtime, or its exit code.
+fn tool() -> Result<(Settings, Config, tokio::runtime::Runtime), ExitCode> {
+    let (settings, config) = load_for_tool()?;
+    Ok((settings, config, runtime()?))
+}
+
 fn check() -> ExitCode {
-    let (settings, config) = match load_for_tool() {
+    let (settings, config, rt) = match tool() {
         Ok(v) => v,
-        Err(code) => return code,
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
         Err(code) => return code,
     };
     let report = rt.block_on(crate::check::run(settings, config));
     print!("{}", report.render());
     if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn reseal() -> ExitCode {
+    let (settings, config, rt) = match tool() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let app = match App::build(settings, config).await {
+            Ok(app) => app,
+            Err(e) => return fail(e),
+        };
+        match app.connections.reseal(usize::MAX).await {
+            Ok(report) => {
+                println!("{}", report.line());
+                if report.done() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => fail(e),
+        }
+    })
 }
 
 fn provision(key_timeout_seconds: u64) -> ExitCode {

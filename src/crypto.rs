@@ -138,6 +138,24 @@ impl Keyring {
         self.ring().keys[0].id.clone()
     }
 
+    /// The id of the key `sealed` was sealed with (`v1.<id>.<data>`).
+    pub fn sealed_with(sealed: &str) -> Option<&str> {
+        let mut parts = sealed.splitn(3, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("v1"), Some(id), Some(_)) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// `sealed` sealed again with the current key, or `None` when it already is.
+    pub fn reseal(&self, sealed: &str, aad: &str) -> Result<Option<String>, CryptoError> {
+        if Keyring::sealed_with(sealed) == Some(self.current_id().as_str()) {
+            return Ok(None);
+        }
+        let plain = self.open(sealed, aad)?;
+        Ok(Some(self.seal(&plain, aad)))
+    }
+
     /// Encrypts with the current key. `aad` names the record and field.
     pub fn seal(&self, plaintext: &[u8], aad: &str) -> String {
         let ring = self.ring();
@@ -302,6 +320,11 @@ fn connection_tag(connection_id: &str) -> [u8; STATE_TAG_LEN] {
     let mut tag = [0u8; STATE_TAG_LEN];
     tag.copy_from_slice(&digest[..STATE_TAG_LEN]);
     tag
+}
+
+/// HMAC-SHA256 of the concatenated `parts` (webhook signatures, signed states).
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    hmac(key, parts)
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {

@@ -10,7 +10,7 @@
 //!   [`captures`], [`sweep`] (the timer's work), [`oauth`] (the catalog, the token
 //!   endpoint seam, secret types) and [`portal`] (who a portal user is);
 //! - persistence and Azure clients: [`store`], [`dataverse`], [`fno`], [`secrets`],
-//!   [`azure`], [`auth`];
+//!   [`azure`], [`auth`], [`notify`];
 //! - leaves: [`outbound`] (the pooled HTTPS client, upstream timing, back-off, the cache),
 //!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`].
 
@@ -26,6 +26,7 @@ pub mod crypto;
 pub mod dataverse;
 pub mod fno;
 pub mod logging;
+pub mod notify;
 pub mod oauth;
 pub mod outbound;
 pub mod portal;

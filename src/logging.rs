@@ -17,15 +17,25 @@ use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
+/// How each line is written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event: the default, and what the Functions host shows.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `message`, the event's fields and
+    /// its spans), for log pipelines that parse lines. Redacted like text.
+    Json,
+}
+
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
-pub fn init(filter: &str) {
+pub fn init(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(SplitWriter)
-        .with_ansi(false)
-        .with_target(false)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(SplitWriter).with_ansi(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(true).try_init(),
+    };
 }
 
 /// Names whose values are secret wherever they appear in a line.

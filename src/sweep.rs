@@ -22,6 +22,10 @@ const MAX_BUDGET_MS: i64 = 240_000;
 /// The furthest ahead a run refreshes, whatever the payload's `ScheduleStatus.Next` says:
 /// a forged or broken `Next` must not refresh every connection at once.
 const MAX_LOOKAHEAD_SECS: i64 = 3600;
+/// Records one run seals again with the current key after a rotation; the rest wait for
+/// the next run (or `handler reseal`). A run after a pass that left nothing under an
+/// older key, with the same current key, does not scan at all.
+const RESEAL_BATCH: usize = 200;
 
 /// Everything the timer did, for its invocation logs.
 #[derive(Debug, Default)]
@@ -34,6 +38,8 @@ pub struct SweepReport {
     pub purged_captures: u64,
     pub captures_delivered: usize,
     pub captures_pending: usize,
+    /// The key-rotation pass, when one ran (see [`RESEAL_BATCH`]).
+    pub reseal: Option<crate::connections::reseal::ResealReport>,
     pub errors: Vec<String>,
 }
 
@@ -48,6 +54,9 @@ impl SweepReport {
                 "captures: {} delivered to F&O, {} still pending",
                 self.captures_delivered, self.captures_pending
             ));
+        }
+        if let Some(r) = &self.reseal {
+            lines.push(r.line());
         }
         lines.extend(self.errors.iter().cloned());
         lines
@@ -144,6 +153,13 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
     }
     if let Err(e) = captures.purge_expectations().await {
         report.errors.push(format!("could not purge expired capture registrations: {e}"));
+    }
+    let settled = connections.last_reseal().is_some_and(|r| r.done() && r.current_key == connections.current_key());
+    if !settled {
+        match connections.reseal(RESEAL_BATCH).await {
+            Ok(r) => report.reseal = Some(r),
+            Err(e) => report.errors.push(format!("could not seal records again with the current key: {e}")),
+        }
     }
     report
 }

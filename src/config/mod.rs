@@ -62,6 +62,24 @@ pub struct Config {
     pub portal: PortalConfig,
     pub secrets: SecretsConfig,
     pub log_filter: String,
+    pub log_format: crate::logging::LogFormat,
+    /// Where status-change events go, and the secret (by name) that signs them.
+    pub webhook: Option<WebhookConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: Url,
+    pub key_secret: String,
+}
+
+impl WebhookConfig {
+    fn from_settings(s: &Settings) -> Result<Option<WebhookConfig>, ConfigError> {
+        let Some(url) = s.url("WEBHOOK_URL")? else { return Ok(None) };
+        let key_secret = s.get("WEBHOOK_SIGNING_KEY_SECRET").unwrap_or("webhook-signing-key").to_string();
+        validate_secret_name(&key_secret).map_err(|e| ConfigError::new("WEBHOOK_SIGNING_KEY_SECRET", e))?;
+        Ok(Some(WebhookConfig { url, key_secret }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +289,14 @@ impl Config {
             back_office: BackOfficeAuth::from_settings(s)?,
             portal: PortalConfig::from_settings(s)?,
             log_filter: s.get("LOG_LEVEL").or_else(|| s.get("RUST_LOG")).unwrap_or("info").to_string(),
+            log_format: match s.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+                None | Some("text") => crate::logging::LogFormat::Text,
+                Some("json") => crate::logging::LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError::new("LOG_FORMAT", format!("expected text or json, got {other:?}")));
+                }
+            },
+            webhook: WebhookConfig::from_settings(s)?,
             listen,
             store,
             dataverse,

@@ -135,22 +135,29 @@ pub enum CallbackFailure {
 }
 
 impl Connections {
-    /// Creates a connection and returns the URL to send the person to.
-    pub async fn start(&self, req: NewConnection) -> Result<StartedAuthorization, ConnectionError> {
-        let provider = self.provider(&req.provider)?.clone();
-        let id = match req.connection_id {
+    /// What every new record needs checked first: its provider, its id (a random one when
+    /// none is given), its owner and its scopes (the provider's when none are given).
+    pub(super) fn new_record(
+        &self,
+        provider: &str,
+        connection_id: Option<String>,
+        owner: Option<&str>,
+        scopes: Option<Vec<String>>,
+    ) -> Result<(Provider, String, Vec<String>), ConnectionError> {
+        let provider = self.provider(provider)?.clone();
+        let id = match connection_id {
             Some(id) => validate_id(&id)?,
             None => crypto::random_hex::<16>(),
         };
-        if let Some(owner) = &req.owner
-            && (owner.is_empty() || owner.len() > 200 || owner.chars().any(char::is_control))
-        {
-            return Err(ConnectionError::Invalid(
-                InvalidInput::Owner,
-                "owner must be 1-200 printable characters.".into(),
-            ));
-        }
-        let scopes = validate_scopes(req.scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
+        validate_owner(owner)?;
+        let scopes = validate_scopes(scopes.unwrap_or_else(|| provider.scopes.clone()), &provider)?;
+        Ok((provider, id, scopes))
+    }
+
+    /// Creates a connection and returns the URL to send the person to.
+    pub async fn start(&self, req: NewConnection) -> Result<StartedAuthorization, ConnectionError> {
+        let (provider, id, scopes) =
+            self.new_record(&req.provider, req.connection_id, req.owner.as_deref(), req.scopes)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
         let t = self.deps.clock.now();
         let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.portal, t);
@@ -485,8 +492,17 @@ async fn record_when_back(store: Arc<dyn Store>, clock: Arc<dyn Clock>, id: Stri
     tracing::warn!(connection = %id, "the store stayed unavailable; the failed authorization was not recorded");
 }
 
-fn pending_aad(id: &str) -> String {
+pub(super) fn pending_aad(id: &str) -> String {
     format!("connection:{id}:pending")
+}
+
+fn validate_owner(owner: Option<&str>) -> Result<(), ConnectionError> {
+    match owner {
+        Some(o) if o.is_empty() || o.len() > 200 || o.chars().any(char::is_control) => {
+            Err(ConnectionError::Invalid(InvalidInput::Owner, "owner must be 1-200 printable characters.".into()))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn validate_id(id: &str) -> Result<String, ConnectionError> {

@@ -18,7 +18,10 @@
 
 pub mod authorize;
 mod cache;
+pub mod events;
+pub mod import;
 pub mod refresh;
+pub mod reseal;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -32,7 +35,7 @@ use crate::crypto::{self, CryptoError, Keyring};
 use crate::oauth::catalog::{Catalog, Provider};
 use crate::oauth::{ErrorCode, OAuthError, TokenEndpoint, TokenHint, TokenSet};
 use crate::outbound::Backoff;
-use crate::store::{Changes, Connection, ListFilter, Store, StoreError};
+use crate::store::{Changes, Connection, ListFilter, Status, Store, StoreError};
 use crate::time::Clock;
 
 pub use authorize::{BindFailure, Bound, CallbackFailure, Completed, NewConnection, PortalFlow, StartedAuthorization};
@@ -42,6 +45,8 @@ pub use cache::CachedToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InvalidInput {
     UnknownProvider,
+    /// An import without a usable refresh token, or with an expiry in the past.
+    ImportedTokens,
     ConnectionId,
     Owner,
     Scopes,
@@ -69,6 +74,9 @@ pub enum ConnectionError {
     Store(#[from] StoreError),
     #[error("stored data could not be decrypted: {0}")]
     Crypto(#[from] CryptoError),
+    /// An imported refresh token the provider refused: nothing was kept.
+    #[error("the provider refused the imported refresh token ({detail}); nothing was kept")]
+    ImportRefused { detail: String },
 }
 
 /// A change to a record that must not be applied after all (see [`Connections::modify`]).
@@ -95,6 +103,8 @@ pub struct Deps {
     pub cfg: OAuthConfig,
     /// The fixed redirect URI registered with every provider.
     pub redirect_uri: Url,
+    /// Told of every stored status change.
+    pub events: Arc<dyn events::Events>,
 }
 
 pub struct Connections {
@@ -102,6 +112,8 @@ pub struct Connections {
     /// This process's name in refresh leases.
     instance: String,
     cache: cache::TokenCache,
+    /// The last key-rotation pass ([`Connections::reseal`]).
+    last_reseal: std::sync::Mutex<Option<reseal::ResealReport>>,
 }
 
 /// Store writes retry transient failures for `STORE_RETRY_SECONDS` (30 s by default):
@@ -111,7 +123,7 @@ const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::
 impl Connections {
     pub fn new(deps: Deps) -> Connections {
         let cache = cache::TokenCache::new(deps.cfg.token_cache_ttl);
-        Connections { deps, instance: crypto::random_token::<9>(), cache }
+        Connections { deps, instance: crypto::random_token::<9>(), cache, last_reseal: Default::default() }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -214,11 +226,35 @@ impl Connections {
             }
         }
         self.cache.remove(id);
+        self.deps.events.status_changed(events::StatusChange {
+            connection_id: current.id.clone(),
+            provider: current.provider.clone(),
+            owner: current.owner.clone(),
+            from: Some(current.status),
+            to: None,
+            detail: None,
+            at: self.deps.clock.now(),
+        });
         tracing::info!(connection = %id, revoked, "connection deleted");
         Ok(revoked)
     }
 
     // ----- the one way to change a record -------------------------------------------
+
+    /// Raises the event for a stored status change of `c` (now in its new status).
+    pub(crate) fn status_changed(&self, c: &Connection, from: Option<Status>) {
+        let detail =
+            matches!(c.status, Status::NeedsReauth | Status::Failed).then(|| c.status_detail.clone()).flatten();
+        self.deps.events.status_changed(events::StatusChange {
+            connection_id: c.id.clone(),
+            provider: c.provider.clone(),
+            owner: c.owner.clone(),
+            from,
+            to: Some(c.status),
+            detail,
+            at: self.deps.clock.now(),
+        });
+    }
 
     /// Applies `change` to the latest version of a connection and stores it, re-reading
     /// on a version conflict and retrying transient store errors with backoff (for up to
@@ -255,6 +291,9 @@ impl Connections {
             match self.deps.store.update(&next, &current.version).await {
                 Ok(v) => {
                     next.version = v;
+                    if next.status != current.status {
+                        self.status_changed(&next, Some(current.status));
+                    }
                     return Ok(next);
                 }
                 Err(StoreError::Conflict(_)) => continue,

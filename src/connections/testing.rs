@@ -232,6 +232,7 @@ pub fn fixture() -> Fx {
         clock: clock.clone(),
         cfg,
         redirect_uri: Url::parse("https://dc.example/api/oauth/callback").unwrap(),
+        events: Arc::new(super::events::NoEvents),
     });
     Fx { conns, sqlite, racing, clock, endpoint, keys, _dir: dir }
 }

@@ -38,7 +38,7 @@ struct SealedTokens {
 }
 
 impl TokenSet {
-    fn aad(connection_id: &str) -> String {
+    pub fn aad(connection_id: &str) -> String {
         format!("connection:{connection_id}:tokens")
     }
 

@@ -5,7 +5,9 @@
 use warp::http::{Method, StatusCode, header};
 
 use super::mapping::{Closed, configured};
-use super::views::{ConnectionView, ReconnectRequest, StartRequest, Started, TokenRequest, TokenResponse};
+use super::views::{
+    ConnectionView, ImportRequest, ReconnectRequest, StartRequest, Started, TokenRequest, TokenResponse,
+};
 use super::{ApiError, Request, Response, proxy, response};
 use crate::app::App;
 use crate::auth::Caller;
@@ -70,6 +72,16 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
         format!("/api/connections?{}", q.finish())
     });
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "connections": views, "next": next })))
+}
+
+/// `POST /api/connections/import`: takes over a connection from another token keeper
+/// (its refresh token, verified by one refresh before the answer).
+pub async fn import(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let who = caller(app, &req).await?;
+    let body: ImportRequest = req.json().await?;
+    let imported = app.connections.import(body.into()).await?;
+    tracing::info!(connection = %imported.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "import");
+    Ok(response::json(StatusCode::CREATED, &ConnectionView::from(&imported.connection)))
 }
 
 /// The opaque page cursor: where a page ended, in the list's order.

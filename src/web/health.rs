@@ -33,10 +33,32 @@ pub async fn handle(app: &App) -> Result<Response, ApiError> {
             "store": store,
             "providers": { "ready": true, "count": app.connections.catalog().len() },
             "secrets": { "source": app.secrets.describe() },
-            "encryption": { "current_key_id": app.keys.current_id() },
+            "encryption": encryption(app),
             "back_office_auth": back_office,
         },
     });
+    let mut body = body;
+    if let Some(run) = app.last_timer_run() {
+        body["timer"] = json!({
+            "last_run_at": crate::time::rfc3339(run.at),
+            "last_run_ms": run.ms,
+            "refreshed": run.refreshed,
+            "needs_reauth": run.needs_reauth,
+            "failed": run.failed,
+        });
+    }
     let status = if store_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok(response::json(status, &body))
+}
+
+/// The current key, and how many records the last key-rotation pass (the timer's or
+/// `handler reseal` in this process) left under each older key: an older key may be
+/// removed once its count is zero on every instance's report, or `handler reseal` says so.
+fn encryption(app: &App) -> serde_json::Value {
+    let mut e = json!({ "current_key_id": app.keys.current_id() });
+    if let Some(r) = app.connections.last_reseal() {
+        e["records_under_older_keys"] = json!(r.remaining);
+        e["checked_for_key"] = json!(r.current_key);
+    }
+    e
 }

@@ -18,6 +18,7 @@ impl InvalidInput {
             InvalidInput::Owner => "invalid-owner",
             InvalidInput::Scopes => "invalid-scopes",
             InvalidInput::ReturnUrl => "invalid-return-url",
+            InvalidInput::ImportedTokens => "invalid-imported-tokens",
         }
     }
 }
@@ -40,6 +41,9 @@ impl From<ConnectionError> for ApiError {
             ConnectionError::Provider(e) => ApiError::bad_gateway("provider-error", e.to_string()),
             ConnectionError::Store(e) => e.into(),
             ConnectionError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
+            e @ ConnectionError::ImportRefused { .. } => {
+                ApiError::new(warp::http::StatusCode::UNPROCESSABLE_ENTITY, "import-refused", e.to_string())
+            }
         }
     }
 }

@@ -49,6 +49,9 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "connections"] => {
             route!("/api/connections", Api, [Method::GET, Method::POST], connections::collection(app, req))
         }
+        ["api", "connections", "import"] if m == Method::POST => {
+            route!("/api/connections/import", Api, [Method::POST], connections::import(app, req))
+        }
         ["api", "connections", id] => {
             route!("/api/connections/{id}", Api, [Method::GET, Method::DELETE], connections::item(app, req, id))
         }

@@ -98,7 +98,15 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if info.is_past_due {
         logs.push("The timer is past due; running now.".to_string());
     }
+    let started = std::time::Instant::now();
     let report = crate::sweep::run(&app.connections, &app.captures, next_run).await;
+    app.record_timer_run(crate::app::TimerRun {
+        at: crate::time::now(),
+        ms: started.elapsed().as_millis() as u64,
+        refreshed: report.refreshed,
+        needs_reauth: report.needs_reauth,
+        failed: report.failed,
+    });
     logs.extend(report.lines());
     for line in &logs {
         tracing::info!(target: "timer", "{line}");

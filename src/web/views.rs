@@ -1,9 +1,11 @@
 //! What callers send and receive, as serde types: the wire shape of the API, kept apart
 //! from the domain's types so either can change without the other noticing.
 
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::captures::OpenedCapture;
+use crate::connections::import::Import;
 use crate::connections::{CachedToken, NewConnection, StartedAuthorization};
 use crate::store::{Connection, Status};
 use crate::time::{now, rfc3339};
@@ -32,6 +34,39 @@ impl From<StartRequest> for NewConnection {
             scopes: r.scopes,
             return_url: r.return_url,
             portal: Default::default(),
+        }
+    }
+}
+
+/// `POST /api/connections/import`: a connection another token keeper held.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    pub provider: String,
+    #[serde(default)]
+    pub connection_id: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    pub refresh_token: String,
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// Unix seconds, with `access_token`.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+}
+
+impl From<ImportRequest> for Import {
+    fn from(r: ImportRequest) -> Import {
+        Import {
+            provider: r.provider,
+            connection_id: r.connection_id,
+            owner: r.owner,
+            scopes: r.scopes,
+            refresh_token: SecretString::from(r.refresh_token),
+            access_token: r.access_token.map(SecretString::from),
+            expires_at: r.expires_at,
         }
     }
 }

@@ -1,0 +1,279 @@
+//! Operations (issue [7/7]): JSON log lines, signed status-change events, key rotation to
+//! the end (`handler reseal`) under a refresh storm, and importing a connection from
+//! another token keeper.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use support::flow::{Setup, world};
+
+#[tokio::test]
+async fn json_log_lines_parse_and_carry_no_secret() {
+    let w = world(Setup { env: vec![("LOG_FORMAT", "json".into())], ..Default::default() }).await;
+    w.connect("json-logs").await;
+    let token = w.access_token("json-logs").await;
+    // The callback's request line has arrived once some line names its route.
+    let seen_route = w.h.logs.wait_for_line(|l| l.contains("/api/oauth/callback"));
+    assert!(seen_route.is_some(), "{}", w.h.logs.all());
+    let logs = w.h.logs.all();
+    let mut lines = 0;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 5, "{logs}");
+    let mut secrets = w.peer.issued_tokens().await;
+    secrets.extend(w.seen.lock().unwrap().iter().cloned());
+    secrets.push(token);
+    secrets.push(w.bearer.clone());
+    for s in secrets {
+        assert!(!logs.contains(&s), "a secret reached the logs: {s}");
+    }
+}
+
+/// One delivery: the signature header, the event id header, the raw body.
+type Delivery = (String, String, Vec<u8>);
+
+/// A receiver of the handler's webhook: every request's signature header, event id and
+/// raw body, in arrival order.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Delivery>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        use warp::Filter;
+        let got: Arc<Mutex<Vec<Delivery>>> = Default::default();
+        let sink = got.clone();
+        let route = warp::post()
+            .and(warp::header::<String>("x-dc-signature"))
+            .and(warp::header::<String>("x-dc-event-id"))
+            .and(warp::body::bytes())
+            .map(move |sig: String, id: String, body: bytes::Bytes| {
+                sink.lock().unwrap().push((sig, id, body.to_vec()));
+                warp::reply()
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}/hook", listener.local_addr().unwrap().port());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            warp::serve(route)
+                .incoming(listener)
+                .graceful(async {
+                    let _ = rx.await;
+                })
+                .run(),
+        );
+        Receiver { url, got, _stop: tx }
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Delivery> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.got.lock().unwrap().len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// What a receiver does: the MAC over `t.body` with the shared key, a timestamp no older
+/// than five minutes, and an id it has not seen before.
+fn verify(key: &[u8], header: &str, body: &[u8], now: i64, seen: &mut Vec<String>) -> Result<Value, &'static str> {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", x)) => t = x.parse::<i64>().ok(),
+            Some(("v1", x)) => v1 = Some(x.to_string()),
+            _ => {}
+        }
+    }
+    let (t, v1) = (t.ok_or("no t")?, v1.ok_or("no v1")?);
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    if expected != v1 {
+        return Err("bad signature");
+    }
+    if (now - t).abs() > 300 {
+        return Err("stale");
+    }
+    let event: Value = serde_json::from_slice(body).map_err(|_| "not JSON")?;
+    let id = event["id"].as_str().ok_or("no id")?.to_string();
+    if seen.contains(&id) {
+        return Err("replayed");
+    }
+    seen.push(id);
+    Ok(event)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_grant_sends_exactly_one_signed_needs_reauth_event() {
+    let receiver = Receiver::start().await;
+    let key = "a-webhook-signing-key-shared-with-the-flow";
+    let w = world(Setup {
+        env: vec![("WEBHOOK_URL", receiver.url.clone()), ("WEBHOOK_SIGNING_KEY", key.into())],
+        ..Default::default()
+    })
+    .await;
+    w.connect("hooked").await;
+    w.peer
+        .faults(json!({ "token_endpoint": { "status": 400, "count": 1, "body": { "error": "invalid_grant", "error_description": "revoked by the user" } } }))
+        .await;
+    let r = w.token("hooked", true).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    // Twice more: the connection is already needs_reauth, so no further event.
+    assert_eq!(w.token("hooked", true).await.status, 409);
+    assert_eq!(w.token("hooked", false).await.status, 409);
+
+    let got = receiver.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_after = receiver.got.lock().unwrap().clone();
+    assert_eq!(got_after.len(), 2, "active, then needs_reauth, and nothing else: {got_after:?}");
+    let now = support::seed::now();
+    let mut seen = Vec::new();
+    let events: Vec<Value> =
+        got.iter().map(|(sig, _, body)| verify(key.as_bytes(), sig, body, now, &mut seen).unwrap()).collect();
+    assert_eq!(events[0]["status"], "active");
+    assert_eq!(events[0]["previous_status"], "pending");
+    let reauth = &events[1];
+    assert_eq!(reauth["type"], "connection.status_changed");
+    assert_eq!(reauth["connection_id"], "hooked");
+    assert_eq!(reauth["status"], "needs_reauth");
+    assert_eq!(reauth["previous_status"], "active");
+    assert!(reauth["detail"].as_str().unwrap().contains("revoked by the user"), "{reauth}");
+    assert_eq!(got[1].1, reauth["id"].as_str().unwrap(), "the id header names the body's event");
+    // The same request delivered again is told apart; so is a body someone changed.
+    let (sig, _, body) = &got[1];
+    assert_eq!(verify(key.as_bytes(), sig, body, now, &mut seen), Err("replayed"));
+    let mut forged = body.clone();
+    forged.extend_from_slice(b" ");
+    assert_eq!(verify(key.as_bytes(), sig, &forged, now, &mut Vec::new()), Err("bad signature"));
+    assert_eq!(verify(key.as_bytes(), sig, body, now + 3600, &mut Vec::new()), Err("stale"));
+    assert_eq!(verify(b"another key", sig, body, now, &mut Vec::new()), Err("bad signature"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reseal_moves_every_record_to_the_current_key_during_a_refresh_storm() {
+    use dynamics_companion::crypto::Keyring;
+    let old = Keyring::generate_spec("k1");
+    let new = Keyring::generate_spec("k2");
+    let w = world(Setup { env: vec![("TOKEN_ENCRYPTION_KEYS", old.clone())], ..Default::default() }).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("rot-{i:02}")).collect();
+    for id in &ids {
+        w.connect(id).await;
+    }
+    let db = w.h.root.join(".data/companion.db");
+    let under = |key: &str| -> i64 {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.query_row("SELECT COUNT(*) FROM connections WHERE tokens LIKE ?1", [format!("v1.{key}.%")], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(under("k1"), 12);
+
+    // Rotation: every instance now has k2 first and k1 still listed.
+    let rotated = format!("{new},{old}");
+    let h2 = support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &rotated).start().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let (stop, base, bearer, ids) = (stop.clone(), h2.base.clone(), w.bearer.clone(), ids.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut ok = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let calls = ids.iter().map(|id| {
+                    http.post(format!("{base}/api/connections/{id}/token"))
+                        .bearer_auth(&bearer)
+                        .json(&json!({ "force_refresh": true }))
+                        .send()
+                });
+                for r in futures_util::future::join_all(calls).await {
+                    let r = r.unwrap();
+                    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, out, err) =
+        support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &rotated).args(&["reseal"]).run_to_exit();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refreshed = storm.await.unwrap();
+    assert!(refreshed >= 12, "the storm ran: {refreshed}");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("12 connections scanned") && out.contains("still under an older key: none"), "{out}");
+    assert_eq!(under("k1"), 0, "nothing left under the old key");
+    assert_eq!(under("k2"), 12);
+
+    // The old key can go: an instance that knows only k2 serves every connection.
+    let h3 = support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &new).start().await;
+    for id in &ids {
+        let r = h3.json(Method::POST, &format!("/api/connections/{id}/token"), Some(&w.bearer), &json!({})).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    let health = h3.get("/api/health", &[]).await.json();
+    assert_eq!(health["dependencies"]["encryption"]["current_key_id"], "k2");
+}
+
+#[tokio::test]
+async fn an_imported_refresh_token_is_verified_then_served() {
+    let w = world(Setup::default()).await;
+    // Another keeper's connection: here, one of ours, whose refresh token we take over.
+    w.connect("elsewhere").await;
+    let rt = w.peer.issued_refresh_tokens().await.pop().expect("a refresh token was issued");
+    let gone = w.api(Method::DELETE, "/api/connections/elsewhere?skip_revocation=true", Value::Null).await;
+    assert_eq!(gone.status, 200, "{}", gone.body);
+
+    let r = w
+        .api(
+            Method::POST,
+            "/api/connections/import",
+            json!({ "provider": "test", "connection_id": "moved", "owner": "account:42", "refresh_token": rt }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["status"], "active");
+    assert!(!r.body.contains(&rt), "no token in the answer");
+    let before = w.peer.refresh_grants().await;
+    let token = w.access_token("moved").await;
+    assert!(w.peer.is_active(&token).await, "the token is the provider's");
+    assert_eq!(w.peer.refresh_grants().await, before, "verified once, at import; then served from the cache");
+
+    // A refresh token the provider refuses: 422, and nothing is kept.
+    let refused = w
+        .api(
+            Method::POST,
+            "/api/connections/import",
+            json!({ "provider": "test", "connection_id": "junk", "refresh_token": "not-a-real-refresh-token" }),
+        )
+        .await;
+    refused.assert_problem(422, "import-refused");
+    assert_eq!(w.api(Method::GET, "/api/connections/junk", Value::Null).await.status, 404);
+    // Bad input is a 400 and creates nothing either.
+    let empty =
+        w.api(Method::POST, "/api/connections/import", json!({ "provider": "test", "refresh_token": "" })).await;
+    empty.assert_problem(400, "invalid-imported-tokens");
+    let unknown =
+        w.api(Method::POST, "/api/connections/import", json!({ "provider": "nope", "refresh_token": "x" })).await;
+    unknown.assert_problem(400, "unknown-provider");
+    let dup = w
+        .api(
+            Method::POST,
+            "/api/connections/import",
+            json!({ "provider": "test", "connection_id": "moved", "refresh_token": "x" }),
+        )
+        .await;
+    assert_eq!(dup.status, 409, "{}", dup.body);
+}
