@@ -51,6 +51,8 @@ pub struct App {
     /// Callback hits per client address (`CALLBACK_RATE_PER_MINUTE`).
     pub callback_rate: Throttle<std::net::IpAddr>,
     last_timer: std::sync::Mutex<Option<TimerRun>>,
+    /// The store's counts for `/api/health`, reused for a minute.
+    pub census: outbound::Cache<(), crate::store::Census>,
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -108,7 +110,10 @@ impl App {
             _ => None,
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let endpoint = Arc::new(HttpTokenEndpoint { http: http.clone(), secrets: secrets.clone() });
+        let endpoint = Arc::new(HttpTokenEndpoint {
+            http: outbound::unpooled_client(config.oauth.upstream_timeout)?,
+            secrets: secrets.clone(),
+        });
         let events: Arc<dyn Events> = match &config.webhook {
             Some(w) => {
                 let key = secrets.get(&w.key_secret).await?;
@@ -143,6 +148,7 @@ impl App {
             anonymous,
             callback_rate,
             last_timer: Default::default(),
+            census: outbound::Cache::new(1),
             config,
             started,
             started_at: crate::time::now(),

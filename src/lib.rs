@@ -12,7 +12,7 @@
 //! - persistence and Azure clients: [`store`], [`dataverse`], [`fno`], [`secrets`],
 //!   [`azure`], [`auth`], [`notify`];
 //! - leaves: [`outbound`] (the pooled HTTPS client, upstream timing, back-off, the cache),
-//!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`].
+//!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`], [`window`].
 
 pub mod app;
 pub mod auth;
@@ -36,3 +36,4 @@ pub mod sweep;
 pub mod throttle;
 pub mod time;
 pub mod web;
+pub mod window;

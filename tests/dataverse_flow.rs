@@ -115,6 +115,26 @@ impl Caller<'_> {
     }
 }
 
+/// A connections table made before the change feed (no change tracking): provision turns
+/// tracking on once, and the feed then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_turns_on_change_tracking_for_an_older_connections_table() {
+    let mut w = World::new(json!({}));
+    w.dataverse = DataverseDouble::with_config(json!({
+        "tables": [{ "logical_name": "dc_connection", "entity_set": "dc_connections",
+                     "primary_id": "dc_connectionid", "primary_name": "dc_name", "columns": [] }]
+    }));
+    let tables = w.dataverse.tables().await;
+    assert_eq!(tables["dc_connection"]["change_tracking"], false, "{tables}");
+    let first = w.provision();
+    assert!(first.contains("table dc_connection: exists; change tracking turned on"), "{first}");
+    assert_eq!(w.dataverse.tables().await["dc_connection"]["change_tracking"], true);
+    let second = w.provision();
+    assert!(second.contains("Nothing to do"), "{second}");
+    let h = w.start(&[]).await;
+    assert!(h.logs.wait_for_line(|l| l.contains("following the connections' changes")).is_some(), "{}", h.logs.all());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_through_the_binary_creates_everything_once() {
     let w = World::new(json!({}));

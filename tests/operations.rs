@@ -277,3 +277,34 @@ async fn an_imported_refresh_token_is_verified_then_served() {
         .await;
     assert_eq!(dup.status, 409, "{}", dup.body);
 }
+
+#[tokio::test]
+async fn health_gives_a_back_office_caller_the_operators_counters() {
+    let w = world(Setup::default()).await;
+    w.connect("fine").await;
+    w.connect("broken").await;
+    w.peer
+        .faults(json!({ "token_endpoint": { "status": 400, "count": 1, "body": { "error": "invalid_grant" } } }))
+        .await;
+    assert_eq!(w.token("broken", true).await.status, 409);
+    assert_eq!(w.token("fine", true).await.status, 200);
+
+    // A probe without credentials sees no counts; a bad token is refused.
+    let anonymous = w.h.get("/api/health", &[]).await;
+    assert_eq!(anonymous.status, 200);
+    assert!(anonymous.json().get("connections").is_none(), "{}", anonymous.body);
+    let forged = format!("Bearer {}", w.issuer.forged());
+    assert_eq!(w.h.get("/api/health", &[("Authorization", &forged)]).await.status, 401);
+
+    let bearer = format!("Bearer {}", w.bearer);
+    let health = w.h.get("/api/health", &[("Authorization", &bearer)]).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    let c = &health.json()["connections"];
+    assert_eq!(c["by_status"]["active"], 1, "{c}");
+    assert_eq!(c["by_status"]["needs_reauth"], 1, "{c}");
+    assert_eq!(c["in_backoff"], 0);
+    assert!(c["oldest_token_age_seconds"].as_i64().is_some_and(|a| (0..60).contains(&a)), "{c}");
+    assert_eq!(c["refreshes_last_hour"]["granted"], 1, "{c}");
+    assert_eq!(c["refreshes_last_hour"]["failed"], 1, "{c}");
+    assert!(!health.body.contains("fine") && !health.body.contains("broken"), "no connection named");
+}

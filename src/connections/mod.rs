@@ -114,6 +114,9 @@ pub struct Connections {
     cache: cache::TokenCache,
     /// The last key-rotation pass ([`Connections::reseal`]).
     last_reseal: std::sync::Mutex<Option<reseal::ResealReport>>,
+    /// Refreshes this process made that the provider granted, and that failed.
+    pub(crate) refreshes_ok: crate::window::HourWindow,
+    pub(crate) refreshes_failed: crate::window::HourWindow,
 }
 
 /// Store writes retry transient failures for `STORE_RETRY_SECONDS` (30 s by default):
@@ -123,7 +126,20 @@ const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::
 impl Connections {
     pub fn new(deps: Deps) -> Connections {
         let cache = cache::TokenCache::new(deps.cfg.token_cache_ttl);
-        Connections { deps, instance: crypto::random_token::<9>(), cache, last_reseal: Default::default() }
+        Connections {
+            deps,
+            instance: crypto::random_token::<9>(),
+            cache,
+            last_reseal: Default::default(),
+            refreshes_ok: Default::default(),
+            refreshes_failed: Default::default(),
+        }
+    }
+
+    /// Refreshes granted and failed in this process over the last hour.
+    pub fn refreshes_last_hour(&self) -> (u64, u64) {
+        let t = self.deps.clock.now();
+        (self.refreshes_ok.total(t), self.refreshes_failed.total(t))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

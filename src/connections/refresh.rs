@@ -224,6 +224,7 @@ impl Connections {
                         Ok(())
                     })
                     .await;
+                self.refreshes_ok.add(self.deps.clock.now());
                 match stored {
                     Ok(c) => {
                         let token = CachedToken::for_connection(&c, &tokens, self.deps.clock.now_millis());
@@ -240,11 +241,13 @@ impl Connections {
                 }
             }
             Err(e) if e.is_invalid_grant() => {
+                self.refreshes_failed.add(self.deps.clock.now());
                 let detail = e.to_string();
                 Err(self.mark_needs_reauth(leased, &detail).await)
             }
             Err(e) => {
                 let t = self.deps.clock.now();
+                self.refreshes_failed.add(t);
                 let failures = leased.failures.saturating_add(1);
                 let backoff = REFRESH_BACKOFF.delay(failures).as_secs() as i64;
                 let detail = e.to_string();

@@ -118,6 +118,9 @@ impl Store for RacingStore {
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await
     }
+    async fn census(&self, now: i64) -> StoreResult<crate::store::Census> {
+        self.inner.census(now).await
+    }
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id).await

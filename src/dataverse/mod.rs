@@ -283,6 +283,21 @@ impl Dataverse {
     }
 
     /// Queries a table, following `@odata.nextLink` until `limit` records.
+    /// How many rows of `set` match `filter`: Dataverse counts up to 5,000 (`$count`), so
+    /// 5,000 means "5,000 or more".
+    pub async fn count(&self, set: &str, filter: &str, key: &str) -> Result<u64, DataverseError> {
+        let path = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if !filter.is_empty() {
+                q.append_pair("$filter", filter);
+            }
+            q.append_pair("$select", key).append_pair("$top", "1").append_pair("$count", "true");
+            format!("{set}?{}", q.finish())
+        };
+        let (_, _, body) = self.send(set, Method::GET, &path, "count", Body::None, HeaderMap::new(), true).await?;
+        Ok(body.as_ref().and_then(|b| b.get("@odata.count")).and_then(Value::as_u64).unwrap_or(0))
+    }
+
     pub async fn query(
         &self,
         set: &str,
@@ -387,6 +402,10 @@ impl Dataverse {
             headers.insert("MSCRM.SolutionUniqueName", sol);
         }
         headers.insert("Consistency", HeaderValue::from_static("Strong"));
+        if method == Method::PUT {
+            // A metadata update replaces the definition; keep the labels in other languages.
+            headers.insert("MSCRM.MergeLabels", HeaderValue::from_static("true"));
+        }
         let body = match body {
             Some(b) => Body::Json(b),
             None => Body::None,

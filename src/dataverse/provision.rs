@@ -246,9 +246,34 @@ pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -
     for t in TABLES {
         let logical = schema.table(&t);
         let def = format!("EntityDefinitions(LogicalName='{logical}')");
-        let existing =
-            dv.raw(Method::GET, &format!("{def}?$select=LogicalName,EntitySetName"), None, "read table").await?;
+        let existing = dv
+            .raw(
+                Method::GET,
+                &format!("{def}?$select=LogicalName,EntitySetName,ChangeTrackingEnabled"),
+                None,
+                "read table",
+            )
+            .await?;
         match existing {
+            // A table made by a version before the change feed: turn tracking on (it cannot
+            // be turned off again, which is what the feed needs anyway).
+            Some(e) if t.track_changes && e.get("ChangeTrackingEnabled") != Some(&Value::Bool(true)) => {
+                let Some(mut full) = dv.raw(Method::GET, &def, None, "read table").await? else {
+                    return Err(DataverseError::Service {
+                        table: logical.clone(),
+                        operation: "read table",
+                        status: 404,
+                        code: String::new(),
+                        message: "the table vanished while provisioning".into(),
+                    });
+                };
+                if let Some(m) = full.as_object_mut() {
+                    m.retain(|k, _| !k.starts_with("@odata"));
+                    m.insert("ChangeTrackingEnabled".into(), Value::Bool(true));
+                }
+                dv.raw(Method::PUT, &def, Some(&full), "turn on change tracking").await?;
+                report.did(format!("table {logical}: exists; change tracking turned on"));
+            }
             Some(_) => report.saw(format!("table {logical}: exists")),
             None => {
                 dv.raw(Method::POST, "EntityDefinitions", Some(&table_body(schema, &t)), "create table").await?;

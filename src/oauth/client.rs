@@ -29,7 +29,8 @@ use crate::auth::jwt::{Segment, unverified};
 use crate::outbound::{self, Backoff};
 use crate::secrets::SecretSource;
 
-/// The token endpoint over HTTPS, with the client secret from the secrets layer.
+/// The token endpoint over HTTPS, with the client secret from the secrets layer. `http`
+/// should be [`outbound::unpooled_client`]: codes and rotating refresh tokens are single-use.
 pub struct HttpTokenEndpoint {
     pub http: reqwest::Client,
     pub secrets: Arc<dyn SecretSource>,

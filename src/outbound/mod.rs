@@ -47,6 +47,23 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
         .build()?)
 }
 
+/// A client that never reuses a connection: for token-endpoint calls, which carry what can
+/// be spent once (an authorization code, a rotating refresh token). A request written to a
+/// pooled connection just as the server closes it for idleness fails without an answer, and
+/// whether the server read it cannot be known, so it cannot be retried; a fresh connection
+/// has no such race (a failed connect is retried, nothing having been sent). Measured: a
+/// server with a 1 s keep-alive (the test provider) lost a code exchange this way under load.
+/// The cost is one connection set-up per token call, which are rare next to API calls.
+pub fn unpooled_client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
+    Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .timeout(timeout)
+        .pool_max_idle_per_host(0)
+        .user_agent(concat!("dynamics-companion/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
 /// A reqwest error as one readable phrase, without the URL (which could carry a query
 /// secret).
 pub fn error_text(e: reqwest::Error) -> String {

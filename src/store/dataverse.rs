@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Capture, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+    Capture, Census, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult,
+    Version,
 };
 use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, verify};
 use crate::outbound::Cache;
@@ -397,6 +398,38 @@ impl Store for DataverseStore {
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         let filter = format!("{} lt {now}", self.c("expiresat"));
         self.delete_where(&self.expectations, &filter).await
+    }
+
+    /// Six small requests (a count per status, the back-off count, the oldest refresh);
+    /// the caller caches the answer.
+    async fn census(&self, now: i64) -> StoreResult<Census> {
+        const CAP: u64 = 5000;
+        let status = self.c("status");
+        let mut census = Census::default();
+        for s in [Status::Pending, Status::Active, Status::NeedsReauth, Status::Failed] {
+            let filter = format!("{status} eq {}", literal(s.as_str()));
+            let n = self.dv.count(&self.connections, &filter, &self.key).await.map_err(map_err)?;
+            census.by_status.insert(s.as_str(), n);
+        }
+        let backoff = format!("{status} eq 'active' and {} gt {now}", self.c("nextattemptat"));
+        census.in_backoff = self.dv.count(&self.connections, &backoff, &self.key).await.map_err(map_err)?;
+        let refreshed = self.c("refreshedat");
+        let oldest = self
+            .dv
+            .query(
+                &self.connections,
+                &format!("{status} eq 'active' and {refreshed} ne null"),
+                &[refreshed.as_str()],
+                Some(&format!("{refreshed} asc")),
+                1,
+            )
+            .await
+            .map_err(map_err)?;
+        census.oldest_token_at = oldest.first().and_then(|r| r.i64(&refreshed));
+        if census.by_status.values().chain([&census.in_backoff]).any(|n| *n >= CAP) {
+            census.capped_at = Some(CAP);
+        }
+        Ok(census)
     }
 
     async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {

@@ -173,6 +173,9 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round trip proving the store answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Counts for operators, at `now` (Unix seconds).
+    async fn census(&self, now: i64) -> StoreResult<Census>;
+
     /// Whether the tables and keys the store needs exist ([`StoreError::NotProvisioned`]
     /// if not). Cheap enough for every health probe: a store that reads metadata caches
     /// the answer. The embedded store creates its tables when it opens.
@@ -231,6 +234,19 @@ pub trait Store: Send + Sync + 'static {
         let _ = cursor;
         Ok(None)
     }
+}
+
+/// Counts for operators (`/api/health`): nothing that names a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Census {
+    /// Connections by status (`pending`, `active`, `needs_reauth`, `failed`).
+    pub by_status: std::collections::BTreeMap<&'static str, u64>,
+    /// Active connections whose refresh failed and waits for its next attempt.
+    pub in_backoff: u64,
+    /// When the least recently refreshed active connection got its tokens (Unix seconds).
+    pub oldest_token_at: Option<i64>,
+    /// Counts stop at this (Dataverse counts up to 5,000); `None` when exact.
+    pub capped_at: Option<u64>,
 }
 
 /// What a change feed says changed.

@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
 use super::{
-    Capture, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult, Version,
+    Capture, Census, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult,
+    Version,
 };
 
 const SCHEMA: &str = r#"
@@ -472,6 +473,32 @@ impl Store for SqliteStore {
     /// SQLite cannot say which rows another process changed, only that one did:
     /// `PRAGMA data_version` moves when another connection commits (our own writes update
     /// our cache directly).
+    async fn census(&self, now: i64) -> StoreResult<Census> {
+        self.with(move |c| {
+            let mut census = Census::default();
+            let mut stmt = c.prepare("SELECT status, COUNT(*) FROM connections GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (status, n) = row?;
+                if let Some(s) = Status::parse(&status) {
+                    census.by_status.insert(s.as_str(), n as u64);
+                }
+            }
+            census.in_backoff = c.query_row(
+                "SELECT COUNT(*) FROM connections WHERE status = 'active' AND next_attempt_at > ?1",
+                [now],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            census.oldest_token_at = c.query_row(
+                "SELECT MIN(COALESCE(refreshed_at, created_at)) FROM connections WHERE status = 'active'",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )?;
+            Ok(census)
+        })
+        .await
+    }
+
     async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
         let version: i64 = self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0))).await?;
         let now = version.to_string();

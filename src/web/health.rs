@@ -1,13 +1,23 @@
 //! `GET /api/health`: version, uptime, and whether each configured dependency is
 //! ready. Says nothing secret: no URLs with credentials, no key material, no tokens.
+//! A back-office caller (its bearer token) also gets the operator's counters: connections
+//! by status and in back-off, the oldest token's age, refreshes in the last hour.
 
 use serde_json::json;
 use warp::http::StatusCode;
 
-use super::{ApiError, Response, response};
+use super::{ApiError, Request, Response, response};
 use crate::app::App;
 
-pub async fn handle(app: &App) -> Result<Response, ApiError> {
+/// How long a census of the store is reused: six Dataverse requests each time.
+const CENSUS_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
+    // Anonymous probes get the basics; a bearer token must be a valid back-office one.
+    let operator = match req.header(warp::http::header::AUTHORIZATION) {
+        Some(_) => Some(super::back_office::caller(app, &req).await?),
+        None => None,
+    };
     let store = app.connections.store();
     // Answering is not enough: the tables and keys must be there too.
     let checked = match store.ping().await {
@@ -38,6 +48,9 @@ pub async fn handle(app: &App) -> Result<Response, ApiError> {
         },
     });
     let mut body = body;
+    if operator.is_some() {
+        body["connections"] = counters(app).await;
+    }
     if let Some(run) = app.last_timer_run() {
         body["timer"] = json!({
             "last_run_at": crate::time::rfc3339(run.at),
@@ -49,6 +62,27 @@ pub async fn handle(app: &App) -> Result<Response, ApiError> {
     }
     let status = if store_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok(response::json(status, &body))
+}
+
+/// Counts over the store (cached for [`CENSUS_FOR`]) and this instance's refreshes.
+async fn counters(app: &App) -> serde_json::Value {
+    let (granted, failed) = app.connections.refreshes_last_hour();
+    let now = crate::time::now();
+    let census = match app.census.get(&()) {
+        Some(c) => Ok(c),
+        None => app.connections.store().census(now).await.inspect(|c| app.census.insert((), c.clone(), CENSUS_FOR)),
+    };
+    let mut v = match census {
+        Ok(c) => json!({
+            "by_status": c.by_status,
+            "in_backoff": c.in_backoff,
+            "oldest_token_age_seconds": c.oldest_token_at.map(|t| (now - t).max(0)),
+            "counts_capped_at": c.capped_at,
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    v["refreshes_last_hour"] = json!({ "granted": granted, "failed": failed, "scope": "this instance" });
+    v
 }
 
 /// The current key, and how many records the last key-rotation pass (the timer's or

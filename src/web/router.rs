@@ -39,7 +39,7 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         [] => route!("/", Api, [Method::GET], async { Ok(response::text(StatusCode::OK, "ok\n")) }),
         // The timer function, invoked by the host with the payload protocol.
         ["refresh"] => route!("/refresh", Api, [Method::POST], timer::invoke(app, req)),
-        ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app)),
+        ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app, req)),
         ["api", "oauth", "callback"] => {
             route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], callback::handle(app, req))
         }

@@ -2339,6 +2339,12 @@ function updateEntity(ctx, table, body) {
   if (body.Description) table.description = normalizeLabel(body.Description, 'Description');
   if (typeof body.HasNotes === 'boolean') table.hasNotes = body.HasNotes;
   if (typeof body.HasActivities === 'boolean') table.hasActivities = body.HasActivities;
+  if (body.ChangeTrackingEnabled !== undefined) {
+    if (typeof body.ChangeTrackingEnabled !== 'boolean') throw E.invalidArgument('EntityMetadata: ChangeTrackingEnabled must be a boolean.');
+    // Once enabled, change tracking cannot be turned off (use-change-tracking-synchronize-data-external-systems).
+    if (table.changeTracking && !body.ChangeTrackingEnabled) throw E.invalidArgument('Change tracking cannot be disabled once it is enabled.');
+    table.changeTracking = body.ChangeTrackingEnabled;
+  }
   countMetadataWrite('entity_update', `PUT EntityDefinitions ${table.logicalName}`);
   send(ctx, 204);
 }
@@ -2522,6 +2528,7 @@ function tableSummary(t) {
     primary_name: t.primaryName,
     builtin: t.builtin,
     solution: t.solution,
+    change_tracking: !!t.changeTracking,
     rows: t.rows.size,
     columns: [...t.attrs.values()].map((a) => ({ name: a.logicalName, type: a.type, max_length: a.maxLength ?? undefined, solution: a.solution ?? undefined })),
     keys: [...t.keys.values()].map((k) => ({ name: k.schemaName, attributes: k.attributes, status: k.status, solution: k.solution })),

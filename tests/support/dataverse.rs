@@ -53,6 +53,18 @@ impl DataverseDouble {
             .unwrap_or_default()
     }
 
+    /// Every table's summary (columns, keys, change tracking), by logical name.
+    pub async fn tables(&self) -> Value {
+        let all = self.control(Method::GET, "tables", None).await;
+        let by_name: serde_json::Map<String, Value> = all["tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| Some((t["logical_name"].as_str()?.to_string(), t.clone())))
+            .collect();
+        Value::Object(by_name)
+    }
+
     pub async fn set_accepted_tokens(&self, tokens: &[String]) {
         self.control(Method::POST, "config", Some(json!({ "accepted_tokens": tokens }))).await;
     }
