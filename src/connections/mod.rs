@@ -45,7 +45,7 @@ pub use cache::CachedToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InvalidInput {
     UnknownProvider,
-    /// An import without a usable refresh token, or with an expiry in the past.
+    /// An import without a usable refresh token, or with an expiry but no access token.
     ImportedTokens,
     ConnectionId,
     Owner,
