@@ -161,6 +161,21 @@ async fn invalid_grant_sends_exactly_one_signed_needs_reauth_event() {
     assert_eq!(verify(key.as_bytes(), sig, &forged, now, &mut Vec::new()), Err("bad signature"));
     assert_eq!(verify(key.as_bytes(), sig, body, now + 3600, &mut Vec::new()), Err("stale"));
     assert_eq!(verify(b"another key", sig, body, now, &mut Vec::new()), Err("bad signature"));
+
+    // A refused import: whoever heard it fall into needs_reauth also hears it go.
+    let refused = w
+        .api(
+            Method::POST,
+            "/api/connections/import",
+            json!({ "provider": "test", "connection_id": "junk", "refresh_token": "junk" }),
+        )
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let got = receiver.wait_for(4).await;
+    let tail: Vec<Value> = got[2..].iter().map(|(_, _, b)| serde_json::from_slice(b).unwrap()).collect();
+    let said: Vec<(&str, &str)> =
+        tail.iter().map(|e| (e["connection_id"].as_str().unwrap(), e["status"].as_str().unwrap())).collect();
+    assert_eq!(said, [("junk", "needs_reauth"), ("junk", "deleted")]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -94,9 +94,12 @@ impl Connections {
                 Ok(Imported { connection, token })
             }
             Err(ConnectionError::NeedsReauth { detail, .. }) => {
-                // Refused for good: take the record away again.
-                if let Ok(c) = self.get(&id).await {
-                    let _ = self.deps.store.delete(&id, &c.version).await;
+                // Refused for good: take the record away again, and say so to whoever heard
+                // it fall into needs_reauth.
+                if let Ok(c) = self.get(&id).await
+                    && self.deps.store.delete(&id, &c.version).await.is_ok()
+                {
+                    self.deleted(&c);
                 }
                 self.cache.remove(&id);
                 tracing::warn!(connection = %id, provider = %provider.name, "import refused by the provider");

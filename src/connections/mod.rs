@@ -242,20 +242,25 @@ impl Connections {
             }
         }
         self.cache.remove(id);
-        self.deps.events.status_changed(events::StatusChange {
-            connection_id: current.id.clone(),
-            provider: current.provider.clone(),
-            owner: current.owner.clone(),
-            from: Some(current.status),
-            to: None,
-            detail: None,
-            at: self.deps.clock.now(),
-        });
+        self.deleted(&current);
         tracing::info!(connection = %id, revoked, "connection deleted");
         Ok(revoked)
     }
 
     // ----- the one way to change a record -------------------------------------------
+
+    /// Raises the event for the deletion of `c`.
+    pub(crate) fn deleted(&self, c: &Connection) {
+        self.deps.events.status_changed(events::StatusChange {
+            connection_id: c.id.clone(),
+            provider: c.provider.clone(),
+            owner: c.owner.clone(),
+            from: Some(c.status),
+            to: None,
+            detail: None,
+            at: self.deps.clock.now(),
+        });
+    }
 
     /// Raises the event for a stored status change of `c` (now in its new status).
     pub(crate) fn status_changed(&self, c: &Connection, from: Option<Status>) {
