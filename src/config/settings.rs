@@ -48,7 +48,11 @@ impl Settings {
         if path.is_file() {
             // Under the host (Core Tools) the file's values arrive as the environment;
             // it is still read for the warning about secrets kept in it.
-            settings.read_local_settings(&path, !under_host)?;
+            match settings.read_local_settings(&path, !under_host) {
+                // The host read the file already; a file it accepted is not ours to refuse.
+                Err(_) if under_host => {}
+                other => other?,
+            }
             if !under_host {
                 settings.local_settings_file = Some(path);
             }
@@ -154,8 +158,13 @@ impl Settings {
 /// (`..._SECRET`, `...PASSWORD...`, `..._KEY(S)`) and it is not one of the settings that
 /// *name* a secret or a vault; or it is a storage connection string with an account key.
 fn holds_secret(name: &str, value: &str) -> bool {
-    const NAMES_A_SECRET: [&str; 4] =
-        ["TOKEN_ENCRYPTION_KEYS_SECRET", "CAPTURE_STATE_KEY_SECRET", "SECRETS_CACHE_SECONDS", "KEY_VAULT_URL"];
+    const NAMES_A_SECRET: [&str; 5] = [
+        "TOKEN_ENCRYPTION_KEYS_SECRET",
+        "CAPTURE_STATE_KEY_SECRET",
+        "WEBHOOK_SIGNING_KEY_SECRET",
+        "SECRETS_CACHE_SECONDS",
+        "KEY_VAULT_URL",
+    ];
     let n = name.to_ascii_uppercase();
     if value.trim().is_empty() || NAMES_A_SECRET.contains(&n.as_str()) || n.ends_with("_SECRET_NAME") {
         return false;
@@ -206,6 +215,7 @@ mod tests {
         assert!(holds_secret("AzureWebJobsStorage", "DefaultEndpointsProtocol=https;AccountKey=abc"));
         assert!(!holds_secret("AzureWebJobsStorage", "UseDevelopmentStorage=true"));
         assert!(!holds_secret("TOKEN_ENCRYPTION_KEYS_SECRET", "token-encryption-keys"));
+        assert!(!holds_secret("WEBHOOK_SIGNING_KEY_SECRET", "webhook-signing-key"));
         assert!(!holds_secret("KEY_VAULT_URL", "https://v.vault.azure.net"));
         assert!(!holds_secret("XERO_CLIENT_SECRET", ""));
         assert!(!holds_secret("PUBLIC_BASE_URL", "http://localhost:7071"));
