@@ -173,6 +173,16 @@ async fn the_oauth_flow_with_the_dataverse_store() {
     assert_ne!(t1, t2);
     assert_eq!(w.peer.refresh_grants().await, 1);
 
+    // The operator's census, counted by Dataverse ($count per status).
+    let bearer = format!("Bearer {}", c.bearer);
+    let health = h.get("/api/health", &[("Authorization", &bearer)]).await.json();
+    let census = &health["connections"];
+    assert_eq!(census["by_status"]["active"], 1, "{census}");
+    assert_eq!(census["by_status"]["pending"], 0, "{census}");
+    assert_eq!(census["in_backoff"], 0, "{census}");
+    assert!(census["oldest_token_age_seconds"].as_i64().is_some_and(|a| a < 60), "{census}");
+    assert_eq!(census["refreshes_last_hour"]["granted"], 1, "{census}");
+
     // What is at rest in Dynamics: ciphertext, never a token.
     let rows = w.dataverse.rows("dc_connections").await;
     assert_eq!(rows.len(), 1);
