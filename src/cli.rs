@@ -131,13 +131,6 @@ fn load() -> Result<(Settings, Config), ExitCode> {
     Ok((settings, config))
 }
 
-/// Settings and configuration for an operator sub-command, which logs warnings only.
-fn load_for_tool() -> Result<(Settings, Config), ExitCode> {
-    let loaded = load()?;
-    crate::logging::init("warn", loaded.1.log_format);
-    Ok(loaded)
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,9 +138,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .map_err(|e| fail(format!("cannot start the async runtime: {e}")))
 }
 
-/// An operator sub-command's settings, configuration and runtime, or its exit code.
+/// An operator sub-command's settings, configuration and runtime, or its exit code. Tools
+/// log warnings only.
 fn tool() -> Result<(Settings, Config, tokio::runtime::Runtime), ExitCode> {
-    let (settings, config) = load_for_tool()?;
+    let (settings, config) = load()?;
+    crate::logging::init("warn", config.log_format);
     Ok((settings, config, runtime()?))
 }
 
@@ -182,16 +177,12 @@ fn reseal() -> ExitCode {
 }
 
 fn provision(key_timeout_seconds: u64) -> ExitCode {
-    let (settings, config) = match load_for_tool() {
+    let (settings, config, rt) = match tool() {
         Ok(v) => v,
         Err(code) => return code,
     };
     let Some(dv) = config.dataverse.clone() else {
         return fail("configuration error: DATAVERSE_URL: is required for provision");
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
     };
     rt.block_on(async move {
         let secrets = crate::secrets::SettingsSecrets::new(settings);

@@ -62,18 +62,8 @@ impl Receiver {
                 sink.lock().unwrap().push((sig, id, body.to_vec()));
                 warp::reply()
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://127.0.0.1:{}/hook", listener.local_addr().unwrap().port());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(
-            warp::serve(route)
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
-        Receiver { url, got, _stop: tx }
+        let (base, tx) = support::serve(route).await;
+        Receiver { url: format!("{base}/hook"), got, _stop: tx }
     }
 
     async fn wait_for(&self, n: usize) -> Vec<Delivery> {

@@ -13,36 +13,15 @@ use dynamics_companion::dataverse::Dataverse;
 use dynamics_companion::dataverse::provision::{Schema, provision};
 use dynamics_companion::store::dataverse::DataverseStore;
 use dynamics_companion::store::sqlite::SqliteStore;
-use dynamics_companion::store::{
-    Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Version,
-};
+use dynamics_companion::store::{Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError};
 use secrecy::SecretString;
 use support::dataverse::DataverseDouble;
 
 fn connection(id: &str, provider: &str, owner: &str) -> Connection {
-    Connection {
-        id: id.into(),
-        provider: provider.into(),
-        owner: Some(owner.into()),
-        scopes: vec!["offline_access".into(), "api.read".into()],
-        status: Status::Pending,
-        status_detail: None,
-        tokens: None,
-        access_expires_at: None,
-        has_refresh_token: false,
-        pending: Some(PendingAuth {
-            state_hash: format!("hash-{id}"),
-            sealed: "v1.k.sealed".into(),
-            expires_at: 2_000,
-        }),
-        lease: None,
-        failures: 0,
-        next_attempt_at: None,
-        created_at: 1_000,
-        updated_at: 1_000,
-        refreshed_at: None,
-        version: Version::default(),
-    }
+    let scopes = vec!["offline_access".into(), "api.read".into()];
+    let mut c = Connection::new(id, provider, Some(owner.into()), scopes, Status::Pending, 1_000);
+    c.pending = Some(PendingAuth { state_hash: format!("hash-{id}"), sealed: "v1.k.sealed".into(), expires_at: 2_000 });
+    c
 }
 
 fn same_data(a: &Connection, b: &Connection) {

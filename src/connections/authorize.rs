@@ -154,6 +154,18 @@ impl Connections {
         Ok((provider, id, scopes))
     }
 
+    /// Stores a record that must not exist yet; its version is set on success.
+    pub(super) async fn insert_new(&self, conn: &mut Connection) -> Result<(), ConnectionError> {
+        match self.deps.store.insert(conn).await {
+            Ok(v) => {
+                conn.version = v;
+                Ok(())
+            }
+            Err(StoreError::Conflict(_)) => Err(ConnectionError::Exists(conn.id.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Creates a connection and returns the URL to send the person to.
     pub async fn start(&self, req: NewConnection) -> Result<StartedAuthorization, ConnectionError> {
         let (provider, id, scopes) =
@@ -161,30 +173,9 @@ impl Connections {
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
         let t = self.deps.clock.now();
         let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.portal, t);
-        let mut conn = Connection {
-            id: id.clone(),
-            provider: provider.name.clone(),
-            owner: req.owner,
-            scopes,
-            status: Status::Pending,
-            status_detail: None,
-            tokens: None,
-            access_expires_at: None,
-            has_refresh_token: false,
-            pending: Some(pending.clone()),
-            lease: None,
-            failures: 0,
-            next_attempt_at: None,
-            created_at: t,
-            updated_at: t,
-            refreshed_at: None,
-            version: Default::default(),
-        };
-        match self.deps.store.insert(&conn).await {
-            Ok(v) => conn.version = v,
-            Err(StoreError::Conflict(_)) => return Err(ConnectionError::Exists(id)),
-            Err(e) => return Err(e.into()),
-        }
+        let mut conn = Connection::new(&id, &provider.name, req.owner, scopes, Status::Pending, t);
+        conn.pending = Some(pending.clone());
+        self.insert_new(&mut conn).await?;
         tracing::info!(connection = %id, provider = %provider.name, "connection started");
         Ok(self.started(conn, &provider, &state, challenge.as_deref(), pending.expires_at))
     }

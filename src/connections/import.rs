@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use super::refresh::apply_tokens;
 use super::{CachedToken, ConnectionError, Connections, InvalidInput};
 use crate::oauth::TokenSet;
-use crate::store::{Connection, Status, StoreError};
+use crate::store::{Connection, Status};
 
 /// What a caller brings.
 #[derive(Debug)]
@@ -58,34 +58,12 @@ impl Connections {
             expires_at: req.expires_at.unwrap_or(0),
             scope: None,
         };
-        let mut conn = Connection {
-            id: id.clone(),
-            provider: provider.name.clone(),
-            owner: req.owner,
-            scopes,
-            status: Status::Active,
-            status_detail: None,
-            tokens: None,
-            access_expires_at: None,
-            has_refresh_token: true,
-            pending: None,
-            lease: None,
-            failures: 0,
-            next_attempt_at: None,
-            created_at: t,
-            updated_at: t,
-            refreshed_at: None,
-            version: Default::default(),
-        };
+        let mut conn = Connection::new(&id, &provider.name, req.owner, scopes, Status::Active, t);
         apply_tokens(&mut conn, &tokens, &self.deps.keys, t);
         // Not obtained by us: the first refresh must happen whatever the expiry says.
         conn.refreshed_at = None;
         conn.status_detail = Some("Imported; not verified with the provider yet.".into());
-        match self.deps.store.insert(&conn).await {
-            Ok(v) => conn.version = v,
-            Err(StoreError::Conflict(_)) => return Err(ConnectionError::Exists(id)),
-            Err(e) => return Err(e.into()),
-        }
+        self.insert_new(&mut conn).await?;
         match self.access_token(&id, true).await {
             Ok(token) => {
                 tracing::info!(connection = %id, provider = %provider.name, "connection imported and verified");

@@ -265,25 +265,7 @@ impl Fx {
         obtained: i64,
         expires_at: i64,
     ) -> Connection {
-        let mut c = Connection {
-            id: id.into(),
-            provider: "p".into(),
-            owner: None,
-            scopes: vec![],
-            status: Status::Active,
-            status_detail: None,
-            tokens: None,
-            access_expires_at: None,
-            has_refresh_token: false,
-            pending: None,
-            lease: None,
-            failures: 0,
-            next_attempt_at: None,
-            created_at: obtained,
-            updated_at: obtained,
-            refreshed_at: None,
-            version: Version::default(),
-        };
+        let mut c = Connection::new(id, "p", None, vec![], Status::Active, obtained);
         apply_tokens(&mut c, &tokens(access, refresh, expires_at), &self.keys, obtained);
         c.version = self.sqlite.insert(&c).await.unwrap();
         c

@@ -97,6 +97,32 @@ pub struct Connection {
     pub version: Version,
 }
 
+impl Connection {
+    /// A record not stored yet, created at `now`: no tokens, no pending authorization, no
+    /// lease, no failures. Callers set what their kind of record adds.
+    pub fn new(id: &str, provider: &str, owner: Option<String>, scopes: Vec<String>, status: Status, now: i64) -> Self {
+        Connection {
+            id: id.into(),
+            provider: provider.into(),
+            owner,
+            scopes,
+            status,
+            status_detail: None,
+            tokens: None,
+            access_expires_at: None,
+            has_refresh_token: false,
+            pending: None,
+            lease: None,
+            failures: 0,
+            next_attempt_at: None,
+            created_at: now,
+            updated_at: now,
+            refreshed_at: None,
+            version: Version::default(),
+        }
+    }
+}
+
 /// What an OAuth redirect delivered for a `state` we did not issue (capture mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capture {

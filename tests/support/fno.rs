@@ -50,17 +50,7 @@ impl FnoDouble {
                 let created = if path.as_str().starts_with("/data/") { StatusCode::CREATED } else { StatusCode::OK };
                 warp::reply::with_status(warp::reply::json(&Value::Null), created).into_response_with_retry(None)
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(
-            warp::serve(route)
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
+        let (url, tx) = super::serve(route).await;
         FnoDouble { url, state, _shutdown: tx }
     }
 

@@ -51,15 +51,7 @@ impl Issuer {
             };
             warp::reply::with_status(warp::reply::json(&jwks), status)
         });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(
-            warp::serve(discovery.or(keys))
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
+        let tx = super::serve_on(listener, discovery.or(keys));
         Issuer { url, key, jwks_requests, jwks_failing, _shutdown: tx }
     }
 

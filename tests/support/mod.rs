@@ -42,6 +42,36 @@ pub fn test_keys() -> String {
     format!("t1:{}", base64::engine::general_purpose::STANDARD.encode(k))
 }
 
+/// Serves `filter` on `listener` in the background until the returned sender is dropped
+/// (every in-test double and peer keeps it as `_shutdown`).
+pub fn serve_on<F>(listener: tokio::net::TcpListener, filter: F) -> tokio::sync::oneshot::Sender<()>
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        warp::serve(filter)
+            .incoming(listener)
+            .graceful(async {
+                let _ = rx.await;
+            })
+            .run(),
+    );
+    tx
+}
+
+/// [`serve_on`] a fresh loopback port; returns `http://127.0.0.1:{port}` and the sender.
+pub async fn serve<F>(filter: F) -> (String, tokio::sync::oneshot::Sender<()>)
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    (url, serve_on(listener, filter))
+}
+
 /// Whether this process runs as root (uid 0), from /proc: no libc call needed.
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

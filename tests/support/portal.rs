@@ -74,15 +74,7 @@ impl PortalDouble {
                 _ => Err(warp::reject::not_found()),
             }
         });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(
-            warp::serve(publickey.or(token).or(files))
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
+        let tx = super::serve_on(listener, publickey.or(token).or(files));
         PortalDouble { url, key, signed_in, publickey_requests, _shutdown: tx }
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dynamics_companion::crypto::Keyring;
 use dynamics_companion::oauth::TokenSet;
-use dynamics_companion::store::{Connection, Status, Version};
+use dynamics_companion::store::{Connection, Status};
 use secrecy::SecretString;
 
 pub fn now() -> i64 {
@@ -25,25 +25,13 @@ pub fn connection(keys: &Keyring, provider: &str, id: &str, expires_at: i64) -> 
         scope: None,
     };
     let t = now();
-    Connection {
-        id: id.into(),
-        provider: provider.into(),
-        owner: None,
-        scopes: vec![],
-        status: Status::Active,
-        status_detail: None,
-        tokens: Some(tokens.seal(keys, id)),
-        access_expires_at: Some(expires_at),
-        has_refresh_token: true,
-        pending: None,
-        lease: None,
-        failures: 0,
-        next_attempt_at: None,
-        created_at: t - 86_400,
-        updated_at: t,
-        refreshed_at: Some(t - 3600),
-        version: Version::default(),
-    }
+    let mut c = Connection::new(id, provider, None, vec![], Status::Active, t - 86_400);
+    c.tokens = Some(tokens.seal(keys, id));
+    c.access_expires_at = Some(expires_at);
+    c.has_refresh_token = true;
+    c.updated_at = t;
+    c.refreshed_at = Some(t - 3600);
+    c
 }
 
 /// A token endpoint that grants every refresh: `{"access_token": "fresh-N", ...}` for an
@@ -72,17 +60,7 @@ impl GrantingEndpoint {
                 warp::reply::with_status(warp::reply::json(&body), status)
             },
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(
-            warp::serve(token)
-                .incoming(listener)
-                .graceful(async {
-                    let _ = rx.await;
-                })
-                .run(),
-        );
+        let (url, tx) = super::serve(token).await;
         GrantingEndpoint { url, grants, _shutdown: tx }
     }
 
