@@ -42,13 +42,7 @@ pub async fn credential(
 ) -> Result<Arc<dyn TokenCredential>, IdentityError> {
     let setup = |e: azure_core::Error| IdentityError::Setup(outbound::one_line(&e.to_string()));
     let credential: Arc<dyn TokenCredential> = match config {
-        CredentialConfig::ManagedIdentity { client_id } => {
-            let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
-                ..Default::default()
-            };
-            ManagedIdentityCredential::new(Some(options)).map_err(setup)?
-        }
+        CredentialConfig::ManagedIdentity { client_id } => managed_identity(client_id.clone())?,
         CredentialConfig::ClientSecret { tenant_id, client_id, secret_name } => {
             let secret = secrets.get(secret_name).await?;
             ClientSecretCredential::new(
@@ -69,6 +63,18 @@ pub async fn credential(
         }
         CredentialConfig::DeveloperTools => DeveloperToolsCredential::new(None).map_err(setup)?,
     };
+    Ok(credential)
+}
+
+/// The platform's managed identity: the system-assigned one, or the user-assigned one
+/// with this client id.
+pub fn managed_identity(client_id: Option<String>) -> Result<Arc<dyn TokenCredential>, IdentityError> {
+    let options = ManagedIdentityCredentialOptions {
+        user_assigned_id: client_id.map(UserAssignedId::ClientId),
+        ..Default::default()
+    };
+    let credential: Arc<dyn TokenCredential> = ManagedIdentityCredential::new(Some(options))
+        .map_err(|e| IdentityError::Setup(outbound::one_line(&e.to_string())))?;
     Ok(credential)
 }
 
@@ -101,11 +107,12 @@ const EARLY_RENEWAL: Duration = Duration::from_secs(300);
 impl ResourceToken {
     /// `resource` is the service's base URL (`https://org.crm.dynamics.com`).
     pub fn new(credential: Arc<dyn TokenCredential>, resource: &str) -> ResourceToken {
-        ResourceToken {
-            credential,
-            scope: format!("{}/.default", resource.trim_end_matches('/')),
-            cached: Cache::new(1),
-        }
+        ResourceToken::for_scope(credential, &format!("{}/.default", resource.trim_end_matches('/')))
+    }
+
+    /// Tokens for exactly this scope (`https://monitor.azure.com//.default`).
+    pub fn for_scope(credential: Arc<dyn TokenCredential>, scope: &str) -> ResourceToken {
+        ResourceToken { credential, scope: scope.to_string(), cached: Cache::new(1) }
     }
 }
 

@@ -71,12 +71,19 @@ fn serve() -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    crate::logging::init(&config.log_filter, config.log_format);
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    runtime.block_on(async move {
+    let telemetry = match &config.telemetry {
+        Some(t) => match crate::telemetry::Telemetry::start(t, runtime.handle().clone()) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    crate::logging::init(&config.log_filter, config.log_format, telemetry.as_ref().map(|t| t.layer(&config.log_filter)));
+    let code = runtime.block_on(async move {
         let listener = match crate::web::bind(config.listen.addr).await {
             Ok(l) => l,
             Err(e) => return fail(format!("cannot listen on {}: {e}", config.listen.addr)),
@@ -121,7 +128,12 @@ fn serve() -> ExitCode {
         crate::web::serve(app, listener, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    // After the server, before the runtime goes: the last uploads still need it.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    code
 }
 
 /// Loads settings and configuration, or says in one line what is wrong.
@@ -142,7 +154,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 /// log warnings only.
 fn tool() -> Result<(Settings, Config, tokio::runtime::Runtime), ExitCode> {
     let (settings, config) = load()?;
-    crate::logging::init("warn", config.log_format);
+    crate::logging::init("warn", config.log_format, None);
     Ok((settings, config, runtime()?))
 }
 

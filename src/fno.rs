@@ -124,14 +124,13 @@ impl Fno {
         loop {
             attempt += 1;
             let token = self.tokens.token().await?;
-            let result = outbound::upstream(
+            let result = outbound::upstream(outbound::send(
                 self.http
                     .post(self.endpoint.clone())
                     .header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()))
                     .header(header::ACCEPT, "application/json")
-                    .json(&body)
-                    .send(),
-            )
+                    .json(&body),
+            ))
             .await;
             let (retry_after, error) = match result {
                 Ok(resp) if resp.status().is_success() => return Ok(()),

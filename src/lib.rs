@@ -34,6 +34,8 @@ pub mod secrets;
 pub mod store;
 pub mod sweep;
 pub mod throttle;
+pub mod telemetry;
 pub mod time;
+pub mod trace_context;
 pub mod web;
 pub mod window;

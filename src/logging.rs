@@ -14,8 +14,10 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 use tracing::Level;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How each line is written (`LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,18 +31,32 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
-pub fn init(filter: &str, format: LogFormat) {
+/// `export` is the telemetry layer ([`crate::telemetry::Telemetry::layer`]) when
+/// Application Insights export is on; the console lines are written either way.
+pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(SplitWriter).with_ansi(false);
-    let _ = match format {
-        LogFormat::Text => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(true).try_init(),
+    let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
+    let console = match format {
+        LogFormat::Text => console.with_target(false).with_filter(filter).boxed(),
+        LogFormat::Json => console
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_filter(filter)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry().with(export).with(console).try_init();
 }
 
 /// Names whose values are secret wherever they appear in a line.
 const SECRET_NAMES: &str = "access_token|refresh_token|id_token|client_secret|code_verifier|code|\
 assertion|client_assertion|password|token|secret|state|key|authorization";
+
+/// Whether a field or property of this name holds a secret (exact name, any case).
+pub fn is_secret_name(name: &str) -> bool {
+    SECRET_NAMES.split('|').any(|n| n.eq_ignore_ascii_case(name))
+}
 
 static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
     let compile = |p: &str| Regex::new(p).expect("redaction patterns are valid");

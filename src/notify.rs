@@ -101,14 +101,14 @@ async fn deliver(http: &reqwest::Client, url: &Url, key: &[u8], event: &Event) {
     let Ok(body) = serde_json::to_vec(event) else { return };
     for attempt in 1..=ATTEMPTS {
         let t = crate::time::now();
-        let sent = http
-            .post(url.clone())
-            .header("Content-Type", "application/json")
-            .header("X-DC-Event-Id", &event.id)
-            .header("X-DC-Signature", signature(key, t, &body))
-            .body(body.clone())
-            .send()
-            .await;
+        let sent = crate::outbound::send(
+            http.post(url.clone())
+                .header("Content-Type", "application/json")
+                .header("X-DC-Event-Id", &event.id)
+                .header("X-DC-Signature", signature(key, t, &body))
+                .body(body.clone()),
+        )
+        .await;
         let retry_after = match sent {
             Ok(r) if r.status().is_success() => {
                 tracing::debug!(event = %event.id, connection = %event.connection_id, "webhook delivered");

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
+use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::outbound::{self, Cache, one_line};
@@ -79,6 +80,7 @@ impl SecretSource for SettingsSecrets {
 pub struct KeyVaultSecrets {
     client: azure_security_keyvault_secrets::SecretClient,
     vault: String,
+    host: String,
     ttl: Duration,
     /// One fetch per name at a time: concurrent callers of an expired secret share it.
     cache: Cache<String, SecretString>,
@@ -107,7 +109,11 @@ impl KeyVaultSecrets {
             max_delay: azure_core::time::Duration::seconds(2),
         };
         let options = azure_security_keyvault_secrets::SecretClientOptions {
-            client_options: ClientOptions { retry: RetryOptions::exponential(retry), ..Default::default() },
+            client_options: ClientOptions {
+                retry: RetryOptions::exponential(retry),
+                per_call_policies: vec![Arc::new(TraceContextPolicy)],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let client = azure_security_keyvault_secrets::SecretClient::new(vault.as_str(), credential, Some(options))
@@ -115,6 +121,7 @@ impl KeyVaultSecrets {
         Ok(KeyVaultSecrets {
             client,
             vault: vault.to_string(),
+            host: vault.host_str().unwrap_or_default().to_string(),
             ttl,
             cache: Cache::new(MAX_SECRETS),
             fetches: AtomicU64::new(0),
@@ -127,7 +134,15 @@ impl KeyVaultSecrets {
             let resp = self.client.get_secret(name, None).await?;
             resp.into_model()
         };
-        let result = outbound::upstream(tokio::time::timeout(FETCH_TIMEOUT, read)).await;
+        let span = tracing::info_span!(
+            "dependency",
+            otel.kind = "client",
+            otel.name = %format_args!("GET {}", self.host),
+            http.request.method = "GET",
+            server.address = %self.host,
+            url.full = %format_args!("{}secrets/{name}", self.vault),
+        );
+        let result = outbound::upstream(tokio::time::timeout(FETCH_TIMEOUT, read).instrument(span)).await;
         let unavailable = |reason: String| SecretError::Unavailable { name: name.to_string(), reason };
         match result {
             Ok(Ok(secret)) => secret
@@ -139,6 +154,36 @@ impl KeyVaultSecrets {
             }
             Ok(Err(e)) => Err(unavailable(one_line(&e.to_string()))),
             Err(_) => Err(unavailable(format!("Key Vault did not answer within {} s", FETCH_TIMEOUT.as_secs()))),
+        }
+    }
+}
+
+/// Sends the current span's `traceparent` with each Key Vault call, which goes through the
+/// SDK's pipeline rather than [`outbound::send`].
+#[derive(Debug)]
+struct TraceContextPolicy;
+
+#[async_trait]
+impl azure_core::http::policies::Policy for TraceContextPolicy {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn azure_core::http::policies::Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        let mut headers = reqwest::header::HeaderMap::new();
+        crate::trace_context::inject(&mut headers);
+        for (name, value) in &headers {
+            if let Ok(v) = value.to_str() {
+                request.insert_header(name.as_str().to_string(), v.to_string());
+            }
+        }
+        match next.split_first() {
+            Some((policy, rest)) => policy.send(ctx, request, rest).await,
+            None => Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Other,
+                "the Key Vault pipeline has no transport",
+            )),
         }
     }
 }

@@ -168,7 +168,7 @@ impl IssuerKeys {
 }
 
 async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &Url) -> Result<T, KeysError> {
-    let resp = outbound::upstream(http.get(url.clone()).send())
+    let resp = outbound::upstream(outbound::send(http.get(url.clone())))
         .await
         .map_err(|e| KeysError::Unreachable { url: url.clone(), reason: outbound::error_text(e) })?;
     if !resp.status().is_success() {

@@ -8,6 +8,7 @@
 
 mod credential;
 mod settings;
+mod telemetry;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use url::Url;
 
 pub use credential::CredentialConfig;
 pub use settings::{Settings, is_loopback, parse_service_url};
+pub use telemetry::{IngestionAuth, TelemetryConfig};
 
 /// A setting that is missing or malformed. Displayed as one line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub struct Config {
     pub log_format: crate::logging::LogFormat,
     /// Where status-change events go, and the secret (by name) that signs them.
     pub webhook: Option<WebhookConfig>,
+    /// Application Insights export; `None` when no connection string is set.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +301,7 @@ impl Config {
                 }
             },
             webhook: WebhookConfig::from_settings(s)?,
+            telemetry: TelemetryConfig::from_settings(s)?,
             listen,
             store,
             dataverse,

@@ -251,6 +251,7 @@ impl Connections {
 
     /// Raises the event for the deletion of `c`.
     pub(crate) fn deleted(&self, c: &Connection) {
+        crate::telemetry::metrics::status_change("deleted");
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
             provider: c.provider.clone(),
@@ -266,6 +267,7 @@ impl Connections {
     pub(crate) fn status_changed(&self, c: &Connection, from: Option<Status>) {
         let detail =
             matches!(c.status, Status::NeedsReauth | Status::Failed).then(|| c.status_detail.clone()).flatten();
+        crate::telemetry::metrics::status_change(c.status.as_str());
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
             provider: c.provider.clone(),

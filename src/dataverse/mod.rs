@@ -453,7 +453,7 @@ impl Dataverse {
             }
             let pass = outbound::upstream(self.gate.enter()).await;
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = outbound::upstream(req.send()).await;
+            let outcome = outbound::upstream(outbound::send(req)).await;
             let (wait, error) = match outcome {
                 Ok(resp) => {
                     let status = resp.status();

@@ -182,7 +182,7 @@ impl HttpTokenEndpoint {
             if let Some(b) = &basic {
                 req = req.header(AUTHORIZATION, b);
             }
-            match req.send().await {
+            match outbound::send(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if e.is_connect() && attempt < 2 => CONNECT_RETRY.sleep(attempt, None).await,
                 Err(e) => {

@@ -3,6 +3,7 @@
 //! - [`client`]: the one pooled HTTPS client (no redirects, bounded timeouts);
 //! - [`timing`]: how long the current request waited on upstreams (`Server-Timing`);
 //! - [`backoff`]: the one retry-delay policy every retry loop uses;
+//! - [`dependency`]: one traced span per call, `traceparent` sent along ([`send`]);
 //! - [`cache`]: the one TTL + single-fetch cache every cache uses;
 //! - [`gate`]: a concurrency limit and a shared `Retry-After` pause for one upstream;
 //! - [`error_text`] and [`retry_after`]: reading a failed call.
@@ -12,6 +13,7 @@
 
 pub mod backoff;
 pub mod cache;
+pub mod dependency;
 pub mod gate;
 pub mod timing;
 
@@ -21,6 +23,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 pub use backoff::Backoff;
 pub use cache::Cache;
+pub use dependency::send;
 pub use gate::Gate;
 pub use timing::upstream;
 

@@ -166,7 +166,7 @@ pub async fn send_with_token(
             }
         }
         out = out.header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
-        let resp = outbound::upstream(out.send()).await.map_err(|e| {
+        let resp = outbound::upstream(outbound::send(out)).await.map_err(|e| {
             ApiError::bad_gateway(
                 "provider-api-unreachable",
                 format!("The provider's API did not answer: {}", outbound::error_text(e)),

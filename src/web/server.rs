@@ -84,11 +84,36 @@ fn from_hyper(app: &App, req: hyper::Request<hyper::body::Incoming>, remote: Soc
     req
 }
 
-/// Handles one request end to end, including its log line.
+/// Handles one request end to end inside its span, including its log line.
+///
+/// The span is the request as Application Insights shows it (kind server): it continues
+/// the caller's `traceparent` (in proxying mode the host's own, so the host's request and
+/// ours are one operation) and carries the host's invocation id. Its route and status are
+/// filled in by [`log_line`], which every path through here ends with.
 pub async fn handle(app: &App, req: Request) -> Response {
+    use tracing::Instrument;
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        otel.name = %req.method,
+        http.request.method = %req.method,
+        http.route = Empty,
+        http.response.status_code = Empty,
+        otel.status_code = Empty,
+        faas.trigger = "http",
+        faas.invocation_id = invocation.as_deref(),
+    );
+    // A malformed or absent `traceparent` starts a new trace: nothing to refuse.
+    let _ = span.set_parent(crate::trace_context::incoming(&req.headers));
+    handle_in_span(app, req, invocation).instrument(span).await
+}
+
+async fn handle_in_span(app: &App, req: Request, invocation: Option<String>) -> Response {
     let started = Instant::now();
     let method = req.method.clone();
-    let invocation = req.header("x-azure-functions-invocationid").map(str::to_string);
     let path = req.path.clone();
     // Anyone can send requests without credentials (the callback, health, junk): they get
     // a bounded number of places, so a flood of slow ones cannot hold the server.
@@ -160,6 +185,13 @@ pub async fn handle(app: &App, req: Request) -> Response {
 fn log_line(started: Instant, method: &Method, route: &str, resp: Response, invocation: Option<String>) -> Response {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = resp.status().as_u16();
+    let span = tracing::Span::current();
+    span.record("otel.name", format_args!("{method} {route}"));
+    span.record("http.route", route);
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     match invocation {
         Some(id) => {
             tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id)

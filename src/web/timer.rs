@@ -100,6 +100,7 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
     }
     let started = std::time::Instant::now();
     let report = crate::sweep::run(&app.connections, &app.captures, next_run).await;
+    crate::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
     app.record_timer_run(crate::app::TimerRun {
         at: crate::time::now(),
         ms: started.elapsed().as_millis() as u64,
