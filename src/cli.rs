@@ -82,7 +82,11 @@ fn serve() -> ExitCode {
         },
         None => None,
     };
-    crate::logging::init(&config.log_filter, config.log_format, telemetry.as_ref().map(|t| t.layer(&config.log_filter)));
+    crate::logging::init(
+        &config.log_filter,
+        config.log_format,
+        telemetry.as_ref().map(|t| t.layer(&config.log_filter)),
+    );
     let code = runtime.block_on(async move {
         let listener = match crate::web::bind(config.listen.addr).await {
             Ok(l) => l,

@@ -10,8 +10,9 @@
 //!   [`captures`], [`sweep`] (the timer's work), [`oauth`] (the catalog, the token
 //!   endpoint seam, secret types) and [`portal`] (who a portal user is);
 //! - persistence and Azure clients: [`store`], [`dataverse`], [`fno`], [`secrets`],
-//!   [`azure`], [`auth`], [`notify`];
-//! - leaves: [`outbound`] (the pooled HTTPS client, upstream timing, back-off, the cache),
+//!   [`azure`], [`auth`], [`notify`], [`telemetry`] (the Application Insights export);
+//! - leaves: [`outbound`] (the pooled HTTPS client, a traced span per call, upstream timing,
+//!   back-off, the cache), [`trace_context`],
 //!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`], [`window`].
 
 pub mod app;
@@ -33,8 +34,8 @@ pub mod portal;
 pub mod secrets;
 pub mod store;
 pub mod sweep;
-pub mod throttle;
 pub mod telemetry;
+pub mod throttle;
 pub mod time;
 pub mod trace_context;
 pub mod web;

@@ -38,13 +38,9 @@ pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Regist
     let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let console = match format {
         LogFormat::Text => console.with_target(false).with_filter(filter).boxed(),
-        LogFormat::Json => console
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Json => {
+            console.json().flatten_event(true).with_current_span(false).with_span_list(true).with_filter(filter).boxed()
+        }
     };
     let _ = tracing_subscriber::registry().with(export).with(console).try_init();
 }

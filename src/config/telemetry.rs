@@ -40,11 +40,16 @@ impl TelemetryConfig {
         let Some(cs) = s.get(NAME).map(str::trim).filter(|v| !v.is_empty()) else { return Ok(None) };
         let pairs = pairs(cs).map_err(|p| ConfigError::new(NAME, p))?;
         if !pairs.iter().any(|(k, v)| k.eq_ignore_ascii_case("InstrumentationKey") && !v.is_empty()) {
-            return Err(ConfigError::new(NAME, "has no InstrumentationKey (copy it from the resource's Overview page)"));
+            return Err(ConfigError::new(
+                NAME,
+                "has no InstrumentationKey (copy it from the resource's Overview page)",
+            ));
         }
         let auth = match s.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING").map(str::trim).filter(|v| !v.is_empty()) {
             None => IngestionAuth::InstrumentationKey,
-            Some(a) => authentication(a).map_err(|p| ConfigError::new("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", p))?,
+            Some(a) => {
+                authentication(a).map_err(|p| ConfigError::new("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", p))?
+            }
         };
         Ok(Some(TelemetryConfig {
             connection_string: SecretString::from(cs.to_string()),

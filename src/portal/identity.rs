@@ -176,7 +176,8 @@ impl PowerPages {
     }
 
     async fn fetch(&self, url: &url::Url) -> Result<DecodingKey, String> {
-        let resp = outbound::upstream(outbound::send(self.http.get(url.clone()))).await.map_err(outbound::error_text)?;
+        let resp =
+            outbound::upstream(outbound::send(self.http.get(url.clone()))).await.map_err(outbound::error_text)?;
         if !resp.status().is_success() {
             return Err(format!("answered {}", resp.status()));
         }

@@ -75,18 +75,15 @@ impl Telemetry {
         )
         .map_err(|e| TelemetryError::ConnectionString(crate::logging::redact(&e.to_string()).into_owned()))?;
 
-        let mut resource = Resource::builder().with_service_name(config.role.clone()).with_attribute(KeyValue::new(
-            "service.version",
-            env!("CARGO_PKG_VERSION"),
-        ));
+        let mut resource = Resource::builder()
+            .with_service_name(config.role.clone())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
         if let Some(instance) = &config.instance {
             resource = resource.with_attribute(KeyValue::new("service.instance.id", instance.clone()));
         }
         let resource = resource.build();
-        let tracer = SdkTracerProvider::builder()
-            .with_resource(resource.clone())
-            .with_batch_exporter(exporter.clone())
-            .build();
+        let tracer =
+            SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(exporter.clone()).build();
         let logger =
             SdkLoggerProvider::builder().with_resource(resource.clone()).with_batch_exporter(exporter.clone()).build();
         let meter = SdkMeterProvider::builder()
@@ -101,7 +98,14 @@ impl Telemetry {
     /// records, filtered like the console (`LOG_LEVEL`).
     pub fn layer(&self, filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
         let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-        let spans = tracing_opentelemetry::layer().with_tracer(self.tracer.tracer("dynamics-companion"));
+        // Without source locations, thread names and busy/idle times: they are noise in
+        // every envelope, and Application Insights has its own duration.
+        let spans = tracing_opentelemetry::layer()
+            .with_tracer(self.tracer.tracer("dynamics-companion"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_target(false);
         let logs = opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&self.logger);
         spans.and_then(logs).with_filter(filter).boxed()
     }

@@ -1,7 +1,9 @@
-// Test doubles of three Azure services for the Rust integration tests, in one process:
+// Test doubles of four Azure services for the Rust integration tests, in one process:
 //   - Azure Key Vault (secrets, data plane), HTTPS, with the real 401 challenge flow;
 //   - the App Service / Functions managed identity endpoint (protocol 2019-08-01), plain HTTP;
-//   - the Entra ID (v2.0) token endpoint, client credentials, HTTPS.
+//   - the Entra ID (v2.0) token endpoint, client credentials, HTTPS;
+//   - the Application Insights ingestion endpoint (`POST /v2/track`, "Breeze"), HTTPS, with
+//     local authentication on or off (then only Entra tokens for https://monitor.azure.com/).
 // Node built-ins only; the TLS material comes from the openssl command-line tool.
 // See README.md in this folder ("Azure doubles").
 //
@@ -13,6 +15,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as zlib from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 
 const log = (...args) => process.stderr.write(`azure peer: ${args.join(' ')}\n`);
@@ -40,7 +43,7 @@ if (process.env.AZURE_PEER_CONFIG) {
 const KNOWN_KEYS = new Set([
   'vault_host', 'login_host', 'extra_hostnames', 'tenant_id', 'challenge_authority', 'secrets',
   'identity_header', 'system_assigned', 'user_assigned_client_ids', 'user_assigned', 'token_ttl_seconds',
-  'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir',
+  'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir', 'ingestion',
 ]);
 for (const k of Object.keys(raw)) if (!KNOWN_KEYS.has(k)) fail(`unknown config field ${JSON.stringify(k)}`);
 
@@ -65,6 +68,12 @@ const config = {
   tenants: Array.isArray(raw.tenants) ? raw.tenants.map(String) : [],
   ports: raw.ports && typeof raw.ports === 'object' ? raw.ports : {},
   tls_dir: raw.tls_dir === undefined ? undefined : str(raw.tls_dir, undefined, 'tls_dir'),
+  // Application Insights: the resource's instrumentation key, and whether local (key-only)
+  // authentication is disabled, as `DisableLocalAuth: true` does.
+  ingestion: {
+    instrumentation_key: str(raw.ingestion?.instrumentation_key, '5b0f8a43-8d0e-4d59-9f3e-6c1f1e2a9b77', 'ingestion.instrumentation_key').toLowerCase(),
+    disable_local_auth: raw.ingestion?.disable_local_auth === true,
+  },
 };
 if (!Number.isInteger(config.token_ttl_seconds) || config.token_ttl_seconds < 1) fail('token_ttl_seconds must be a positive integer');
 for (const h of [config.vault_host, config.login_host, ...config.extra_hostnames]) {
@@ -778,6 +787,7 @@ async function control(req, res, url) {
   const route = `${req.method} ${p}`;
   try {
     if (route === 'GET /__control/stats') return send(res, 200, stats);
+    if (route === 'GET /__control/telemetry') return send(res, 200, telemetry);
     if (route === 'POST /__control/reset') {
       await readBody(req);
       stats = freshStats();
@@ -860,6 +870,83 @@ async function identityListener(req, res) {
   send(res, 404, { statusCode: 404, message: `No route for ${url.pathname}; the token endpoint is /msi/token.`, correlationId: guid() });
 }
 
+
+// ---------------------------------------------------------------------------
+// Application Insights ingestion ("Breeze", the track endpoint the SDKs post to)
+// ---------------------------------------------------------------------------
+// POST /v2/track and /v2.1/track: a JSON array of envelopes (or one envelope per line),
+// optionally gzip-compressed (Content-Encoding: gzip). Each envelope needs `name`, `time`,
+// `iKey` (the resource's instrumentation key) and `data.baseType`. The answer is
+// {itemsReceived, itemsAccepted, errors: [{index, statusCode, message}]}: 200 when all are
+// accepted, 206 when some are, 400 when none is. With local authentication disabled, a
+// request without `Authorization: Bearer` is refused 401, and a token that is not a live one
+// for https://monitor.azure.com/ 403 (Monitoring Metrics Publisher is checked by Azure; here
+// every live token of that audience passes).
+const MONITOR_RESOURCE = 'https://monitor.azure.com';
+const telemetry = { items: [], uploads: [] };
+
+async function ingestion(req, res) {
+  const url = new URL(req.url, 'https://127.0.0.1');
+  if (url.pathname !== '/v2/track' && url.pathname !== '/v2.1/track') {
+    await readBody(req).catch(() => Buffer.alloc(0));
+    return send(res, 404, { itemsReceived: 0, itemsAccepted: 0, errors: [{ index: 0, statusCode: 404, message: `No route ${url.pathname}` }] });
+  }
+  if (req.method !== 'POST') {
+    await readBody(req).catch(() => Buffer.alloc(0));
+    return send(res, 405, { itemsReceived: 0, itemsAccepted: 0, errors: [{ index: 0, statusCode: 405, message: 'Only POST is allowed' }] }, { allow: 'POST' });
+  }
+  let raw = await readBody(req);
+  const encoding = String(req.headers['content-encoding'] || '').toLowerCase();
+  if (encoding === 'gzip') {
+    try { raw = zlib.gunzipSync(raw); } catch (err) {
+      return send(res, 400, { itemsReceived: 0, itemsAccepted: 0, errors: [{ index: 0, statusCode: 400, message: `Invalid gzip body: ${err.message}` }] });
+    }
+  } else if (encoding && encoding !== 'identity') {
+    return send(res, 415, { itemsReceived: 0, itemsAccepted: 0, errors: [{ index: 0, statusCode: 415, message: `Unsupported Content-Encoding ${encoding}` }] });
+  }
+  let items;
+  const text = raw.toString('utf8').trim();
+  try {
+    items = text.startsWith('[') ? JSON.parse(text) : text.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l));
+  } catch (err) {
+    return send(res, 400, { itemsReceived: 0, itemsAccepted: 0, errors: [{ index: 0, statusCode: 400, message: `Invalid JSON: ${err.message}` }] });
+  }
+  if (!Array.isArray(items)) items = [items];
+  const auth = String(req.headers.authorization || '');
+  const upload = { at: new Date().toISOString(), authorization: 'none', items: items.length };
+  if (auth) {
+    const m = /^Bearer\s+(\S+)$/i.exec(auth);
+    const info = m && tokens.get(m[1]);
+    if (!m || !info || info.expires_at <= nowSecs()) {
+      telemetry.uploads.push({ ...upload, authorization: 'invalid', status: 401 });
+      return send(res, 401, { itemsReceived: items.length, itemsAccepted: 0, errors: items.map((_, index) => ({ index, statusCode: 401, message: 'The provided token is not valid or has expired.' })) });
+    }
+    if (info.resource !== MONITOR_RESOURCE) {
+      telemetry.uploads.push({ ...upload, authorization: 'wrong-audience', status: 403 });
+      return send(res, 403, { itemsReceived: items.length, itemsAccepted: 0, errors: items.map((_, index) => ({ index, statusCode: 403, message: `The token's audience ${info.resource} is not ${MONITOR_RESOURCE}/.` })) });
+    }
+    upload.authorization = 'bearer';
+    upload.client_id = info.client_id;
+  } else if (config.ingestion.disable_local_auth) {
+    telemetry.uploads.push({ ...upload, status: 401 });
+    return send(res, 401, { itemsReceived: items.length, itemsAccepted: 0, errors: items.map((_, index) => ({ index, statusCode: 401, message: 'Local authentication is disabled for this resource: an Authorization header with a Microsoft Entra token is required.' })) });
+  }
+  const errors = [];
+  items.forEach((it, index) => {
+    const problem = !it || typeof it !== 'object' ? 'the item is not an object'
+      : typeof it.name !== 'string' || !it.name ? 'Field \'name\' on type \'Envelope\' is required but missing or empty.'
+      : typeof it.time !== 'string' || Number.isNaN(Date.parse(it.time)) ? 'Field \'time\' on type \'Envelope\' is required but missing or empty.'
+      : typeof it.iKey !== 'string' || it.iKey.toLowerCase() !== config.ingestion.instrumentation_key ? 'Invalid instrumentation key'
+      : !it.data || typeof it.data.baseType !== 'string' ? 'Field \'baseType\' on type \'Data\' is required but missing or empty.'
+      : null;
+    if (problem) errors.push({ index, statusCode: 400, message: problem });
+    else telemetry.items.push(it);
+  });
+  const accepted = items.length - errors.length;
+  telemetry.uploads.push({ ...upload, status: errors.length === 0 ? 200 : accepted ? 206 : 400 });
+  return send(res, errors.length === 0 ? 200 : accepted ? 206 : 400, { itemsReceived: items.length, itemsAccepted: accepted, errors });
+}
+
 // ---------------------------------------------------------------------------
 // listeners
 // ---------------------------------------------------------------------------
@@ -877,6 +964,7 @@ const servers = [
   https.createServer(tlsOptions, guard(keyVault)),
   http.createServer(guard(identityListener)),
   https.createServer(tlsOptions, guard(entra)),
+  https.createServer(tlsOptions, guard(ingestion)),
 ];
 for (const s of servers) {
   s.keepAliveTimeout = 5000;
@@ -889,16 +977,19 @@ const listen = (server, port) => new Promise((resolve, reject) => {
 let kvPort;
 let idPort;
 let entraPort;
+let ingestionPort;
 try {
   kvPort = await listen(servers[0], config.ports.keyvault);
   idPort = await listen(servers[1], config.ports.identity);
   entraPort = await listen(servers[2], config.ports.entra);
+  ingestionPort = await listen(servers[3], config.ports.ingestion);
 } catch (err) {
   fail(`cannot listen: ${err.message}`);
 }
 const keyvaultUrl = `https://${config.vault_host}:${kvPort}/`;
 const identityUrl = `http://127.0.0.1:${idPort}/msi/token`;
 const entraUrl = `https://${config.login_host}:${entraPort}`;
+const ingestionUrl = `https://localhost:${ingestionPort}/`;
 
 // ---------------------------------------------------------------------------
 // lifecycle
@@ -928,4 +1019,4 @@ if (process.env.AZURE_PEER_IGNORE_STDIN !== '1') {
   process.stdin.resume();
 }
 
-process.stdout.write(`${JSON.stringify({ ready: true, keyvault: keyvaultUrl, identity: identityUrl, entra: entraUrl, ca: tls.caPath })}\n`);
+process.stdout.write(`${JSON.stringify({ ready: true, keyvault: keyvaultUrl, identity: identityUrl, entra: entraUrl, ingestion: ingestionUrl, instrumentation_key: config.ingestion.instrumentation_key, ca: tls.caPath })}\n`);

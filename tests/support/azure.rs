@@ -18,6 +18,10 @@ pub struct AzureDoubles {
     pub identity: String,
     /// `https://login.microsoftonline.com:PORT`
     pub entra: String,
+    /// `https://localhost:PORT/`: the Application Insights ingestion endpoint.
+    pub ingestion: String,
+    /// The Application Insights resource's instrumentation key.
+    pub instrumentation_key: String,
     /// The test CA's PEM file, for `SSL_CERT_FILE`.
     pub ca: String,
     control_base: String,
@@ -41,6 +45,8 @@ impl AzureDoubles {
         AzureDoubles {
             keyvault: peer.field("keyvault"),
             entra: peer.field("entra"),
+            ingestion: peer.field("ingestion"),
+            instrumentation_key: peer.field("instrumentation_key"),
             ca: peer.field("ca"),
             identity,
             control_base,
@@ -81,6 +87,11 @@ impl AzureDoubles {
             .iter()
             .filter_map(|t| t.as_str().map(str::to_string))
             .collect()
+    }
+
+    /// What the ingestion endpoint received: `items` (accepted envelopes) and `uploads`.
+    pub async fn telemetry(&self) -> Value {
+        self.control(Method::GET, "telemetry", None).await
     }
 
     pub async fn stats(&self) -> Value {

@@ -462,7 +462,9 @@ impl Handler {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Reply {
-        let id = invocation_id();
+        // The host writes the invocation id; a test may choose it to look for it later.
+        let chosen = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-azure-functions-invocationid"));
+        let id = chosen.map(|(_, v)| v.to_string()).unwrap_or_else(invocation_id);
         let mut req = match self.mode {
             HostMode::Proxying => {
                 let mut req = self.http.request(method, format!("{}{}", self.base, path_and_query));
@@ -492,7 +494,7 @@ impl Handler {
                     .header("User-Agent", "test-browser/1.0 Azure-Functions-Host/4.1040.300.0")
             }
         };
-        for (k, v) in headers {
+        for (k, v) in headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("x-azure-functions-invocationid")) {
             req = req.header(*k, *v);
         }
         // The legacy mode copies a body only when Content-Length > 0; proxying streams it.
