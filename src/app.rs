@@ -44,6 +44,8 @@ pub struct App {
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
     pub dataverse: Option<Arc<Dataverse>>,
     pub portal: Option<Portal>,
+    /// Customer tenants, when this deployment serves other organisations.
+    pub tenants: Option<crate::tenants::Tenants>,
     /// The one pooled HTTPS client (providers' APIs through the proxy, among others).
     pub http: reqwest::Client,
     /// Places for requests without an `Authorization` header (`MAX_ANONYMOUS_REQUESTS`).
@@ -141,6 +143,16 @@ impl App {
                 "CAPTURE_STATES=any: every callback with a state this service did not issue is kept; anyone can add captures"
             );
         }
+        let tenants = match &config.tenancy {
+            Some(t) => Some(crate::tenants::Tenants::new(
+                store.clone(),
+                keys.clone(),
+                clock.clone(),
+                t.clone(),
+                crate::tenants::credential::TenantCredentials::new(t, secrets.as_ref()).await?,
+            )),
+            None => None,
+        };
         let captures = Captures { store, keys: keys.clone(), clock, policy, state_key, fno };
         let anonymous = tokio::sync::Semaphore::new(config.limits.max_anonymous_requests);
         let callback_rate = Throttle::new(config.limits.callbacks_per_minute);
@@ -159,6 +171,7 @@ impl App {
             back_office,
             dataverse,
             portal,
+            tenants,
             http,
         })
     }

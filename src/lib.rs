@@ -35,6 +35,7 @@ pub mod secrets;
 pub mod store;
 pub mod sweep;
 pub mod telemetry;
+pub mod tenants;
 pub mod throttle;
 pub mod time;
 pub mod trace_context;

@@ -9,6 +9,7 @@
 mod credential;
 mod settings;
 mod telemetry;
+mod tenancy;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use url::Url;
 pub use credential::CredentialConfig;
 pub use settings::{Settings, is_loopback, parse_service_url};
 pub use telemetry::{IngestionAuth, TelemetryConfig};
+pub use tenancy::{AppCredential, TenancyConfig, is_guid};
 
 /// A setting that is missing or malformed. Displayed as one line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,8 @@ pub struct Config {
     pub webhook: Option<WebhookConfig>,
     /// Application Insights export; `None` when no connection string is set.
     pub telemetry: Option<TelemetryConfig>,
+    /// Serving other organisations (`MULTITENANT_APP_ID`); `None`: single-tenant.
+    pub tenancy: Option<TenancyConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +283,7 @@ impl Config {
     pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
         let listen = Listen::from_settings(s)?;
         let redirect_uri = redirect_uri(s, &listen)?;
+        let tenancy = TenancyConfig::from_settings(s, &redirect_uri)?;
         let dataverse = DataverseConfig::from_settings(s)?;
         let store = StoreConfig::from_settings(s, dataverse.as_ref())?;
         let secrets = SecretsConfig::from_settings(s, &store)?;
@@ -302,6 +307,7 @@ impl Config {
             },
             webhook: WebhookConfig::from_settings(s)?,
             telemetry: TelemetryConfig::from_settings(s)?,
+            tenancy,
             listen,
             store,
             dataverse,

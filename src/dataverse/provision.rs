@@ -107,7 +107,33 @@ pub const EXPECTATIONS: Table = Table {
     columns: &[col("expiresat", "Expires at (Unix)", Kind::BigInt)],
 };
 
-pub const TABLES: [Table; 3] = [CONNECTIONS, CAPTURES, EXPECTATIONS];
+/// Tenants: one row per customer organisation a multi-tenant deployment serves, keyed
+/// by the Entra tenant id. Only in the deployment's own (home) store.
+pub const TENANTS: Table = Table {
+    track_changes: false,
+    name: "tenant",
+    label: "Customer tenant",
+    plural: "Customer tenants",
+    columns: &[
+        col("orgurl", "Organisation URL", Kind::Text(400)),
+        col("status", "Status", Kind::Text(20)),
+        col("statusdetail", "Status detail", Kind::Memo(4_000)),
+        col("statehash", "Consent state hash", Kind::Text(64)),
+        col("stateexpiresat", "Consent state expires at (Unix)", Kind::BigInt),
+        col("startedby", "Onboarding started by", Kind::Text(200)),
+        col("consentedat", "Consented at (Unix)", Kind::BigInt),
+        col("onboardedat", "Onboarded at (Unix)", Kind::BigInt),
+        col("createdat", "Created at (Unix)", Kind::BigInt),
+        col("updatedat", "Updated at (Unix)", Kind::BigInt),
+    ],
+};
+
+/// What every deployment reads and writes; [`verify`] checks these.
+pub const CORE_TABLES: [Table; 3] = [CONNECTIONS, CAPTURES, EXPECTATIONS];
+
+/// What `provision` creates: the core tables and the (small, possibly empty) tenants
+/// table, so a deployment can start serving other organisations without a new schema.
+pub const TABLES: [Table; 4] = [CONNECTIONS, CAPTURES, EXPECTATIONS, TENANTS];
 
 /// Names under a publisher prefix (`dc` gives `dc_connection`, `dc_connections`, ...).
 #[derive(Debug, Clone)]
@@ -368,7 +394,7 @@ pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -
 /// Whether the tables and their alternate keys exist and are active: one metadata read
 /// per table. `Ok(Err(what))` names what is missing.
 pub async fn verify(dv: &Dataverse, schema: &Schema) -> Result<Result<(), String>, DataverseError> {
-    for t in TABLES {
+    for t in CORE_TABLES {
         let logical = schema.table(&t);
         let key_name = schema.key_name(&t);
         let path = format!(

@@ -12,9 +12,9 @@ use serde_json::{Map, Value, json};
 
 use super::{
     Capture, Census, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult,
-    Version,
+    Tenant, TenantStatus, Version,
 };
-use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, verify};
+use crate::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, TENANTS, verify};
 use crate::outbound::Cache;
 
 const SCHEMA_OK_FOR: std::time::Duration = std::time::Duration::from_secs(600);
@@ -27,9 +27,11 @@ pub struct DataverseStore {
     connections: String,
     captures: String,
     expectations: String,
+    tenants: String,
     key: String,
     connection_columns: Vec<String>,
     capture_columns: Vec<String>,
+    tenant_columns: Vec<String>,
     /// The last answer of [`verify`]: whether the tables and keys exist.
     schema_checked: Cache<(), Result<(), String>>,
     /// Connection names by primary id, as the change feed saw them: deletions come back
@@ -47,6 +49,8 @@ impl DataverseStore {
             connections: schema.entity_set(&CONNECTIONS),
             captures: schema.entity_set(&CAPTURES),
             expectations: schema.entity_set(&EXPECTATIONS),
+            tenants: schema.entity_set(&TENANTS),
+            tenant_columns: with_key(TENANTS.columns),
             connection_columns: with_key(CONNECTIONS.columns),
             capture_columns: with_key(CAPTURES.columns),
             key,
@@ -166,6 +170,40 @@ impl DataverseStore {
             error_description: s("errordescription"),
             received_at: r.i64(&self.c("receivedat")).unwrap_or(0),
             delivered_at: r.i64(&self.c("deliveredat")),
+        }
+    }
+
+    fn tenant_fields(&self, t: &Tenant) -> Value {
+        json!({
+            self.c("orgurl"): t.org_url,
+            self.c("status"): t.status.as_str(),
+            self.c("statusdetail"): t.status_detail,
+            self.c("statehash"): t.state_hash,
+            self.c("stateexpiresat"): t.state_expires_at,
+            self.c("startedby"): t.started_by,
+            self.c("consentedat"): t.consented_at,
+            self.c("onboardedat"): t.onboarded_at,
+            self.c("createdat"): t.created_at,
+            self.c("updatedat"): t.updated_at,
+        })
+    }
+
+    fn tenant_from(&self, r: Record) -> Tenant {
+        let s = |n: &str| r.str(&self.c(n)).map(str::to_string);
+        let i = |n: &str| r.i64(&self.c(n));
+        Tenant {
+            id: s("name").unwrap_or_default(),
+            org_url: s("orgurl"),
+            status: s("status").and_then(|v| TenantStatus::parse(&v)).unwrap_or(TenantStatus::Failed),
+            status_detail: s("statusdetail"),
+            state_hash: s("statehash"),
+            state_expires_at: i("stateexpiresat"),
+            started_by: s("startedby"),
+            consented_at: i("consentedat"),
+            onboarded_at: i("onboardedat"),
+            created_at: i("createdat").unwrap_or(0),
+            updated_at: i("updatedat").unwrap_or(0),
+            version: Version(r.etag),
         }
     }
 
@@ -402,6 +440,61 @@ impl Store for DataverseStore {
 
     /// Six small requests (a count per status, the back-off count, the oldest refresh);
     /// the caller caches the answer.
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<Tenant>> {
+        let rec = self
+            .dv
+            .get(&self.tenants, &Key::Alternate(&self.key, id), &Self::select(&self.tenant_columns))
+            .await
+            .map_err(map_err)?;
+        Ok(rec.map(|r| self.tenant_from(r)))
+    }
+
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
+        let rows = self
+            .dv
+            .query(&self.tenants, "", &Self::select(&self.tenant_columns), Some(&self.key), 5000)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(|r| self.tenant_from(r)).collect())
+    }
+
+    async fn insert_tenant(&self, t: &Tenant) -> StoreResult<Version> {
+        let rec = self
+            .dv
+            .write(
+                &self.tenants,
+                &Key::Alternate(&self.key, &t.id),
+                &self.tenant_fields(t),
+                Condition::NotExists,
+                &[&self.key],
+            )
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("tenant {:?} already exists", t.id)),
+                other => other,
+            })?;
+        Ok(Version(rec.etag))
+    }
+
+    async fn update_tenant(&self, t: &Tenant, expected: &Version) -> StoreResult<Version> {
+        let rec = self
+            .dv
+            .write(
+                &self.tenants,
+                &Key::Alternate(&self.key, &t.id),
+                &self.tenant_fields(t),
+                Condition::Version(&expected.0),
+                &[&self.key],
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(Version(rec.etag))
+    }
+
+    async fn delete_tenant(&self, id: &str) -> StoreResult<bool> {
+        self.dv.delete(&self.tenants, &Key::Alternate(&self.key, id), None).await.map_err(map_err)
+    }
+
     async fn census(&self, now: i64) -> StoreResult<Census> {
         const CAP: u64 = 5000;
         let status = self.c("status");

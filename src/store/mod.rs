@@ -11,6 +11,9 @@
 
 pub mod dataverse;
 pub mod sqlite;
+pub mod tenant;
+
+pub use tenant::{Tenant, TenantStatus};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -252,6 +255,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expectations that ended before `now`, at most a batch; returns how many.
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64>;
+
+    // ----- customer tenants (multi-tenant deployments) -----
+
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<Tenant>>;
+    /// Every tenant, by id (a deployment serves tens to thousands, never millions).
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>>;
+    /// Creates the record; [`StoreError::Conflict`] when the tenant is already there.
+    async fn insert_tenant(&self, t: &Tenant) -> StoreResult<Version>;
+    /// Replaces the record if it still has version `expected`.
+    async fn update_tenant(&self, t: &Tenant, expected: &Version) -> StoreResult<Version>;
+    /// Whether there was a record to delete.
+    async fn delete_tenant(&self, id: &str) -> StoreResult<bool>;
 
     /// The connections other instances changed (or deleted) since `cursor`, and the cursor
     /// to ask with next time; `cursor` `None` starts following now. `Ok(None)`: this store

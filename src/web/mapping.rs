@@ -124,6 +124,10 @@ pub fn configured<T>(part: Option<&T>, closed: Closed) -> Result<&T, ApiError> {
                 "portal-not-configured",
                 "The portal API is closed: set PORTAL_URL and PORTAL_CLIENT_ID (Power Pages) or PORTAL_OIDC_ISSUER.",
             ),
+            Closed::Tenants => (
+                "tenants-not-configured",
+                "This deployment serves one organisation: set MULTITENANT_APP_ID (and its credential) to serve others.",
+            ),
         };
         ApiError::unavailable(code, detail, None)
     })
@@ -133,4 +137,16 @@ pub fn configured<T>(part: Option<&T>, closed: Closed) -> Result<&T, ApiError> {
 pub enum Closed {
     BackOffice,
     Portal,
+    Tenants,
+}
+
+impl From<crate::tenants::TenantError> for ApiError {
+    fn from(e: crate::tenants::TenantError) -> ApiError {
+        use crate::tenants::TenantError;
+        match e {
+            TenantError::Invalid(detail) => ApiError::bad_request("invalid-tenant", detail),
+            TenantError::NotFound(id) => ApiError::not_found(format!("There is no tenant {id:?}.")),
+            TenantError::Store(e) => e.into(),
+        }
+    }
 }

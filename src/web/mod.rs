@@ -8,6 +8,7 @@
 //! - [`binding`]: `/api/oauth/bind`, where a portal popup proves it is the page's own;
 //! - [`portal`]: `/api/portal/...`, for Power Pages users across origins;
 //! - [`proxy`]: the provider API proxy both of the above use;
+//! - [`tenants`]: `/api/tenants` and `/api/oauth/consent`, onboarding other organisations;
 //! - [`health`] and [`timer`]: `/api/health`, and `/refresh`, the host's timer invocation.
 
 pub mod back_office;
@@ -25,6 +26,7 @@ pub mod request;
 pub mod response;
 mod router;
 mod server;
+pub mod tenants;
 pub mod timer;
 pub mod views;
 

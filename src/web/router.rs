@@ -9,7 +9,7 @@ use super::back_office as connections;
 use super::error::{ApiError, Audience};
 use super::request::Request;
 use super::response::{self, Response};
-use super::{binding, callback, captures, health, portal, timer};
+use super::{binding, callback, captures, health, portal, tenants, timer};
 use crate::app::App;
 
 type Outcome = (&'static str, Audience, Result<Response, ApiError>);
@@ -42,6 +42,11 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "health"] => route!("/api/health", Api, [Method::GET], health::handle(app, req)),
         ["api", "oauth", "callback"] => {
             route!("/api/oauth/callback", Browser, [Method::GET, Method::POST], callback::handle(app, req))
+        }
+        ["api", "oauth", "consent"] => route!("/api/oauth/consent", Browser, [Method::GET], tenants::consent(app, req)),
+        ["api", "tenants"] => route!("/api/tenants", Api, [Method::GET, Method::POST], tenants::collection(app, req)),
+        ["api", "tenants", id] => {
+            route!("/api/tenants/{id}", Api, [Method::GET, Method::DELETE], tenants::item(app, req, id))
         }
         ["api", "oauth", "bind"] => {
             route!("/api/oauth/bind", Browser, [Method::GET, Method::POST], binding::handle(app, req))

@@ -43,7 +43,7 @@ if (process.env.AZURE_PEER_CONFIG) {
 const KNOWN_KEYS = new Set([
   'vault_host', 'login_host', 'extra_hostnames', 'tenant_id', 'challenge_authority', 'secrets',
   'identity_header', 'system_assigned', 'user_assigned_client_ids', 'user_assigned', 'token_ttl_seconds',
-  'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir', 'ingestion',
+  'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir', 'ingestion', 'multitenant_apps',
 ]);
 for (const k of Object.keys(raw)) if (!KNOWN_KEYS.has(k)) fail(`unknown config field ${JSON.stringify(k)}`);
 
@@ -131,6 +131,33 @@ const entraClients = (Array.isArray(raw.entra_clients) && raw.entra_clients.leng
   };
 });
 const knownTenants = new Set([config.tenant_id, ...config.tenants, ...entraClients.map((c) => c.tenant)].map((t) => t.toLowerCase()));
+
+// Multi-tenant app registrations (in the home tenant, `config.tenant_id`). Each has the
+// redirect URIs admin consent may return to, and optionally a secret and federated identity
+// credentials ({issuer, subject, audience}: a managed identity's token as the assertion).
+// A customer tenant gets the app's service principal (an `entraClients` entry) when its
+// administrator consents at /{tenant}/v2.0/adminconsent; until then the token endpoint
+// answers AADSTS7000229 for that tenant.
+const multitenantApps = (Array.isArray(raw.multitenant_apps) ? raw.multitenant_apps : []).map((a, i) => {
+  if (!a || typeof a.client_id !== 'string') fail(`multitenant_apps[${i}].client_id is required`);
+  return {
+    client_id: a.client_id.toLowerCase(),
+    redirect_uris: Array.isArray(a.redirect_uris) ? a.redirect_uris.map(String) : [],
+    client_secret: a.client_secret === undefined ? undefined : String(a.client_secret),
+    federated: (Array.isArray(a.federated_credentials) ? a.federated_credentials : []).map((f) => ({
+      issuer: String(f.issuer), subject: String(f.subject), audience: String(f.audience || 'api://AzureADTokenExchange'),
+    })),
+  };
+});
+for (const app of multitenantApps) {
+  // The home tenant has the app's service principal from the start.
+  if (!entraClients.some((c) => c.client_id === app.client_id && c.tenant.toLowerCase() === config.tenant_id.toLowerCase())) {
+    entraClients.push({ tenant: config.tenant_id, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, object_id: guidFrom(`sp-${config.tenant_id}-${app.client_id}`) });
+  }
+}
+// What each customer tenant's administrator answers at the consent prompt: 'approve'
+// (default) or 'decline'; set through POST /__control/consent_decisions.
+const consentDecisions = new Map();
 
 // ---------------------------------------------------------------------------
 // shared state: secrets, issued tokens, outages, counters
@@ -236,9 +263,12 @@ function signJwt(claims) {
 function issueToken({ resource, issuer, client_id, object_id, tenant, appidacr, extra }) {
   const iat = nowSecs();
   const exp = iat + config.token_ttl_seconds;
+  // Tokens for the token-exchange audience are v2 tokens (issuer login.microsoftonline.com/{tid}/v2.0),
+  // which is what a federated identity credential's `issuer` names.
+  const v2 = normResource(resource) === 'api://azureadtokenexchange';
   const access_token = signJwt({
     aud: resource,
-    iss: `https://sts.windows.net/${tenant}/`,
+    iss: v2 ? `https://login.microsoftonline.com/${tenant}/v2.0` : `https://sts.windows.net/${tenant}/`,
     iat,
     nbf: iat,
     exp,
@@ -251,7 +281,7 @@ function issueToken({ resource, issuer, client_id, object_id, tenant, appidacr, 
     sub: object_id,
     tid: tenant,
     uti: crypto.randomBytes(16).toString('base64url'),
-    ver: '1.0',
+    ver: v2 ? '2.0' : '1.0',
     ...extra,
   });
   tokens.set(access_token, { resource: normResource(resource), expires_at: exp, issued_at: iat, issuer, client_id, tenant });
@@ -612,9 +642,11 @@ async function entra(req, res) {
       cloud_instance_name: 'microsoftonline.com',
     }, entraHeaders());
   }
+  const am = /^\/([^/]+)\/v2\.0\/adminconsent$/.exec(url.pathname);
+  if (am) return adminConsent(req, res, url, decodeURIComponent(am[1]));
   if (!tm) {
     await readBody(req).catch(() => Buffer.alloc(0));
-    return send(res, 404, { error: 'not_found', error_description: `the Entra double serves /{tenant}/oauth2/v2.0/token and discovery only (got ${url.pathname})` });
+    return send(res, 404, { error: 'not_found', error_description: `the Entra double serves /{tenant}/oauth2/v2.0/token, /{tenant}/v2.0/adminconsent and discovery only (got ${url.pathname})` });
   }
 
   stats.entra.token_requests += 1;
@@ -653,6 +685,9 @@ async function entra(req, res) {
   if (!clientId) return entraError(req, res, 400, 'invalid_request', 900144, "The request body must contain the following parameter: 'client_id'.");
   bump(stats.entra.requests_by_client, clientId);
   const client = entraClients.find((c) => c.client_id === clientId && c.tenant.toLowerCase() === tenant.toLowerCase());
+  if (!client && multitenantApps.some((a) => a.client_id === clientId)) {
+    return entraError(req, res, 401, 'invalid_client', 7000229, `The client application ${clientId} is missing service principal in the tenant ${tenant}. See instructions here: https://go.microsoft.com/fwlink/?linkid=2225119`);
+  }
   if (!client) {
     return entraError(req, res, 400, 'unauthorized_client', 700016, `Application with identifier '${clientId}' was not found in the directory '${tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant.`);
   }
@@ -671,10 +706,14 @@ async function entra(req, res) {
     if (assertionType !== JWT_BEARER) {
       return entraError(req, res, 400, 'invalid_request', 700021, `Client assertion application identifier doesn't match 'client_id' parameter, or the client_assertion_type '${assertionType}' is not supported. Use '${JWT_BEARER}'.`);
     }
-    const ok = assertion && (
+    if (client.federated && client.federated.length) {
+      // A federated identity credential: the assertion is a token this double issued (a
+      // managed identity's), checked like Entra checks it.
+      const problem = federatedProblem(assertion, client.federated);
+      if (problem) return entraError(req, res, 401, 'invalid_client', problem.code, problem.message);
+    } else if (!(assertion && (
       (client.client_assertion !== undefined && timingSafeEqualStr(assertion, client.client_assertion))
-      || (client.client_assertion === undefined && (client.accept_any_assertion || config.accept_any_assertion)));
-    if (!ok) {
+      || (client.client_assertion === undefined && (client.accept_any_assertion || config.accept_any_assertion))))) {
       return entraError(req, res, 401, 'invalid_client', 700027, 'Client assertion failed signature validation.');
     }
     appidacr = '2';
@@ -715,6 +754,57 @@ async function entra(req, res) {
     ext_expires_in: config.token_ttl_seconds - 1,
     access_token,
   }, entraHeaders());
+}
+
+function federatedProblem(assertion, federated) {
+  const parts = String(assertion || '').split('.');
+  if (parts.length !== 3) return { code: 50027, message: 'JWT token is invalid or malformed.' };
+  const ok = crypto.verify('sha256', Buffer.from(`${parts[0]}.${parts[1]}`), publicKey, Buffer.from(parts[2], 'base64url'));
+  if (!ok) return { code: 700027, message: 'Client assertion failed signature validation.' };
+  let claims;
+  try { claims = JSON.parse(Buffer.from(parts[1], 'base64url').toString('utf8')); } catch { return { code: 50027, message: 'JWT token is invalid or malformed.' }; }
+  if (!(claims.exp > nowSecs())) return { code: 700024, message: 'Client assertion is not within its valid time range.' };
+  const byIssuer = federated.filter((f) => f.issuer === claims.iss);
+  if (!byIssuer.length) return { code: 700211, message: `No matching federated identity record found for presented assertion issuer '${claims.iss}'.` };
+  const byAudience = byIssuer.filter((f) => f.audience === claims.aud);
+  if (!byAudience.length) return { code: 700212, message: `No matching federated identity record found for presented assertion audience '${claims.aud}'.` };
+  if (!byAudience.some((f) => f.subject === claims.sub)) return { code: 700213, message: `No matching federated identity record found for presented assertion subject '${claims.sub}'.` };
+  return null;
+}
+
+// GET /{tenant}/v2.0/adminconsent: the administrator's consent prompt, answered at once
+// as configured for the tenant. Problems Entra shows as its own error page (no redirect)
+// answer 400 here; the administrator's answer goes back to redirect_uri.
+async function adminConsent(req, res, url, tenant) {
+  await readBody(req).catch(() => Buffer.alloc(0));
+  stats.entra.admin_consents = (stats.entra.admin_consents || 0) + 1;
+  const q = url.searchParams;
+  const page = (code, message) => entraError(req, res, 400, 'invalid_request', code, message);
+  if (req.method !== 'GET') return page(900561, `The endpoint only accepts GET requests. Received a ${req.method} request.`);
+  if (tenant.toLowerCase() === 'common') return page(90130, 'Application is not supported over the /common or /consumers endpoints. Please use the /organizations or tenant-specific endpoint.');
+  if (tenant !== 'organizations' && !knownTenants.has(tenant.toLowerCase())) return page(90002, `Tenant '${tenant}' not found.`);
+  const clientId = String(q.get('client_id') || '').toLowerCase();
+  const app = multitenantApps.find((a) => a.client_id === clientId);
+  if (!app) return page(700016, `Application with identifier '${q.get('client_id')}' was not found in the directory '${tenant}'.`);
+  const redirect = q.get('redirect_uri');
+  if (!redirect || !app.redirect_uris.includes(redirect)) return page(50011, `The redirect URI '${redirect}' specified in the request does not match the redirect URIs configured for the application '${clientId}'.`);
+  if (!q.get('scope')) return page(900144, "The request body must contain the following parameter: 'scope'.");
+  const target = new URL(redirect);
+  const decision = consentDecisions.get(tenant.toLowerCase()) || 'approve';
+  target.searchParams.set('admin_consent', 'True');
+  if (decision === 'decline') {
+    target.searchParams.set('error', 'consent_required');
+    target.searchParams.set('error_description', 'AADSTS65004: User declined to consent to access the app.\r\nTrace ID: ' + guid());
+  } else {
+    if (!entraClients.some((c) => c.client_id === app.client_id && c.tenant.toLowerCase() === tenant.toLowerCase())) {
+      entraClients.push({ tenant, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, object_id: guidFrom(`sp-${tenant}-${app.client_id}`) });
+    }
+    target.searchParams.set('tenant', tenant);
+    target.searchParams.set('scope', q.get('scope'));
+  }
+  if (q.has('state')) target.searchParams.set('state', q.get('state'));
+  res.writeHead(302, { location: target.href, ...entraHeaders() });
+  res.end();
 }
 
 function timingSafeEqualStr(a, b) {
@@ -788,6 +878,17 @@ async function control(req, res, url) {
   try {
     if (route === 'GET /__control/stats') return send(res, 200, stats);
     if (route === 'GET /__control/telemetry') return send(res, 200, telemetry);
+    if (route === 'POST /__control/consent_decisions') {
+      const b = await readJson(req);
+      for (const [t, d] of Object.entries(b)) {
+        if (!['approve', 'decline'].includes(d)) throw httpError(400, `decision for ${t} must be "approve" or "decline"`);
+        consentDecisions.set(t.toLowerCase(), d);
+      }
+      return send(res, 200, { ok: true });
+    }
+    if (route === 'GET /__control/service_principals') {
+      return send(res, 200, { service_principals: entraClients.map((c) => ({ tenant: c.tenant, client_id: c.client_id })) });
+    }
     if (route === 'POST /__control/reset') {
       await readBody(req);
       stats = freshStats();

@@ -1,0 +1,145 @@
+//! The multi-tenant app's tokens from each customer's tenant.
+//!
+//! azure_identity caches tokens per credential, keyed only by scope, and takes no tenant
+//! per call; so there is one credential per customer tenant, made on first use and kept.
+//! With a managed identity, each is a `ClientAssertionCredential` whose assertion is the
+//! one shared managed-identity token for `api://AzureADTokenExchange` (the identity is a
+//! federated credential of the app: no secret anywhere); with a secret, a
+//! `ClientSecretCredential` per tenant.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use azure_core::credentials::{Secret, TokenCredential};
+use azure_core::http::ClientMethodOptions;
+use azure_identity::{ClientAssertion, ClientAssertionCredential, ClientSecretCredential};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::{AppCredential, TenancyConfig};
+use crate::outbound;
+use crate::secrets::{SecretError, SecretSource};
+
+/// The audience of a managed-identity token used as a federated credential (global cloud).
+const TOKEN_EXCHANGE_SCOPE: &str = "api://AzureADTokenExchange/.default";
+
+/// Why no token could be had from a customer's tenant.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TenantTokenError {
+    /// The `AADSTS` code Entra answered with, when it did (`7000229`).
+    pub code: Option<u32>,
+    pub message: String,
+}
+
+impl TenantTokenError {
+    /// The app has no service principal in the tenant yet (no consent, or it has not
+    /// propagated): worth a short retry right after consent.
+    pub fn is_missing_consent(&self) -> bool {
+        matches!(self.code, Some(700016 | 7000229))
+    }
+}
+
+#[derive(Debug)]
+struct ManagedIdentityAssertion {
+    identity: Arc<dyn TokenCredential>,
+}
+
+#[async_trait]
+impl ClientAssertion for ManagedIdentityAssertion {
+    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
+        Ok(self.identity.get_token(&[TOKEN_EXCHANGE_SCOPE], None).await?.token.secret().to_string())
+    }
+}
+
+enum Proof {
+    ManagedIdentity(Arc<dyn TokenCredential>),
+    Secret(SecretString),
+}
+
+pub struct TenantCredentials {
+    app_id: String,
+    proof: Proof,
+    by_tenant: Mutex<HashMap<String, Arc<dyn TokenCredential>>>,
+}
+
+impl TenantCredentials {
+    pub async fn new(cfg: &TenancyConfig, secrets: &dyn SecretSource) -> Result<TenantCredentials, SecretError> {
+        let proof = match &cfg.credential {
+            AppCredential::ManagedIdentity { client_id } => {
+                let identity = crate::azure::managed_identity(Some(client_id.clone()))
+                    .map_err(|e| SecretError::Client(e.to_string()))?;
+                Proof::ManagedIdentity(identity)
+            }
+            AppCredential::ClientSecret { secret_name } => Proof::Secret(secrets.get(secret_name).await?),
+        };
+        Ok(TenantCredentials { app_id: cfg.app_id.clone(), proof, by_tenant: Mutex::new(HashMap::new()) })
+    }
+
+    fn credential(&self, tenant: &str) -> Result<Arc<dyn TokenCredential>, TenantTokenError> {
+        let mut map = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(tenant) {
+            return Ok(c.clone());
+        }
+        let setup = |e: azure_core::Error| TenantTokenError {
+            code: None,
+            message: format!(
+                "the credential for tenant {tenant} could not be set up: {}",
+                outbound::one_line(&e.to_string())
+            ),
+        };
+        let credential: Arc<dyn TokenCredential> = match &self.proof {
+            Proof::ManagedIdentity(identity) => ClientAssertionCredential::new(
+                tenant.to_string(),
+                self.app_id.clone(),
+                ManagedIdentityAssertion { identity: identity.clone() },
+                None,
+            )
+            .map_err(setup)?,
+            Proof::Secret(secret) => ClientSecretCredential::new(
+                tenant,
+                self.app_id.clone(),
+                Secret::new(secret.expose_secret().to_string()),
+                None,
+            )
+            .map_err(setup)?,
+        };
+        map.insert(tenant.to_string(), credential.clone());
+        Ok(credential)
+    }
+
+    /// A client-credential token of the app from `tenant` for `scope` (`{org}/.default`).
+    pub async fn token(&self, tenant: &str, scope: &str) -> Result<SecretString, TenantTokenError> {
+        let credential = self.credential(tenant)?;
+        match outbound::upstream(credential.get_token(&[scope], None)).await {
+            Ok(t) => Ok(SecretString::from(t.token.secret().to_string())),
+            Err(e) => {
+                let text = outbound::one_line(&e.to_string());
+                Err(TenantTokenError { code: aadsts_code(&text), message: text })
+            }
+        }
+    }
+
+    /// The cached credential for an off-boarded tenant goes with it.
+    pub fn forget(&self, tenant: &str) {
+        self.by_tenant.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
+    }
+}
+
+/// The first `AADSTSnnnn` in Entra's message (for diagnosis and the propagation retry;
+/// Entra's codes are stable, its wording is not).
+fn aadsts_code(text: &str) -> Option<u32> {
+    let at = text.find("AADSTS")?;
+    let digits: String = text[at + 6..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_code_in_entras_message() {
+        let m = "ClientAssertionCredential authentication failed. AADSTS7000229: The client application x is missing service principal";
+        assert_eq!(super::aadsts_code(m), Some(7000229));
+        assert_eq!(super::aadsts_code("connection refused"), None);
+    }
+}

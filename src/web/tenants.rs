@@ -1,0 +1,153 @@
+//! `/api/tenants` (back office) and `/api/oauth/consent` (the customer administrator's
+//! browser): onboarding customer organisations of a multi-tenant deployment.
+
+use serde::{Deserialize, Serialize};
+use warp::http::{Method, StatusCode};
+
+use super::html::{self, Tone};
+use super::mapping::{Closed, configured};
+use super::{ApiError, Request, Response, back_office, response};
+use crate::app::App;
+use crate::store::Tenant;
+use crate::tenants::{ConsentAnswer, ConsentOutcome, ConsentRefusal, Tenants};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartTenant {
+    tenant_id: String,
+    /// The customer's organisation, when known: consent is then confirmed with a token
+    /// for it, which also proves the tenant has that Dataverse resource.
+    org_url: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantView<'a> {
+    tenant_id: &'a str,
+    org_url: Option<&'a str>,
+    status: &'static str,
+    status_detail: Option<&'a str>,
+    started_by: Option<&'a str>,
+    consented_at: Option<String>,
+    onboarded_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl<'a> From<&'a Tenant> for TenantView<'a> {
+    fn from(t: &'a Tenant) -> Self {
+        TenantView {
+            tenant_id: &t.id,
+            org_url: t.org_url.as_deref(),
+            status: t.status.as_str(),
+            status_detail: t.status_detail.as_deref(),
+            started_by: t.started_by.as_deref(),
+            consented_at: t.consented_at.map(crate::time::rfc3339),
+            onboarded_at: t.onboarded_at.map(crate::time::rfc3339),
+            created_at: crate::time::rfc3339(t.created_at),
+            updated_at: crate::time::rfc3339(t.updated_at),
+        }
+    }
+}
+
+fn tenants(app: &App) -> Result<&Tenants, ApiError> {
+    configured(app.tenants.as_ref(), Closed::Tenants)
+}
+
+/// `GET /api/tenants` (list) and `POST /api/tenants` (start onboarding: the link).
+pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
+    let who = back_office::caller(app, &req).await?;
+    let tenants = tenants(app)?;
+    if req.method == Method::POST {
+        let body: StartTenant = req.json().await?;
+        let org_url = body
+            .org_url
+            .as_deref()
+            .map(|u| {
+                crate::config::parse_service_url(u)
+                    .map_err(|p| ApiError::bad_request("invalid-org-url", format!("org_url: {p}")))
+            })
+            .transpose()?;
+        let (t, link) = tenants.start(&body.tenant_id, org_url, who.client_id.clone()).await?;
+        return Ok(response::json(
+            StatusCode::CREATED,
+            &serde_json::json!({ "tenant": TenantView::from(&t), "consent_url": link.as_str() }),
+        ));
+    }
+    let list = tenants.list().await?;
+    let views: Vec<TenantView> = list.iter().map(TenantView::from).collect();
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "tenants": views })))
+}
+
+/// `GET` and `DELETE /api/tenants/{id}`.
+pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
+    back_office::caller(app, &req).await?;
+    let tenants = tenants(app)?;
+    if req.method == Method::DELETE {
+        tenants.delete(id).await?;
+        return Ok(response::empty(StatusCode::NO_CONTENT));
+    }
+    let t = tenants.get(id).await?;
+    Ok(response::json(StatusCode::OK, &TenantView::from(&t)))
+}
+
+const ANSWER_NAMES: [&str; 6] = ["admin_consent", "tenant", "scope", "state", "error", "error_description"];
+
+/// `GET /api/oauth/consent`: where Entra sends the administrator after admin consent.
+pub async fn consent(app: &App, req: Request) -> Result<Response, ApiError> {
+    let tenants = tenants(app)?;
+    let mut answer = ConsentAnswer::default();
+    for (k, v) in req.query_pairs() {
+        let slot = match k.as_str() {
+            "admin_consent" => &mut answer.admin_consent,
+            "tenant" => &mut answer.tenant,
+            "scope" => &mut answer.scope,
+            "state" => &mut answer.state,
+            "error" => &mut answer.error,
+            "error_description" => &mut answer.error_description,
+            _ => continue,
+        };
+        if slot.replace(v).is_some() {
+            return Err(ApiError::bad_request(
+                "duplicate-parameter",
+                format!("The answer carries {k} more than once ({} may each appear once).", ANSWER_NAMES.join(", ")),
+            ));
+        }
+    }
+    let outcome = tenants.answer(answer).await.map_err(|e| match e {
+        ConsentRefusal::Store(e) => ApiError::from(e),
+        e @ ConsentRefusal::WrongTenant { .. } => {
+            ApiError::bad_request("tenant-mismatch", format!("Consent was not recorded: {e}."))
+        }
+        e => ApiError::bad_request(
+            "invalid-consent-answer",
+            format!("Consent was not recorded: {e}. Ask for a new link."),
+        ),
+    })?;
+    Ok(match outcome {
+        ConsentOutcome::Consented(t) => html::page(
+            StatusCode::OK,
+            "Consent recorded",
+            &format!(
+                "Thank you. Consent for tenant {} is confirmed. Next, an administrator of your Dataverse environment adds the application user (see the onboarding steps you were given); you can close this page.",
+                t.id
+            ),
+            Tone::Success,
+        ),
+        ConsentOutcome::Declined { error, description, .. } => html::page(
+            StatusCode::FORBIDDEN,
+            "Consent was not given",
+            &format!(
+                "Microsoft Entra answered {error}: {description} Nothing was set up. To try again, ask for a new link; an administrator who may consent for the organisation (Cloud Application Administrator or Global Administrator) must open it."
+            ),
+            Tone::Error,
+        ),
+        ConsentOutcome::Unconfirmed { error, .. } => html::page(
+            StatusCode::BAD_GATEWAY,
+            "Consent could not be confirmed",
+            &format!(
+                "Microsoft Entra reported consent, but the application could not sign in to your tenant: {error}. If you just consented, wait a minute and open the link again; otherwise check the application under Enterprise applications."
+            ),
+            Tone::Error,
+        ),
+    })
+}

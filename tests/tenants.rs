@@ -1,0 +1,202 @@
+//! Multi-tenant onboarding by admin consent: the link, Entra's answers (consent, refusal,
+//! forged), confirmation by a federated-credential token from the customer's tenant, and
+//! off-boarding. Entra and the managed identity are the doubles in tests/peers/azure.mjs.
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::azure::{AzureDoubles, TENANT};
+use support::issuer::Issuer;
+use support::{Handler, HandlerBuilder};
+
+const PUBLIC: &str = "http://localhost:7071";
+const APP: &str = "6a7b8c9d-0e1f-4a2b-9c3d-4e5f6a7b8c9d";
+const UAMI: &str = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9";
+const UAMI_OBJECT: &str = "9e8d7c6b-5a49-4382-9170-6f5e4d3c2b1a";
+const OTHER_UAMI: &str = "2a3b4c5d-6e7f-4081-9293-a4b5c6d7e8f9";
+const TENANT_A: &str = "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa";
+const TENANT_B: &str = "bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb";
+const TENANT_C: &str = "cccccccc-3333-4333-8333-cccccccccccc";
+
+fn doubles() -> AzureDoubles {
+    AzureDoubles::start(json!({
+        "tenants": [TENANT_A, TENANT_B, TENANT_C],
+        "user_assigned": [
+            { "client_id": UAMI, "object_id": UAMI_OBJECT },
+            { "client_id": OTHER_UAMI },
+        ],
+        "multitenant_apps": [{
+            "client_id": APP,
+            "redirect_uris": [format!("{PUBLIC}/api/oauth/consent")],
+            "federated_credentials": [{
+                "issuer": format!("https://login.microsoftonline.com/{TENANT}/v2.0"),
+                "subject": UAMI_OBJECT,
+                "audience": "api://AzureADTokenExchange",
+            }],
+        }],
+    }))
+}
+
+async fn handler(azure: &AzureDoubles, issuer: &Issuer, identity: &str) -> Handler {
+    let mut b = HandlerBuilder::new()
+        .env("PUBLIC_BASE_URL", PUBLIC)
+        .env("MULTITENANT_APP_ID", APP)
+        .env("MULTITENANT_MI_CLIENT_ID", identity)
+        .env("AZURE_AUTHORITY_HOST", azure.authority_host())
+        .env("IDENTITY_ENDPOINT", &azure.identity)
+        .env("IDENTITY_HEADER", "test-identity-header")
+        .env("SSL_CERT_FILE", &azure.ca);
+    for (k, v) in issuer.settings() {
+        b = b.env(k, v);
+    }
+    b.start().await
+}
+
+/// Starts onboarding; returns the consent link.
+async fn start(h: &Handler, bearer: &str, tenant: &str) -> String {
+    let r = h.json(Method::POST, "/api/tenants", Some(bearer), &json!({ "tenant_id": tenant })).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["tenant"]["status"], "consent_pending");
+    r.json()["consent_url"].as_str().unwrap().to_string()
+}
+
+/// Plays the administrator's browser at Entra: returns where Entra redirects, as a path
+/// and query on the handler.
+async fn at_entra(azure: &AzureDoubles, link: &str) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&azure.ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let r = http.get(link).send().await.unwrap();
+    assert_eq!(r.status(), 302, "{}", r.text().await.unwrap_or_default());
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    location.strip_prefix(PUBLIC).unwrap_or_else(|| panic!("Entra sent the admin elsewhere: {location}")).to_string()
+}
+
+async fn tenant(h: &Handler, bearer: &str, id: &str) -> support::Reply {
+    h.json(Method::GET, &format!("/api/tenants/{id}"), Some(bearer), &Value::Null).await
+}
+
+fn state_of(link: &str) -> String {
+    url::Url::parse(link).unwrap().query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_consent_are_confirmed_by_a_token_and_forged_answers_are_refused() {
+    let azure = doubles();
+    let issuer = Issuer::start().await;
+    let h = handler(&azure, &issuer, UAMI).await;
+    let bearer = issuer.token();
+
+    // The link points at the customer's tenant, with our app, scope, redirect and state.
+    let link_a = start(&h, &bearer, TENANT_A).await;
+    let url = url::Url::parse(&link_a).unwrap();
+    assert_eq!(url.path(), format!("/{TENANT_A}/v2.0/adminconsent"));
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], APP);
+    assert_eq!(q["redirect_uri"], format!("{PUBLIC}/api/oauth/consent"));
+    assert!(q["scope"].ends_with("/.default"), "{q:?}");
+
+    // A forged answer naming another tenant with A's state: refused, nothing changes.
+    let forged = format!("/api/oauth/consent?admin_consent=True&tenant={TENANT_C}&state={}", state_of(&link_a));
+    let r = h.get(&forged, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("another tenant"), "{}", r.body);
+    assert_eq!(tenant(&h, &bearer, TENANT_A).await.json()["status"], "consent_pending");
+
+    // An answer typed by hand for a tenant that never consented (its own valid state):
+    // Entra has no service principal there, so no token, so no consent.
+    let link_c = start(&h, &bearer, TENANT_C).await;
+    let typed = format!("/api/oauth/consent?admin_consent=True&tenant={TENANT_C}&state={}", state_of(&link_c));
+    let r = h.get(&typed, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("AADSTS7000229"), "{}", r.body);
+    let c = tenant(&h, &bearer, TENANT_C).await.json();
+    assert_eq!(c["status"], "failed", "{c}");
+    assert!(c["status_detail"].as_str().unwrap().contains("7000229"), "{c}");
+
+    // The administrator of A consents at Entra: confirmed by a token from tenant A.
+    let answer = at_entra(&azure, &link_a).await;
+    let r = h.get(&answer, &[("Accept", "text/html")]).await;
+    r.assert_html(200);
+    assert!(r.body.contains("Consent recorded"), "{}", r.body);
+    let a = tenant(&h, &bearer, TENANT_A).await.json();
+    assert_eq!(a["status"], "consented", "{a}");
+    assert!(a["consented_at"].is_string(), "{a}");
+    assert_eq!(a["started_by"], support::issuer::CLIENT_ID);
+
+    // The same answer again: the state was used.
+    let r = h.get(&answer, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // B's administrator declines first: Entra's error answer (with admin_consent=True).
+    azure.control(Method::POST, "consent_decisions", Some(json!({ TENANT_B: "decline" }))).await;
+    let link_b = start(&h, &bearer, TENANT_B).await;
+    let answer = at_entra(&azure, &link_b).await;
+    assert!(answer.contains("admin_consent=True") && answer.contains("error=consent_required"), "{answer}");
+    let r = h.get(&answer, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("AADSTS65004"), "{}", r.body);
+    let b = tenant(&h, &bearer, TENANT_B).await.json();
+    assert_eq!(b["status"], "failed", "{b}");
+    // ... and then consents through a new link.
+    azure.control(Method::POST, "consent_decisions", Some(json!({ TENANT_B: "approve" }))).await;
+    let link_b = start(&h, &bearer, TENANT_B).await;
+    h.get(&at_entra(&azure, &link_b).await, &[("Accept", "text/html")]).await.assert_html(200);
+    assert_eq!(tenant(&h, &bearer, TENANT_B).await.json()["status"], "consented");
+
+    // The confirmations were client-credential tokens with the managed identity's token
+    // as the assertion (the federated credential), from each customer's tenant.
+    let stats = azure.stats().await;
+    assert!(stats["entra"]["tokens_by_client"][APP].as_u64().unwrap_or(0) >= 2, "{stats}");
+    assert!(
+        stats["identity"]["by_resource"]["api://azureadtokenexchange"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        stats["identity"]
+    );
+
+    // Off-boarding C leaves A and B as they were.
+    let list = h.json(Method::GET, "/api/tenants", Some(&bearer), &Value::Null).await.json();
+    assert_eq!(list["tenants"].as_array().unwrap().len(), 3, "{list}");
+    let r = h.json(Method::DELETE, &format!("/api/tenants/{TENANT_C}"), Some(&bearer), &Value::Null).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(tenant(&h, &bearer, TENANT_C).await.status, 404);
+    assert_eq!(tenant(&h, &bearer, TENANT_A).await.json()["status"], "consented");
+    assert_eq!(tenant(&h, &bearer, TENANT_B).await.json()["status"], "consented");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_that_is_not_the_apps_federated_credential_cannot_confirm_consent() {
+    let azure = doubles();
+    let issuer = Issuer::start().await;
+    let h = handler(&azure, &issuer, OTHER_UAMI).await;
+    let bearer = issuer.token();
+    let link = start(&h, &bearer, TENANT_A).await;
+    let r = h.get(&at_entra(&azure, &link).await, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("AADSTS700213"), "the subject is not the federated one: {}", r.body);
+    assert_eq!(tenant(&h, &bearer, TENANT_A).await.json()["status"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_are_clear_and_a_single_tenant_deployment_has_no_tenants_api() {
+    let azure = doubles();
+    let issuer = Issuer::start().await;
+    let h = handler(&azure, &issuer, UAMI).await;
+    let bearer = issuer.token();
+    let r = h.json(Method::POST, "/api/tenants", Some(&bearer), &json!({ "tenant_id": "contoso.com" })).await;
+    r.assert_problem(400, "invalid-tenant");
+    let r = h.json(Method::POST, "/api/tenants", Some(&bearer), &json!({ "tenant_id": TENANT_A, "org": "x" })).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = h.get("/api/oauth/consent?admin_consent=True", &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = h.get("/api/oauth/consent?state=a&state=b", &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(h.json(Method::POST, "/api/tenants", None, &json!({ "tenant_id": TENANT_A })).await.status, 401);
+
+    let single = HandlerBuilder::new().envs(issuer.settings()).start().await;
+    let r = single.json(Method::GET, "/api/tenants", Some(&bearer), &Value::Null).await;
+    r.assert_problem(503, "tenants-not-configured");
+}
