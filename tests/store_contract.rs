@@ -13,7 +13,9 @@ use dynamics_companion::dataverse::Dataverse;
 use dynamics_companion::dataverse::provision::{Schema, provision};
 use dynamics_companion::store::dataverse::DataverseStore;
 use dynamics_companion::store::sqlite::SqliteStore;
-use dynamics_companion::store::{Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError};
+use dynamics_companion::store::{
+    Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Tenant, TenantStatus,
+};
 use secrecy::SecretString;
 use support::dataverse::DataverseDouble;
 
@@ -197,6 +199,49 @@ async fn contract(store: Arc<dyn Store>) {
     let paged: Vec<&str> = first.iter().chain(rest.iter()).map(|c| c.id.as_str()).collect();
     let whole: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(paged, whole);
+
+    tenant_contract(store.as_ref()).await;
+}
+
+/// Customer tenants (multi-tenant deployments): the same rules as connections.
+async fn tenant_contract(store: &dyn Store) {
+    let mut t = Tenant {
+        id: "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa".into(),
+        org_url: Some("https://contoso.crm4.dynamics.com".into()),
+        status: TenantStatus::ConsentPending,
+        status_detail: None,
+        state_hash: Some("h".repeat(64)),
+        state_expires_at: Some(9_000),
+        started_by: Some("ops-client".into()),
+        consented_at: None,
+        onboarded_at: None,
+        created_at: 1_000,
+        updated_at: 1_000,
+        version: Default::default(),
+    };
+    assert!(store.get_tenant(&t.id).await.unwrap().is_none());
+    let v1 = store.insert_tenant(&t).await.unwrap();
+    assert!(matches!(store.insert_tenant(&t).await, Err(StoreError::Conflict(_))));
+    let got = store.get_tenant(&t.id.to_uppercase()).await.unwrap().expect("inserted, case-insensitive id");
+    t.version = got.version.clone();
+    assert_eq!(got, t);
+    let mut next = t.clone();
+    next.status = TenantStatus::Consented;
+    next.state_hash = None;
+    next.state_expires_at = None;
+    next.consented_at = Some(1_200);
+    let v2 = store.update_tenant(&next, &v1).await.unwrap();
+    assert!(matches!(store.update_tenant(&t, &v1).await, Err(StoreError::Conflict(_))), "a stale version conflicts");
+    next.version = v2;
+    let mut other = t.clone();
+    other.id = "bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb".into();
+    store.insert_tenant(&other).await.unwrap();
+    let list = store.list_tenants().await.unwrap();
+    assert_eq!(list.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [t.id.as_str(), other.id.as_str()]);
+    assert_eq!(list[0], next);
+    assert!(store.delete_tenant(&other.id).await.unwrap());
+    assert!(!store.delete_tenant(&other.id).await.unwrap());
+    assert_eq!(store.list_tenants().await.unwrap().len(), 1);
 }
 
 fn ids(list: &[Connection]) -> Vec<&str> {

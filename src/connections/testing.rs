@@ -179,6 +179,25 @@ impl Store for RacingStore {
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         self.inner.purge_expectations(now).await
     }
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<crate::store::Tenant>> {
+        self.inner.get_tenant(id).await
+    }
+    async fn list_tenants(&self) -> StoreResult<Vec<crate::store::Tenant>> {
+        self.inner.list_tenants().await
+    }
+    async fn insert_tenant(&self, t: &crate::store::Tenant) -> StoreResult<crate::store::Version> {
+        self.inner.insert_tenant(t).await
+    }
+    async fn update_tenant(
+        &self,
+        t: &crate::store::Tenant,
+        expected: &crate::store::Version,
+    ) -> StoreResult<crate::store::Version> {
+        self.inner.update_tenant(t, expected).await
+    }
+    async fn delete_tenant(&self, id: &str) -> StoreResult<bool> {
+        self.inner.delete_tenant(id).await
+    }
 }
 
 pub struct Fx {
