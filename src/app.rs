@@ -132,6 +132,7 @@ impl App {
             cfg: config.oauth.clone(),
             redirect_uri: config.redirect_uri.clone(),
             events,
+            scope: None,
         });
         let policy = config.oauth.capture_policy.clone();
         let state_key = match &policy.state_key_secret {

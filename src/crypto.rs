@@ -24,6 +24,8 @@ const STATE_PREFIX: &str = "dc1.";
 const STATE_NONCE_LEN: usize = 32;
 const STATE_TAG_LEN: usize = 8;
 const STATE_MAC_LEN: usize = 16;
+/// A scope is a tenant id (36 characters); more is refused.
+const MAX_SCOPE_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -188,6 +190,12 @@ impl Keyring {
 
     /// Issues a `state` for a connection, valid until `expires_at` (Unix seconds).
     pub fn issue_state(&self, connection_id: &str, expires_at: i64) -> String {
+        self.issue_scoped_state(None, connection_id, expires_at)
+    }
+
+    /// Issues a `state` that also names, under the signature, where its connection lives
+    /// (a customer tenant's id), so the callback knows which store to look in.
+    pub fn issue_scoped_state(&self, scope: Option<&str>, connection_id: &str, expires_at: i64) -> String {
         let ring = self.ring();
         let key = &ring.keys[0];
         let mut payload = Vec::with_capacity(1 + key.id.len() + 8 + STATE_TAG_LEN + STATE_NONCE_LEN);
@@ -196,6 +204,9 @@ impl Keyring {
         payload.extend_from_slice(&(expires_at as u64).to_be_bytes());
         payload.extend_from_slice(&connection_tag(connection_id));
         payload.extend_from_slice(&random_bytes::<STATE_NONCE_LEN>());
+        if let Some(scope) = scope {
+            payload.extend_from_slice(&scope.as_bytes()[..scope.len().min(MAX_SCOPE_LEN)]);
+        }
         let mac = hmac(&key.state_mac, &[&payload]);
         format!("{STATE_PREFIX}{}.{}", B64URL.encode(&payload), B64URL.encode(&mac[..STATE_MAC_LEN]))
     }
@@ -209,7 +220,8 @@ impl Keyring {
         let payload = B64URL.decode(payload_b64).map_err(|_| StateError::Tampered)?;
         let mac = B64URL.decode(mac_b64).map_err(|_| StateError::Tampered)?;
         let id_len = *payload.first().ok_or(StateError::Tampered)? as usize;
-        if payload.len() != 1 + id_len + 8 + STATE_TAG_LEN + STATE_NONCE_LEN || mac.len() != STATE_MAC_LEN {
+        let fixed = 1 + id_len + 8 + STATE_TAG_LEN + STATE_NONCE_LEN;
+        if payload.len() < fixed || payload.len() > fixed + MAX_SCOPE_LEN || mac.len() != STATE_MAC_LEN {
             return Err(StateError::Tampered);
         }
         let id = std::str::from_utf8(&payload[1..1 + id_len]).map_err(|_| StateError::Tampered)?;
@@ -227,7 +239,11 @@ impl Keyring {
         if now >= expires_at {
             return Err(StateError::Expired);
         }
-        Ok(VerifiedState { expires_at, connection_tag: tag, hash: sha256_hex(state) })
+        let scope = match &payload[fixed..] {
+            [] => None,
+            bytes => Some(std::str::from_utf8(bytes).map_err(|_| StateError::Tampered)?.to_string()),
+        };
+        Ok(VerifiedState { expires_at, connection_tag: tag, hash: sha256_hex(state), scope })
     }
 }
 
@@ -238,6 +254,9 @@ pub struct VerifiedState {
     connection_tag: [u8; STATE_TAG_LEN],
     /// What the store keeps to find the pending authorization.
     pub hash: String,
+    /// Where the connection lives, when not in this deployment's own store: the customer
+    /// tenant it was started for.
+    pub scope: Option<String>,
 }
 
 impl VerifiedState {
@@ -368,6 +387,24 @@ mod tests {
 
     fn ring(spec: &str) -> Keyring {
         Keyring::parse(spec).unwrap()
+    }
+
+    #[test]
+    fn a_scoped_state_carries_its_scope_under_the_signature() {
+        let keys = ring(&Keyring::generate_spec("k1"));
+        let plain = keys.issue_state("erp-1", 2_000);
+        assert_eq!(keys.verify_state(&plain, 1_000).unwrap().scope, None);
+        let scoped = keys.issue_scoped_state(Some("aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"), "erp-1", 2_000);
+        let v = keys.verify_state(&scoped, 1_000).unwrap();
+        assert_eq!(v.scope.as_deref(), Some("aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"));
+        assert!(v.is_for("erp-1"));
+        // Changing the scope in the payload breaks the signature.
+        let (payload, mac) = scoped.strip_prefix(STATE_PREFIX).unwrap().split_once('.').unwrap();
+        let mut bytes = B64URL.decode(payload).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let forged = format!("{STATE_PREFIX}{}.{mac}", B64URL.encode(&bytes));
+        assert_eq!(keys.verify_state(&forged, 1_000).unwrap_err(), StateError::Tampered);
     }
 
     #[test]

@@ -218,7 +218,7 @@ impl Connections {
         t: i64,
     ) -> (PendingAuth, State, Option<String>) {
         let expires_at = t + self.deps.cfg.state_ttl.as_secs() as i64;
-        let state = State::new(self.deps.keys.issue_state(id, expires_at));
+        let state = State::new(self.deps.keys.issue_scoped_state(self.deps.scope.as_deref(), id, expires_at));
         let verifier = provider.pkce.then(PkceVerifier::random);
         let challenge = verifier.as_ref().map(PkceVerifier::challenge);
         let secret = PendingSecret {

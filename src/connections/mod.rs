@@ -94,6 +94,7 @@ impl From<ConnectionError> for Abandon {
 }
 
 /// What the connection rules depend on, built once by the app (or by a test).
+#[derive(Clone)]
 pub struct Deps {
     pub store: Arc<dyn Store>,
     pub keys: Arc<Keyring>,
@@ -105,6 +106,10 @@ pub struct Deps {
     pub redirect_uri: Url,
     /// Told of every stored status change.
     pub events: Arc<dyn events::Events>,
+    /// The customer tenant whose organisation `store` is, in a multi-tenant deployment;
+    /// `None` for the deployment's own. Written into each `state` so the callback finds
+    /// the store again.
+    pub scope: Option<String>,
 }
 
 pub struct Connections {
@@ -124,6 +129,12 @@ pub struct Connections {
 const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(4));
 
 impl Connections {
+    /// What this was built from (for a customer tenant's `Connections`: the same, with
+    /// the tenant's store and scope).
+    pub fn deps(&self) -> &Deps {
+        &self.deps
+    }
+
     pub fn new(deps: Deps) -> Connections {
         let cache = cache::TokenCache::new(deps.cfg.token_cache_ttl);
         Connections {

@@ -255,6 +255,7 @@ pub fn fixture() -> Fx {
         cfg,
         redirect_uri: Url::parse("https://dc.example/api/oauth/callback").unwrap(),
         events: Arc::new(super::events::NoEvents),
+        scope: None,
     });
     Fx { conns, sqlite, racing, clock, endpoint, keys, _dir: dir }
 }
