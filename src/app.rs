@@ -38,7 +38,10 @@ pub struct App {
     pub started_at: i64,
     pub keys: Arc<Keyring>,
     pub secrets: Arc<dyn SecretSource>,
-    pub connections: Connections,
+    pub connections: Arc<Connections>,
+    /// Each onboarded customer tenant's connections (in its own organisation), made on
+    /// first use (see [`App::tenant_scope`]).
+    tenant_connections: std::sync::Mutex<std::collections::HashMap<String, Arc<Connections>>>,
     pub captures: Captures,
     pub back_office: Option<BearerVerifier>,
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
@@ -55,6 +58,19 @@ pub struct App {
     last_timer: std::sync::Mutex<Option<TimerRun>>,
     /// The store's counts for `/api/health`, reused for a minute.
     pub census: outbound::Cache<(), crate::store::Census>,
+}
+
+/// Why a caller or a callback reaches no connections.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("tenant {tenant} is not onboarded yet (status {status})")]
+    NotOnboarded { tenant: String, status: &'static str },
+    #[error("tenant {0} is not served by this deployment")]
+    Unknown(String),
+    #[error("tenant {tenant}'s organisation cannot be reached: {reason}")]
+    Org { tenant: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Why the application could not start. Each names what to fix.
@@ -102,7 +118,11 @@ impl App {
                 return Err(ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse").into());
             }
         };
-        let back_office = config.back_office.clone().map(|b| BearerVerifier::new(b, http.clone()));
+        // A multi-tenant deployment's customers call with tokens of their own tenants.
+        let back_office = config.back_office.clone().map(|b| match config.tenancy {
+            Some(_) => BearerVerifier::new(b, http.clone()).accepting_other_tenants(),
+            None => BearerVerifier::new(b, http.clone()),
+        });
         let portal = config
             .portal
             .enabled()
@@ -123,7 +143,7 @@ impl App {
             }
             None => Arc::new(NoEvents),
         };
-        let connections = Connections::new(Deps {
+        let connections = Arc::new(Connections::new(Deps {
             store: store.clone(),
             keys: keys.clone(),
             catalog: Arc::new(catalog),
@@ -133,7 +153,7 @@ impl App {
             redirect_uri: config.redirect_uri.clone(),
             events,
             scope: None,
-        });
+        }));
         let policy = config.oauth.capture_policy.clone();
         let state_key = match &policy.state_key_secret {
             Some(name) => Some(secrets.get(name).await?),
@@ -168,6 +188,7 @@ impl App {
             keys,
             secrets,
             connections,
+            tenant_connections: Default::default(),
             captures,
             back_office,
             dataverse,
@@ -175,6 +196,109 @@ impl App {
             tenants,
             http,
         })
+    }
+
+    /// The connections a back-office caller reaches: the deployment's own for its own
+    /// tenant's callers (and always when single-tenant), an onboarded customer's for that
+    /// customer's callers, none for anyone else.
+    pub async fn connections_for(&self, caller: &crate::auth::Caller) -> Result<Arc<Connections>, ScopeError> {
+        if self.tenants.is_none() || caller.home {
+            return Ok(self.connections.clone());
+        }
+        let tenant = caller.tenant.as_deref().ok_or_else(|| ScopeError::Unknown("(no tid claim)".into()))?;
+        self.tenant_scope(tenant).await
+    }
+
+    /// An onboarded customer tenant's connections, kept once made.
+    pub async fn tenant_scope(&self, tenant: &str) -> Result<Arc<Connections>, ScopeError> {
+        let id = tenant.to_ascii_lowercase();
+        if let Some(c) = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(c.clone());
+        }
+        let tenants = self.tenants.as_ref().ok_or_else(|| ScopeError::Unknown(id.clone()))?;
+        let record = match tenants.get(&id).await {
+            Ok(t) => t,
+            Err(crate::tenants::TenantError::NotFound(_)) => return Err(ScopeError::Unknown(id)),
+            Err(crate::tenants::TenantError::Store(e)) => return Err(ScopeError::Store(e)),
+            Err(e) => return Err(ScopeError::Org { tenant: id, reason: e.to_string() }),
+        };
+        if record.status != crate::store::TenantStatus::Onboarded {
+            return Err(ScopeError::NotOnboarded { tenant: id, status: record.status.as_str() });
+        }
+        let dv = self.tenant_dataverse(&record)?;
+        let mut deps = self.connections.deps().clone();
+        deps.store = Arc::new(DataverseStore::new(dv, Schema::new(self.dataverse_prefix())));
+        deps.scope = Some(id.clone());
+        let made = Arc::new(Connections::new(deps));
+        let mut map = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.entry(id).or_insert(made).clone())
+    }
+
+    /// Every onboarded tenant's connections, for the timer.
+    pub async fn tenant_scopes(&self) -> Result<Vec<(String, Arc<Connections>)>, ScopeError> {
+        let Some(tenants) = &self.tenants else { return Ok(Vec::new()) };
+        let list = tenants.list().await.map_err(|e| match e {
+            crate::tenants::TenantError::Store(e) => ScopeError::Store(e),
+            e => ScopeError::Unknown(e.to_string()),
+        })?;
+        let mut out = Vec::new();
+        for t in list.into_iter().filter(|t| t.status == crate::store::TenantStatus::Onboarded) {
+            out.push((t.id.clone(), self.tenant_scope(&t.id).await?));
+        }
+        Ok(out)
+    }
+
+    /// Drops an off-boarded tenant's connections object (its rows stay in its organisation).
+    pub fn forget_tenant(&self, id: &str) {
+        self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.to_ascii_lowercase());
+    }
+
+    fn dataverse_prefix(&self) -> &str {
+        self.config.dataverse.as_ref().map(|d| d.prefix.as_str()).unwrap_or("dc")
+    }
+
+    /// A Dataverse client for a customer's organisation, with the app's token from that
+    /// customer's tenant and a request limit of its own: service-protection limits are per
+    /// application user and organisation, so one busy customer never slows another.
+    fn tenant_dataverse(&self, t: &crate::store::Tenant) -> Result<Arc<Dataverse>, ScopeError> {
+        let org_err = |reason: String| ScopeError::Org { tenant: t.id.clone(), reason };
+        let tenants = self.tenants.as_ref().ok_or_else(|| ScopeError::Unknown(t.id.clone()))?;
+        let org = t.org_url.as_deref().ok_or_else(|| org_err("no org_url was given".into()))?;
+        let url = crate::config::parse_service_url(org).map_err(org_err)?;
+        let limit = self.config.dataverse.as_ref().map(|d| d.max_concurrency).unwrap_or(16);
+        let tokens = Arc::new(tenants.org_token(&t.id, org));
+        Ok(Arc::new(Dataverse::new(&url, self.http.clone(), tokens, None).with_concurrency(limit)))
+    }
+
+    /// Checks a consented tenant's organisation with the app's own token: the application
+    /// user answers `WhoAmI`, and the product's tables are there. Records `onboarded`, or
+    /// what is missing, on the tenant.
+    pub async fn check_tenant(&self, id: &str) -> Result<crate::store::Tenant, crate::tenants::TenantError> {
+        use crate::tenants::TenantError;
+        let tenants = self.tenants.as_ref().ok_or_else(|| TenantError::NotFound(id.to_string()))?;
+        let t = tenants.get(id).await?;
+        if t.status == crate::store::TenantStatus::ConsentPending {
+            return Err(TenantError::Invalid(format!(
+                "tenant {id} has not consented yet: send its administrator the link"
+            )));
+        }
+        let dv = self.tenant_dataverse(&t).map_err(|e| TenantError::Invalid(e.to_string()))?;
+        let outcome = match dv.who_am_i().await {
+            Ok(_) => match crate::dataverse::provision::verify(&dv, &Schema::new(self.dataverse_prefix())).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(missing)) => Err(format!(
+                    "the organisation does not have the product's tables yet ({missing}): run `handler provision` against it"
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(crate::dataverse::DataverseError::Service { status: 403, message, code, .. }) => Err(format!(
+                "the organisation refuses the app ({code}: {message}): an administrator adds the application user for app {} with the product's security role",
+                tenants.config().app_id
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        self.forget_tenant(id);
+        tenants.record_check(id, outcome).await
     }
 
     pub fn record_timer_run(&self, run: TimerRun) {

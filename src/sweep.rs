@@ -64,8 +64,9 @@ impl SweepReport {
 }
 
 /// One timer run. `next_run` is the schedule's next occurrence (Unix seconds), when the
-/// host said.
-pub async fn run(connections: &Connections, captures: &Captures, next_run: Option<i64>) -> SweepReport {
+/// host said. `captures` is `None` for a customer tenant's connections (captures live in
+/// the deployment's own store).
+pub async fn run(connections: &Connections, captures: Option<&Captures>, next_run: Option<i64>) -> SweepReport {
     let mut report = SweepReport::default();
     let cfg = connections.config();
     let clock = connections.clock();
@@ -138,21 +139,8 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
         }
         Err(e) => report.errors.push(format!("could not list expired authorizations: {e}")),
     }
-    if captures.delivers() {
-        match captures.deliver_pending().await {
-            Ok((delivered, failed)) => {
-                report.captures_delivered = delivered;
-                report.captures_pending = failed;
-            }
-            Err(e) => report.errors.push(format!("could not deliver pending captures: {e}")),
-        }
-    }
-    match captures.purge(t - cfg.capture_retention.as_secs() as i64).await {
-        Ok(n) => report.purged_captures = n,
-        Err(e) => report.errors.push(format!("could not purge captures: {e}")),
-    }
-    if let Err(e) = captures.purge_expectations().await {
-        report.errors.push(format!("could not purge expired capture registrations: {e}"));
+    if let Some(captures) = captures {
+        sweep_captures(captures, t - cfg.capture_retention.as_secs() as i64, &mut report).await;
     }
     let settled = connections.last_reseal().is_some_and(|r| r.done() && r.current_key == connections.current_key());
     if !settled {
@@ -162,6 +150,26 @@ pub async fn run(connections: &Connections, captures: &Captures, next_run: Optio
         }
     }
     report
+}
+
+/// Capture mode's share of a run: deliver what waits for F&O, purge what is old.
+async fn sweep_captures(captures: &Captures, purge_before: i64, report: &mut SweepReport) {
+    if captures.delivers() {
+        match captures.deliver_pending().await {
+            Ok((delivered, failed)) => {
+                report.captures_delivered = delivered;
+                report.captures_pending = failed;
+            }
+            Err(e) => report.errors.push(format!("could not deliver pending captures: {e}")),
+        }
+    }
+    match captures.purge(purge_before).await {
+        Ok(n) => report.purged_captures = n,
+        Err(e) => report.errors.push(format!("could not purge captures: {e}")),
+    }
+    if let Err(e) = captures.purge_expectations().await {
+        report.errors.push(format!("could not purge expired capture registrations: {e}"));
+    }
 }
 
 #[cfg(test)]
@@ -191,7 +199,7 @@ mod tests {
             fno: None,
         };
         let (gets, updates) = (fx.racing.gets.load(Ordering::SeqCst), fx.racing.updates.load(Ordering::SeqCst));
-        let report = super::run(&fx.conns, &captures, Some(T0 + 300)).await;
+        let report = super::run(&fx.conns, Some(&captures), Some(T0 + 300)).await;
         assert_eq!((report.due, report.refreshed, report.failed), (due, due, 0), "{:?}", report.errors);
         assert_eq!(fx.endpoint.sent().len(), due);
         let gets = fx.racing.gets.load(Ordering::SeqCst) - gets;
@@ -199,7 +207,7 @@ mod tests {
         assert_eq!(gets, 0, "the due query's rows are the first read");
         assert_eq!(updates, 2 * due as i64, "the lease, then the tokens");
         // A second run finds nothing due.
-        let again = super::run(&fx.conns, &captures, Some(T0 + 300)).await;
+        let again = super::run(&fx.conns, Some(&captures), Some(T0 + 300)).await;
         assert_eq!(again.due, 0);
     }
 }

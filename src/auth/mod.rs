@@ -38,6 +38,11 @@ pub struct Caller {
     pub client_id: Option<String>,
     pub subject: Option<String>,
     pub roles: Vec<String>,
+    /// The Entra tenant the token was issued in (`tid`); with several tenants accepted
+    /// ([`BearerVerifier::accepting_other_tenants`]), the one whose issuer signed it.
+    pub tenant: Option<String>,
+    /// Issued by `AUTH_ISSUER` itself: a caller of the deployment's own tenant.
+    pub home: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +57,8 @@ struct Claims {
     client_id: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    iss: Option<String>,
+    tid: Option<String>,
 }
 
 pub struct BearerVerifier {
@@ -59,13 +66,54 @@ pub struct BearerVerifier {
     validation: Validation,
     keys: IssuerKeys,
     verified: VerifiedTokens<Caller>,
+    /// `AUTH_ISSUER` split around its tenant segment, when tokens of other tenants are
+    /// accepted: `https://login.microsoftonline.com/` and `/v2.0`.
+    tenant_issuer: Option<(String, String)>,
 }
 
 impl BearerVerifier {
     pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
         let validation = rs256_validation(Some(&cfg.issuer.issuer), &cfg.issuer.audiences, LEEWAY_SECS);
         let keys = IssuerKeys::new(&cfg.issuer.issuer, cfg.issuer.jwks_url.clone(), http);
-        BearerVerifier { cfg, validation, keys, verified: VerifiedTokens::new() }
+        BearerVerifier { cfg, validation, keys, verified: VerifiedTokens::new(), tenant_issuer: None }
+    }
+
+    /// Also accepts tokens issued in other Entra tenants, for a multi-tenant deployment
+    /// whose customers call it: the issuer must be `AUTH_ISSUER` with the token's own
+    /// `tid` in place of the tenant segment (Entra signs every tenant's tokens with the
+    /// same keys, so `AUTH_ISSUER`'s key set serves). Which tenants may reach what is the
+    /// caller's business, from [`Caller::tenant`].
+    pub fn accepting_other_tenants(mut self) -> BearerVerifier {
+        if let Ok(url) = url::Url::parse(&self.cfg.issuer.issuer)
+            && let Some(first) = url.path_segments().and_then(|mut s| s.next()).filter(|s| !s.is_empty())
+        {
+            let iss = &self.cfg.issuer.issuer;
+            if let Some(at) = iss.find(&format!("/{first}")) {
+                self.tenant_issuer = Some((iss[..at + 1].to_string(), iss[at + 1 + first.len()..].to_string()));
+                let mut validation = self.validation.clone();
+                validation.iss = None;
+                self.validation = validation;
+            }
+        }
+        self
+    }
+
+    /// Whether `iss` is one this verifier accepts for a token naming tenant `tid`.
+    fn issuer_accepted(&self, iss: Option<&str>, tid: Option<&str>) -> bool {
+        let Some(iss) = iss else { return false };
+        if iss == self.cfg.issuer.issuer {
+            return true;
+        }
+        match (&self.tenant_issuer, tid) {
+            (Some((before, after)), Some(tid)) => {
+                crate::config::is_guid(tid)
+                    && iss.len() == before.len() + tid.len() + after.len()
+                    && iss.starts_with(before.as_str())
+                    && iss.ends_with(after.as_str())
+                    && &iss[before.len()..before.len() + tid.len()] == tid
+            }
+            _ => false,
+        }
     }
 
     pub fn issuer(&self) -> &str {
@@ -94,6 +142,13 @@ impl BearerVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| rejection(&e, &self.cfg.issuer.issuer))?
             .claims;
+        if self.tenant_issuer.is_some() && !self.issuer_accepted(claims.iss.as_deref(), claims.tid.as_deref()) {
+            return Err(AuthError::Unauthenticated(format!(
+                "The bearer token was issued by {}, which is neither {} nor that issuer for the token's own tenant.",
+                claims.iss.as_deref().unwrap_or("no issuer"),
+                self.cfg.issuer.issuer
+            )));
+        }
         let client_id = claims.azp.or(claims.appid).or(claims.client_id);
         let by_client = client_id.as_ref().is_some_and(|c| self.cfg.allowed_client_ids.iter().any(|a| a == c));
         let by_role = claims.roles.iter().any(|r| self.cfg.allowed_roles.contains(r));
@@ -103,7 +158,8 @@ impl BearerVerifier {
                 client_id.as_deref().unwrap_or("no client id")
             )));
         }
-        let caller = Caller { client_id, subject: claims.sub, roles: claims.roles };
+        let home = self.tenant_issuer.is_none() || claims.iss.as_deref() == Some(self.cfg.issuer.issuer.as_str());
+        let caller = Caller { client_id, subject: claims.sub, roles: claims.roles, tenant: claims.tid, home };
         self.verified.put(token, caller.clone(), claims.exp);
         Ok(caller)
     }

@@ -126,6 +126,24 @@ impl TenantCredentials {
     }
 }
 
+/// Tokens for one customer organisation (`{org}/.default`) from its tenant: what the
+/// tenant's Dataverse client uses.
+pub struct OrgToken {
+    pub credentials: Arc<TenantCredentials>,
+    pub tenant: String,
+    pub scope: String,
+}
+
+#[async_trait]
+impl crate::azure::TokenSource for OrgToken {
+    async fn token(&self) -> Result<SecretString, crate::azure::IdentityError> {
+        self.credentials
+            .token(&self.tenant, &self.scope)
+            .await
+            .map_err(|e| crate::azure::IdentityError::Token { scope: self.scope.clone(), reason: e.message })
+    }
+}
+
 /// The first `AADSTSnnnn` in Entra's message (for diagnosis and the propagation retry;
 /// Entra's codes are stable, its wording is not).
 fn aadsts_code(text: &str) -> Option<u32> {

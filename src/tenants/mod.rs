@@ -82,7 +82,7 @@ pub struct Tenants {
     keys: Arc<Keyring>,
     clock: Arc<dyn Clock>,
     cfg: TenancyConfig,
-    credentials: TenantCredentials,
+    credentials: Arc<TenantCredentials>,
 }
 
 impl Tenants {
@@ -93,7 +93,42 @@ impl Tenants {
         cfg: TenancyConfig,
         credentials: TenantCredentials,
     ) -> Tenants {
-        Tenants { store, keys, clock, cfg, credentials }
+        Tenants { store, keys, clock, cfg, credentials: Arc::new(credentials) }
+    }
+
+    /// The token source of a customer organisation, from its tenant.
+    pub fn org_token(&self, tenant: &str, org_url: &str) -> credential::OrgToken {
+        credential::OrgToken {
+            credentials: self.credentials.clone(),
+            tenant: tenant.to_string(),
+            scope: format!("{}/.default", org_url.trim_end_matches('/')),
+        }
+    }
+
+    /// Records what the organisation check found: onboarded, or what is still missing.
+    pub async fn record_check(&self, id: &str, outcome: Result<(), String>) -> Result<Tenant, TenantError> {
+        loop {
+            let mut t = self.get(id).await?;
+            let expected = t.version.clone();
+            let now = self.clock.now();
+            match &outcome {
+                Ok(()) => {
+                    t.status = TenantStatus::Onboarded;
+                    t.status_detail = None;
+                    t.onboarded_at = t.onboarded_at.or(Some(now));
+                }
+                Err(missing) => t.status_detail = Some(missing.clone()),
+            }
+            t.updated_at = now;
+            match self.store.update_tenant(&t, &expected).await {
+                Ok(v) => {
+                    t.version = v;
+                    return Ok(t);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub fn config(&self) -> &TenancyConfig {

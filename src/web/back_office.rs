@@ -10,8 +10,11 @@ use super::views::{
 };
 use super::{ApiError, Request, Response, proxy, response};
 use crate::app::App;
+use std::sync::Arc;
+
 use crate::auth::Caller;
 use crate::connections::ConnectionError;
+use crate::connections::Connections;
 use crate::store::{ListFilter, Status};
 
 /// Checks the back-office caller's bearer token.
@@ -20,12 +23,20 @@ pub(super) async fn caller(app: &App, req: &Request) -> Result<Caller, ApiError>
     Ok(verifier.verify(req.header(header::AUTHORIZATION)).await?)
 }
 
+/// The caller and the connections it reaches (its own tenant's, in a multi-tenant
+/// deployment: another tenant's connection is simply not there, 404).
+pub(super) async fn caller_and_connections(app: &App, req: &Request) -> Result<(Caller, Arc<Connections>), ApiError> {
+    let who = caller(app, req).await?;
+    let connections = app.connections_for(&who).await?;
+    Ok((who, connections))
+}
+
 /// `GET /api/connections` (list) and `POST /api/connections` (start).
 pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let who = caller(app, &req).await?;
+    let (who, connections) = caller_and_connections(app, &req).await?;
     if req.method == Method::POST {
         let start: StartRequest = req.json().await?;
-        let started = app.connections.start(start.into()).await?;
+        let started = connections.start(start.into()).await?;
         tracing::info!(connection = %started.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "start");
         return Ok(response::json(StatusCode::CREATED, &Started::from(&started)));
     }
@@ -59,7 +70,7 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
             _ => {}
         }
     }
-    let list = app.connections.list(&filter).await?;
+    let list = connections.list(&filter).await?;
     let views: Vec<ConnectionView> = list.iter().map(ConnectionView::from).collect();
     // A full page may have more after it: say where, as Dataverse does with its nextLink.
     let next = (list.len() == filter.limit).then(|| list.last()).flatten().map(|last| {
@@ -77,9 +88,9 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
 /// `POST /api/connections/import`: takes over a connection from another token keeper
 /// (its refresh token, verified by one refresh before the answer).
 pub async fn import(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let who = caller(app, &req).await?;
+    let (who, connections) = caller_and_connections(app, &req).await?;
     let body: ImportRequest = req.json().await?;
-    let imported = app.connections.import(body.into()).await?;
+    let imported = connections.import(body.into()).await?;
     tracing::info!(connection = %imported.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "import");
     Ok(response::json(StatusCode::CREATED, &ConnectionView::from(&imported.connection)))
 }
@@ -102,10 +113,10 @@ mod cursor {
 
 /// `GET /api/connections/{id}` (status) and `DELETE` (revoke and remove).
 pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    caller(app, &req).await?;
+    let (_, connections) = caller_and_connections(app, &req).await?;
     if req.method == Method::DELETE {
         let skip = req.query_param("skip_revocation").is_some_and(|v| v == "true");
-        return match app.connections.delete(id, skip).await {
+        return match connections.delete(id, skip).await {
             Ok(revoked) => Ok(response::json(
                 StatusCode::OK,
                 &serde_json::json!({ "connection_id": id, "deleted": true, "revoked_at_provider": revoked }),
@@ -119,32 +130,32 @@ pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiErro
             Err(e) => Err(e.into()),
         };
     }
-    let conn = app.connections.get(id).await?;
+    let conn = connections.get(id).await?;
     Ok(response::json(StatusCode::OK, &ConnectionView::from(&conn)))
 }
 
 /// `POST /api/connections/{id}/token`: a valid access token.
 pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    caller(app, &req).await?;
+    let (_, connections) = caller_and_connections(app, &req).await?;
     let body: Option<TokenRequest> = req.json().await?;
     let force =
         body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
-    let token = app.connections.access_token(id, force).await?;
+    let token = connections.access_token(id, force).await?;
     Ok(response::json_no_store(StatusCode::OK, &TokenResponse::new(id, &token)))
 }
 
 /// `POST /api/connections/{id}/reconnect`: a new authorization URL for a connection.
 pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    caller(app, &req).await?;
+    let (_, connections) = caller_and_connections(app, &req).await?;
     let body: Option<ReconnectRequest> = req.json().await?;
-    let started = app.connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), Default::default()).await?;
+    let started = connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), Default::default()).await?;
     Ok(response::json(StatusCode::OK, &Started::from(&started)))
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
 pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    caller(app, &req).await?;
-    let token = app.connections.access_token(id, false).await?;
+    let (_, connections) = caller_and_connections(app, &req).await?;
+    let token = connections.access_token(id, false).await?;
     let (provider, target) = proxy::target(app, &token, id, &req)?;
-    proxy::send_with_token(app, provider, id, token, target, &mut req).await
+    proxy::send_with_token(app, &connections, provider, id, token, target, &mut req).await
 }

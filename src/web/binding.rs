@@ -67,7 +67,11 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         }
         Err(_) => return Err(refused("The authorization link was not issued by this service.")),
     };
-    let bound = app.connections.bind(&verified, secret).await.map_err(|e| match e {
+    let connections = match &verified.scope {
+        None => app.connections.clone(),
+        Some(tenant) => app.tenant_scope(tenant).await?,
+    };
+    let bound = connections.bind(&verified, secret).await.map_err(|e| match e {
         BindFailure::UnknownState => {
             refused("This authorization was already used or replaced. Start the connection again from the portal.")
         }

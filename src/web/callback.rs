@@ -83,8 +83,12 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
             let error = params.error.as_deref().map(ErrorCode::parse);
             let provider_error = error.as_ref().map(|e| (e, params.error_description.as_deref()));
             let presented = super::binding::presented(app, &req, &verified.hash);
-            let outcome = app
-                .connections
+            // A customer tenant's connection lives in that tenant's organisation.
+            let connections = match &verified.scope {
+                None => app.connections.clone(),
+                Some(tenant) => app.tenant_scope(tenant).await?,
+            };
+            let outcome = connections
                 .complete(&verified, params.code.as_ref(), params.iss.as_deref(), provider_error, presented)
                 .await;
             let mut resp = match outcome {

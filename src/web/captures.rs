@@ -11,7 +11,15 @@ use crate::app::App;
 
 /// `GET /api/captures?state=...` and `POST /api/captures`.
 pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    caller(app, &req).await?;
+    let who = caller(app, &req).await?;
+    if !who.home {
+        // Captures are the deployment's own (one callback URL, one capture store).
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "operator-only",
+            "Captures belong to the deployment's own tenant; a customer's token cannot read them.",
+        ));
+    }
     if req.method == Method::POST {
         let body: ExpectRequest = req.json().await?;
         let until = app.captures.expect(&body.state, body.expires_in.unwrap_or(600)).await?;

@@ -140,6 +140,19 @@ pub enum Closed {
     Tenants,
 }
 
+impl From<crate::app::ScopeError> for ApiError {
+    fn from(e: crate::app::ScopeError) -> ApiError {
+        use crate::app::ScopeError;
+        match e {
+            e @ (ScopeError::NotOnboarded { .. } | ScopeError::Unknown(_)) => {
+                ApiError::new(warp::http::StatusCode::FORBIDDEN, "tenant-not-onboarded", e.to_string())
+            }
+            e @ ScopeError::Org { .. } => ApiError::unavailable("organisation-unavailable", e.to_string(), Some(30)),
+            ScopeError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::tenants::TenantError> for ApiError {
     fn from(e: crate::tenants::TenantError) -> ApiError {
         use crate::tenants::TenantError;

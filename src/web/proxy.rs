@@ -145,6 +145,7 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
 /// retries once (the token may have been revoked early).
 pub async fn send_with_token(
     app: &App,
+    connections: &crate::connections::Connections,
     provider: &Provider,
     id: &str,
     mut token: CachedToken,
@@ -174,7 +175,7 @@ pub async fn send_with_token(
         })?;
         if resp.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
-            token = app.connections.access_token(id, true).await?;
+            token = connections.access_token(id, true).await?;
             continue;
         }
         let status = resp.status();

@@ -48,6 +48,9 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "tenants", id] => {
             route!("/api/tenants/{id}", Api, [Method::GET, Method::DELETE], tenants::item(app, req, id))
         }
+        ["api", "tenants", id, "check"] => {
+            route!("/api/tenants/{id}/check", Api, [Method::POST], tenants::check(app, req, id))
+        }
         ["api", "oauth", "bind"] => {
             route!("/api/oauth/bind", Browser, [Method::GET, Method::POST], binding::handle(app, req))
         }

@@ -53,10 +53,23 @@ fn tenants(app: &App) -> Result<&Tenants, ApiError> {
     configured(app.tenants.as_ref(), Closed::Tenants)
 }
 
+/// Only the deployment's own tenant manages tenants: a customer's callers are refused.
+async fn operator(app: &App, req: &Request) -> Result<Option<String>, ApiError> {
+    let who = back_office::caller(app, req).await?;
+    if !who.home {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "operator-only",
+            "Tenants are managed by the deployment's own tenant; a customer's token cannot.",
+        ));
+    }
+    Ok(who.client_id)
+}
+
 /// `GET /api/tenants` (list) and `POST /api/tenants` (start onboarding: the link).
 pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let who = back_office::caller(app, &req).await?;
     let tenants = tenants(app)?;
+    let who = operator(app, &req).await?;
     if req.method == Method::POST {
         let body: StartTenant = req.json().await?;
         let org_url = body
@@ -67,7 +80,7 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
                     .map_err(|p| ApiError::bad_request("invalid-org-url", format!("org_url: {p}")))
             })
             .transpose()?;
-        let (t, link) = tenants.start(&body.tenant_id, org_url, who.client_id.clone()).await?;
+        let (t, link) = tenants.start(&body.tenant_id, org_url, who).await?;
         return Ok(response::json(
             StatusCode::CREATED,
             &serde_json::json!({ "tenant": TenantView::from(&t), "consent_url": link.as_str() }),
@@ -80,13 +93,24 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
 
 /// `GET` and `DELETE /api/tenants/{id}`.
 pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    back_office::caller(app, &req).await?;
     let tenants = tenants(app)?;
+    operator(app, &req).await?;
     if req.method == Method::DELETE {
         tenants.delete(id).await?;
+        app.forget_tenant(id);
         return Ok(response::empty(StatusCode::NO_CONTENT));
     }
     let t = tenants.get(id).await?;
+    Ok(response::json(StatusCode::OK, &TenantView::from(&t)))
+}
+
+/// `POST /api/tenants/{id}/check`: whether the customer's organisation lets the app in
+/// (its application user answers `WhoAmI`) and has the product's tables; `onboarded` when
+/// both hold, else the tenant's `status_detail` says what is missing.
+pub async fn check(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
+    tenants(app)?;
+    operator(app, &req).await?;
+    let t = app.check_tenant(id).await?;
     Ok(response::json(StatusCode::OK, &TenantView::from(&t)))
 }
 

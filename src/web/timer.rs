@@ -8,6 +8,7 @@
 //! `{"Outputs": {}, "Logs": [...], "ReturnValue": null}`: a non-2xx or non-JSON reply
 //! fails the invocation, and an empty body hangs it until the function timeout.
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warp::http::StatusCode;
@@ -99,22 +100,47 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
         logs.push("The timer is past due; running now.".to_string());
     }
     let started = std::time::Instant::now();
-    let report = crate::sweep::run(&app.connections, &app.captures, next_run).await;
+    let report = crate::sweep::run(&app.connections, Some(&app.captures), next_run).await;
+    let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
+    logs.extend(report.lines());
+    // Each onboarded customer's organisation, a few at a time: each has its own
+    // service-protection budget, so they do not slow one another.
+    match app.tenant_scopes().await {
+        Ok(scopes) => {
+            let runs: Vec<_> =
+                futures_util::stream::iter(scopes)
+                    .map(|(tenant, connections)| async move {
+                        (tenant, crate::sweep::run(&connections, None, next_run).await)
+                    })
+                    .buffer_unordered(TENANTS_AT_ONCE)
+                    .collect()
+                    .await;
+            for (tenant, r) in runs {
+                refreshed += r.refreshed;
+                needs_reauth += r.needs_reauth;
+                failed += r.failed;
+                logs.extend(r.lines().into_iter().map(|l| format!("tenant {tenant}: {l}")));
+            }
+        }
+        Err(e) => logs.push(format!("could not list the onboarded tenants: {e}")),
+    }
     crate::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
     app.record_timer_run(crate::app::TimerRun {
         at: crate::time::now(),
         ms: started.elapsed().as_millis() as u64,
-        refreshed: report.refreshed,
-        needs_reauth: report.needs_reauth,
-        failed: report.failed,
+        refreshed,
+        needs_reauth,
+        failed,
     });
-    logs.extend(report.lines());
     for line in &logs {
         tracing::info!(target: "timer", "{line}");
     }
     let result = InvocationResult { outputs: serde_json::Map::new(), logs, return_value: Value::Null };
     Ok(response::json(StatusCode::OK, &result))
 }
+
+/// Customer organisations swept at once by one timer run.
+const TENANTS_AT_ONCE: usize = 4;
 
 /// Under the host only the host can reach us (it binds us to 127.0.0.1); standalone, the
 /// handler may listen on other addresses, and the timer answers this machine only.
