@@ -200,3 +200,111 @@ async fn bad_requests_are_clear_and_a_single_tenant_deployment_has_no_tenants_ap
     let r = single.json(Method::GET, "/api/tenants", Some(&bearer), &Value::Null).await;
     r.assert_problem(503, "tenants-not-configured");
 }
+
+/// A customer organisation (a Dataverse double) with the product's tables, checking
+/// tokens as Dataverse does; without the app's application user until `add_application_user`.
+async fn organisation() -> support::dataverse::DataverseDouble {
+    use dynamics_companion::dataverse::Dataverse;
+    use dynamics_companion::dataverse::provision::{Schema, provision};
+    let dv = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
+    let client = Dataverse::new(
+        &url::Url::parse(&dv.url).unwrap(),
+        reqwest::Client::new(),
+        std::sync::Arc::new(dynamics_companion::azure::StaticToken("admin".to_string().into())),
+        None,
+    );
+    provision(&client, &Schema::new("dc"), std::time::Duration::from_secs(30)).await.unwrap();
+    dv.enforce_application_users(true).await;
+    dv
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
+    use support::oidc::{CLIENT_SECRET, OidcPeer};
+    let azure = doubles();
+    let issuer = Issuer::start().await;
+    let (org_a, org_b) = (organisation().await, organisation().await);
+    let peer = OidcPeer::start(&format!("{PUBLIC}/api/oauth/callback"), json!({ "access_token_ttl": 120 }));
+    let mut b = HandlerBuilder::new()
+        .file("providers.toml", &peer.catalog("test", ""))
+        .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+        .env("REFRESH_MARGIN_SECONDS", "300")
+        .env("PUBLIC_BASE_URL", PUBLIC)
+        .env("MULTITENANT_APP_ID", APP)
+        .env("MULTITENANT_MI_CLIENT_ID", UAMI)
+        .env("AZURE_AUTHORITY_HOST", azure.authority_host())
+        .env("IDENTITY_ENDPOINT", &azure.identity)
+        .env("IDENTITY_HEADER", "test-identity-header")
+        .env("SSL_CERT_FILE", &azure.ca);
+    for (k, v) in issuer.settings() {
+        b = b.env(k, v);
+    }
+    let h = b.start().await;
+    let operator = issuer.token();
+
+    // Onboard A and B: consent, then the check finds the application user missing, then
+    // (once an administrator added it) onboarded.
+    for (tenant, org) in [(TENANT_A, &org_a), (TENANT_B, &org_b)] {
+        let r = h
+            .json(Method::POST, "/api/tenants", Some(&operator), &json!({ "tenant_id": tenant, "org_url": org.url }))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let link = r.json()["consent_url"].as_str().unwrap().to_string();
+        h.get(&at_entra(&azure, &link).await, &[("Accept", "text/html")]).await.assert_html(200);
+        let check = h.json(Method::POST, &format!("/api/tenants/{tenant}/check"), Some(&operator), &json!({})).await;
+        assert_eq!(check.status, 200, "{}", check.body);
+        assert_eq!(check.json()["status"], "consented", "{}", check.body);
+        assert!(check.json()["status_detail"].as_str().unwrap().contains("0x80072560"), "{}", check.body);
+        org.add_application_user(APP).await;
+        let check = h.json(Method::POST, &format!("/api/tenants/{tenant}/check"), Some(&operator), &json!({})).await;
+        assert_eq!(check.json()["status"], "onboarded", "{}", check.body);
+    }
+
+    // Each tenant's caller starts a connection; it completes in that tenant's organisation.
+    let (caller_a, caller_b) = (issuer.token_in_tenant(TENANT_A), issuer.token_in_tenant(TENANT_B));
+    for (caller, id) in [(&caller_a, "erp-a"), (&caller_b, "erp-b")] {
+        let r = h
+            .json(Method::POST, "/api/connections", Some(caller), &json!({ "provider": "test", "connection_id": id }))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
+        h.get(location.strip_prefix(PUBLIC).unwrap(), &[("Accept", "text/html")]).await.assert_html(200);
+    }
+    let names =
+        |rows: Vec<Value>| rows.iter().filter_map(|r| r["dc_name"].as_str().map(str::to_string)).collect::<Vec<_>>();
+    assert_eq!(names(org_a.rows("dc_connections").await), ["erp-a"]);
+    assert_eq!(names(org_b.rows("dc_connections").await), ["erp-b"]);
+
+    // Nobody reaches another tenant's connection: 404, as for any connection not theirs.
+    let get = |caller: &str, id: &str| {
+        let (h, caller, path) = (&h, caller.to_string(), format!("/api/connections/{id}"));
+        async move { h.json(Method::GET, &path, Some(&caller), &Value::Null).await }
+    };
+    assert_eq!(get(&caller_a, "erp-a").await.json()["status"], "active");
+    assert_eq!(get(&caller_a, "erp-b").await.status, 404);
+    assert_eq!(get(&caller_b, "erp-a").await.status, 404);
+    assert_eq!(get(&operator, "erp-a").await.status, 404, "the deployment's own store does not have it either");
+    let token = h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &json!({})).await;
+    assert_eq!(token.status, 200, "{}", token.body);
+
+    // A tenant that is not onboarded, and a customer trying to manage tenants: refused.
+    let r = h.json(Method::GET, "/api/connections", Some(&issuer.token_in_tenant(TENANT_C)), &Value::Null).await;
+    r.assert_problem(403, "tenant-not-onboarded");
+    let r = h.json(Method::GET, "/api/tenants", Some(&caller_a), &Value::Null).await;
+    r.assert_problem(403, "operator-only");
+
+    // The timer refreshes in both organisations (the tokens live 120 s, the margin is 300 s).
+    let r = h.invoke_timer(&support::timer_payload(false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let logs = r.json()["Logs"].to_string();
+    for tenant in [TENANT_A, TENANT_B] {
+        assert!(logs.contains(&format!("tenant {tenant}: refresh: 1 due, 1 refreshed")), "{logs}");
+    }
+
+    // Off-boarding B: its callers are refused, A's carry on, B's rows stay B's.
+    let r = h.json(Method::DELETE, &format!("/api/tenants/{TENANT_B}"), Some(&operator), &Value::Null).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    get(&caller_b, "erp-b").await.assert_problem(403, "tenant-not-onboarded");
+    assert_eq!(get(&caller_a, "erp-a").await.status, 200);
+    assert_eq!(names(org_b.rows("dc_connections").await), ["erp-b"]);
+}

@@ -146,6 +146,11 @@ const config = {
   max_page_size: Math.min(cfgInt('max_page_size', 5000, 1), 5000),
   max_body_bytes: cfgInt('max_body_bytes', 16 * 1024 * 1024, 1024),
   entity_set_names: raw.entity_set_names ?? 'append_s',
+  // Check bearer JWTs as Dataverse does (the signature is the Entra double's business): the
+  // audience must be this organisation, and an app-only token (`appid`, no `scp`) is let in
+  // only when an enabled application user (systemuser with that applicationid) exists;
+  // otherwise 403 0x80072560, "The user is not a member of the organization."
+  enforce_application_users: raw.enforce_application_users === true,
   tables: raw.tables ?? [],
 };
 if (!Array.isArray(config.accepted_tokens) || config.accepted_tokens.some((t) => typeof t !== 'string' || !t)) {
@@ -1447,6 +1452,29 @@ async function handleApi(req, res, m, url) {
   }
   ctx.token = bm[1];
   bump(stats.tokens, ctx.token);
+  if (config.enforce_application_users) {
+    let claims = null;
+    try { claims = JSON.parse(Buffer.from(bm[1].split('.')[1] || '', 'base64url').toString('utf8')); } catch { claims = null; }
+    const here = `${scheme}://${ctx.host}`.toLowerCase();
+    const aud = claims && typeof claims.aud === 'string' ? claims.aud.replace(/\/+$/, '').toLowerCase() : null;
+    if (!claims || aud !== here || !(claims.exp > Date.now() / 1000)) {
+      bump(stats.rejected_tokens, 'audience-or-expiry');
+      req.resume();
+      sendError(ctx, new DvError(401, '', `The bearer token is not valid for this organization (InvalidAuthTicket): audience ${claims && claims.aud} is not ${here}.`, tenantHeader));
+      return;
+    }
+    if (claims.appid && !claims.scp) {
+      const su = tables.get('systemuser');
+      const user = [...su.rows.values()].find((r) => String(r.values.applicationid || '').toLowerCase() === String(claims.appid).toLowerCase() && r.values.isdisabled !== true);
+      if (!user) {
+        stats.not_members = (stats.not_members || 0) + 1;
+        req.resume();
+        sendError(ctx, new DvError(403, '0x80072560', 'The user is not a member of the organization.'));
+        return;
+      }
+      ctx.userId = user.id;
+    }
+  }
 
   if (faults && faultApplies(method, resource)) {
     // Always draw three numbers so the sequence is reproducible from the seed.
@@ -2581,7 +2609,8 @@ async function handleControl(req, res, url) {
         if (!Array.isArray(b.accepted_tokens) || b.accepted_tokens.some((t) => typeof t !== 'string' || !t)) throw Object.assign(new Error('accepted_tokens must be an array of non-empty strings'), { status: 400 });
         config.accepted_tokens = b.accepted_tokens;
       }
-      return controlJson(res, 200, { key_activation_ms: config.key_activation_ms, accepted_tokens: config.accepted_tokens });
+      if (b.enforce_application_users !== undefined) config.enforce_application_users = b.enforce_application_users === true;
+      return controlJson(res, 200, { key_activation_ms: config.key_activation_ms, accepted_tokens: config.accepted_tokens, enforce_application_users: config.enforce_application_users });
     }
     const tm = /^\/__control\/tables\/([^/]+)$/.exec(url.pathname);
     if (tm) {

@@ -65,6 +65,18 @@ impl DataverseDouble {
         Value::Object(by_name)
     }
 
+    /// Checks bearer tokens as Dataverse does: this organisation's audience, and an
+    /// application user for an app-only token (403 0x80072560 otherwise).
+    pub async fn enforce_application_users(&self, on: bool) {
+        self.control(Method::POST, "config", Some(json!({ "enforce_application_users": on }))).await;
+    }
+
+    /// Adds the application user of an Entra app, as an administrator would.
+    pub async fn add_application_user(&self, app_id: &str) {
+        let row = json!({ "applicationid": app_id, "accessmode": 4, "isdisabled": false });
+        self.control(Method::POST, "tables/systemusers", Some(json!({ "rows": [row] }))).await;
+    }
+
     pub async fn set_accepted_tokens(&self, tokens: &[String]) {
         self.control(Method::POST, "config", Some(json!({ "accepted_tokens": tokens }))).await;
     }

@@ -69,6 +69,15 @@ impl Issuer {
         json!({ "iss": self.url, "aud": AUDIENCE, "azp": CLIENT_ID, "sub": CLIENT_ID, "iat": now, "nbf": now - 5, "exp": now + 3600, "roles": [] })
     }
 
+    /// A token of the same client issued in another Entra tenant (a multi-tenant
+    /// deployment's customer): the issuer names that tenant, and `tid` says it.
+    pub fn token_in_tenant(&self, tenant: &str) -> String {
+        let mut claims = self.claims();
+        claims["iss"] = json!(self.url.replace("/tenant-1/", &format!("/{tenant}/")));
+        claims["tid"] = json!(tenant);
+        self.sign(&claims)
+    }
+
     pub fn token(&self) -> String {
         self.sign(&self.claims())
     }
