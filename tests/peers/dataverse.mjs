@@ -446,7 +446,62 @@ function setupBuiltins() {
   makeAttr(su, { logicalName: 'internalemailaddress', type: 'String', maxLength: 100 });
   makeAttr(su, { logicalName: 'azureactivedirectoryobjectid', type: 'Uniqueidentifier', readOnly: 'ignore' });
   makeAttr(su, { logicalName: 'businessunitid', type: 'Lookup', targets: ['businessunit'] });
-  for (const t of [bu, role, su]) registerTable(t);
+  // Privileges: Dataverse makes eight per table (prv{Verb}{SchemaName}) when it is created.
+  const priv = makeTable({ logicalName: 'privilege', entitySetName: 'privileges', primaryName: 'name', primaryNameMaxLength: 200, ownershipType: 'OrganizationOwned', isCustom: false, builtin: true, objectTypeCode: 1023 });
+  makeAttr(priv, { logicalName: 'accessright', type: 'Integer' });
+  for (const t of [bu, role, su, priv]) registerTable(t);
+}
+
+const PRIVILEGE_VERBS = [['Create', 32], ['Read', 1], ['Write', 2], ['Delete', 65536], ['Append', 4], ['AppendTo', 16], ['Assign', 524288], ['Share', 262144]];
+function addTablePrivileges(t) {
+  const priv = tables.get('privilege');
+  for (const [verb, right] of PRIVILEGE_VERBS) insertRow(priv, newGuid(), { name: `prv${verb}${t.schemaName}`, accessright: right });
+}
+
+// Role privileges (AddPrivilegesRole / RetrieveRolePrivilegesRole): role id -> Map(privilege id -> depth name).
+const rolePrivileges = new Map();
+const DEPTHS = ['Basic', 'Local', 'Deep', 'Global'];
+function depthName(d) {
+  if (typeof d === 'number' && Number.isInteger(d) && d >= 0 && d < 4) return DEPTHS[d];
+  if (typeof d === 'string') {
+    if (/^[0-3]$/.test(d)) return DEPTHS[Number(d)];
+    const hit = DEPTHS.find((x) => x.toLowerCase() === d.toLowerCase());
+    if (hit) return hit;
+  }
+  return null;
+}
+
+function addPrivilegesRole(ctx, roleKey, body) {
+  const role = tables.get('role');
+  const found = findRow(role, roleKey);
+  if (!found.row) throw notFound(role, found);
+  if (!body || !Array.isArray(body.Privileges) || body.Privileges.length === 0) throw E.invalidArgument('AddPrivilegesRole: Privileges must be a non-empty array of RolePrivilege.');
+  const priv = tables.get('privilege');
+  const held = rolePrivileges.get(found.row.id) || new Map();
+  for (const [i, p] of body.Privileges.entries()) {
+    const id = String(p && p.PrivilegeId || '').toLowerCase();
+    if (!isGuid(id) || !priv.rows.has(id)) throw E.invalidArgument(`AddPrivilegesRole: Privileges[${i}].PrivilegeId ${p && p.PrivilegeId} is not a privilege.`);
+    const depth = depthName(p.Depth);
+    if (!depth) throw E.invalidArgument(`AddPrivilegesRole: Privileges[${i}].Depth ${JSON.stringify(p.Depth)} is not Basic, Local, Deep or Global.`);
+    held.set(id, depth);
+  }
+  rolePrivileges.set(found.row.id, held);
+  stats.role_privilege_writes = (stats.role_privilege_writes || 0) + 1;
+  send(ctx, 204);
+}
+
+function retrieveRolePrivileges(ctx, keyRaw) {
+  const m = /^RoleId=([0-9a-fA-F-]{36})$/.exec(String(keyRaw || '').trim());
+  if (!m) throw E.invalidArgument('RetrieveRolePrivilegesRole: the RoleId parameter (a GUID) is required.');
+  const role = tables.get('role');
+  const row = role.rows.get(m[1].toLowerCase());
+  if (!row) throw new DvError(404, '0x80040217', `role With Id = ${m[1]} Does Not Exist`);
+  const priv = tables.get('privilege');
+  const held = rolePrivileges.get(row.id) || new Map();
+  send(ctx, 200, {
+    '@odata.context': `${ctx.base}$metadata#Microsoft.Dynamics.CRM.RetrieveRolePrivilegesRoleResponse`,
+    RolePrivileges: [...held].map(([id, depth]) => ({ Depth: depth, PrivilegeId: id, BusinessUnitId: row.values.businessunitid, PrivilegeName: priv.rows.get(id)?.values.name })),
+  });
 }
 
 function seedBuiltinRows() {
@@ -460,6 +515,7 @@ function seedBuiltinRows() {
     azureactivedirectoryobjectid: newGuid(), businessunitid: config.business_unit_id,
   });
   associations.clear();
+  rolePrivileges.clear();
   associations.set(config.user_id, new Set([config.system_administrator_role_id]));
 }
 
@@ -1566,7 +1622,7 @@ function route(ctx, method, path, params, body) {
     return send(ctx, 200, {
       '@odata.context': `${ctx.base}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse`,
       BusinessUnitId: config.business_unit_id,
-      UserId: config.user_id,
+      UserId: ctx.userId,
       OrganizationId: config.organization_id,
     });
   }
@@ -1576,6 +1632,14 @@ function route(ctx, method, path, params, body) {
     return send(ctx, 204);
   }
   if (first.name === 'EntityDefinitions') return metadataRoute(ctx, method, segs, params, body);
+  if (first.name === 'RetrieveRolePrivilegesRole' && segs.length === 1) {
+    if (method !== 'GET') throw E.method(method);
+    return retrieveRolePrivileges(ctx, first.keyRaw);
+  }
+  if (first.name === 'roles' && segs.length === 2 && segs[1].name === 'Microsoft.Dynamics.CRM.AddPrivilegesRole' && first.keyRaw) {
+    if (method !== 'POST') throw E.method(method);
+    return addPrivilegesRole(ctx, first.keyRaw, body);
+  }
   const table = bySet.get(first.name);
   if (!table) throw E.urlSegment(first.name);
   return dataRoute(ctx, method, table, segs, params, body);
@@ -2355,6 +2419,7 @@ function createEntity(ctx, body, solution) {
   }
   t.changeTracking = body.ChangeTrackingEnabled === true;
   registerTable(t);
+  addTablePrivileges(t);
   countMetadataWrite('entity', `POST EntityDefinitions ${logicalName}`);
   send(ctx, 204, null, { 'OData-EntityId': `${ctx.base}EntityDefinitions(${t.metadataId})` });
 }
