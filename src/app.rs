@@ -73,6 +73,15 @@ pub enum ScopeError {
     Store(#[from] StoreError),
 }
 
+/// Why setting the product up in a customer's organisation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OnboardError {
+    #[error("{0}")]
+    Dataverse(crate::dataverse::DataverseError),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Why the application could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -171,6 +180,7 @@ impl App {
                 clock.clone(),
                 t.clone(),
                 crate::tenants::credential::TenantCredentials::new(t, secrets.as_ref()).await?,
+                outbound::unpooled_client(config.oauth.upstream_timeout)?,
             )),
             None => None,
         };
@@ -299,6 +309,27 @@ impl App {
         };
         self.forget_tenant(id);
         tenants.record_check(id, outcome).await
+    }
+
+    /// Sets the product up in the organisation the administrator signed in for (with
+    /// their token, used for this and dropped), then checks it with the app's own token.
+    pub async fn onboard_organisation(
+        &self,
+        signed_in: &crate::tenants::signin::Delegated,
+        org: &str,
+    ) -> Result<(crate::dataverse::provision::Report, crate::store::Tenant), OnboardError> {
+        let tenants = self.tenants.as_ref().ok_or_else(|| OnboardError::Other("not a multi-tenant deployment".into()))?;
+        let url = crate::config::parse_service_url(org).map_err(OnboardError::Other)?;
+        let token = tenants.org_token_for_admin(signed_in, org).await.map_err(|e| OnboardError::Other(e.to_string()))?;
+        let dv = Dataverse::new(&url, self.http.clone(), Arc::new(azure::StaticToken(token)), None);
+        let schema = Schema::new(self.dataverse_prefix());
+        let report = crate::dataverse::setup::onboard(&dv, &schema, &tenants.config().app_id)
+            .await
+            .map_err(OnboardError::Dataverse)?;
+        let id = signed_in.tenant.id.clone();
+        tenants.set_org(&id, org).await.map_err(|e| OnboardError::Other(e.to_string()))?;
+        let t = self.check_tenant(&id).await.map_err(|e| OnboardError::Other(e.to_string()))?;
+        Ok((report, t))
     }
 
     pub fn record_timer_run(&self, run: TimerRun) {

@@ -211,6 +211,18 @@ impl Keyring {
         format!("{STATE_PREFIX}{}.{}", B64URL.encode(&payload), B64URL.encode(&mac[..STATE_MAC_LEN]))
     }
 
+    /// A secret derived from a state we issued, with the key that signed it: a PKCE
+    /// verifier that needs no storage, since only this service can compute it again from
+    /// the state. `None` for a state that is not ours.
+    pub fn derive_from_state(&self, state: &str, label: &str) -> Option<String> {
+        let payload = B64URL.decode(state.strip_prefix(STATE_PREFIX)?.split_once('.')?.0).ok()?;
+        let id_len = *payload.first()? as usize;
+        let id = std::str::from_utf8(payload.get(1..1 + id_len)?).ok()?;
+        let ring = self.ring();
+        let key = ring.by_id.get(id).map(|&i| &ring.keys[i])?;
+        Some(B64URL.encode(hmac(&key.state_mac, &[b"derived/", label.as_bytes(), b"/", state.as_bytes()])))
+    }
+
     /// Checks a `state` from the callback without touching the store.
     pub fn verify_state(&self, state: &str, now: i64) -> Result<VerifiedState, StateError> {
         let Some(rest) = state.strip_prefix(STATE_PREFIX) else {

@@ -22,6 +22,12 @@ pub struct TenancyConfig {
     pub consent_scope: String,
     /// `{PUBLIC_BASE_URL}/api/oauth/consent`, registered on the app as a redirect URI.
     pub consent_redirect_uri: Url,
+    /// `{PUBLIC_BASE_URL}/api/oauth/onboard`, where the administrator's sign-in returns
+    /// (registered on the app too).
+    pub onboard_redirect_uri: Url,
+    /// The Global Discovery Service (`https://globaldisco.crm.dynamics.com`, or a
+    /// sovereign cloud's): the environments the signed-in administrator reaches.
+    pub discovery_url: Url,
 }
 
 /// How the multi-tenant app proves itself to each customer's tenant.
@@ -72,7 +78,17 @@ impl TenancyConfig {
         let consent_redirect_uri = redirect_uri
             .join("consent")
             .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("cannot build the consent URL: {e}")))?;
+        let onboard_redirect_uri = redirect_uri
+            .join("onboard")
+            .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("cannot build the onboarding URL: {e}")))?;
+        let discovery_url = s
+            .url("MULTITENANT_DISCOVERY_URL")?
+            .map(Ok)
+            .unwrap_or_else(|| Url::parse("https://globaldisco.crm.dynamics.com"))
+            .map_err(|e| ConfigError::new("MULTITENANT_DISCOVERY_URL", e.to_string()))?;
         Ok(Some(TenancyConfig {
+            onboard_redirect_uri,
+            discovery_url,
             app_id: app_id.to_ascii_lowercase(),
             credential,
             authority,

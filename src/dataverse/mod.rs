@@ -10,6 +10,7 @@
 //! Errors name the table, the operation and Dataverse's own message.
 
 pub mod provision;
+pub mod setup;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

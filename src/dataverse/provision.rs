@@ -168,6 +168,11 @@ impl Schema {
         format!("{}id", self.table(t))
     }
 
+    /// A table's schema name (`dc_Connection`), which privilege names follow.
+    pub fn table_schema_name(&self, t: &Table) -> String {
+        self.schema_name(t.name)
+    }
+
     fn schema_name(&self, name: &str) -> String {
         let mut chars = name.chars();
         let first = chars.next().map(|c| c.to_ascii_uppercase()).into_iter();
@@ -257,11 +262,11 @@ pub struct Report {
 }
 
 impl Report {
-    fn did(&mut self, line: String) {
+    pub(super) fn did(&mut self, line: String) {
         self.changes += 1;
         self.lines.push(line);
     }
-    fn saw(&mut self, line: String) {
+    pub(super) fn saw(&mut self, line: String) {
         self.lines.push(line);
     }
 }

@@ -120,6 +120,24 @@ impl TenantCredentials {
         }
     }
 
+    /// How the app authenticates itself at a customer tenant's token endpoint in a grant
+    /// of its own making (the administrator's sign-in): the form fields to add.
+    pub async fn client_auth(&self) -> Result<Vec<(&'static str, String)>, TenantTokenError> {
+        match &self.proof {
+            Proof::ManagedIdentity(identity) => {
+                let token = identity.get_token(&[TOKEN_EXCHANGE_SCOPE], None).await.map_err(|e| TenantTokenError {
+                    code: None,
+                    message: format!("no managed-identity token for the app's assertion: {}", outbound::one_line(&e.to_string())),
+                })?;
+                Ok(vec![
+                    ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()),
+                    ("client_assertion", token.token.secret().to_string()),
+                ])
+            }
+            Proof::Secret(secret) => Ok(vec![("client_secret", secret.expose_secret().to_string())]),
+        }
+    }
+
     /// The cached credential for an off-boarded tenant goes with it.
     pub fn forget(&self, tenant: &str) {
         self.by_tenant.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);

@@ -9,6 +9,7 @@
 //! client-credential token of the app has actually been had from that tenant.
 
 pub mod credential;
+pub mod signin;
 
 use std::sync::Arc;
 
@@ -83,6 +84,9 @@ pub struct Tenants {
     clock: Arc<dyn Clock>,
     cfg: TenancyConfig,
     credentials: Arc<TenantCredentials>,
+    /// For the administrator's sign-in: a client that never reuses a connection (a code
+    /// is spent once; see [`crate::outbound::unpooled_client`]).
+    http: reqwest::Client,
 }
 
 impl Tenants {
@@ -92,8 +96,9 @@ impl Tenants {
         clock: Arc<dyn Clock>,
         cfg: TenancyConfig,
         credentials: TenantCredentials,
+        http: reqwest::Client,
     ) -> Tenants {
-        Tenants { store, keys, clock, cfg, credentials: Arc::new(credentials) }
+        Tenants { store, keys, clock, cfg, credentials: Arc::new(credentials), http }
     }
 
     /// The token source of a customer organisation, from its tenant.

@@ -37,6 +37,34 @@ pub fn page(status: StatusCode, title: &str, message: &str, tone: Tone) -> Respo
 /// Like [`page`], with an optional `<script>` element whose hash is allowed by the CSP
 /// (used to tell a portal page that opened us as a popup how the flow ended).
 pub fn page_with_script(status: StatusCode, title: &str, message: &str, tone: Tone, script: Option<&str>) -> Response {
+    render(status, title, message, tone, "", script)
+}
+
+/// Like [`page`], with a list of items under the message and a link to go on with (for
+/// the onboarding pages: what was done, and the next step). Everything is escaped.
+pub fn page_with_link(
+    status: StatusCode,
+    title: &str,
+    message: &str,
+    tone: Tone,
+    items: &[String],
+    link: Option<(&str, &str)>,
+) -> Response {
+    let mut extra = String::new();
+    if !items.is_empty() {
+        extra.push_str("<ul>");
+        for item in items {
+            extra.push_str(&format!("<li>{}</li>", escape(item)));
+        }
+        extra.push_str("</ul>");
+    }
+    if let Some((text, href)) = link {
+        extra.push_str(&format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(text)));
+    }
+    render(status, title, message, tone, &extra, None)
+}
+
+fn render(status: StatusCode, title: &str, message: &str, tone: Tone, extra: &str, script: Option<&str>) -> Response {
     let accent = match tone {
         Tone::Success => "#107c10",
         Tone::Error => "#a4262c",
@@ -47,7 +75,7 @@ pub fn page_with_script(status: StatusCode, title: &str, message: &str, tone: To
 <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
 <title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}}\
 h1{{font-size:1.4rem;color:{accent}}}p{{line-height:1.5}}</style></head>\
-<body><h1>{title}</h1><p>{message}</p>{script_tag}</body></html>\n",
+<body><h1>{title}</h1><p>{message}</p>{extra}{script_tag}</body></html>\n",
         title = escape(title),
         message = escape(message),
     );

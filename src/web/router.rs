@@ -48,6 +48,10 @@ pub async fn dispatch(app: &App, req: Request) -> Outcome {
         ["api", "tenants", id] => {
             route!("/api/tenants/{id}", Api, [Method::GET, Method::DELETE], tenants::item(app, req, id))
         }
+        ["api", "oauth", "onboard"] => route!("/api/oauth/onboard", Browser, [Method::GET], tenants::onboard(app, req)),
+        ["api", "tenants", id, "onboard"] => {
+            route!("/api/tenants/{id}/onboard", Api, [Method::POST], tenants::onboard_link(app, req, id))
+        }
         ["api", "tenants", id, "check"] => {
             route!("/api/tenants/{id}/check", Api, [Method::POST], tenants::check(app, req, id))
         }

@@ -114,6 +114,103 @@ pub async fn check(app: &App, req: Request, id: &str) -> Result<Response, ApiErr
     Ok(response::json(StatusCode::OK, &TenantView::from(&t)))
 }
 
+/// `POST /api/tenants/{id}/onboard`: a new link for the customer's administrator to sign
+/// in and have their environment set up (once consent is confirmed).
+pub async fn onboard_link(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
+    let tenants = tenants(app)?;
+    operator(app, &req).await?;
+    let link = tenants.onboarding_link(id).await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "onboarding_url": link.as_str() })))
+}
+
+/// `GET /api/oauth/onboard`: the administrator's sign-in comes back; find the
+/// environment, set the product up in it, check it with the app's own token.
+pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
+    use crate::tenants::signin::{SignInAnswer, SignInError};
+    let tenants = tenants(app)?;
+    let mut answer = SignInAnswer::default();
+    for (k, v) in req.query_pairs() {
+        let slot = match k.as_str() {
+            "code" => &mut answer.code,
+            "state" => &mut answer.state,
+            "error" => &mut answer.error,
+            "error_description" => &mut answer.error_description,
+            _ => continue,
+        };
+        if slot.replace(v).is_some() {
+            return Err(ApiError::bad_request("duplicate-parameter", format!("The answer carries {k} more than once.")));
+        }
+    }
+    let signed_in = match tenants.signed_in(answer).await {
+        Ok(d) => d,
+        Err(SignInError::Store(e)) => return Err(e.into()),
+        Err(e @ SignInError::Refused { .. }) => {
+            return Ok(html::page(
+                StatusCode::FORBIDDEN,
+                "Sign-in not completed",
+                &format!("{e}. Nothing was changed. Ask your provider for a new link to try again."),
+                Tone::Error,
+            ));
+        }
+        Err(e @ (SignInError::Token(_) | SignInError::Discovery(_))) => {
+            return Err(ApiError::bad_gateway("sign-in-failed", format!("Nothing was changed: {e}.")));
+        }
+        Err(e) => return Err(ApiError::bad_request("invalid-sign-in-answer", format!("Nothing was changed: {e}."))),
+    };
+    let instances = tenants
+        .discover(&signed_in)
+        .await
+        .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("Nothing was changed: {e}.")))?;
+    let same = |a: &str, b: &str| a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'));
+    let chosen = match &signed_in.tenant.org_url {
+        Some(org) => instances.iter().find(|i| same(&i.api_url, org)),
+        None => match instances.iter().filter(|i| i.is_user_sys_admin != Some(false)).collect::<Vec<_>>().as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        },
+    };
+    let Some(chosen) = chosen else {
+        let items: Vec<String> = instances
+            .iter()
+            .map(|i| format!("{} ({})", i.friendly_name.as_deref().unwrap_or("unnamed"), i.api_url))
+            .collect();
+        let message = match &signed_in.tenant.org_url {
+            Some(org) => format!(
+                "Your account does not reach {org}, the environment your provider named. Sign in with an administrator of that environment, or tell your provider which of these to use. Nothing was changed."
+            ),
+            None => "Your account reaches more than one environment (or none). Tell your provider which one to set up; they start again with it. Nothing was changed.".to_string(),
+        };
+        return Ok(html::page_with_link(StatusCode::CONFLICT, "Which environment?", &message, Tone::Error, &items, None));
+    };
+    let org = chosen.api_url.clone();
+    match app.onboard_organisation(&signed_in, &org).await {
+        Ok((report, t)) => {
+            let done = t.status == crate::store::TenantStatus::Onboarded;
+            let title = if done { "Your environment is set up" } else { "Set up, but not ready yet" };
+            let message = match (done, report.changes) {
+                (true, 0) => format!("{org} was already set up; nothing needed changing. You can close this page."),
+                (true, n) => format!("{org} is set up ({n} changes). You can close this page."),
+                (false, _) => format!(
+                    "{org}: {}. Nothing else is needed from you if your provider retries in a few minutes.",
+                    t.status_detail.as_deref().unwrap_or("the app cannot use it yet")
+                ),
+            };
+            let tone = if done { Tone::Success } else { Tone::Error };
+            let status = if done { StatusCode::OK } else { StatusCode::ACCEPTED };
+            Ok(html::page_with_link(status, title, &message, tone, &report.lines, None))
+        }
+        Err(crate::app::OnboardError::Dataverse(e)) if e.status() == Some(403) => Ok(html::page(
+            StatusCode::FORBIDDEN,
+            "Not allowed in this environment",
+            &format!(
+                "Dynamics 365 refused: {e}. Sign in with a System Administrator of {org} and open the link again."
+            ),
+            Tone::Error,
+        )),
+        Err(e) => Err(ApiError::bad_gateway("onboarding-failed", format!("Setting up {org} stopped: {e}. Open the link again to retry; what was done stays done."))),
+    }
+}
+
 const ANSWER_NAMES: [&str; 6] = ["admin_consent", "tenant", "scope", "state", "error", "error_description"];
 
 /// `GET /api/oauth/consent`: where Entra sends the administrator after admin consent.
@@ -148,15 +245,21 @@ pub async fn consent(app: &App, req: Request) -> Result<Response, ApiError> {
         ),
     })?;
     Ok(match outcome {
-        ConsentOutcome::Consented(t) => html::page(
-            StatusCode::OK,
-            "Consent recorded",
-            &format!(
-                "Thank you. Consent for tenant {} is confirmed. Next, an administrator of your Dataverse environment adds the application user (see the onboarding steps you were given); you can close this page.",
-                t.id
-            ),
-            Tone::Success,
-        ),
+        ConsentOutcome::Consented(t) => {
+            // The next step in the same browser: sign in to set the environment up.
+            let next = tenants.onboarding_link(&t.id).await.ok();
+            html::page_with_link(
+                StatusCode::OK,
+                "Consent recorded",
+                &format!(
+                    "Thank you. Consent for tenant {} is confirmed. Next, sign in as an administrator of your Dynamics 365 environment: the app's security role, its application user and its tables are then created for you (your sign-in is used for this only and not kept).",
+                    t.id
+                ),
+                Tone::Success,
+                &[],
+                next.as_ref().map(|u| ("Set up my Dynamics 365 environment", u.as_str())),
+            )
+        }
         ConsentOutcome::Declined { error, description, .. } => html::page(
             StatusCode::FORBIDDEN,
             "Consent was not given",

@@ -44,6 +44,7 @@ const KNOWN_KEYS = new Set([
   'vault_host', 'login_host', 'extra_hostnames', 'tenant_id', 'challenge_authority', 'secrets',
   'identity_header', 'system_assigned', 'user_assigned_client_ids', 'user_assigned', 'token_ttl_seconds',
   'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir', 'ingestion', 'multitenant_apps',
+  'admins', 'instances',
 ]);
 for (const k of Object.keys(raw)) if (!KNOWN_KEYS.has(k)) fail(`unknown config field ${JSON.stringify(k)}`);
 
@@ -644,6 +645,8 @@ async function entra(req, res) {
   }
   const am = /^\/([^/]+)\/v2\.0\/adminconsent$/.exec(url.pathname);
   if (am) return adminConsent(req, res, url, decodeURIComponent(am[1]));
+  const zm = /^\/([^/]+)\/oauth2\/v2\.0\/authorize$/.exec(url.pathname);
+  if (zm) return authorize(req, res, url, decodeURIComponent(zm[1]));
   if (!tm) {
     await readBody(req).catch(() => Buffer.alloc(0));
     return send(res, 404, { error: 'not_found', error_description: `the Entra double serves /{tenant}/oauth2/v2.0/token, /{tenant}/v2.0/adminconsent and discovery only (got ${url.pathname})` });
@@ -678,7 +681,7 @@ async function entra(req, res) {
   }
   const grantType = form.get('grant_type');
   if (!grantType) return entraError(req, res, 400, 'invalid_request', 900144, "The request body must contain the following parameter: 'grant_type'.");
-  if (grantType !== 'client_credentials') {
+  if (!['client_credentials', 'authorization_code', 'refresh_token'].includes(grantType)) {
     return entraError(req, res, 400, 'unsupported_grant_type', 70003, `The app requested an unsupported grant type '${grantType}'.`);
   }
   const clientId = form.get('client_id') || basicId;
@@ -721,6 +724,7 @@ async function entra(req, res) {
     return entraError(req, res, 401, 'invalid_client', 7000216, "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' grant type.");
   }
 
+  if (grantType !== 'client_credentials') return delegatedGrant(req, res, form, grantType, client, tenant);
   const scope = form.get('scope');
   if (!scope || !scope.trim()) {
     return entraError(req, res, 400, 'invalid_request', 900144, "The request body must contain the following parameter: 'scope'.");
@@ -754,6 +758,121 @@ async function entra(req, res) {
     ext_expires_in: config.token_ttl_seconds - 1,
     access_token,
   }, entraHeaders());
+}
+
+// ----- delegated sign-in (authorization code + PKCE, refresh tokens) ---------------
+// One administrator per customer tenant signs in (config `admins`: {tenant: {upn, object_id}});
+// the consent prompt is assumed granted once the app has a service principal there.
+const admins = new Map(Object.entries(raw.admins && typeof raw.admins === 'object' ? raw.admins : {}).map(([t, a]) => [t.toLowerCase(), a]));
+const adminOf = (tenant) => {
+  const a = admins.get(tenant.toLowerCase()) || {};
+  return { upn: String(a.upn || `admin@${tenant.slice(0, 8)}.example`), object_id: String(a.object_id || guidFrom(`admin-${tenant}`)) };
+};
+const codes = new Map(); // code -> { tenant, client_id, redirect_uri, scope, challenge, user, exp, used }
+const refreshTokens = new Map(); // refresh token -> { tenant, client_id, user }
+
+// A delegated scope list's resource: `https://org/user_impersonation offline_access` -> https://org
+function delegatedResource(scope) {
+  const resources = new Set(scope.split(/\s+/).filter((s) => s.includes('/')).map((s) => s.slice(0, s.lastIndexOf('/'))));
+  return resources.size === 1 ? [...resources][0] : null;
+}
+
+async function authorize(req, res, url, tenant) {
+  await readBody(req).catch(() => Buffer.alloc(0));
+  const q = url.searchParams;
+  const page = (code, message) => entraError(req, res, 400, 'invalid_request', code, message);
+  if (!knownTenants.has(tenant.toLowerCase())) return page(90002, `Tenant '${tenant}' not found.`);
+  const clientId = String(q.get('client_id') || '').toLowerCase();
+  const app = multitenantApps.find((a) => a.client_id === clientId);
+  if (!app) return page(700016, `Application with identifier '${q.get('client_id')}' was not found in the directory '${tenant}'.`);
+  const redirect = q.get('redirect_uri');
+  if (!redirect || !app.redirect_uris.includes(redirect)) return page(50011, `The redirect URI '${redirect}' specified in the request does not match the redirect URIs configured for the application '${clientId}'.`);
+  const target = new URL(redirect);
+  const fail = (error, description) => {
+    target.searchParams.set('error', error);
+    target.searchParams.set('error_description', description);
+    if (q.has('state')) target.searchParams.set('state', q.get('state'));
+    res.writeHead(302, { location: target.href, ...entraHeaders() });
+    res.end();
+  };
+  if (q.get('response_type') !== 'code') return fail('unsupported_response_type', 'AADSTS700054: response_type must be code here.');
+  const scope = String(q.get('scope') || '');
+  if (!delegatedResource(scope)) return fail('invalid_scope', `AADSTS70011: The provided value for the input parameter 'scope' is not valid: ${scope}.`);
+  if (q.get('code_challenge_method') !== 'S256' || !/^[A-Za-z0-9_-]{43}$/.test(q.get('code_challenge') || '')) return fail('invalid_request', 'AADSTS501491: Invalid size of Code_Challenge parameter (or method not S256).');
+  if (!entraClients.some((c) => c.client_id === clientId && c.tenant.toLowerCase() === tenant.toLowerCase())) {
+    return fail('invalid_client', `AADSTS650052: The app is trying to access a service that your organization '${tenant}' lacks a service principal for.`);
+  }
+  const code = crypto.randomBytes(32).toString('base64url');
+  codes.set(code, { tenant, client_id: clientId, redirect_uri: redirect, scope, challenge: q.get('code_challenge'), user: adminOf(tenant), exp: nowSecs() + 600, used: false });
+  stats.entra.authorizations = (stats.entra.authorizations || 0) + 1;
+  target.searchParams.set('code', code);
+  if (q.has('state')) target.searchParams.set('state', q.get('state'));
+  target.searchParams.set('session_state', guid());
+  res.writeHead(302, { location: target.href, ...entraHeaders() });
+  res.end();
+}
+
+function delegatedGrant(req, res, form, grantType, client, tenant) {
+  let grant;
+  let scope = form.get('scope') || '';
+  if (grantType === 'authorization_code') {
+    const c = codes.get(form.get('code') || '');
+    if (!c || c.used || c.exp <= nowSecs() || c.client_id !== client.client_id || c.tenant.toLowerCase() !== tenant.toLowerCase()) {
+      if (c) c.used = true;
+      return entraError(req, res, 400, 'invalid_grant', 70008, 'The provided authorization code or refresh token has expired due to inactivity, or was already redeemed.');
+    }
+    c.used = true;
+    if (form.get('redirect_uri') !== c.redirect_uri) return entraError(req, res, 400, 'invalid_grant', 50148, 'The redirect_uri does not match the one used in the authorization request.');
+    const verifier = form.get('code_verifier') || '';
+    if (crypto.createHash('sha256').update(verifier).digest('base64url') !== c.challenge) {
+      return entraError(req, res, 400, 'invalid_grant', 501481, 'The Code_Verifier does not match the code_challenge supplied in the authorization request.');
+    }
+    grant = { tenant: c.tenant, client_id: c.client_id, user: c.user };
+    if (!scope) scope = c.scope;
+  } else {
+    grant = refreshTokens.get(form.get('refresh_token') || '');
+    if (!grant || grant.client_id !== client.client_id || grant.tenant.toLowerCase() !== tenant.toLowerCase()) {
+      return entraError(req, res, 400, 'invalid_grant', 9002313, 'Invalid request. Request is malformed or invalid: the refresh token is not valid.');
+    }
+  }
+  const resource = delegatedResource(scope);
+  if (!resource) return entraError(req, res, 400, 'invalid_scope', 70011, `The provided value for the input parameter 'scope' is not valid: ${scope}.`);
+  const scp = scope.split(/\s+/).filter((s) => s.startsWith(`${resource}/`)).map((s) => s.slice(resource.length + 1)).join(' ');
+  const { access_token } = issueToken({
+    resource, issuer: 'entra', client_id: client.client_id, object_id: grant.user.object_id, tenant: grant.tenant, appidacr: '2',
+    extra: { scp, upn: grant.user.upn, name: grant.user.upn },
+  });
+  const refresh_token = crypto.randomBytes(48).toString('base64url');
+  refreshTokens.set(refresh_token, grant);
+  stats.entra.delegated_tokens = (stats.entra.delegated_tokens || 0) + 1;
+  send(res, 200, { token_type: 'Bearer', scope: scope.split(/\s+/).filter((s) => s !== 'offline_access').join(' '), expires_in: config.token_ttl_seconds - 1, ext_expires_in: config.token_ttl_seconds - 1, access_token, refresh_token }, entraHeaders());
+}
+
+// ----- the Global Discovery Service (instances the signed-in user reaches) ---------
+// config `instances`: {tenant: [{ApiUrl, FriendlyName, UniqueName, IsUserSysAdmin?}]}
+const DISCOVERY_RESOURCE = 'https://globaldisco.crm.dynamics.com';
+const instances = new Map(Object.entries(raw.instances && typeof raw.instances === 'object' ? raw.instances : {}).map(([t, l]) => [t.toLowerCase(), l]));
+
+async function discovery(req, res) {
+  await readBody(req).catch(() => Buffer.alloc(0));
+  const url = new URL(req.url, 'https://127.0.0.1');
+  if (url.pathname !== '/api/discovery/v2.0/Instances') return send(res, 404, { error: { code: '0x80060888', message: `Resource not found for the segment ${url.pathname}.` } });
+  if (req.method !== 'GET') return send(res, 405, { error: { code: '0x80060888', message: 'The HTTP method is not allowed.' } });
+  const m = /^Bearer\s+(\S+)$/i.exec(String(req.headers.authorization || ''));
+  const info = m && tokens.get(m[1]);
+  if (!info || info.expires_at <= nowSecs() || info.resource !== DISCOVERY_RESOURCE) {
+    return send(res, 401, { error: { code: '0x80040220', message: 'The bearer token is not valid for the discovery service.' } }, { 'www-authenticate': 'Bearer authorization_uri=https://login.microsoftonline.com/common/oauth2/authorize' });
+  }
+  const claims = JSON.parse(Buffer.from(m[1].split('.')[1], 'base64url').toString('utf8'));
+  if (!claims.scp) return send(res, 403, { error: { code: '0x80040220', message: 'The discovery service lists the instances of a signed-in user; an app-only token has none.' } });
+  stats.discovery_requests = (stats.discovery_requests || 0) + 1;
+  const list = (instances.get(String(claims.tid).toLowerCase()) || []).map((i, n) => ({
+    Id: i.Id || guidFrom(`org-${claims.tid}-${n}`), UniqueName: i.UniqueName || `org${n}`, UrlName: i.UrlName || `org${n}`,
+    FriendlyName: i.FriendlyName || `Organisation ${n}`, State: 0, Version: '9.2.25063.00000', Url: i.Url || i.ApiUrl, ApiUrl: i.ApiUrl,
+    LastUpdated: new Date().toISOString(), TenantId: claims.tid, EnvironmentId: i.EnvironmentId || guidFrom(`env-${claims.tid}-${n}`),
+    Region: 'EUR', IsUserSysAdmin: i.IsUserSysAdmin !== false, TrialExpirationDate: null, OrganizationType: 0, DatacenterId: guidFrom('dc'), Purpose: '',
+  }));
+  send(res, 200, { '@odata.context': `https://${req.headers.host}/api/discovery/v2.0/$metadata#Instances`, value: list });
 }
 
 function federatedProblem(assertion, federated) {
@@ -1066,6 +1185,7 @@ const servers = [
   http.createServer(guard(identityListener)),
   https.createServer(tlsOptions, guard(entra)),
   https.createServer(tlsOptions, guard(ingestion)),
+  https.createServer(tlsOptions, guard(discovery)),
 ];
 for (const s of servers) {
   s.keepAliveTimeout = 5000;
@@ -1079,11 +1199,13 @@ let kvPort;
 let idPort;
 let entraPort;
 let ingestionPort;
+let discoveryPort;
 try {
   kvPort = await listen(servers[0], config.ports.keyvault);
   idPort = await listen(servers[1], config.ports.identity);
   entraPort = await listen(servers[2], config.ports.entra);
   ingestionPort = await listen(servers[3], config.ports.ingestion);
+  discoveryPort = await listen(servers[4], config.ports.discovery);
 } catch (err) {
   fail(`cannot listen: ${err.message}`);
 }
@@ -1091,6 +1213,7 @@ const keyvaultUrl = `https://${config.vault_host}:${kvPort}/`;
 const identityUrl = `http://127.0.0.1:${idPort}/msi/token`;
 const entraUrl = `https://${config.login_host}:${entraPort}`;
 const ingestionUrl = `https://localhost:${ingestionPort}/`;
+const discoveryUrl = `https://localhost:${discoveryPort}`;
 
 // ---------------------------------------------------------------------------
 // lifecycle
@@ -1120,4 +1243,4 @@ if (process.env.AZURE_PEER_IGNORE_STDIN !== '1') {
   process.stdin.resume();
 }
 
-process.stdout.write(`${JSON.stringify({ ready: true, keyvault: keyvaultUrl, identity: identityUrl, entra: entraUrl, ingestion: ingestionUrl, instrumentation_key: config.ingestion.instrumentation_key, ca: tls.caPath })}\n`);
+process.stdout.write(`${JSON.stringify({ ready: true, keyvault: keyvaultUrl, identity: identityUrl, entra: entraUrl, ingestion: ingestionUrl, discovery: discoveryUrl, instrumentation_key: config.ingestion.instrumentation_key, ca: tls.caPath })}\n`);
