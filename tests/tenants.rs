@@ -20,7 +20,11 @@ const TENANT_B: &str = "bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb";
 const TENANT_C: &str = "cccccccc-3333-4333-8333-cccccccccccc";
 
 fn doubles() -> AzureDoubles {
-    AzureDoubles::start(json!({
+    doubles_with(json!({}))
+}
+
+fn doubles_with(extra: Value) -> AzureDoubles {
+    let mut config = json!({
         "tenants": [TENANT_A, TENANT_B, TENANT_C],
         "user_assigned": [
             { "client_id": UAMI, "object_id": UAMI_OBJECT },
@@ -28,14 +32,18 @@ fn doubles() -> AzureDoubles {
         ],
         "multitenant_apps": [{
             "client_id": APP,
-            "redirect_uris": [format!("{PUBLIC}/api/oauth/consent")],
+            "redirect_uris": [format!("{PUBLIC}/api/oauth/consent"), format!("{PUBLIC}/api/oauth/onboard")],
             "federated_credentials": [{
                 "issuer": format!("https://login.microsoftonline.com/{TENANT}/v2.0"),
                 "subject": UAMI_OBJECT,
                 "audience": "api://AzureADTokenExchange",
             }],
         }],
-    }))
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    AzureDoubles::start(config)
 }
 
 async fn handler(azure: &AzureDoubles, issuer: &Issuer, identity: &str) -> Handler {
@@ -307,4 +315,75 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     get(&caller_b, "erp-b").await.assert_problem(403, "tenant-not-onboarded");
     assert_eq!(get(&caller_a, "erp-a").await.status, 200);
     assert_eq!(names(org_b.rows("dc_connections").await), ["erp-b"]);
+}
+
+/// The `href` of the page's one link.
+fn link_in(page: &str) -> String {
+    let at = page.find("<a href=\"").expect("the page has a link") + 9;
+    let end = page[at..].find('"').unwrap();
+    page[at..at + end].replace("&amp;", "&")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_administrators_sign_in_sets_the_environment_up_once() {
+    // An empty organisation that checks tokens as Dataverse does.
+    let org = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
+    org.enforce_application_users(true).await;
+    let azure = doubles_with(json!({ "instances": { TENANT_A: [{ "ApiUrl": org.url, "FriendlyName": "Contoso" }] } }));
+    let issuer = Issuer::start().await;
+    let mut b = HandlerBuilder::new()
+        .env("PUBLIC_BASE_URL", PUBLIC)
+        .env("MULTITENANT_APP_ID", APP)
+        .env("MULTITENANT_MI_CLIENT_ID", UAMI)
+        .env("MULTITENANT_DISCOVERY_URL", &azure.discovery)
+        .env("AZURE_AUTHORITY_HOST", azure.authority_host())
+        .env("IDENTITY_ENDPOINT", &azure.identity)
+        .env("IDENTITY_HEADER", "test-identity-header")
+        .env("SSL_CERT_FILE", &azure.ca);
+    for (k, v) in issuer.settings() {
+        b = b.env(k, v);
+    }
+    let h = b.start().await;
+    let operator = issuer.token();
+
+    // One link for the administrator: consent, then the page's link to sign in.
+    let link = start(&h, &operator, TENANT_A).await;
+    let consented = h.get(&at_entra(&azure, &link).await, &[("Accept", "text/html")]).await;
+    consented.assert_html(200);
+    let sign_in = link_in(&consented.body);
+    let q: std::collections::HashMap<_, _> = url::Url::parse(&sign_in).unwrap().query_pairs().into_owned().collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["redirect_uri"], format!("{PUBLIC}/api/oauth/onboard"));
+    assert!(q["scope"].contains("globaldisco.crm.dynamics.com/user_impersonation"), "{q:?}");
+
+    // Signed in: the environment is found and set up with the administrator's token.
+    let done = h.get(&at_entra(&azure, &sign_in).await, &[("Accept", "text/html")]).await;
+    done.assert_html(200);
+    assert!(done.body.contains("is set up"), "{}", done.body);
+    let t = tenant(&h, &operator, TENANT_A).await.json();
+    assert_eq!(t["status"], "onboarded", "{t}");
+    assert_eq!(t["org_url"], org.url.trim_end_matches('/'));
+    let tables = org.tables().await;
+    assert!(tables["dc_connection"].is_object(), "the tables were created");
+    let roles = org.rows("roles").await;
+    let role = roles.iter().find(|r| r["name"] == "Dynamics Companion").expect("the role was created");
+    let users = org.rows("systemusers").await;
+    assert!(users.iter().any(|u| u["applicationid"].as_str() == Some(APP) && u["accessmode"] == 4), "{users:?}");
+    let stats = org.stats().await;
+    assert_eq!(stats["role_privilege_writes"], 1, "{stats}");
+    assert!(role["businessunitid"].is_string(), "{role}");
+
+    // The same again (a new link): nothing is written.
+    let writes = |s: &Value| ["POST", "PATCH", "PUT", "DELETE"].iter().map(|m| s["by_method"][m].as_u64().unwrap_or(0)).sum::<u64>();
+    let before = writes(&stats);
+    let r = h.json(Method::POST, &format!("/api/tenants/{TENANT_A}/onboard"), Some(&operator), &json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let again = h.get(&at_entra(&azure, r.json()["onboarding_url"].as_str().unwrap()).await, &[("Accept", "text/html")]).await;
+    again.assert_html(200);
+    assert!(again.body.contains("nothing needed changing"), "{}", again.body);
+    assert_eq!(writes(&org.stats().await), before, "a second onboarding writes nothing");
+
+    // The sign-in's answer cannot be replayed.
+    let replay = h.get(&at_entra(&azure, &sign_in).await, &[("Accept", "text/html")]).await;
+    assert_eq!(replay.status, 400, "{}", replay.body);
 }

@@ -20,6 +20,8 @@ pub struct AzureDoubles {
     pub entra: String,
     /// `https://localhost:PORT/`: the Application Insights ingestion endpoint.
     pub ingestion: String,
+    /// `https://localhost:PORT`: the Global Discovery Service.
+    pub discovery: String,
     /// The Application Insights resource's instrumentation key.
     pub instrumentation_key: String,
     /// The test CA's PEM file, for `SSL_CERT_FILE`.
@@ -46,6 +48,7 @@ impl AzureDoubles {
             keyvault: peer.field("keyvault"),
             entra: peer.field("entra"),
             ingestion: peer.field("ingestion"),
+            discovery: peer.field("discovery"),
             instrumentation_key: peer.field("instrumentation_key"),
             ca: peer.field("ca"),
             identity,
