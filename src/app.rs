@@ -318,9 +318,11 @@ impl App {
         signed_in: &crate::tenants::signin::Delegated,
         org: &str,
     ) -> Result<(crate::dataverse::provision::Report, crate::store::Tenant), OnboardError> {
-        let tenants = self.tenants.as_ref().ok_or_else(|| OnboardError::Other("not a multi-tenant deployment".into()))?;
+        let tenants =
+            self.tenants.as_ref().ok_or_else(|| OnboardError::Other("not a multi-tenant deployment".into()))?;
         let url = crate::config::parse_service_url(org).map_err(OnboardError::Other)?;
-        let token = tenants.org_token_for_admin(signed_in, org).await.map_err(|e| OnboardError::Other(e.to_string()))?;
+        let token =
+            tenants.org_token_for_admin(signed_in, org).await.map_err(|e| OnboardError::Other(e.to_string()))?;
         let dv = Dataverse::new(&url, self.http.clone(), Arc::new(azure::StaticToken(token)), None);
         let schema = Schema::new(self.dataverse_prefix());
         let report = crate::dataverse::setup::onboard(&dv, &schema, &tenants.config().app_id)

@@ -309,6 +309,23 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
         assert!(logs.contains(&format!("tenant {tenant}: refresh: 1 due, 1 refreshed")), "{logs}");
     }
 
+    // Service-protection limits count per organisation: A answering 429 with Retry-After
+    // pauses A's requests, not B's.
+    org_a.faults(json!({ "rate": 1.0, "statuses": [429], "retry_after_seconds": 2, "count": 1 })).await;
+    let t0 = std::time::Instant::now();
+    let force = json!({ "force_refresh": true });
+    let (ra, rb) = tokio::join!(
+        async { (h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &force).await, t0.elapsed()) },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            (h.json(Method::POST, "/api/connections/erp-b/token", Some(&caller_b), &force).await, t0.elapsed())
+        },
+    );
+    assert_eq!((ra.0.status, rb.0.status), (200, 200), "{} {}", ra.0.body, rb.0.body);
+    assert!(ra.1 >= std::time::Duration::from_secs(2), "A waited out its Retry-After: {:?}", ra.1);
+    assert!(rb.1 < ra.1, "B did not wait for A's pause: A {:?}, B {:?}", ra.1, rb.1);
+    assert_eq!(org_a.stats().await["faults_by_status"]["429"], 1);
+
     // Off-boarding B: its callers are refused, A's carry on, B's rows stay B's.
     let r = h.json(Method::DELETE, &format!("/api/tenants/{TENANT_B}"), Some(&operator), &Value::Null).await;
     assert_eq!(r.status, 204, "{}", r.body);
@@ -374,11 +391,14 @@ async fn the_administrators_sign_in_sets_the_environment_up_once() {
     assert!(role["businessunitid"].is_string(), "{role}");
 
     // The same again (a new link): nothing is written.
-    let writes = |s: &Value| ["POST", "PATCH", "PUT", "DELETE"].iter().map(|m| s["by_method"][m].as_u64().unwrap_or(0)).sum::<u64>();
+    let writes = |s: &Value| {
+        ["POST", "PATCH", "PUT", "DELETE"].iter().map(|m| s["by_method"][m].as_u64().unwrap_or(0)).sum::<u64>()
+    };
     let before = writes(&stats);
     let r = h.json(Method::POST, &format!("/api/tenants/{TENANT_A}/onboard"), Some(&operator), &json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let again = h.get(&at_entra(&azure, r.json()["onboarding_url"].as_str().unwrap()).await, &[("Accept", "text/html")]).await;
+    let again =
+        h.get(&at_entra(&azure, r.json()["onboarding_url"].as_str().unwrap()).await, &[("Accept", "text/html")]).await;
     again.assert_html(200);
     assert!(again.body.contains("nothing needed changing"), "{}", again.body);
     assert_eq!(writes(&org.stats().await), before, "a second onboarding writes nothing");

@@ -60,7 +60,12 @@ pub async fn onboard(dv: &Dataverse, schema: &Schema, app_id: &str) -> Result<Re
         }
     };
     let roles = dv
-        .raw(Method::GET, &format!("systemusers({user})/systemuserroles_association?$select=roleid"), None, "read user roles")
+        .raw(
+            Method::GET,
+            &format!("systemusers({user})/systemuserroles_association?$select=roleid"),
+            None,
+            "read user roles",
+        )
         .await?
         .unwrap_or(Value::Null);
     let has_role = rows(&roles).iter().any(|r| r["roleid"].as_str().is_some_and(|id| id.eq_ignore_ascii_case(&role)));
@@ -68,8 +73,13 @@ pub async fn onboard(dv: &Dataverse, schema: &Schema, app_id: &str) -> Result<Re
         report.saw(format!("the application user has role {ROLE_NAME:?}"));
     } else {
         let body = json!({ "@odata.id": format!("{}roles({role})", dv.api_url()) });
-        dv.raw(Method::POST, &format!("systemusers({user})/systemuserroles_association/$ref"), Some(&body), "assign role")
-            .await?;
+        dv.raw(
+            Method::POST,
+            &format!("systemusers({user})/systemuserroles_association/$ref"),
+            Some(&body),
+            "assign role",
+        )
+        .await?;
         report.did(format!("gave the application user role {ROLE_NAME:?}"));
     }
     Ok(report)
@@ -109,10 +119,8 @@ async fn root_business_unit(dv: &Dataverse) -> Result<String, DataverseError> {
 }
 
 async fn find_role(dv: &Dataverse, bu: &str) -> Result<Option<String>, DataverseError> {
-    let path = format!(
-        "roles?$select=roleid,name&$filter=name eq {} and _businessunitid_value eq {bu}",
-        literal(ROLE_NAME)
-    );
+    let path =
+        format!("roles?$select=roleid,name&$filter=name eq {} and _businessunitid_value eq {bu}", literal(ROLE_NAME));
     let found = dv.raw(Method::GET, &path, None, "read role").await?.unwrap_or(Value::Null);
     Ok(rows(&found).first().and_then(|r| r["roleid"].as_str()).map(str::to_string))
 }

@@ -127,7 +127,10 @@ impl TenantCredentials {
             Proof::ManagedIdentity(identity) => {
                 let token = identity.get_token(&[TOKEN_EXCHANGE_SCOPE], None).await.map_err(|e| TenantTokenError {
                     code: None,
-                    message: format!("no managed-identity token for the app's assertion: {}", outbound::one_line(&e.to_string())),
+                    message: format!(
+                        "no managed-identity token for the app's assertion: {}",
+                        outbound::one_line(&e.to_string())
+                    ),
                 })?;
                 Ok(vec![
                     ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()),

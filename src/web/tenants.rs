@@ -138,7 +138,10 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
             _ => continue,
         };
         if slot.replace(v).is_some() {
-            return Err(ApiError::bad_request("duplicate-parameter", format!("The answer carries {k} more than once.")));
+            return Err(ApiError::bad_request(
+                "duplicate-parameter",
+                format!("The answer carries {k} more than once."),
+            ));
         }
     }
     let signed_in = match tenants.signed_in(answer).await {
@@ -180,7 +183,14 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
             ),
             None => "Your account reaches more than one environment (or none). Tell your provider which one to set up; they start again with it. Nothing was changed.".to_string(),
         };
-        return Ok(html::page_with_link(StatusCode::CONFLICT, "Which environment?", &message, Tone::Error, &items, None));
+        return Ok(html::page_with_link(
+            StatusCode::CONFLICT,
+            "Which environment?",
+            &message,
+            Tone::Error,
+            &items,
+            None,
+        ));
     };
     let org = chosen.api_url.clone();
     match app.onboard_organisation(&signed_in, &org).await {
@@ -207,7 +217,10 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
             ),
             Tone::Error,
         )),
-        Err(e) => Err(ApiError::bad_gateway("onboarding-failed", format!("Setting up {org} stopped: {e}. Open the link again to retry; what was done stays done."))),
+        Err(e) => Err(ApiError::bad_gateway(
+            "onboarding-failed",
+            format!("Setting up {org} stopped: {e}. Open the link again to retry; what was done stays done."),
+        )),
     }
 }
 
