@@ -38,6 +38,20 @@ pub enum Command {
     /// (first) key of TOKEN_ENCRYPTION_KEYS, then say how many records still need each
     /// older key. Safe while the app runs. Exits non-zero when some remain.
     Reseal,
+    /// Set the product up in a customer's organisation (multi-tenant deployments): the
+    /// tables, the product's security role with its privileges, the application user of
+    /// the multi-tenant app and its role, each only when missing. Run it signed in as an
+    /// administrator of that organisation: the default credential is the Azure CLI login
+    /// (`az login --use-device-code` works on any terminal); AZURE_CREDENTIAL chooses
+    /// another.
+    Onboard {
+        /// The organisation, `https://org.crm.dynamics.com`.
+        #[arg(long)]
+        org: String,
+        /// The multi-tenant app's client id (default: MULTITENANT_APP_ID).
+        #[arg(long)]
+        app_id: Option<String>,
+    },
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -52,6 +66,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Provision { key_timeout_seconds } => provision(key_timeout_seconds),
         Command::Check => check(),
         Command::Reseal => reseal(),
+        Command::Onboard { org, app_id } => onboard(&org, app_id),
         Command::NewKey { id } => {
             println!("{}", crate::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -187,6 +202,58 @@ fn reseal() -> ExitCode {
                 println!("{}", report.line());
                 if report.done() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
             }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+fn onboard(org: &str, app_id: Option<String>) -> ExitCode {
+    let (settings, config, rt) = match tool() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let Some(app_id) = app_id.or_else(|| config.tenancy.as_ref().map(|t| t.app_id.clone())) else {
+        return fail("give --app-id or set MULTITENANT_APP_ID: the app whose application user to create");
+    };
+    if !crate::config::is_guid(&app_id) {
+        return fail(format!("--app-id {app_id:?} must be the app's client id (a GUID)"));
+    }
+    let url = match crate::config::parse_service_url(org) {
+        Ok(u) => u,
+        Err(e) => return fail(format!("--org: {e}")),
+    };
+    rt.block_on(async move {
+        let secrets = crate::secrets::SettingsSecrets::new(settings);
+        let http = match crate::app::http_client(&config) {
+            Ok(h) => h,
+            Err(e) => return fail(e),
+        };
+        let credential = config.dataverse.as_ref().and_then(|d| d.credential.as_ref());
+        let tokens = match crate::app::resource_token(credential, &config, &secrets, &url).await {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        let prefix = config.dataverse.as_ref().map(|d| d.prefix.as_str()).unwrap_or("dc");
+        let dv = crate::dataverse::Dataverse::new(&url, http, tokens, None);
+        println!("Setting up {url} for app {app_id}");
+        match crate::dataverse::setup::onboard(&dv, &crate::dataverse::provision::Schema::new(prefix), &app_id).await {
+            Ok(report) => {
+                for line in &report.lines {
+                    println!("  {line}");
+                }
+                println!(
+                    "{}",
+                    if report.changes == 0 {
+                        "Nothing to do: everything exists.".to_string()
+                    } else {
+                        format!("Done: {} change(s). The provider can now check the tenant (POST /api/tenants/{{id}}/check).", report.changes)
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) if e.status() == Some(403) => fail(format!(
+                "{e}: sign in as a System Administrator of the organisation (az login --use-device-code) and run it again"
+            )),
             Err(e) => fail(e),
         }
     })

@@ -407,3 +407,34 @@ async fn the_administrators_sign_in_sets_the_environment_up_once() {
     let replay = h.get(&at_entra(&azure, &sign_in).await, &[("Accept", "text/html")]).await;
     assert_eq!(replay.status, 400, "{}", replay.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handler_onboard_sets_an_organisation_up_from_a_terminal_once() {
+    let azure = AzureDoubles::start(json!({}));
+    let org = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
+    let run = || {
+        let mut b = HandlerBuilder::new().args(&["onboard", "--org", &org.url, "--app-id", APP]);
+        // Stands for the administrator's sign-in (`az login`): an identity the organisation
+        // lets in, through AZURE_CREDENTIAL as on an operator's terminal.
+        for (k, v) in azure.dataverse_client_secret_settings() {
+            b = b.env(&k.replace("DATAVERSE_", "AZURE_"), v);
+        }
+        b.run_to_exit()
+    };
+    let (code, out, err) = run();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("created role \"Dynamics Companion\"") && out.contains("created the application user"),
+        "{out}"
+    );
+    assert!(out.contains("Done:"), "{out}");
+    let users = org.rows("systemusers").await;
+    assert!(users.iter().any(|u| u["applicationid"].as_str() == Some(APP)), "{users:?}");
+    let (code, out, err) = run();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("Nothing to do"), "{out}");
+
+    let (code, _, err) = HandlerBuilder::new().args(&["onboard", "--org", &org.url]).run_to_exit();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--app-id or set MULTITENANT_APP_ID"), "{err}");
+}
