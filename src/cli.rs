@@ -52,6 +52,9 @@ pub enum Command {
         #[arg(long)]
         app_id: Option<String>,
     },
+    /// List the provider presets built in (`preset = "NAME"` in providers.toml), with the
+    /// parameters each needs and the documentation it follows.
+    Providers,
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -67,6 +70,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => check(),
         Command::Reseal => reseal(),
         Command::Onboard { org, app_id } => onboard(&org, app_id),
+        Command::Providers => {
+            print!("{}", providers_listing());
+            ExitCode::SUCCESS
+        }
         Command::NewKey { id } => {
             println!("{}", crate::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -205,6 +212,26 @@ fn reseal() -> ExitCode {
             Err(e) => fail(e),
         }
     })
+}
+
+/// The presets as `handler providers` prints them.
+fn providers_listing() -> String {
+    let presets = crate::oauth::presets::list();
+    let mut out = format!(
+        "{} provider presets (providers.toml: preset = \"NAME\", client_id, client_secret):\n\n",
+        presets.len()
+    );
+    for p in presets {
+        out.push_str(&format!("{:<16} {}\n", p.name, p.display_name));
+        if !p.params.is_empty() {
+            out.push_str(&format!("{:<16} params: {}\n", "", p.params.join(", ")));
+        }
+        if let Some(notes) = &p.notes {
+            out.push_str(&format!("{:<16} {notes}\n", ""));
+        }
+        out.push_str(&format!("{:<16} {}\n", "", p.docs));
+    }
+    out
 }
 
 fn onboard(org: &str, app_id: Option<String>) -> ExitCode {

@@ -99,6 +99,26 @@ async fn the_whole_flow_create_consent_refresh_delete_revoke() {
 }
 
 #[tokio::test]
+async fn a_connection_from_a_preset_entry_completes_the_flow() {
+    // The `zoom` preset under an entry whose URLs point at the test provider (the real
+    // Zoom is out of reach here): what the preset adds must not get in the way.
+    let w = world(Setup { catalog_extra: "preset = \"zoom\"", ..Default::default() }).await;
+    w.connect("zoom-1").await;
+    assert_eq!(w.status("zoom-1").await["status"], "active");
+    let token = w.token("zoom-1", true).await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    let proxied =
+        w.h.forward(
+            Method::GET,
+            "/api/connections/zoom-1/proxy/users/me",
+            &[("Authorization", &format!("Bearer {}", w.bearer))],
+            None,
+        )
+        .await;
+    assert_eq!(proxied.status, 200, "{}", proxied.body);
+}
+
+#[tokio::test]
 async fn bad_callbacks_are_rejected_without_changing_anything() {
     let w = world(Setup { env: vec![("STATE_TTL_SECONDS", "2".into())], ..Default::default() }).await;
     w.connect("done").await;

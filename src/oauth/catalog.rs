@@ -80,6 +80,8 @@ struct ProviderSpec {
     display_name: Option<String>,
     authorization_url: String,
     token_url: String,
+    /// Where refresh grants go, for providers that take them elsewhere (Adobe Acrobat Sign).
+    refresh_url: Option<String>,
     revocation_url: Option<String>,
     issuer: Option<String>,
     client_id: String,
@@ -154,6 +156,8 @@ pub struct Provider {
     pub display_name: String,
     pub authorization_url: Url,
     pub token_url: Url,
+    /// Refresh grants go here instead of `token_url` when set.
+    pub refresh_url: Option<Url>,
     pub revocation_url: Option<Url>,
     pub issuer: Option<String>,
     pub client_id: String,
@@ -225,7 +229,16 @@ impl Catalog {
     }
 
     pub fn parse(text: &str) -> Result<Catalog, String> {
-        let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        // Presets first (`preset = "xero"`): each entry is the preset under its own fields.
+        if let Some(toml::Value::Table(entries)) = doc.get_mut("providers") {
+            for (name, entry) in entries.iter_mut() {
+                if let toml::Value::Table(t) = entry {
+                    *t = super::presets::apply(std::mem::take(t)).map_err(|e| format!("provider {name:?}: {e}"))?;
+                }
+            }
+        }
+        let file: CatalogFile = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| e.to_string())?;
         let mut providers = BTreeMap::new();
         for (name, spec) in file.providers {
             let provider = validate(&name, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
@@ -267,6 +280,7 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
     let authorization_url = url("authorization_url", &spec.authorization_url)?;
     let token_url = url("token_url", &spec.token_url)?;
     let revocation_url = spec.revocation_url.as_deref().map(|v| url("revocation_url", v)).transpose()?;
+    let refresh_url = spec.refresh_url.as_deref().map(|v| url("refresh_url", v)).transpose()?;
     let mut api_base_url = spec.api_base_url.as_deref().map(|v| url("api_base_url", v)).transpose()?;
     if let Some(base) = api_base_url.as_mut() {
         // Joining relative paths onto the base must not drop its last segment.
@@ -319,6 +333,7 @@ fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         display_name: spec.display_name.unwrap_or_else(|| name.to_string()),
         authorization_url,
         token_url,
+        refresh_url,
         revocation_url,
         issuer: spec.issuer.filter(|s| !s.is_empty()),
         client_id: spec.client_id,

@@ -129,7 +129,12 @@ impl HttpTokenEndpoint {
         for (k, v) in &provider.token_params {
             form.push((k.clone(), v.clone()));
         }
-        let resp = outbound::upstream(self.send(provider, &provider.token_url, form)).await?;
+        let refreshing = form.iter().any(|(k, v)| k == "grant_type" && v == "refresh_token");
+        let url = match (&provider.refresh_url, refreshing) {
+            (Some(refresh_url), true) => refresh_url,
+            _ => &provider.token_url,
+        };
+        let resp = outbound::upstream(self.send(provider, url, form)).await?;
         let status = resp.status();
         let content_type =
             resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod client;
+pub mod presets;
 pub mod types;
 
 use async_trait::async_trait;
