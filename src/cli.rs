@@ -55,6 +55,13 @@ pub enum Command {
     /// List the provider presets built in (`preset = "NAME"` in providers.toml), with the
     /// parameters each needs and the documentation it follows.
     Providers,
+    /// Print the API as Swagger 2.0 for a Power Platform custom connector
+    /// (connector/apiDefinition.swagger.json), for the given public host.
+    Openapi {
+        /// The function app's host, `contoso-dc.azurewebsites.net`.
+        #[arg(long, default_value = "contoso-dc.azurewebsites.net")]
+        host: String,
+    },
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -70,6 +77,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => check(),
         Command::Reseal => reseal(),
         Command::Onboard { org, app_id } => onboard(&org, app_id),
+        Command::Openapi { host } => {
+            let doc = crate::web::openapi::document(&host, "https");
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
         Command::Providers => {
             print!("{}", providers_listing());
             ExitCode::SUCCESS
