@@ -35,7 +35,7 @@ async fn the_portal_page_in_chromium() {
         .await;
 
     let page =
-        |site: &PortalDouble| format!("{}/example.html?api={base}/api&client_id={CLIENT_ID}&provider=test", site.url);
+        |site: &PortalDouble| format!("{}/companion?api={base}/api&client_id={CLIENT_ID}&provider=test", site.url);
     // Another portal user starts a connection and sends its authorization link to a victim.
     let (_secret, hash) = support::portal::binding();
     let started = h

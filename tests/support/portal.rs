@@ -64,17 +64,45 @@ impl PortalDouble {
                     }
                 }
             });
+        // The page: client/companion.liquid rendered as Power Pages renders a web template,
+        // `user` the signed-in contact, `settings` the site settings (from the query here).
+        let page_who = signed_in.clone();
+        let page = warp::path("companion")
+            .and(warp::path::end())
+            .and(warp::get())
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .map(move |q: std::collections::HashMap<String, String>| {
+                let text =
+                    std::fs::read_to_string(format!("{}/client/companion.liquid", env!("CARGO_MANIFEST_DIR"))).unwrap();
+                let template = liquid::ParserBuilder::with_stdlib().build().unwrap().parse(&text).unwrap();
+                let setting = |k: &str| q.get(k).cloned().unwrap_or_default();
+                let mut globals = liquid::object!({
+                    "settings": {
+                        "DynamicsCompanion/ApiUrl": setting("api"),
+                        "ImplicitGrantFlow/RegisteredClientId": setting("client_id"),
+                        "DynamicsCompanion/Provider": setting("provider"),
+                    },
+                    "request": { "path": "/companion" },
+                });
+                if let Some(contact) = page_who.lock().unwrap().clone() {
+                    globals.insert(
+                        "user".into(),
+                        liquid::model::Value::Object(liquid::object!({ "id": contact, "fullname": "Ada Lovelace" })),
+                    );
+                }
+                let html = template.render(&globals).unwrap();
+                Response::builder().header("content-type", "text/html; charset=utf-8").body(html).unwrap()
+            });
         let files = warp::path::param().and(warp::get()).and_then(|name: String| async move {
             let path = format!("{}/client/{name}", env!("CARGO_MANIFEST_DIR"));
-            let kind = if name.ends_with(".js") { "text/javascript" } else { "text/html; charset=utf-8" };
             match (name.as_str(), std::fs::read_to_string(&path)) {
-                ("example.html" | "dynamics-companion.js", Ok(text)) => {
-                    Ok(Response::builder().header("content-type", kind).body(text).unwrap())
+                ("dynamics-companion.js", Ok(text)) => {
+                    Ok(Response::builder().header("content-type", "text/javascript").body(text).unwrap())
                 }
                 _ => Err(warp::reject::not_found()),
             }
         });
-        let tx = super::serve_on(listener, publickey.or(token).or(files));
+        let tx = super::serve_on(listener, publickey.or(token).or(page).or(files));
         PortalDouble { url, key, signed_in, publickey_requests, _shutdown: tx }
     }
 
