@@ -334,7 +334,21 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
         }
     }
     functions.sort();
-    assert_eq!(functions, ["captures", "connections", "health", "oauth", "portal", "refresh"]);
+    assert_eq!(functions, ["captures", "connections", "health", "oauth", "openapi", "portal", "refresh", "tenants"]);
+    // The host forwards only what a function.json declares: every /api route the router
+    // serves is declared, with each of its methods.
+    for route in dynamics_companion::web::routes::ROUTES {
+        let Some(path) = route.template.strip_prefix("/api/") else { continue };
+        let path = path.to_ascii_lowercase();
+        let covered = routes.iter().find(|(r, _)| match r.strip_suffix("/{*rest}") {
+            Some(prefix) => path == prefix || path.starts_with(&format!("{prefix}/")),
+            None => &path == r,
+        });
+        let (_, methods) = covered.unwrap_or_else(|| panic!("no function.json forwards {}", route.template));
+        for m in route.methods() {
+            assert!(methods.contains(&m.to_ascii_lowercase()), "{}: {m} is not forwarded", route.template);
+        }
+    }
     // The callback is anonymous and takes GET and POST (form_post responses).
     let oauth: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("oauth/function.json")).unwrap()).unwrap();
