@@ -132,10 +132,10 @@ impl App {
             Some(_) => BearerVerifier::new(b, http.clone()).accepting_other_tenants(),
             None => BearerVerifier::new(b, http.clone()),
         });
-        let portal = config
-            .portal
-            .enabled()
-            .then(|| Portal::new(PortalVerifier::new(&config.portal, http.clone()), dataverse.clone()));
+        let portal = config.portal.enabled().then(|| {
+            let lookup = config.portal.oidc.as_ref().and_then(|o| o.lookup.as_ref()).map(|l| l.column.clone());
+            Portal::new(PortalVerifier::new(&config.portal, http.clone()), dataverse.clone(), lookup)
+        });
         let fno = match &config.oauth.capture {
             CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref(), http.clone()).await?),
             _ => None,

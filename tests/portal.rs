@@ -32,6 +32,11 @@ async fn world(extra: &[(&str, &str)]) -> World {
         "tables": [{
             "logical_name": "contact", "entity_set": "contacts", "primary_id": "contactid", "primary_name": "fullname",
             "columns": ["firstname", "lastname", "emailaddress1"]
+        }, {
+            // Power Pages' external identities: which sign-in (provider, subject) is which contact.
+            "logical_name": "adx_externalidentity", "entity_set": "adx_externalidentities",
+            "primary_id": "adx_externalidentityid", "primary_name": "adx_username",
+            "columns": ["adx_identityprovidername", { "name": "adx_contactid", "type": "lookup", "target": "contact" }]
         }]
     }));
     dataverse_seed(&dataverse).await;
@@ -324,4 +329,78 @@ async fn users_of_an_oidc_issuer_are_mapped_to_their_contact() {
     assert!(r.assert_problem(401, "unauthorized")["detail"].as_str().unwrap().contains("audience"));
     // The Power Pages tokens keep working beside it.
     assert_eq!(w.call(Method::GET, "/api/portal/me", Some(&w.portal.token(CONTACT_A)), None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b2c_users_without_a_contact_claim_are_found_by_lookup_and_refused_when_ambiguous() {
+    let issuer = support::issuer::Issuer::start().await;
+    let w = world(&[
+        ("PORTAL_OIDC_ISSUER", issuer.url.as_str()),
+        ("PORTAL_OIDC_AUDIENCE", "portal-spa"),
+        ("PORTAL_OIDC_CONTACT_CLAIM", "extension_contactid"),
+        ("PORTAL_OIDC_LOOKUP_CLAIM", "email"),
+    ])
+    .await;
+    let twin_1 = "3c1d2e3f-0000-4000-8000-00000000aaa1";
+    let twin_2 = "3c1d2e3f-0000-4000-8000-00000000aaa2";
+    let seed = |set: &str, rows: Value| {
+        let url = format!("{}/__control/tables/{set}", w.dataverse.url);
+        async move { reqwest::Client::new().post(url).json(&json!({ "rows": rows })).send().await.unwrap() }
+    };
+    seed(
+        "contacts",
+        json!([
+            { "contactid": twin_1, "fullname": "Twin One", "emailaddress1": "twin@example.com" },
+            { "contactid": twin_2, "fullname": "Twin Two", "emailaddress1": "twin@example.com" },
+        ]),
+    )
+    .await;
+    let link = |sub: &str, contact: &str| {
+        json!({
+            "adx_username": sub, "adx_identityprovidername": issuer.url, "adx_contactid@odata.bind": format!("/contacts({contact})"),
+        })
+    };
+    seed(
+        "adx_externalidentities",
+        json!([link("b2c-linked", CONTACT_B), link("b2c-twice", twin_1), link("b2c-twice", twin_2)]),
+    )
+    .await;
+    let token = |sub: &str, email: Option<&str>| {
+        let mut claims = issuer.claims();
+        claims["aud"] = json!("portal-spa");
+        claims["sub"] = json!(sub);
+        if let Some(e) = email {
+            claims["email"] = json!(e);
+        }
+        issuer.sign(&claims)
+    };
+    let me = |t: String| {
+        let w = &w;
+        async move { w.call(Method::GET, "/api/portal/me", Some(&t), None).await }
+    };
+
+    // Linked by the portal's external identity record (the issuer and subject).
+    let r = me(token("b2c-linked", Some("someone@example.com"))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["contact_id"], CONTACT_B);
+    // The mapping and the contact are cached: the same person again reads nothing.
+    let before = w.dataverse.requests().await;
+    assert_eq!(me(token("b2c-linked", None)).await.json()["contact_id"], CONTACT_B);
+    assert_eq!(w.dataverse.requests().await, before);
+
+    // No record: found by the lookup claim (email → emailaddress1).
+    let r = me(token("b2c-new", Some("ada@example.com"))).await;
+    assert_eq!(r.json()["contact_id"], CONTACT_A, "{}", r.body);
+
+    // Ambiguous either way: refused, nobody is guessed.
+    me(token("b2c-twice", None)).await.assert_problem(403, "ambiguous-contact");
+    me(token("b2c-other", Some("twin@example.com"))).await.assert_problem(403, "ambiguous-contact");
+
+    // Nothing fits: not authenticated as a contact, and the message says why.
+    let r = me(token("b2c-stranger", Some("nobody@example.com"))).await;
+    assert!(
+        r.assert_problem(401, "unauthorized")["detail"].as_str().unwrap().contains("no contact in Dynamics"),
+        "{}",
+        r.body
+    );
 }

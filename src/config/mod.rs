@@ -264,6 +264,16 @@ pub struct PortalOidcConfig {
     pub issuer: IssuerConfig,
     /// The claim whose value is the user's Dataverse contact id.
     pub contact_claim: String,
+    /// Without that claim: a claim to find the contact by (`PORTAL_OIDC_LOOKUP_CLAIM`),
+    /// after the portal's external identity records.
+    pub lookup: Option<ContactLookup>,
+}
+
+/// Find a contact whose `column` equals the token's `claim` (`email` → `emailaddress1`).
+#[derive(Debug, Clone)]
+pub struct ContactLookup {
+    pub claim: String,
+    pub column: String,
 }
 
 #[derive(Debug, Clone)]
@@ -559,8 +569,24 @@ impl PortalConfig {
                 |issuer| PortalOidcConfig {
                     issuer,
                     contact_claim: s.get("PORTAL_OIDC_CONTACT_CLAIM").unwrap_or("contactid").to_string(),
+                    lookup: s.get("PORTAL_OIDC_LOOKUP_CLAIM").map(|claim| ContactLookup {
+                        claim: claim.to_string(),
+                        column: s
+                            .get("PORTAL_OIDC_LOOKUP_COLUMN")
+                            .unwrap_or(if claim == "email" || claim == "emails" { "emailaddress1" } else { claim })
+                            .to_string(),
+                    }),
                 },
             );
+        if let Some(l) = oidc.as_ref().and_then(|o| o.lookup.as_ref())
+            && (l.column.is_empty()
+                || !l.column.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        {
+            return Err(ConfigError::new(
+                "PORTAL_OIDC_LOOKUP_COLUMN",
+                "must be a contact column's logical name (emailaddress1)",
+            ));
+        }
         let mut origins = s.origins("PORTAL_ORIGINS")?;
         if let Some(pp) = &power_pages
             && !origins.contains(&pp.url.origin())

@@ -8,7 +8,8 @@
 //!
 //! A site signing users in with Azure AD B2C or Entra External ID can be trusted instead
 //! (or as well): that issuer's keys come from its JWKS, and a configured claim carries
-//! the contact id.
+//! the contact id. A token without that claim is still a verified person, [`Verified::
+//! Unmapped`]: [`crate::portal::Portal::user`] then finds their contact in Dynamics.
 
 use std::time::Duration;
 
@@ -35,6 +36,28 @@ pub struct PortalUser {
     pub email: Option<String>,
 }
 
+/// What a verified token says about its holder.
+#[derive(Debug, Clone)]
+pub enum Verified {
+    /// The token names the contact.
+    User(PortalUser),
+    /// A person of the OIDC issuer whose token does not name a contact.
+    Unmapped(ExternalUser),
+}
+
+/// A person signed in by the portal's OIDC issuer, to be mapped to a contact.
+#[derive(Debug, Clone)]
+pub struct ExternalUser {
+    pub issuer: String,
+    pub subject: String,
+    /// The value of the lookup claim (`PORTAL_OIDC_LOOKUP_CLAIM`, e.g. the email), if set.
+    pub lookup: Option<String>,
+    /// The contact claim the token lacked, for the error message.
+    pub missing_claim: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+}
+
 struct PowerPages {
     cfg: PowerPagesConfig,
     http: reqwest::Client,
@@ -51,7 +74,7 @@ struct Oidc {
 pub struct PortalVerifier {
     power_pages: Option<PowerPages>,
     oidc: Option<Oidc>,
-    verified: VerifiedTokens<PortalUser>,
+    verified: VerifiedTokens<Verified>,
 }
 
 impl PortalVerifier {
@@ -71,7 +94,7 @@ impl PortalVerifier {
     }
 
     /// Verifies the `Authorization` header of a portal request.
-    pub async fn verify(&self, authorization: Option<&str>) -> Result<PortalUser, AuthError> {
+    pub async fn verify(&self, authorization: Option<&str>) -> Result<Verified, AuthError> {
         let token = bearer(authorization)?;
         if let Some(user) = self.verified.get(token) {
             return Ok(user);
@@ -81,14 +104,14 @@ impl PortalVerifier {
         Ok(user)
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<(PortalUser, Option<i64>), AuthError> {
+    async fn verify_uncached(&self, token: &str) -> Result<(Verified, Option<i64>), AuthError> {
         let kid = rs256_header(token)?;
         let payload = unverified(token, Segment::Payload).unwrap_or_default();
         let iss = payload.get("iss").and_then(Value::as_str).unwrap_or_default();
         if let Some(pp) = &self.power_pages
             && iss.eq_ignore_ascii_case(&pp.cfg.host)
         {
-            return pp.verify(token).await;
+            return pp.verify(token).await.map(|(u, exp)| (Verified::User(u), exp));
         }
         if let Some(o) = &self.oidc
             && iss == o.cfg.issuer.issuer
@@ -98,13 +121,25 @@ impl PortalVerifier {
             let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &o.validation)
                 .map_err(|e| rejection(&e, &o.cfg.issuer.issuer))?
                 .claims;
-            let contact = claims.get(&o.cfg.contact_claim).and_then(Value::as_str).ok_or_else(|| {
+            if let Some(contact) = claims.get(&o.cfg.contact_claim).and_then(Value::as_str) {
+                return Ok((Verified::User(user(contact, &claims)?), exp_of(&claims)));
+            }
+            let text = |k: &str| claims.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+            let subject = text("sub").ok_or_else(|| {
                 AuthError::Unauthenticated(format!(
-                    "The token has no {} claim naming the contact.",
+                    "The token has neither a {} claim nor a subject.",
                     o.cfg.contact_claim
                 ))
             })?;
-            return Ok((user(contact, &claims)?, exp_of(&claims)));
+            let external = ExternalUser {
+                issuer: o.cfg.issuer.issuer.clone(),
+                subject,
+                lookup: o.cfg.lookup.as_ref().and_then(|l| text(&l.claim)),
+                missing_claim: o.cfg.contact_claim.clone(),
+                name: text("name"),
+                email: text("email").or_else(|| text("emails")),
+            };
+            return Ok((Verified::Unmapped(external), exp_of(&claims)));
         }
         Err(AuthError::Unauthenticated(
             "The bearer token was not issued by this portal or its identity provider.".into(),

@@ -14,9 +14,12 @@ use crate::connections::{ConnectionError, Connections};
 use crate::dataverse::{Dataverse, DataverseError, Key};
 use crate::outbound::Cache;
 use crate::store::Connection;
-use identity::{PortalUser, PortalVerifier};
+use identity::{ExternalUser, PortalUser, PortalVerifier, Verified};
 
 const CONTACT_CACHE: Duration = Duration::from_secs(60);
+/// How long a person's mapping to their contact is reused (a record changed in Dynamics
+/// is seen after this).
+const MAPPING_CACHE: Duration = Duration::from_secs(300);
 /// Contacts come from traffic: bounded, least recently used first out.
 const MAX_CONTACTS: usize = 10_000;
 
@@ -25,6 +28,11 @@ const MAX_CONTACTS: usize = 10_000;
 pub enum PortalError {
     #[error("the contact record was not found")]
     ContactNotFound,
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
+    /// More than one contact fits the signed-in person: acting for either could be wrong.
+    #[error("{0}")]
+    Ambiguous(String),
     #[error("{0}")]
     Dataverse(#[from] DataverseError),
 }
@@ -48,11 +56,80 @@ pub struct Portal {
     /// Dataverse with our S2S identity, where contacts are read.
     dataverse: Option<Arc<Dataverse>>,
     contacts: Cache<String, Contact>,
+    /// `issuer|subject` → contact id, for people whose token names no contact.
+    mapped: Cache<String, String>,
+    lookup_column: Option<String>,
 }
 
 impl Portal {
-    pub fn new(verifier: PortalVerifier, dataverse: Option<Arc<Dataverse>>) -> Portal {
-        Portal { verifier, dataverse, contacts: Cache::new(MAX_CONTACTS) }
+    pub fn new(verifier: PortalVerifier, dataverse: Option<Arc<Dataverse>>, lookup_column: Option<String>) -> Portal {
+        Portal {
+            verifier,
+            dataverse,
+            contacts: Cache::new(MAX_CONTACTS),
+            mapped: Cache::new(MAX_CONTACTS),
+            lookup_column,
+        }
+    }
+
+    /// The portal user behind an `Authorization` header: from the token, or (for an OIDC
+    /// issuer's token that names no contact) found in Dynamics: first the portal's
+    /// external identity records (`adx_externalidentity`: the issuer and subject), then a
+    /// contact whose lookup column equals the lookup claim. Refused when none or more
+    /// than one contact fits.
+    pub async fn user(&self, authorization: Option<&str>) -> Result<PortalUser, PortalError> {
+        let external = match self.verifier.verify(authorization).await? {
+            Verified::User(u) => return Ok(u),
+            Verified::Unmapped(x) => x,
+        };
+        let key = format!("{}|{}", external.issuer, external.subject);
+        let contact_id = self
+            .mapped
+            .get_or_try_insert_with(&key, || async {
+                Ok::<_, PortalError>((self.find_contact(&external).await?, MAPPING_CACHE))
+            })
+            .await?;
+        Ok(PortalUser { contact_id, name: external.name, email: external.email })
+    }
+
+    async fn find_contact(&self, x: &ExternalUser) -> Result<String, PortalError> {
+        let unmapped = || {
+            PortalError::Auth(crate::auth::AuthError::Unauthenticated(format!(
+                "The token has no {} claim naming the contact, and no contact in Dynamics is linked to this sign-in ({} {}).",
+                x.missing_claim, x.issuer, x.subject
+            )))
+        };
+        let Some(dv) = &self.dataverse else { return Err(unmapped()) };
+        let filter = format!(
+            "adx_username eq {} and adx_identityprovidername eq {}",
+            crate::dataverse::literal(&x.subject),
+            crate::dataverse::literal(&x.issuer)
+        );
+        let rows = dv.query("adx_externalidentities", &filter, &["_adx_contactid_value"], None, 10).await?;
+        let mut ids: Vec<String> =
+            rows.iter().filter_map(|r| r.str("_adx_contactid_value")).filter_map(identity::normalize_guid).collect();
+        ids.sort();
+        ids.dedup();
+        match ids.as_slice() {
+            [one] => return Ok(one.clone()),
+            [] => {}
+            many => {
+                return Err(PortalError::Ambiguous(format!(
+                    "{} contacts are linked to this sign-in in Dynamics; ask the site's administrator to keep one.",
+                    many.len()
+                )));
+            }
+        }
+        let (Some(column), Some(value)) = (&self.lookup_column, &x.lookup) else { return Err(unmapped()) };
+        let filter = format!("{column} eq {}", crate::dataverse::literal(value));
+        let rows = dv.query("contacts", &filter, &["contactid"], None, 2).await?;
+        match rows.as_slice() {
+            [one] => one.str("contactid").and_then(identity::normalize_guid).ok_or(PortalError::ContactNotFound),
+            [] => Err(unmapped()),
+            _ => Err(PortalError::Ambiguous(format!(
+                "More than one contact in Dynamics has this {column}; ask the site's administrator to link your sign-in to yours."
+            ))),
+        }
     }
 
     /// The contact, read from Dataverse with our S2S identity (cached a minute), or

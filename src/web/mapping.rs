@@ -104,6 +104,10 @@ impl From<PortalError> for ApiError {
     fn from(e: PortalError) -> ApiError {
         match e {
             PortalError::ContactNotFound => ApiError::not_found("Your contact record was not found in Dynamics."),
+            PortalError::Auth(e) => e.into(),
+            PortalError::Ambiguous(detail) => {
+                ApiError::new(warp::http::StatusCode::FORBIDDEN, "ambiguous-contact", detail)
+            }
             PortalError::Dataverse(e) if e.is_transient() => {
                 ApiError::unavailable("dataverse-unavailable", e.to_string(), Some(5))
             }

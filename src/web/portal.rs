@@ -19,7 +19,7 @@ use crate::store::{Connection, ListFilter};
 
 async fn user<'a>(app: &'a App, req: &Request) -> Result<(&'a Portal, PortalUser), ApiError> {
     let portal = configured(app.portal.as_ref(), Closed::Portal)?;
-    Ok((portal, portal.verifier.verify(req.header(header::AUTHORIZATION)).await?))
+    Ok((portal, portal.user(req.header(header::AUTHORIZATION)).await?))
 }
 
 /// The connection, if it exists and belongs to this contact; 404 otherwise.
