@@ -75,7 +75,7 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
     let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS);
     let horizon = next + margin;
     let catalog = connections.catalog();
-    let keepalive = catalog.iter().filter_map(|p| p.refresh_keepalive).min();
+    let keepalive = catalog.min_keepalive();
     let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
     // Page through what is due until nothing is left or the run's time is spent: a share
     // of the time until the next run, so runs do not pile up.

@@ -119,6 +119,41 @@ async fn a_connection_from_a_preset_entry_completes_the_flow() {
 }
 
 #[tokio::test]
+async fn a_connection_names_its_instance_and_cannot_move_the_host() {
+    // An entry that leaves NetSuite's account to each connection.
+    let extra =
+        "\n[providers.netsuite]\npreset = \"netsuite\"\nclient_id = \"dc\"\nclient_secret = \"test-provider-secret\"\n";
+    let w = world(Setup { catalog_extra: extra, ..Default::default() }).await;
+    let start = |params: Value| {
+        let w = &w;
+        async move {
+            w.api(
+                Method::POST,
+                "/api/connections",
+                json!({ "provider": "netsuite", "connection_id": "ns-1", "params": params }),
+            )
+            .await
+        }
+    };
+    for (params, code) in [
+        (json!({ "account": "evil.example/x?" }), "invalid-provider-params"),
+        (json!({ "account": "a.evil.example" }), "invalid-provider-params"),
+        (json!({}), "invalid-provider-params"),
+        (json!({ "account": "a", "host": "evil.example" }), "invalid-provider-params"),
+    ] {
+        start(params).await.assert_problem(400, code);
+    }
+    let r = w.api(Method::POST, "/api/connections", json!({ "provider": "test", "params": { "a": "b" } })).await;
+    r.assert_problem(400, "invalid-provider-params");
+
+    let r = start(json!({ "account": "1234567-sb1" })).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let link = url::Url::parse(r.json()["authorization_url"].as_str().unwrap()).unwrap();
+    assert_eq!(link.host_str(), Some("1234567-sb1.app.netsuite.com"));
+    assert_eq!(w.status("ns-1").await["provider"], "netsuite?account=1234567-sb1");
+}
+
+#[tokio::test]
 async fn bad_callbacks_are_rejected_without_changing_anything() {
     let w = world(Setup { env: vec![("STATE_TTL_SECONDS", "2".into())], ..Default::default() }).await;
     w.connect("done").await;

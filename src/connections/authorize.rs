@@ -31,6 +31,9 @@ pub struct NewConnection {
     pub owner: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub return_url: Option<String>,
+    /// The connection's own values for a preset's parameters (an instance, a region),
+    /// for an entry that leaves them to each connection.
+    pub params: std::collections::BTreeMap<String, String>,
     /// Set by the portal API only, never from a caller's body.
     pub portal: PortalFlow,
 }
@@ -143,8 +146,8 @@ impl Connections {
         connection_id: Option<String>,
         owner: Option<&str>,
         scopes: Option<Vec<String>>,
-    ) -> Result<(Provider, String, Vec<String>), ConnectionError> {
-        let provider = self.provider(provider)?.clone();
+    ) -> Result<(std::sync::Arc<Provider>, String, Vec<String>), ConnectionError> {
+        let provider = self.provider(provider)?;
         let id = match connection_id {
             Some(id) => validate_id(&id)?,
             None => crypto::random_hex::<16>(),
@@ -168,8 +171,15 @@ impl Connections {
 
     /// Creates a connection and returns the URL to send the person to.
     pub async fn start(&self, req: NewConnection) -> Result<StartedAuthorization, ConnectionError> {
-        let (provider, id, scopes) =
-            self.new_record(&req.provider, req.connection_id, req.owner.as_deref(), req.scopes)?;
+        // A per-connection entry's provider is its name with the connection's parameters.
+        let key = match self.deps.catalog.instance_key(&req.provider, &req.params) {
+            Ok(key) => key,
+            Err(detail) if self.deps.catalog.names().contains(&req.provider.as_str()) => {
+                return Err(ConnectionError::Invalid(InvalidInput::ProviderParams, detail));
+            }
+            Err(_) => req.provider.clone(),
+        };
+        let (provider, id, scopes) = self.new_record(&key, req.connection_id, req.owner.as_deref(), req.scopes)?;
         let return_url = req.return_url.as_deref().map(|u| self.validate_return_url(u)).transpose()?;
         let t = self.deps.clock.now();
         let (pending, state, challenge) = self.new_pending(&id, &provider, return_url.as_ref(), req.portal, t);
@@ -196,7 +206,7 @@ impl Connections {
             .modify(id, None, |c| {
                 let provider = self.provider(&c.provider)?;
                 let (pending, state, challenge) =
-                    self.new_pending(&c.id, provider, return_url.as_ref(), portal.clone(), now);
+                    self.new_pending(&c.id, &provider, return_url.as_ref(), portal.clone(), now);
                 c.pending = Some(pending);
                 issued = Some((state, challenge));
                 Ok::<(), ConnectionError>(())
@@ -206,7 +216,7 @@ impl Connections {
         let (state, challenge) = issued.ok_or_else(|| ConnectionError::NotFound(id.to_string()))?;
         let expires_at = conn.pending.as_ref().map(|p| p.expires_at).unwrap_or_default();
         tracing::info!(connection = %id, provider = %provider.name, "re-authorization started");
-        Ok(self.started(conn, provider, &state, challenge.as_deref(), expires_at))
+        Ok(self.started(conn, &provider, &state, challenge.as_deref(), expires_at))
     }
 
     fn new_pending(

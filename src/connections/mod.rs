@@ -45,6 +45,8 @@ pub use cache::CachedToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InvalidInput {
     UnknownProvider,
+    /// A per-connection entry's parameters missing, unknown or not matching their pattern.
+    ProviderParams,
     /// An import without a usable refresh token, or with an expiry but no access token.
     ImportedTokens,
     ConnectionId,
@@ -169,9 +171,9 @@ impl Connections {
         self.deps.clock.as_ref()
     }
 
-    fn provider(&self, name: &str) -> Result<&Provider, ConnectionError> {
+    fn provider(&self, name: &str) -> Result<std::sync::Arc<Provider>, ConnectionError> {
         self.deps.catalog.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.deps.catalog.iter().map(|p| p.name.as_str()).collect();
+            let known: Vec<&str> = self.deps.catalog.names();
             ConnectionError::Invalid(
                 InvalidInput::UnknownProvider,
                 format!(
@@ -234,9 +236,9 @@ impl Connections {
             // Revoking the refresh token ends the grant; the access token is revoked
             // too for providers that keep them apart.
             if let Some(rt) = &tokens.refresh_token {
-                self.deps.endpoint.revoke(provider, rt, TokenHint::RefreshToken).await?;
+                self.deps.endpoint.revoke(&provider, rt, TokenHint::RefreshToken).await?;
             }
-            match self.deps.endpoint.revoke(provider, &tokens.access_token, TokenHint::AccessToken).await {
+            match self.deps.endpoint.revoke(&provider, &tokens.access_token, TokenHint::AccessToken).await {
                 // RFC 7009 §2.2.1: a server that cannot revoke access tokens says so.
                 Err(OAuthError::Rejected { error: ErrorCode::UnsupportedTokenType, .. }) => {}
                 other => other?,

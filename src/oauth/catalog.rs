@@ -26,8 +26,9 @@
 //!
 //! Client secrets are never written in the catalog, only named.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -211,10 +212,21 @@ fn never_proxied(name: &str) -> bool {
 }
 
 /// All providers, by name.
-#[derive(Debug, Clone, Default)]
+///
+/// A preset entry whose parameters each connection names (an instance, a region) is kept
+/// as a template; a connection's provider is then the entry's name with its parameters,
+/// `netsuite?account=1234567`, resolved (checked, filled, validated) on first use and kept.
+#[derive(Debug, Default)]
 pub struct Catalog {
-    providers: BTreeMap<String, Provider>,
+    providers: BTreeMap<String, Arc<Provider>>,
+    templates: BTreeMap<String, super::presets::Template>,
+    resolved: Mutex<HashMap<String, Arc<Provider>>>,
 }
+
+/// Resolved per-connection providers kept at most; past it the map starts again.
+const MAX_RESOLVED: usize = 10_000;
+/// The store keeps a connection's provider in 64 characters (name and parameters).
+const MAX_PROVIDER_KEY: usize = 64;
 
 impl Catalog {
     /// Loads the catalog file. A missing file is an empty catalog when `required` is
@@ -231,10 +243,18 @@ impl Catalog {
     pub fn parse(text: &str) -> Result<Catalog, String> {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
         // Presets first (`preset = "xero"`): each entry is the preset under its own fields.
+        let mut templates = BTreeMap::new();
         if let Some(toml::Value::Table(entries)) = doc.get_mut("providers") {
-            for (name, entry) in entries.iter_mut() {
-                if let toml::Value::Table(t) = entry {
-                    *t = super::presets::apply(std::mem::take(t)).map_err(|e| format!("provider {name:?}: {e}"))?;
+            let names: Vec<String> = entries.keys().cloned().collect();
+            for name in names {
+                let Some(toml::Value::Table(t)) = entries.get_mut(&name) else { continue };
+                match super::presets::apply(std::mem::take(t)).map_err(|e| format!("provider {name:?}: {e}"))? {
+                    super::presets::Applied::Complete(table) => *t = table,
+                    super::presets::Applied::PerConnection(template) => {
+                        // Check now what can be checked: the entry with sample values.
+                        entries.remove(&name);
+                        templates.insert(name, template);
+                    }
                 }
             }
         }
@@ -242,40 +262,124 @@ impl Catalog {
         let mut providers = BTreeMap::new();
         for (name, spec) in file.providers {
             let provider = validate(&name, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
-            providers.insert(name, provider);
+            providers.insert(name, Arc::new(provider));
         }
-        Ok(Catalog { providers })
+        for name in templates.keys() {
+            valid_name(name).map_err(|e| format!("provider {name:?}: {e}"))?;
+        }
+        Ok(Catalog { providers, templates, resolved: Mutex::default() })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Provider> {
-        self.providers.get(name)
+    /// The provider a connection names: an entry's name, or a per-connection entry's
+    /// name with its parameters (`netsuite?account=1234567`).
+    pub fn get(&self, key: &str) -> Option<Arc<Provider>> {
+        if let Some(p) = self.providers.get(key) {
+            return Some(p.clone());
+        }
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = resolved.get(key) {
+            return Some(p.clone());
+        }
+        let (name, query) = key.split_once('?')?;
+        let template = self.templates.get(name)?;
+        let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let table = template.fill(&params).ok()?;
+        let spec: ProviderSpec = toml::Value::Table(table).try_into().ok()?;
+        let provider = Arc::new(validate_named(key, spec).ok()?);
+        if resolved.len() >= MAX_RESOLVED {
+            resolved.clear();
+        }
+        resolved.insert(key.to_string(), provider.clone());
+        Some(provider)
+    }
+
+    /// The key a new connection stores as its provider: the name alone, or the name with
+    /// the connection's parameters (checked against the preset's patterns and hosts).
+    pub fn instance_key(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String, String> {
+        if self.providers.contains_key(name) {
+            if !params.is_empty() {
+                return Err(format!("provider {name:?} takes no connection parameters"));
+            }
+            return Ok(name.to_string());
+        }
+        let template = self.templates.get(name).ok_or_else(|| format!("there is no provider {name:?}"))?;
+        let pairs: Vec<(String, String)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let table = template.fill(&pairs)?;
+        let spec: ProviderSpec = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in params {
+            q.append_pair(k, v);
+        }
+        let key = format!("{name}?{}", q.finish());
+        if key.len() > MAX_PROVIDER_KEY {
+            return Err(format!(
+                "the provider with its parameters ({key}) is longer than {MAX_PROVIDER_KEY} characters"
+            ));
+        }
+        validate_named(&key, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
+        Ok(key)
+    }
+
+    /// The entries whose connections name parameters, with the parameters they take.
+    pub fn per_connection(&self) -> impl Iterator<Item = (&str, Vec<&str>)> {
+        self.templates.iter().map(|(n, t)| (n.as_str(), t.open_params()))
+    }
+
+    /// Every entry's name.
+    pub fn names(&self) -> Vec<&str> {
+        self.providers.keys().chain(self.templates.keys()).map(String::as_str).collect()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Provider> {
-        self.providers.values()
+        self.providers.values().map(|p| p.as_ref())
     }
 
     pub fn len(&self) -> usize {
-        self.providers.len()
+        self.providers.len() + self.templates.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.providers.is_empty()
+        self.len() == 0
+    }
+
+    /// The shortest keep-alive refresh interval of any entry.
+    pub fn min_keepalive(&self) -> Option<Duration> {
+        let of_templates = self
+            .templates
+            .values()
+            .filter_map(|t| t.field("refresh_keepalive_seconds").and_then(toml::Value::as_integer))
+            .filter_map(|s| u64::try_from(s).ok())
+            .map(Duration::from_secs);
+        self.iter().filter_map(|p| p.refresh_keepalive).chain(of_templates).min()
     }
 
     /// The names of every secret the catalog refers to.
     pub fn secret_names(&self) -> Vec<&str> {
-        self.providers.values().filter_map(|p| p.client_secret.as_deref()).collect()
+        self.providers
+            .values()
+            .filter_map(|p| p.client_secret.as_deref())
+            .chain(self.templates.values().filter_map(|t| t.field("client_secret").and_then(toml::Value::as_str)))
+            .collect()
     }
 }
 
-fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
+fn valid_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.len() > 64
         || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     {
         return Err("the name must be 1-64 lower-case letters, digits, '-' or '_'".into());
     }
+    Ok(())
+}
+
+fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
+    valid_name(name)?;
+    validate_named(name, spec)
+}
+
+/// Validates an entry under any key (a per-connection one carries its parameters).
+fn validate_named(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
     let url = |field: &str, v: &str| parse_service_url(v).map_err(|e| format!("{field} {e}"));
     let authorization_url = url("authorization_url", &spec.authorization_url)?;
     let token_url = url("token_url", &spec.token_url)?;

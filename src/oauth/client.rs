@@ -321,7 +321,7 @@ mod tests {
         let text = format!(
             "[providers.p]\nauthorization_url = \"https://a.example/auth\"\ntoken_url = \"https://a.example/token\"\nclient_id = \"c\"\n{extra}"
         );
-        Catalog::parse(&text).unwrap().get("p").unwrap().clone()
+        (*Catalog::parse(&text).unwrap().get("p").unwrap()).clone()
     }
 
     fn parse(p: &Provider, ct: &str, body: &str, prev: Option<&str>) -> Result<TokenSet, OAuthError> {

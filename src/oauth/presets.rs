@@ -57,17 +57,77 @@ pub fn list() -> Vec<PresetInfo> {
         .collect()
 }
 
+/// A preset entry applied: complete, or waiting for parameters each connection names.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Complete(Table),
+    PerConnection(Template),
+}
+
+/// An entry whose preset takes parameters the entry does not fix (no value, no default):
+/// each connection names them when it starts (`params` in the start request).
+#[derive(Debug, Clone)]
+pub struct Template {
+    preset: String,
+    table: Table,
+    specs: Vec<(String, String)>,
+    fixed: Vec<(String, String)>,
+    hosts: Vec<String>,
+}
+
+impl Template {
+    /// The parameters a connection must name.
+    pub fn open_params(&self) -> Vec<&str> {
+        self.specs.iter().map(|(p, _)| p.as_str()).filter(|p| !self.fixed.iter().any(|(f, _)| f == p)).collect()
+    }
+
+    /// The entry for one connection's parameters: each checked against its pattern, every
+    /// filled URL against the preset's hosts.
+    pub fn fill(&self, given: &[(String, String)]) -> Result<Table, String> {
+        let open = self.open_params();
+        for (k, _) in given {
+            if !open.contains(&k.as_str()) {
+                return Err(format!(
+                    "{} takes no connection parameter {k:?} (it takes: {})",
+                    self.preset,
+                    none_if_empty(&open)
+                ));
+            }
+        }
+        let mut values = self.fixed.clone();
+        for p in &open {
+            let v = given.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone()).ok_or_else(|| {
+                format!("{} needs the connection parameter {p:?} (params: {{\"{p}\": \"...\"}})", self.preset)
+            })?;
+            values.push((p.to_string(), v));
+        }
+        check_values(&self.preset, &self.specs, &values)?;
+        fill_urls(&self.preset, self.table.clone(), &values, &self.hosts)
+    }
+
+    /// A field of the entry (`client_secret`, `refresh_keepalive_seconds`), before filling.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.table.get(name)
+    }
+}
+
 /// The entry with its preset applied: the preset's fields under the entry's own (tables
 /// such as `authorization_params` merged key by key), placeholders filled and checked.
 /// An entry without `preset` comes back as it was.
-pub fn apply(mut entry: Table) -> Result<Table, String> {
-    let Some(name) = entry.remove("preset") else { return Ok(entry) };
+pub fn apply(mut entry: Table) -> Result<Applied, String> {
+    let Some(name) = entry.remove("preset") else { return Ok(Applied::Complete(entry)) };
     let name = name.as_str().ok_or("preset must be a preset's name")?.to_string();
     let preset = PRESETS.get(&name).and_then(Value::as_table).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.keys().map(String::as_str).collect();
         format!("there is no preset {name:?} (handler providers lists them: {})", names.join(", "))
     })?;
     let params_spec = preset.get("params").and_then(Value::as_table).cloned().unwrap_or_default();
+    let specs: Vec<(String, String)> = params_spec
+        .iter()
+        .map(|(p, spec)| {
+            (p.clone(), spec.get("pattern").and_then(Value::as_str).unwrap_or("^[a-z0-9-]{1,63}$").to_string())
+        })
+        .collect();
     let hosts: Vec<String> = preset
         .get("hosts")
         .and_then(Value::as_array)
@@ -85,21 +145,18 @@ pub fn apply(mut entry: Table) -> Result<Table, String> {
         }
     }
     let mut values = Vec::new();
+    let mut missing = false;
     for (param, spec) in &params_spec {
-        let value =
-            match given.get(param) {
-                Some(v) => v.as_str().ok_or_else(|| format!("params.{param} must be a string"))?.to_string(),
-                None => spec.get("default").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
-                    format!("preset {name:?} needs params.{param} (see its docs: {})", doc_of(preset))
-                })?,
-            };
-        let pattern = spec.get("pattern").and_then(Value::as_str).unwrap_or("^[a-z0-9-]{1,63}$");
-        let re = regex::Regex::new(pattern).map_err(|e| format!("preset {name:?}: bad pattern for {param}: {e}"))?;
-        if !re.is_match(&value) {
-            return Err(format!("params.{param} {value:?} is not a valid {param} for {name} (expected {pattern})"));
+        let value = match given.get(param) {
+            Some(v) => Some(v.as_str().ok_or_else(|| format!("params.{param} must be a string"))?.to_string()),
+            None => spec.get("default").and_then(Value::as_str).map(str::to_string),
+        };
+        match value {
+            Some(v) => values.push((param.clone(), v)),
+            None => missing = true,
         }
-        values.push((param.clone(), value));
     }
+    check_values(&name, &specs, &values)?;
     let mut merged: Table = preset
         .iter()
         .filter(|(k, _)| !PRESET_ONLY.contains(&k.as_str()))
@@ -113,12 +170,30 @@ pub fn apply(mut entry: Table) -> Result<Table, String> {
             }
         }
     }
+    if missing {
+        return Ok(Applied::PerConnection(Template { preset: name, table: merged, specs, fixed: values, hosts }));
+    }
+    Ok(Applied::Complete(fill_urls(&name, merged, &values, &hosts)?))
+}
+
+fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, String)]) -> Result<(), String> {
+    for (param, value) in values {
+        let pattern = specs.iter().find(|(p, _)| p == param).map(|(_, pat)| pat.as_str()).unwrap_or("^$");
+        let re = regex::Regex::new(pattern).map_err(|e| format!("preset {preset:?}: bad pattern for {param}: {e}"))?;
+        if !re.is_match(value) {
+            return Err(format!("params.{param} {value:?} is not a valid {param} for {preset} (expected {pattern})"));
+        }
+    }
+    Ok(())
+}
+
+fn fill_urls(preset: &str, mut table: Table, values: &[(String, String)], hosts: &[String]) -> Result<Table, String> {
     for field in URL_FIELDS {
-        let Some(Value::String(url)) = merged.get_mut(field) else { continue };
+        let Some(Value::String(url)) = table.get_mut(field) else { continue };
         if !url.contains('{') {
             continue;
         }
-        for (param, value) in &values {
+        for (param, value) in values {
             *url = url.replace(&format!("{{{param}}}"), value);
         }
         if url.contains('{') {
@@ -129,14 +204,10 @@ pub fn apply(mut entry: Table) -> Result<Table, String> {
             .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
             .ok_or_else(|| format!("{field} {url:?} is not a URL"))?;
         if !hosts.iter().any(|h| host_matches(h, &host)) {
-            return Err(format!("{field}: host {host:?} is not one of {name}'s hosts ({})", hosts.join(", ")));
+            return Err(format!("{field}: host {host:?} is not one of {preset}'s hosts ({})", hosts.join(", ")));
         }
     }
-    Ok(merged)
-}
-
-fn doc_of(preset: &Table) -> &str {
-    preset.get("docs").and_then(Value::as_str).unwrap_or("")
+    Ok(table)
 }
 
 fn none_if_empty(list: &[&str]) -> String {
@@ -211,7 +282,6 @@ mod tests {
         for (params, needle) in [
             ("account = \"evil.example/x?\"", "not a valid account"),
             ("account = \"a.evil.com#\"", "not a valid account"),
-            ("", "needs params.account"),
             ("account = \"a\", region = \"eu\"", "no parameter \"region\""),
         ] {
             let err = Catalog::parse(&entry(params)).unwrap_err();
@@ -219,6 +289,34 @@ mod tests {
         }
         let err = Catalog::parse("[providers.x]\npreset = \"nope\"\nclient_id = \"c\"\n").unwrap_err();
         assert!(err.contains("no preset \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn parameters_left_to_each_connection_are_checked_when_it_starts() {
+        let text = "[providers.ns]\npreset = \"netsuite\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let c = Catalog::parse(text).unwrap();
+        assert!(c.get("ns").is_none(), "no provider without its account");
+        assert_eq!(c.per_connection().collect::<Vec<_>>(), [("ns", vec!["account"])]);
+        assert_eq!(c.secret_names(), ["s"]);
+        let params = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let key = c.instance_key("ns", &params(&[("account", "1234567-sb1")])).unwrap();
+        assert_eq!(key, "ns?account=1234567-sb1");
+        let p = c.get(&key).unwrap();
+        assert_eq!(p.token_url.host_str(), Some("1234567-sb1.suitetalk.api.netsuite.com"));
+        assert_eq!(p.name, key);
+        for (given, needle) in [
+            (params(&[("account", "evil.example/x?")]), "not a valid account"),
+            (params(&[]), "needs the connection parameter \"account\""),
+            (params(&[("account", "a"), ("region", "eu")]), "no connection parameter \"region\""),
+        ] {
+            let err = c.instance_key("ns", &given).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+        // A key that did not come from instance_key is checked all the same.
+        assert!(c.get("ns?account=evil.example%2Fx").is_none());
+        let fixed = "[providers.x]\npreset = \"xero\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let err = Catalog::parse(fixed).unwrap().instance_key("x", &params(&[("a", "b")])).unwrap_err();
+        assert!(err.contains("takes no connection parameters"), "{err}");
     }
 
     #[test]

@@ -157,5 +157,5 @@ pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
     let (_, connections) = caller_and_connections(app, &req).await?;
     let token = connections.access_token(id, false).await?;
     let (provider, target) = proxy::target(app, &token, id, &req)?;
-    proxy::send_with_token(app, &connections, provider, id, token, target, &mut req).await
+    proxy::send_with_token(app, &connections, &provider, id, token, target, &mut req).await
 }

@@ -14,6 +14,7 @@ impl InvalidInput {
     fn slug(self) -> &'static str {
         match self {
             InvalidInput::UnknownProvider => "unknown-provider",
+            InvalidInput::ProviderParams => "invalid-provider-params",
             InvalidInput::ConnectionId => "invalid-connection-id",
             InvalidInput::Owner => "invalid-owner",
             InvalidInput::Scopes => "invalid-scopes",

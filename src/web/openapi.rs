@@ -132,6 +132,8 @@ fn definitions() -> Value {
         "StartRequest": { "type": "object", "required": ["provider"], "properties": {
             "provider": s("Provider"), "connection_id": s("Connection id"), "owner": s("Owner"),
             "scopes": scopes, "return_url": s("Return URL"),
+            "params": { "type": "object", "additionalProperties": { "type": "string" }, "x-ms-summary": "Provider parameters",
+                "description": "Values for the provider entry's per-connection parameters (an account, an instance)" },
         }},
         "Started": { "type": "object", "properties": {
             "connection_id": s("Connection id"), "provider": s("Provider"), "status": status,

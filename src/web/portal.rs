@@ -128,5 +128,5 @@ pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
             req.method, provider.name
         )));
     }
-    proxy::send_with_token(app, &app.connections, provider, id, token, target, &mut req).await
+    proxy::send_with_token(app, &app.connections, &provider, id, token, target, &mut req).await
 }

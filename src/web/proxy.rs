@@ -71,12 +71,12 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The connection's provider and the provider URL a proxy request is for.
-pub fn target<'a>(
-    app: &'a App,
+pub fn target(
+    app: &App,
     token: &CachedToken,
     id: &str,
     req: &Request,
-) -> Result<(&'a Provider, url::Url), ApiError> {
+) -> Result<(std::sync::Arc<Provider>, url::Url), ApiError> {
     let provider = app.connections.catalog().get(&token.provider).ok_or_else(|| {
         ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", token.provider))
     })?;
@@ -86,7 +86,8 @@ pub fn target<'a>(
             format!("Provider {} has no api_base_url in the catalog; the proxy cannot be used.", provider.name),
         )
     })?;
-    Ok((provider, proxy_target(base, &req.path, req.query.as_deref())?))
+    let target = proxy_target(base, &req.path, req.query.as_deref())?;
+    Ok((provider, target))
 }
 
 /// Builds the provider URL from the raw (still percent-encoded) path after the route's

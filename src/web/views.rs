@@ -23,6 +23,9 @@ pub struct StartRequest {
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub return_url: Option<String>,
+    /// The connection's values for its provider entry's parameters (`{"account": "..."}`).
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
 }
 
 impl From<StartRequest> for NewConnection {
@@ -33,6 +36,7 @@ impl From<StartRequest> for NewConnection {
             owner: r.owner,
             scopes: r.scopes,
             return_url: r.return_url,
+            params: r.params,
             portal: Default::default(),
         }
     }
