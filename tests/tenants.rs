@@ -438,3 +438,59 @@ async fn handler_onboard_sets_an_organisation_up_from_a_terminal_once() {
     assert_eq!(code, Some(1));
     assert!(err.contains("--app-id or set MULTITENANT_APP_ID"), "{err}");
 }
+
+/// A self-signed certificate and its key, as PEM (openssl, which the doubles use too).
+fn certificate(dir: &std::path::Path, name: &str) -> (String, String) {
+    let (key, cert) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.crt")));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=dynamics-companion-test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (std::fs::read_to_string(key).unwrap(), std::fs::read_to_string(cert).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_of_the_app_confirms_consent_and_another_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = certificate(dir.path(), "app");
+    let (other_key, other_cert) = certificate(dir.path(), "other");
+    let azure = AzureDoubles::start(json!({
+        "tenants": [TENANT_A],
+        "multitenant_apps": [{
+            "client_id": APP,
+            "redirect_uris": [format!("{PUBLIC}/api/oauth/consent"), format!("{PUBLIC}/api/oauth/onboard")],
+            "certificates": [cert],
+        }],
+    }));
+    let issuer = Issuer::start().await;
+    let run = |pem: String| {
+        let (azure, issuer) = (&azure, &issuer);
+        async move {
+            let mut b = HandlerBuilder::new()
+                .env("PUBLIC_BASE_URL", PUBLIC)
+                .env("MULTITENANT_APP_ID", APP)
+                .env("MULTITENANT_CREDENTIAL", "certificate")
+                // The secret `multitenant-certificate`, from the settings (Key Vault in Azure).
+                .env("MULTITENANT_CERTIFICATE", pem)
+                .env("AZURE_AUTHORITY_HOST", azure.authority_host())
+                .env("SSL_CERT_FILE", &azure.ca);
+            for (k, v) in issuer.settings() {
+                b = b.env(k, v);
+            }
+            let h = b.start().await;
+            let link = start(&h, &issuer.token(), TENANT_A).await;
+            h.get(&at_entra(azure, &link).await, &[("Accept", "text/html")]).await
+        }
+    };
+    let ok = run(format!("{key}{cert}")).await;
+    ok.assert_html(200);
+    assert!(ok.body.contains("Consent recorded"), "{}", ok.body);
+    let refused = run(format!("{other_key}{other_cert}")).await;
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert!(refused.body.contains("AADSTS700027"), "{}", refused.body);
+}

@@ -38,6 +38,9 @@ pub enum AppCredential {
     ManagedIdentity { client_id: String },
     /// A client secret of the app, by name (Key Vault).
     ClientSecret { secret_name: String },
+    /// A certificate of the app (`private_key_jwt`): the secret holds its PEM, private key
+    /// and certificate, as Key Vault keeps a PEM certificate's secret.
+    Certificate { secret_name: String },
 }
 
 impl TenancyConfig {
@@ -63,10 +66,16 @@ impl TenancyConfig {
                 validate_secret_name(secret_name).map_err(|e| ConfigError::new("MULTITENANT_CLIENT_SECRET_NAME", e))?;
                 AppCredential::ClientSecret { secret_name: secret_name.to_string() }
             }
+            "certificate" => {
+                let secret_name = s.get("MULTITENANT_CERTIFICATE_SECRET_NAME").unwrap_or("multitenant-certificate");
+                validate_secret_name(secret_name)
+                    .map_err(|e| ConfigError::new("MULTITENANT_CERTIFICATE_SECRET_NAME", e))?;
+                AppCredential::Certificate { secret_name: secret_name.to_string() }
+            }
             other => {
                 return Err(ConfigError::new(
                     "MULTITENANT_CREDENTIAL",
-                    format!("expected managed_identity or client_secret, got {other:?}"),
+                    format!("expected managed_identity, certificate or client_secret, got {other:?}"),
                 ));
             }
         };

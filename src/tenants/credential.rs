@@ -55,10 +55,80 @@ impl ClientAssertion for ManagedIdentityAssertion {
 enum Proof {
     ManagedIdentity(Arc<dyn TokenCredential>),
     Secret(SecretString),
+    Certificate(Arc<Certificate>),
+}
+
+/// The app's certificate for `private_key_jwt`: the key signs, the certificate's SHA-1
+/// thumbprint (`x5t`) tells Entra which registered certificate to check it with.
+struct Certificate {
+    key: jsonwebtoken::EncodingKey,
+    x5t: String,
+}
+
+impl Certificate {
+    /// From the PEM Key Vault keeps for a certificate of content type PEM: the private key
+    /// (PKCS#8 or PKCS#1) and the certificate.
+    fn from_pem(pem: &str) -> Result<Certificate, String> {
+        use base64::Engine;
+        use sha1::Digest;
+        let block = |label: &str| {
+            let begin = format!("-----BEGIN {label}-----");
+            let start = pem.find(&begin)? + begin.len();
+            let end = pem[start..].find(&format!("-----END {label}-----"))? + start;
+            Some(pem[start..end].split_whitespace().collect::<String>())
+        };
+        let cert = block("CERTIFICATE").ok_or("no CERTIFICATE block (store the certificate as PEM, with its key)")?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(cert)
+            .map_err(|e| format!("the certificate is not base64: {e}"))?;
+        let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(&der));
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
+            .map_err(|e| format!("no RSA private key in the PEM ({e})"))?;
+        Ok(Certificate { key, x5t })
+    }
+
+    /// A client assertion for `client_id` at `token_url` (RFC 7523; Entra's certificate
+    /// credentials): short-lived, single-use by its `jti`.
+    fn assertion(&self, client_id: &str, token_url: &str) -> Result<String, String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.x5t = Some(self.x5t.clone());
+        let now = crate::time::now();
+        let claims = serde_json::json!({
+            "aud": token_url, "iss": client_id, "sub": client_id,
+            "jti": crate::crypto::random_hex::<16>(), "nbf": now - 30, "iat": now, "exp": now + 600,
+        });
+        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct CertificateAssertion {
+    certificate: Arc<Certificate>,
+    client_id: String,
+    token_url: String,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate").field("x5t", &self.x5t).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ClientAssertion for CertificateAssertion {
+    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
+        self.certificate.assertion(&self.client_id, &self.token_url).map_err(|e| {
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                format!("the client assertion could not be signed: {e}"),
+            )
+        })
+    }
 }
 
 pub struct TenantCredentials {
     app_id: String,
+    authority: url::Url,
     proof: Proof,
     by_tenant: Mutex<HashMap<String, Arc<dyn TokenCredential>>>,
 }
@@ -72,8 +142,24 @@ impl TenantCredentials {
                 Proof::ManagedIdentity(identity)
             }
             AppCredential::ClientSecret { secret_name } => Proof::Secret(secrets.get(secret_name).await?),
+            AppCredential::Certificate { secret_name } => {
+                let pem = secrets.get(secret_name).await?;
+                let certificate = Certificate::from_pem(pem.expose_secret())
+                    .map_err(|reason| SecretError::Unavailable { name: secret_name.clone(), reason })?;
+                Proof::Certificate(Arc::new(certificate))
+            }
         };
-        Ok(TenantCredentials { app_id: cfg.app_id.clone(), proof, by_tenant: Mutex::new(HashMap::new()) })
+        Ok(TenantCredentials {
+            app_id: cfg.app_id.clone(),
+            authority: cfg.authority.clone(),
+            proof,
+            by_tenant: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The customer tenant's token endpoint: a certificate assertion's audience.
+    fn token_url(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/token", self.authority.as_str().trim_end_matches('/'))
     }
 
     fn credential(&self, tenant: &str) -> Result<Arc<dyn TokenCredential>, TenantTokenError> {
@@ -103,6 +189,17 @@ impl TenantCredentials {
                 None,
             )
             .map_err(setup)?,
+            Proof::Certificate(certificate) => ClientAssertionCredential::new(
+                tenant.to_string(),
+                self.app_id.clone(),
+                CertificateAssertion {
+                    certificate: certificate.clone(),
+                    client_id: self.app_id.clone(),
+                    token_url: self.token_url(tenant),
+                },
+                None,
+            )
+            .map_err(setup)?,
         };
         map.insert(tenant.to_string(), credential.clone());
         Ok(credential)
@@ -122,8 +219,17 @@ impl TenantCredentials {
 
     /// How the app authenticates itself at a customer tenant's token endpoint in a grant
     /// of its own making (the administrator's sign-in): the form fields to add.
-    pub async fn client_auth(&self) -> Result<Vec<(&'static str, String)>, TenantTokenError> {
+    pub async fn client_auth(&self, tenant: &str) -> Result<Vec<(&'static str, String)>, TenantTokenError> {
         match &self.proof {
+            Proof::Certificate(certificate) => {
+                let assertion = certificate
+                    .assertion(&self.app_id, &self.token_url(tenant))
+                    .map_err(|message| TenantTokenError { code: None, message })?;
+                Ok(vec![
+                    ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()),
+                    ("client_assertion", assertion),
+                ])
+            }
             Proof::ManagedIdentity(identity) => {
                 let token = identity.get_token(&[TOKEN_EXCHANGE_SCOPE], None).await.map_err(|e| TenantTokenError {
                     code: None,

@@ -216,7 +216,7 @@ impl Tenants {
     ) -> Result<(SecretString, Option<SecretString>), SignInError> {
         let mut url = self.cfg.authority.clone();
         url.set_path(&format!("/{tenant}/oauth2/v2.0/token"));
-        let auth = self.credentials.client_auth().await.map_err(|e| SignInError::Token(e.message))?;
+        let auth = self.credentials.client_auth(tenant).await.map_err(|e| SignInError::Token(e.message))?;
         let mut form: Vec<(&str, &str)> = vec![("client_id", self.cfg.app_id.as_str())];
         form.extend_from_slice(fields);
         form.extend(auth.iter().map(|(k, v)| (*k, v.as_str())));

@@ -148,12 +148,14 @@ const multitenantApps = (Array.isArray(raw.multitenant_apps) ? raw.multitenant_a
     federated: (Array.isArray(a.federated_credentials) ? a.federated_credentials : []).map((f) => ({
       issuer: String(f.issuer), subject: String(f.subject), audience: String(f.audience || 'api://AzureADTokenExchange'),
     })),
+    // Certificates (PEM) registered on the app, for private_key_jwt client assertions.
+    certificates: (Array.isArray(a.certificates) ? a.certificates : []).map((pem) => new crypto.X509Certificate(String(pem))),
   };
 });
 for (const app of multitenantApps) {
   // The home tenant has the app's service principal from the start.
   if (!entraClients.some((c) => c.client_id === app.client_id && c.tenant.toLowerCase() === config.tenant_id.toLowerCase())) {
-    entraClients.push({ tenant: config.tenant_id, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, object_id: guidFrom(`sp-${config.tenant_id}-${app.client_id}`) });
+    entraClients.push({ tenant: config.tenant_id, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, certificates: app.certificates, object_id: guidFrom(`sp-${config.tenant_id}-${app.client_id}`) });
   }
 }
 // What each customer tenant's administrator answers at the consent prompt: 'approve'
@@ -709,7 +711,12 @@ async function entra(req, res) {
     if (assertionType !== JWT_BEARER) {
       return entraError(req, res, 400, 'invalid_request', 700021, `Client assertion application identifier doesn't match 'client_id' parameter, or the client_assertion_type '${assertionType}' is not supported. Use '${JWT_BEARER}'.`);
     }
-    if (client.federated && client.federated.length) {
+    const assertionHeader = (() => { try { return JSON.parse(Buffer.from(String(assertion || '').split('.')[0], 'base64url').toString('utf8')); } catch { return {}; } })();
+    if (client.certificates && client.certificates.length && assertionHeader.x5t) {
+      // private_key_jwt with one of the app's certificates (RFC 7523, Entra's certificate credentials).
+      const problem = certificateProblem(assertion, assertionHeader, client, `https://${req.headers.host}${new URL(req.url, 'https://x').pathname}`);
+      if (problem) return entraError(req, res, 401, 'invalid_client', problem.code, problem.message);
+    } else if (client.federated && client.federated.length) {
       // A federated identity credential: the assertion is a token this double issued (a
       // managed identity's), checked like Entra checks it.
       const problem = federatedProblem(assertion, client.federated);
@@ -875,6 +882,26 @@ async function discovery(req, res) {
   send(res, 200, { '@odata.context': `https://${req.headers.host}/api/discovery/v2.0/$metadata#Instances`, value: list });
 }
 
+const seenAssertionIds = new Set();
+function certificateProblem(assertion, header, client, tokenUrl) {
+  const parts = String(assertion).split('.');
+  if (parts.length !== 3 || header.alg !== 'RS256') return { code: 50027, message: 'JWT token is invalid or malformed (RS256 expected).' };
+  const cert = client.certificates.find((c) => crypto.createHash('sha1').update(c.raw).digest('base64url') === header.x5t);
+  if (!cert) return { code: 700027, message: `Client assertion contains an invalid signature. [Reason - The key was not found., Thumbprint of key used by client: '${header.x5t}']` };
+  if (!crypto.verify('sha256', Buffer.from(`${parts[0]}.${parts[1]}`), cert.publicKey, Buffer.from(parts[2], 'base64url'))) {
+    return { code: 700027, message: 'Client assertion failed signature validation.' };
+  }
+  let claims;
+  try { claims = JSON.parse(Buffer.from(parts[1], 'base64url').toString('utf8')); } catch { return { code: 50027, message: 'JWT token is invalid or malformed.' }; }
+  const now = nowSecs();
+  if (!(claims.exp > now) || (claims.nbf && claims.nbf > now + 300)) return { code: 700024, message: 'Client assertion is not within its valid time range.' };
+  if (claims.iss !== client.client_id || claims.sub !== client.client_id) return { code: 700021, message: "Client assertion application identifier doesn't match 'client_id' parameter." };
+  if (claims.aud !== tokenUrl) return { code: 700021, message: `Client assertion audience claim does not match Realm issuer: ${claims.aud} is not ${tokenUrl}.` };
+  if (!claims.jti || seenAssertionIds.has(claims.jti)) return { code: 700025, message: 'Client assertion was already used (jti replay).' };
+  seenAssertionIds.add(claims.jti);
+  return null;
+}
+
 function federatedProblem(assertion, federated) {
   const parts = String(assertion || '').split('.');
   if (parts.length !== 3) return { code: 50027, message: 'JWT token is invalid or malformed.' };
@@ -916,7 +943,7 @@ async function adminConsent(req, res, url, tenant) {
     target.searchParams.set('error_description', 'AADSTS65004: User declined to consent to access the app.\r\nTrace ID: ' + guid());
   } else {
     if (!entraClients.some((c) => c.client_id === app.client_id && c.tenant.toLowerCase() === tenant.toLowerCase())) {
-      entraClients.push({ tenant, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, object_id: guidFrom(`sp-${tenant}-${app.client_id}`) });
+      entraClients.push({ tenant, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, certificates: app.certificates, object_id: guidFrom(`sp-${tenant}-${app.client_id}`) });
     }
     target.searchParams.set('tenant', tenant);
     target.searchParams.set('scope', q.get('scope'));
