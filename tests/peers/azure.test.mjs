@@ -113,7 +113,9 @@ after(async () => { await peer?.stop(); });
 
 test('ready line has the documented shape and nothing else goes to stdout', async () => {
   const r = peer.ready;
-  assert.deepEqual(Object.keys(r), ['ready', 'keyvault', 'identity', 'entra', 'ca']);
+  assert.deepEqual(Object.keys(r), ['ready', 'keyvault', 'identity', 'entra', 'ingestion', 'discovery', 'instrumentation_key', 'ca']);
+  assert.match(r.ingestion, /^https:\/\/localhost:\d+\/$/);
+  assert.match(r.discovery, /^https:\/\/localhost:\d+$/);
   assert.equal(r.ready, true);
   assert.match(r.keyvault, /^https:\/\/dctest\.vault\.azure\.net:\d+\/$/);
   assert.match(r.identity, /^http:\/\/127\.0\.0\.1:\d+\/msi\/token$/);
@@ -454,4 +456,40 @@ test('a bad config exits 2 before the ready line', async () => {
   const [code] = await once(child, 'exit');
   assert.equal(code, 2);
   assert.equal(out, '');
+});
+
+// ---------------------------------------------------------------------------
+// Application Insights ingestion, admin consent, discovery
+// ---------------------------------------------------------------------------
+
+test('ingestion takes gzip envelopes with the instrumentation key and refuses a wrong one per item', async () => {
+  const zlib = await import('node:zlib');
+  const envelope = (iKey) => ({ name: 'Microsoft.ApplicationInsights.Message', time: new Date().toISOString(), iKey, data: { baseType: 'MessageData', baseData: { message: 'hi' } } });
+  const body = zlib.gzipSync(JSON.stringify([envelope(peer.ready.instrumentation_key), envelope('00000000-0000-0000-0000-000000000000')]));
+  const r = await new Promise((resolve, reject) => {
+    const u = new URL('v2/track', peer.ready.ingestion);
+    const req = https.request({ host: '127.0.0.1', port: u.port, path: u.pathname, method: 'POST', servername: 'localhost', ca: peer.ca,
+      headers: { host: u.host, 'content-type': 'application/json', 'content-encoding': 'gzip', 'content-length': body.length } }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode, json: JSON.parse(Buffer.concat(chunks).toString('utf8')) }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+  assert.equal(r.status, 206);
+  assert.equal(r.json.itemsReceived, 2);
+  assert.equal(r.json.itemsAccepted, 1);
+  assert.equal(r.json.errors[0].index, 1);
+  const seen = (await ctl('telemetry')).json;
+  assert.equal(seen.items.length, 1);
+});
+
+test('the discovery service lists a signed-in user\'s instances, never an app-only caller\'s', async () => {
+  const app = await entraToken(TENANT, { grant_type: 'client_credentials', client_id: 'dc-app', client_secret: 'dc-app-secret', scope: 'https://globaldisco.crm.dynamics.com/.default' });
+  assert.equal(app.status, 200);
+  const r = await request(`${peer.ready.discovery}/api/discovery/v2.0/Instances`, { headers: { authorization: `Bearer ${app.json.access_token}` } });
+  assert.equal(r.status, 403);
+  const none = await request(`${peer.ready.discovery}/api/discovery/v2.0/Instances`);
+  assert.equal(none.status, 401);
 });
