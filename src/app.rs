@@ -40,8 +40,8 @@ pub struct App {
     pub secrets: Arc<dyn SecretSource>,
     pub connections: Arc<Connections>,
     /// Each onboarded customer tenant's connections (in its own organisation), made on
-    /// first use (see [`App::tenant_scope`]).
-    tenant_connections: std::sync::Mutex<std::collections::HashMap<String, Arc<Connections>>>,
+    /// first use, with when its record was last read (see [`App::tenant_scope`]).
+    tenant_connections: std::sync::Mutex<std::collections::HashMap<String, TenantScope>>,
     pub captures: Captures,
     pub back_office: Option<BearerVerifier>,
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
@@ -219,29 +219,47 @@ impl App {
         self.tenant_scope(tenant).await
     }
 
-    /// An onboarded customer tenant's connections, kept once made.
+    /// An onboarded customer tenant's connections, kept once made. The tenant's record is
+    /// read again after `MULTITENANT_RECHECK_SECONDS`, so an off-boarding on another
+    /// instance is honoured here within that time.
     pub async fn tenant_scope(&self, tenant: &str) -> Result<Arc<Connections>, ScopeError> {
         let id = tenant.to_ascii_lowercase();
-        if let Some(c) = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            return Ok(c.clone());
+        let known = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        if let Some(scope) = &known
+            && scope.checked.elapsed() < self.config.tenancy.as_ref().map(|t| t.recheck).unwrap_or_default()
+        {
+            return Ok(scope.connections.clone());
         }
         let tenants = self.tenants.as_ref().ok_or_else(|| ScopeError::Unknown(id.clone()))?;
         let record = match tenants.get(&id).await {
             Ok(t) => t,
-            Err(crate::tenants::TenantError::NotFound(_)) => return Err(ScopeError::Unknown(id)),
+            Err(crate::tenants::TenantError::NotFound(_)) => {
+                self.forget_tenant(&id);
+                return Err(ScopeError::Unknown(id));
+            }
             Err(crate::tenants::TenantError::Store(e)) => return Err(ScopeError::Store(e)),
             Err(e) => return Err(ScopeError::Org { tenant: id, reason: e.to_string() }),
         };
         if record.status != crate::store::TenantStatus::Onboarded {
+            self.forget_tenant(&id);
             return Err(ScopeError::NotOnboarded { tenant: id, status: record.status.as_str() });
         }
-        let dv = self.tenant_dataverse(&record)?;
-        let mut deps = self.connections.deps().clone();
-        deps.store = Arc::new(DataverseStore::new(dv, Schema::new(self.dataverse_prefix())));
-        deps.scope = Some(id.clone());
-        let made = Arc::new(Connections::new(deps));
+        // Still onboarded at the same organisation: keep the object (its token cache and
+        // its in-process refresh queue), only the time of the check moves.
+        let connections = match known.filter(|k| k.org_url == record.org_url) {
+            Some(k) => k.connections,
+            None => {
+                let dv = self.tenant_dataverse(&record)?;
+                let mut deps = self.connections.deps().clone();
+                deps.store = Arc::new(DataverseStore::new(dv, Schema::new(self.dataverse_prefix())));
+                deps.scope = Some(id.clone());
+                Arc::new(Connections::new(deps))
+            }
+        };
         let mut map = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(map.entry(id).or_insert(made).clone())
+        let scope = TenantScope { connections: connections.clone(), org_url: record.org_url, checked: Instant::now() };
+        map.insert(id, scope);
+        Ok(connections)
     }
 
     /// Every onboarded tenant's connections, for the timer.
@@ -428,6 +446,14 @@ impl App {
             Err(e) => tracing::warn!("could not re-read the token encryption keys: {e}"),
         }
     }
+}
+
+/// A customer tenant's connections as this instance serves them.
+#[derive(Clone)]
+struct TenantScope {
+    connections: Arc<Connections>,
+    org_url: Option<String>,
+    checked: Instant,
 }
 
 /// How long a cached token is trusted while the change feed runs: the refresh margin

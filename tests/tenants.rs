@@ -237,6 +237,7 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
         .file("providers.toml", &peer.catalog("test", ""))
         .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
         .env("REFRESH_MARGIN_SECONDS", "300")
+        .env("MULTITENANT_RECHECK_SECONDS", "1")
         .env("PUBLIC_BASE_URL", PUBLIC)
         .env("MULTITENANT_APP_ID", APP)
         .env("MULTITENANT_MI_CLIENT_ID", UAMI)
@@ -332,6 +333,14 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     get(&caller_b, "erp-b").await.assert_problem(403, "tenant-not-onboarded");
     assert_eq!(get(&caller_a, "erp-a").await.status, 200);
     assert_eq!(names(org_b.rows("dc_connections").await), ["erp-b"]);
+
+    // Off-boarding A on another instance (same store) reaches this one once its record is
+    // read again (MULTITENANT_RECHECK_SECONDS, 1 s here).
+    let other = HandlerBuilder::sharing(&h).start().await;
+    let r = other.json(Method::DELETE, &format!("/api/tenants/{TENANT_A}"), Some(&operator), &Value::Null).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    get(&caller_a, "erp-a").await.assert_problem(403, "tenant-not-onboarded");
 }
 
 /// The `href` of the page's one link.

@@ -28,6 +28,9 @@ pub struct TenancyConfig {
     /// The Global Discovery Service (`https://globaldisco.crm.dynamics.com`, or a
     /// sovereign cloud's): the environments the signed-in administrator reaches.
     pub discovery_url: Url,
+    /// How long an instance serves a customer tenant before reading its record again: an
+    /// off-boarding on another instance takes effect here within it.
+    pub recheck: std::time::Duration,
 }
 
 /// How the multi-tenant app proves itself to each customer's tenant.
@@ -96,6 +99,7 @@ impl TenancyConfig {
             .unwrap_or_else(|| Url::parse("https://globaldisco.crm.dynamics.com"))
             .map_err(|e| ConfigError::new("MULTITENANT_DISCOVERY_URL", e.to_string()))?;
         Ok(Some(TenancyConfig {
+            recheck: s.seconds("MULTITENANT_RECHECK_SECONDS", 60)?,
             onboard_redirect_uri,
             discovery_url,
             app_id: app_id.to_ascii_lowercase(),
