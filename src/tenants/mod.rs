@@ -112,10 +112,8 @@ impl Tenants {
 
     /// Records what the organisation check found: onboarded, or what is still missing.
     pub async fn record_check(&self, id: &str, outcome: Result<(), String>) -> Result<Tenant, TenantError> {
-        loop {
-            let mut t = self.get(id).await?;
-            let expected = t.version.clone();
-            let now = self.clock.now();
+        let now = self.clock.now();
+        self.modify(id, |t| {
             match &outcome {
                 Ok(()) => {
                     t.status = TenantStatus::Onboarded;
@@ -124,7 +122,24 @@ impl Tenants {
                 }
                 Err(missing) => t.status_detail = Some(missing.clone()),
             }
-            t.updated_at = now;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The one way to change a stored tenant: `change` is applied to the latest record,
+    /// which is stored if it is still the version read, and read again otherwise (as
+    /// [`crate::connections::Connections`] does for connections). `change` may refuse.
+    pub(crate) async fn modify(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Tenant) -> Result<(), TenantError>,
+    ) -> Result<Tenant, TenantError> {
+        loop {
+            let mut t = self.get(id).await?;
+            let expected = t.version.clone();
+            change(&mut t)?;
+            t.updated_at = self.clock.now();
             match self.store.update_tenant(&t, &expected).await {
                 Ok(v) => {
                     t.version = v;

@@ -86,43 +86,41 @@ impl Tenants {
     /// The link that has the customer's administrator sign in to set their organisation
     /// up. Only once consent is confirmed.
     pub async fn onboarding_link(&self, id: &str) -> Result<Url, TenantError> {
-        loop {
-            let mut t = self.get(id).await?;
-            if !matches!(t.status, TenantStatus::Consented | TenantStatus::Onboarded) {
-                return Err(TenantError::Invalid(format!(
-                    "tenant {} has not consented (status {}): send its administrator the consent link first",
-                    t.id,
-                    t.status.as_str()
-                )));
-            }
-            let expected = t.version.clone();
-            let expires_at = self.clock.now() + SIGN_IN_SECONDS;
-            let state = self.keys.issue_state(&tag(&t.id), expires_at);
-            let verifier = self
-                .keys
-                .derive_from_state(&state, PKCE_LABEL)
-                .ok_or_else(|| TenantError::Invalid("the state key is not available".into()))?;
-            t.state_hash = Some(crate::crypto::sha256_hex(&state));
-            t.state_expires_at = Some(expires_at);
-            t.updated_at = self.clock.now();
-            match self.store.update_tenant(&t, &expected).await {
-                Ok(_) => {}
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            let mut url = self.cfg.authority.clone();
-            url.set_path(&format!("/{}/oauth2/v2.0/authorize", t.id));
-            url.query_pairs_mut()
-                .append_pair("client_id", &self.cfg.app_id)
-                .append_pair("response_type", "code")
-                .append_pair("redirect_uri", self.cfg.onboard_redirect_uri.as_str())
-                .append_pair("scope", &format!("{DISCOVERY_SCOPE} offline_access"))
-                .append_pair("state", &state)
-                .append_pair("code_challenge", &crate::crypto::pkce_challenge(&verifier))
-                .append_pair("code_challenge_method", "S256")
-                .append_pair("prompt", "select_account");
-            return Ok(url);
-        }
+        let mut issued = None;
+        let t = self
+            .modify(id, |t| {
+                if !matches!(t.status, TenantStatus::Consented | TenantStatus::Onboarded) {
+                    return Err(TenantError::Invalid(format!(
+                        "tenant {} has not consented (status {}): send its administrator the consent link first",
+                        t.id,
+                        t.status.as_str()
+                    )));
+                }
+                let expires_at = self.clock.now() + SIGN_IN_SECONDS;
+                let state = self.keys.issue_state(&tag(&t.id), expires_at);
+                let verifier = self
+                    .keys
+                    .derive_from_state(&state, PKCE_LABEL)
+                    .ok_or_else(|| TenantError::Invalid("the state key is not available".into()))?;
+                t.state_hash = Some(crate::crypto::sha256_hex(&state));
+                t.state_expires_at = Some(expires_at);
+                issued = Some((state, verifier));
+                Ok(())
+            })
+            .await?;
+        let (state, verifier) = issued.ok_or_else(|| TenantError::NotFound(id.to_string()))?;
+        let mut url = self.cfg.authority.clone();
+        url.set_path(&format!("/{}/oauth2/v2.0/authorize", t.id));
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.cfg.app_id)
+            .append_pair("response_type", "code")
+            .append_pair("redirect_uri", self.cfg.onboard_redirect_uri.as_str())
+            .append_pair("scope", &format!("{DISCOVERY_SCOPE} offline_access"))
+            .append_pair("state", &state)
+            .append_pair("code_challenge", &crate::crypto::pkce_challenge(&verifier))
+            .append_pair("code_challenge_method", "S256")
+            .append_pair("prompt", "select_account");
+        Ok(url)
     }
 
     /// Checks the sign-in's answer, uses up its state and redeems the code.
@@ -236,19 +234,10 @@ impl Tenants {
 
     /// Records the organisation the administrator set up.
     pub async fn set_org(&self, id: &str, org: &str) -> Result<Tenant, TenantError> {
-        loop {
-            let mut t = self.get(id).await?;
-            let expected = t.version.clone();
+        self.modify(id, |t| {
             t.org_url = Some(org.trim_end_matches('/').to_string());
-            t.updated_at = self.clock.now();
-            match self.store.update_tenant(&t, &expected).await {
-                Ok(v) => {
-                    t.version = v;
-                    return Ok(t);
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            Ok(())
+        })
+        .await
     }
 }
