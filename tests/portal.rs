@@ -89,7 +89,8 @@ impl World {
         let started = r.json();
         let auth_url = started["authorization_url"].as_str().unwrap();
         let origin = self.portal.url.trim_end_matches('/');
-        let cookie = support::portal::bind(&self.h, &secret, auth_url, origin).await;
+        let bind_url = started["bind_url"].as_str().unwrap();
+        let cookie = support::portal::bind(&self.h, bind_url, &secret, auth_url, origin).await;
         let location = self.peer.consent(auth_url, false).await;
         let page = self.h.get(location.strip_prefix(PUBLIC).unwrap(), &[("Cookie", &cookie)]).await;
         (started["connection_id"].as_str().unwrap().to_string(), page)
@@ -403,4 +404,74 @@ async fn b2c_users_without_a_contact_claim_are_found_by_lookup_and_refused_when_
         "{}",
         r.body
     );
+}
+
+/// Login CSRF through the bind step, as an attacker sends it: portal user B registers the
+/// hash of a secret B chose, then makes a victim's browser post that secret and B's link
+/// to the bind route. Every request the bind page itself never sends is refused with 403,
+/// sets no cookie, and leaves B's connection pending with its authorization unspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bind_step_accepts_only_its_own_pages_form() {
+    let w = world(&[]).await;
+    let token = w.portal.token(CONTACT_B);
+    let (secret, hash) = support::portal::binding();
+    let r = w
+        .call(
+            Method::POST,
+            "/api/portal/connections",
+            Some(&token),
+            Some(json!({ "provider": "test", "binding": hash })),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let started = r.json();
+    let link = started["authorization_url"].as_str().unwrap().to_string();
+    let bind_url = started["bind_url"].as_str().unwrap().to_string();
+    let portal_origin = w.portal.url.trim_end_matches('/').to_string();
+    // What loading the real page would give (the attacker can load it too, in its own browser).
+    let page = support::portal::bind_page(&w.h, &bind_url).await;
+    let form = |with_page: bool| {
+        let mut f = url::form_urlencoded::Serializer::new(String::new());
+        f.append_pair("secret", &secret).append_pair("authorization_url", &link).append_pair("origin", &portal_origin);
+        if with_page {
+            f.append_pair("page", &page.value);
+        }
+        f.finish().into_bytes()
+    };
+    let ct = ("Content-Type", "application/x-www-form-urlencoded");
+    let cookie = ("Cookie", page.cookie.as_str());
+    let attempts: Vec<(&str, Vec<(&str, &str)>, bool)> = vec![
+        // A form another site auto-submits: the browser sends that site's Origin.
+        ("cross-site form", vec![ct, ("Origin", "https://attacker.example"), ("Sec-Fetch-Site", "cross-site")], false),
+        // The portal's own origin is not ours either (the form field is not evidence).
+        ("portal origin", vec![ct, ("Origin", portal_origin.as_str())], true),
+        // No Origin at all (a raw request, or a browser behind no-referrer: "null").
+        ("no origin", vec![ct, cookie], true),
+        ("null origin", vec![ct, ("Origin", "null"), cookie], true),
+        // Our origin claimed, but the browser says the request is cross-site.
+        ("sec-fetch-site", vec![ct, ("Origin", page.origin.as_str()), ("Sec-Fetch-Site", "same-site"), cookie], true),
+        // Our origin (a raw request can say anything) without the page's value or cookie.
+        ("no page value", vec![ct, ("Origin", page.origin.as_str()), cookie], false),
+        ("no page cookie", vec![ct, ("Origin", page.origin.as_str())], true),
+    ];
+    for (what, headers, with_page) in attempts {
+        let r = w.h.forward(Method::POST, "/api/oauth/bind", &headers, Some(form(with_page))).await;
+        assert_eq!(r.status, 403, "{what}: {}", r.body);
+        r.assert_html(403);
+        assert!(r.body.contains("Nothing was changed"), "{what}: {}", r.body);
+        assert!(r.headers.get("set-cookie").is_none(), "{what}: nothing is set");
+    }
+    // A page value that is not the cookie's.
+    let other = support::portal::bind_page(&w.h, &bind_url).await;
+    let mixed = ("Cookie", other.cookie.as_str());
+    let r =
+        w.h.forward(Method::POST, "/api/oauth/bind", &[ct, ("Origin", &page.origin), mixed], Some(form(true))).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.headers.get("set-cookie").is_none());
+    let theirs = w.call(Method::GET, "/api/portal/connections", Some(&token), None).await.json();
+    assert_eq!(theirs["connections"][0]["status"], "pending", "{theirs}");
+    assert_eq!(theirs["connections"][0]["authorization_pending"], true, "nothing was spent: {theirs}");
+    // The page's own post still works, once: its value is spent with it.
+    let cookie = support::portal::bind(&w.h, &bind_url, &secret, &link, &portal_origin).await;
+    assert!(cookie.contains("dcb-"), "{cookie}");
 }

@@ -25,8 +25,14 @@ async fn the_portal_page_in_chromium() {
     let base = builder.base_url();
     let peer = OidcPeer::start(&format!("{base}/api/oauth/callback"), json!({}));
     let portal_section = "[providers.test.portal]\nenabled = true\n";
+    // The same provider once more, answering with response_mode=form_post.
+    let form_post = peer
+        .catalog("testfp", "[providers.testfp.portal]\nenabled = true\n")
+        .replace("prompt = \"consent\" }", "prompt = \"consent\", response_mode = \"form_post\" }");
+    assert!(form_post.contains("form_post"));
+    let catalog = format!("{}\n{form_post}", peer.catalog("test", portal_section));
     let h = builder
-        .file("providers.toml", &peer.catalog("test", portal_section))
+        .file("providers.toml", &catalog)
         .env("PUBLIC_BASE_URL", &base)
         .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
         .env("PORTAL_URL", &allowed.url)
@@ -36,8 +42,9 @@ async fn the_portal_page_in_chromium() {
 
     let page =
         |site: &PortalDouble| format!("{}/companion?api={base}/api&client_id={CLIENT_ID}&provider=test", site.url);
-    // Another portal user starts a connection and sends its authorization link to a victim.
-    let (_secret, hash) = support::portal::binding();
+    // Another portal user starts a connection and sends its authorization link to a victim;
+    // the same user also tries to plant its own secret in a victim's browser (login CSRF).
+    let (secret, hash) = support::portal::binding();
     let started = h
         .forward(
             reqwest::Method::POST,
@@ -53,6 +60,13 @@ async fn the_portal_page_in_chromium() {
     assert_eq!(started.status, 201, "{}", started.body);
     let stolen = started.json()["authorization_url"].as_str().unwrap().to_string();
     let scenario = json!({
+        "form_post_page": page(&allowed).replace("provider=test", "provider=testfp"),
+        "csrf": {
+            "bind_url": format!("{base}/api/oauth/bind"),
+            "secret": secret,
+            "authorization_url": stolen,
+            "origin": allowed.url.trim_end_matches('/'),
+        },
         "allowed": page(&allowed),
         "other": page(&other),
         "user": "alice",
@@ -88,6 +102,18 @@ async fn the_portal_page_in_chromium() {
     assert_eq!(connections[0]["status"], "active");
     assert_eq!(connections[0]["owner"], format!("contact:{CONTACT_A}"));
     assert_eq!(seen["popup_closed"], true, "the result page closes itself");
+    // A provider answering with a cross-site form post completes the same way.
+    let after_form_post = seen["connect_form_post"]["value"].as_array().expect("the form_post flow ended");
+    assert_eq!(after_form_post.len(), 2, "{seen:#}");
+    assert!(after_form_post.iter().all(|c| c["status"] == "active"), "{seen:#}");
+
+    // The cross-site form is refused before anything is looked at: the browser sent the
+    // attacker's origin, nothing was set, and the attacker's connection is untouched.
+    assert_eq!(seen["csrf"]["status"], 403, "{seen:#}");
+    assert_eq!(seen["csrf"]["sent_origin"], "http://attacker.test", "{seen:#}");
+    assert_eq!(seen["csrf"]["set_cookie"], Value::Null, "{seen:#}");
+    assert_eq!(seen["csrf"]["cookies"], json!([]), "{seen:#}");
+    assert!(seen["csrf"]["text"].as_str().unwrap().contains("another site"), "{seen:#}");
     assert!(h.logs.all().contains("route=\"(cors)\" status=403"), "the other origin was refused before any work");
 
     // The stolen link, completed in another browser, is refused and changes nothing.
@@ -108,6 +134,11 @@ async fn the_portal_page_in_chromium() {
     // A page on an origin that is not a portal's opens the bind page: it hears nothing,
     // and the popup posts nothing (the one bind in the logs is the allowed page's).
     assert_eq!(seen["foreign_opener"]["messages"], json!([]), "{seen:#}");
-    let binds = h.logs.stdout().iter().filter(|l| l.contains("method=POST") && l.contains("/api/oauth/bind")).count();
-    assert_eq!(binds, 1, "{}", h.logs.all());
+    // The binds that reached the route: the allowed page's two popups (query and form_post)
+    // succeeded, and the attacker's form was refused.
+    let lines = h.logs.stdout();
+    let binds: Vec<&String> = lines.iter().filter(|l| l.contains("method=POST route=\"/api/oauth/bind\"")).collect();
+    assert_eq!(binds.iter().filter(|l| l.contains("status=303")).count(), 2, "{}", h.logs.all());
+    assert_eq!(binds.iter().filter(|l| l.contains("status=403")).count(), 1, "{}", h.logs.all());
+    assert_eq!(binds.len(), 3, "{}", h.logs.all());
 }

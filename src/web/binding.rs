@@ -10,7 +10,16 @@
 //!    opener it is ready (only portal origins can hear it), takes the secret and the
 //!    authorization URL from the opener's `postMessage` (its origin checked against the
 //!    portal origins), and posts them here.
-//! 3. `POST /api/oauth/bind` checks the secret against the hash registered for the URL's
+//! 3. `POST /api/oauth/bind` accepts only what the bind page itself posts: the request's
+//!    own `Origin` must be this handler's public origin (and `Sec-Fetch-Site`, when the
+//!    browser sends it, `same-origin`), and the form must echo the one-time value the page
+//!    was served with, which the page's response also set as a `SameSite=Strict` cookie
+//!    (double submit). A form another site auto-submits carries that site's `Origin`, no
+//!    such cookie and no such value: without these checks it could make a victim's browser
+//!    hold the attacker's secret, and the attacker's connection would be authorized with
+//!    the victim's account (login CSRF). The `origin` form field is only what the page read
+//!    from its opener's message, never evidence of where the request came from.
+//!    It then checks the secret against the hash registered for the URL's
 //!    state, sets a first-party cookie holding the secret on our origin, and sends the
 //!    popup on to the provider. The secret reaches our origin before any provider page
 //!    loads, so a provider page that severs `window.opener` cannot break the flow.
@@ -43,10 +52,15 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if req.method != Method::POST {
         return Ok(page(app));
     }
+    same_origin(app, &req)?;
     let body = req.body_bytes().await?;
     let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
     let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or("");
     let refused = |detail: &str| ApiError::bad_request("binding-refused", detail.to_string());
+    let page_value = field("page");
+    if !page_value_matches(app, &req, page_value) {
+        return Err(cross_site("The form did not come from this service's own connect page."));
+    }
     let (secret, target, origin) = (field("secret"), field("authorization_url"), field("origin"));
     // Random and base64url in the portal client; nothing else may reach a cookie header.
     let well_formed = secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -91,12 +105,64 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
+    // The page's one-time value is spent.
+    let spent = format!("{}=; Max-Age=0{}", page_cookie_name(app, page_value), page_cookie_attributes(app));
+    if let Ok(v) = HeaderValue::from_str(&spent) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
     Ok(resp)
 }
 
-/// The secret the browser presents for a state, from its cookie.
-pub fn presented<'a>(app: &App, req: &'a Request, state_hash: &str) -> Option<&'a str> {
-    let name = cookie_name(app, state_hash);
+/// How long the bind page's one-time value lives: the popup posts within a second.
+const PAGE_VALUE_SECONDS: u32 = 600;
+
+/// The request must be the bind page's own form post: `Origin` (which browsers send on
+/// every POST, and which a page cannot forge) is this handler's public origin, and a
+/// `Sec-Fetch-Site` that is sent says `same-origin`. Refused before the body is read.
+fn same_origin(app: &App, req: &Request) -> Result<(), ApiError> {
+    let ours = app.config.redirect_uri.origin().ascii_serialization();
+    match req.header(header::ORIGIN) {
+        Some(origin) if origin == ours => {}
+        Some(_) => return Err(cross_site("The form was posted from another site.")),
+        None => return Err(cross_site("The request does not say where it came from (no Origin header).")),
+    }
+    match req.header("sec-fetch-site") {
+        None | Some("same-origin") => Ok(()),
+        Some(_) => Err(cross_site("The form was posted from another site.")),
+    }
+}
+
+fn cross_site(detail: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "cross-site-bind",
+        format!("{detail} Nothing was changed: start the connection again from the portal."),
+    )
+}
+
+/// Whether the form echoes the value the bind page was served with, and the browser holds
+/// it in the page's cookie (double submit: another site can neither read the value nor
+/// make the browser send a `SameSite=Strict` cookie with its own form).
+fn page_value_matches(app: &App, req: &Request, value: &str) -> bool {
+    if value.len() != 32 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return false;
+    }
+    cookie(req, &page_cookie_name(app, value))
+        .is_some_and(|held| crate::crypto::constant_time_eq(held.as_bytes(), value.as_bytes()))
+}
+
+/// One cookie per page (several popups may be open), named after its value's first part.
+fn page_cookie_name(app: &App, value: &str) -> String {
+    let short = value.get(..8).unwrap_or(value);
+    if secure(app) { format!("__Host-dcbp-{short}") } else { format!("dcbp-{short}") }
+}
+
+fn page_cookie_attributes(app: &App) -> &'static str {
+    if secure(app) { "; Path=/; HttpOnly; Secure; SameSite=Strict" } else { "; Path=/; HttpOnly; SameSite=Strict" }
+}
+
+/// The value of the cookie `name` the request carries, if any.
+fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
     req.headers
         .get_all(header::COOKIE)
         .iter()
@@ -105,6 +171,11 @@ pub fn presented<'a>(app: &App, req: &'a Request, state_hash: &str) -> Option<&'
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// The secret the browser presents for a state, from its cookie.
+pub fn presented<'a>(app: &App, req: &'a Request, state_hash: &str) -> Option<&'a str> {
+    cookie(req, &cookie_name(app, state_hash))
 }
 
 /// A `Set-Cookie` value that removes the binding cookie once the flow is done.
@@ -132,8 +203,11 @@ fn attributes(app: &App, form_post: bool) -> &'static str {
 
 /// The page: says it is ready to the portal origins only, takes one message from its
 /// opener on one of them, and posts it here as a form (a top-level navigation, so the
-/// cookie is first-party).
+/// cookie is first-party), with the page's one-time value. Its referrer policy is
+/// `same-origin`, so that post carries the real `Origin` (under `no-referrer` a browser
+/// sends `Origin: null`).
 fn page(app: &App) -> Response {
+    let value = crate::crypto::random_hex::<16>();
     let origins: Vec<String> = app.config.portal.origins.iter().map(|o| o.ascii_serialization()).collect();
     let origins = serde_json::to_string(&origins).unwrap_or_else(|_| "[]".into()).replace('<', "\\u003c");
     let script = format!(
@@ -142,17 +216,28 @@ window.addEventListener('message',function(e){{\
 if(done||e.source!==window.opener||origins.indexOf(e.origin)<0)return;\
 var d=e.data;if(!d||d.type!=='dynamics-companion:bind'||typeof d.secret!=='string'||typeof d.authorization_url!=='string')return;\
 done=true;var f=document.createElement('form');f.method='POST';f.action='/api/oauth/bind';\
-[['secret',d.secret],['authorization_url',d.authorization_url],['origin',e.origin]].forEach(function(p){{\
+[['secret',d.secret],['authorization_url',d.authorization_url],['origin',e.origin],['page',{value:?}]].forEach(function(p){{\
 var i=document.createElement('input');i.type='hidden';i.name=p[0];i.value=p[1];f.appendChild(i);}});\
 document.body.appendChild(f);f.submit();}});\
 if(window.opener){{origins.forEach(function(o){{window.opener.postMessage({{type:'dynamics-companion:bind-ready'}},o);}});}}\
 }})();"
     );
-    html::page_with_script(
+    let mut resp = html::page_with_script(
         StatusCode::OK,
         "Connecting",
         "Taking you to the provider. If nothing happens, close this window and start again from the portal.",
         Tone::Success,
         Some(&script),
-    )
+    );
+    let h = resp.headers_mut();
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    let cookie = format!(
+        "{}={value}; Max-Age={PAGE_VALUE_SECONDS}{}",
+        page_cookie_name(app, &value),
+        page_cookie_attributes(app)
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        h.append(header::SET_COOKIE, v);
+    }
+    resp
 }

@@ -53,6 +53,23 @@ try {
   out.connect = await result(page);
   out.popup_closed = popup.isClosed() || await popup.waitForEvent('close', { timeout: 5000 }).then(() => true, () => false);
 
+  // The same popup flow with a provider that answers with response_mode=form_post.
+  if (scenario.form_post_page) {
+    await page.goto(scenario.form_post_page);
+    const fpPopup = context.waitForEvent('page', { timeout: 20000 });
+    await page.click('#connect');
+    const p2 = await fpPopup;
+    // Signed in at the provider already: it may go straight to consent.
+    await p2.waitForSelector('form#login, form#consent', { timeout: 20000 });
+    if (await p2.locator('form#login').count()) {
+      await p2.fill('form#login input[name=login]', scenario.user || 'alice');
+      await p2.click('form#login button[type=submit]');
+    }
+    await p2.waitForSelector('form#consent', { timeout: 20000 });
+    await p2.click('form#consent button[type=submit]');
+    out.connect_form_post = await result(page);
+  }
+
   if (scenario.stolen_link) {
     const victim = await browser.newContext();
     const v = await victim.newPage();
@@ -65,6 +82,32 @@ try {
     await v.click('form#consent button[type=submit]');
     const cb = await answer;
     out.stolen = { status: cb.status(), text: await cb.text() };
+    await victim.close();
+  }
+
+  // Login CSRF: a page on another site auto-submits the bind form with the attacker's
+  // own secret and link, in the victim's browser. The page is served by interception, so
+  // its origin (http://attacker.test) is another site than the handler's.
+  if (scenario.csrf) {
+    const victim = await browser.newContext();
+    const v = await victim.newPage();
+    const c = scenario.csrf;
+    const field = (n, val) => `<input type="hidden" name="${n}" value="${String(val).replace(/"/g, '&quot;')}">`;
+    const html = `<!doctype html><html><body><form id="f" method="POST" action="${c.bind_url}">`
+      + field('secret', c.secret) + field('authorization_url', c.authorization_url) + field('origin', c.origin)
+      + `</form><script>document.getElementById('f').submit();</script></body></html>`;
+    await v.route('http://attacker.test/**', (route) => route.fulfill({ status: 200, contentType: 'text/html', body: html }));
+    const answer = v.waitForResponse((r) => r.url().startsWith(c.bind_url) && r.request().method() === 'POST', { timeout: 20000 });
+    await v.goto('http://attacker.test/page');
+    const r = await answer;
+    const headers = await r.allHeaders();
+    out.csrf = {
+      status: r.status(),
+      sent_origin: await r.request().headerValue('origin'),
+      set_cookie: headers['set-cookie'] || null,
+      cookies: (await victim.cookies()).map((k) => k.name),
+      text: await r.text(),
+    };
     await victim.close();
   }
 

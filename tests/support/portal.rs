@@ -146,26 +146,58 @@ pub fn binding() -> (String, String) {
     (secret, hash)
 }
 
-/// The popup's bind step, as its page posts it: returns the cookie (`name=value`) the
-/// browser then holds, and checks that the popup is sent on to the provider.
-/// `origin` is the portal page's, as the bind page reads it from the message.
-pub async fn bind(h: &super::Handler, secret: &str, authorization_url: &str, origin: &str) -> String {
+/// The popup's bind step, as the bind page does it: the page is loaded first (it sets
+/// its one-time value as a cookie and carries it in its form), then posts the form from
+/// the handler's own origin. Returns the cookie (`name=value`) the browser then holds,
+/// and checks that the popup is sent on to the provider. `bind_url` is the page the
+/// start answer named; `origin` is the portal page's, as the bind page reads it from the
+/// message.
+pub async fn bind(h: &super::Handler, bind_url: &str, secret: &str, authorization_url: &str, origin: &str) -> String {
+    let page = bind_page(h, bind_url).await;
     let form = url::form_urlencoded::Serializer::new(String::new())
         .append_pair("secret", secret)
         .append_pair("authorization_url", authorization_url)
         .append_pair("origin", origin)
+        .append_pair("page", &page.value)
         .finish();
     let r = h
         .forward(
             reqwest::Method::POST,
             "/api/oauth/bind",
-            &[("Content-Type", "application/x-www-form-urlencoded")],
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", &page.origin),
+                ("Sec-Fetch-Site", "same-origin"),
+                ("Cookie", &page.cookie),
+            ],
             Some(form.into_bytes()),
         )
         .await;
     assert_eq!(r.status, 303, "{}", r.body);
     assert_eq!(r.header("location"), authorization_url);
+    let set: Vec<&str> = r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    let binding = set.iter().find(|c| c.contains("dcb-")).expect("the binding cookie is set");
+    assert!(binding.contains("HttpOnly") && binding.contains("SameSite=Lax"), "{binding}");
+    binding.split(';').next().unwrap().to_string()
+}
+
+/// What loading the bind page gives a browser: the page's origin, its one-time value (in
+/// its form) and the cookie holding it.
+pub struct BindPage {
+    pub origin: String,
+    pub value: String,
+    pub cookie: String,
+}
+
+pub async fn bind_page(h: &super::Handler, bind_url: &str) -> BindPage {
+    let url = url::Url::parse(bind_url).unwrap();
+    let r = h.get(url.path(), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("referrer-policy"), "same-origin", "the page's own post must carry its Origin");
     let set = r.header("set-cookie").to_string();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax"), "{set}");
-    set.split(';').next().unwrap().to_string()
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let value = r.body.split("['page',\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap().to_string();
+    assert!(cookie.ends_with(&format!("={value}")), "{cookie} holds {value}");
+    BindPage { origin: url.origin().ascii_serialization(), value, cookie }
 }
