@@ -155,3 +155,12 @@ mod tests {
         assert_eq!(redact(line), line);
     }
 }
+
+/// At most `max` characters of `text` (cut at a character boundary, with `…` when cut):
+/// for echoing caller-sent values in messages without echoing a megabyte.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((at, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..at])),
+    }
+}

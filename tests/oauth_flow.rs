@@ -145,6 +145,20 @@ async fn a_connection_names_its_instance_and_cannot_move_the_host() {
     }
     let r = w.api(Method::POST, "/api/connections", json!({ "provider": "test", "params": { "a": "b" } })).await;
     r.assert_problem(400, "invalid-provider-params");
+    // The provider key spelled out by the caller: only its one canonical spelling is taken;
+    // a duplicate, an unknown or an over-long parameter is refused, and nothing is stored.
+    let huge = "1".repeat(200_000);
+    for provider in [
+        format!("netsuite?account=1234567-sb1&account={huge}"),
+        "netsuite?account=1234567-sb1&account=7654321".to_string(),
+        format!("netsuite?account=1234567-sb1&junk={}", "x".repeat(120)),
+        "netsuite?account=1234567%2Dsb1".to_string(),
+    ] {
+        let r = w.api(Method::POST, "/api/connections", json!({ "provider": provider, "connection_id": "ns-x" })).await;
+        let p = r.assert_problem(400, "unknown-provider");
+        assert!(p["detail"].as_str().unwrap().len() < 400, "the refusal does not echo the value: {}", r.body.len());
+    }
+    assert_eq!(w.api(Method::GET, "/api/connections/ns-x", json!(null)).await.status, 404, "nothing was stored");
 
     let r = start(json!({ "account": "1234567-sb1" })).await;
     assert_eq!(r.status, 201, "{}", r.body);

@@ -177,7 +177,8 @@ impl Connections {
             ConnectionError::Invalid(
                 InvalidInput::UnknownProvider,
                 format!(
-                    "There is no provider {name:?} in the catalog{}.",
+                    "There is no provider {:?} in the catalog{}.",
+                    crate::logging::clip(name, 80),
                     if known.is_empty() { String::new() } else { format!(" (known: {})", known.join(", ")) }
                 ),
             )

@@ -272,20 +272,38 @@ impl Catalog {
 
     /// The provider a connection names: an entry's name, or a per-connection entry's
     /// name with its parameters (`netsuite?account=1234567`).
+    ///
+    /// A key with parameters is resolved only when it is exactly what [`Catalog::instance_key`]
+    /// would have made: at most [`MAX_PROVIDER_KEY`] characters, each parameter the entry
+    /// takes named once, in order, encoded the one way. Anything else is refused before
+    /// anything is kept, so what callers send cannot fill the map of resolved entries with
+    /// spellings of one provider (or with keys no connection could store).
     pub fn get(&self, key: &str) -> Option<Arc<Provider>> {
         if let Some(p) = self.providers.get(key) {
             return Some(p.clone());
         }
-        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = resolved.get(key) {
+        if key.len() > MAX_PROVIDER_KEY {
+            return None;
+        }
+        if let Some(p) = self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
             return Some(p.clone());
         }
         let (name, query) = key.split_once('?')?;
         let template = self.templates.get(name)?;
-        let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let table = template.fill(&params).ok()?;
+        let mut params = BTreeMap::new();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()).into_owned() {
+            if params.insert(k, v).is_some() {
+                return None;
+            }
+        }
+        if canonical_key(name, &params) != key {
+            return None;
+        }
+        let pairs: Vec<(String, String)> = params.into_iter().collect();
+        let table = template.fill(&pairs).ok()?;
         let spec: ProviderSpec = toml::Value::Table(table).try_into().ok()?;
         let provider = Arc::new(validate_named(key, spec).ok()?);
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
         if resolved.len() >= MAX_RESOLVED {
             resolved.clear();
         }
@@ -306,11 +324,7 @@ impl Catalog {
         let pairs: Vec<(String, String)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let table = template.fill(&pairs)?;
         let spec: ProviderSpec = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in params {
-            q.append_pair(k, v);
-        }
-        let key = format!("{name}?{}", q.finish());
+        let key = canonical_key(name, params);
         if key.len() > MAX_PROVIDER_KEY {
             return Err(format!(
                 "the provider with its parameters ({key}) is longer than {MAX_PROVIDER_KEY} characters"
@@ -361,6 +375,16 @@ impl Catalog {
             .chain(self.templates.values().filter_map(|t| t.field("client_secret").and_then(toml::Value::as_str)))
             .collect()
     }
+}
+
+/// `name?k1=v1&k2=v2`, the parameters in name order and form-encoded: the one spelling of
+/// a per-connection provider.
+fn canonical_key(name: &str, params: &BTreeMap<String, String>) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        q.append_pair(k, v);
+    }
+    format!("{name}?{}", q.finish())
 }
 
 fn valid_name(name: &str) -> Result<(), String> {
@@ -497,6 +521,30 @@ mod tests {
         assert!(!portal.allows("POST", "items/42"));
         assert!(!portal.allows("GET", "admin/users"));
         assert!(!portal.allows("GET", "itemsx"));
+    }
+
+    #[test]
+    fn a_per_connection_key_resolves_only_in_its_one_spelling_and_nothing_else_is_kept() {
+        let c = Catalog::parse("[providers.ns]\npreset = \"netsuite\"\nclient_id = \"dc\"\nclient_secret = \"s\"\n")
+            .unwrap();
+        let long = "1".repeat(900_000);
+        let refused = [
+            format!("ns?account=1234567-sb1&account={long}"),
+            "ns?account=1234567-sb1&account=7654321".to_string(),
+            "ns?account=1234567-sb1&host=evil.example".to_string(),
+            "ns?account=1234567%2Dsb1".to_string(),
+            format!("ns?account={}", "1".repeat(70)),
+            "ns?account=1234567-sb1&".to_string(),
+            "ns?account=evil.example%2Fx".to_string(),
+        ];
+        for key in &refused {
+            assert!(c.get(key).is_none(), "{} is refused", &key[..key.len().min(80)]);
+        }
+        assert_eq!(c.resolved.lock().unwrap().len(), 0, "nothing refused was kept");
+        let key = c.instance_key("ns", &BTreeMap::from([("account".into(), "1234567-sb1".into())])).unwrap();
+        assert_eq!(key, "ns?account=1234567-sb1");
+        assert!(c.get(&key).is_some());
+        assert_eq!(c.resolved.lock().unwrap().len(), 1);
     }
 
     #[test]
