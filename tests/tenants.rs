@@ -296,6 +296,21 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     let token = h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &json!({})).await;
     assert_eq!(token.status, 200, "{}", token.body);
 
+    // The operator asks A's administrator to consent again, who cancels: A stays served,
+    // and the refusal is on its record.
+    azure.control(Method::POST, "consent_decisions", Some(json!({ TENANT_A: "decline" }))).await;
+    let r = h.json(Method::POST, "/api/tenants", Some(&operator), &json!({ "tenant_id": TENANT_A })).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let link = r.json()["consent_url"].as_str().unwrap().to_string();
+    let r = h.get(&at_entra(&azure, &link).await, &[("Accept", "text/html")]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let a = h.json(Method::GET, &format!("/api/tenants/{TENANT_A}"), Some(&operator), &Value::Null).await.json();
+    assert_eq!(a["status"], "onboarded", "{a}");
+    assert!(a["status_detail"].as_str().unwrap().contains("consent was not given"), "{a}");
+    let token = h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &json!({})).await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    azure.control(Method::POST, "consent_decisions", Some(json!({ TENANT_A: "approve" }))).await;
+
     // A tenant that is not onboarded, and a customer trying to manage tenants: refused.
     let r = h.json(Method::GET, "/api/connections", Some(&issuer.token_in_tenant(TENANT_C)), &Value::Null).await;
     r.assert_problem(403, "tenant-not-onboarded");

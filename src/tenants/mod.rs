@@ -297,10 +297,13 @@ impl Tenants {
         let expected = t.version.clone();
         t.state_hash = None;
         t.state_expires_at = None;
-        t.status = if status == TenantStatus::Consented && t.status == TenantStatus::Onboarded {
-            TenantStatus::Onboarded
-        } else {
-            status
+        // A tenant already served stays served: a re-consent that was declined or could not
+        // be confirmed is recorded in its detail, and never switches its callers off.
+        let served = matches!(t.status, TenantStatus::Onboarded | TenantStatus::Consented);
+        t.status = match status {
+            TenantStatus::Consented | TenantStatus::Failed if t.status == TenantStatus::Onboarded => t.status,
+            TenantStatus::Failed if served => t.status,
+            other => other,
         };
         t.status_detail = detail;
         if consented_at.is_some() {
