@@ -58,6 +58,8 @@ pub struct App {
     last_timer: std::sync::Mutex<Option<TimerRun>>,
     /// The store's counts for `/api/health`, reused for a minute.
     pub census: outbound::Cache<(), crate::store::Census>,
+    /// The store's readiness for `/api/health`, checked at most once per interval.
+    pub readiness: outbound::Cache<(), serde_json::Value>,
 }
 
 /// Why a caller or a callback reaches no connections.
@@ -192,6 +194,7 @@ impl App {
             callback_rate,
             last_timer: Default::default(),
             census: outbound::Cache::new(1),
+            readiness: outbound::Cache::new(1),
             config,
             started,
             started_at: crate::time::now(),

@@ -158,9 +158,15 @@ async fn the_oauth_flow_with_the_dataverse_store() {
     w.provision();
     let h = w.start(&[("REFRESH_MARGIN_SECONDS", "1")]).await;
     let c = Caller { h: &h, bearer: w.issuer.token() };
-    let health = h.get("/api/health", &[]).await;
-    assert_eq!(health.status, 200, "{}", health.body);
-    assert_eq!(health.json()["dependencies"]["store"]["kind"], "dataverse");
+    let operator = format!("Bearer {}", c.bearer);
+    // A probe without a token costs the store nothing: liveness only.
+    let before = w.dataverse.requests().await;
+    for _ in 0..5 {
+        let probe = h.get("/api/health", &[]).await;
+        assert_eq!(probe.status, 200, "{}", probe.body);
+        assert!(probe.json().get("dependencies").is_none(), "{}", probe.body);
+    }
+    assert_eq!(w.dataverse.requests().await, before, "anonymous probes made no Dataverse request");
 
     c.connect(&w.peer, "dv-1").await;
     let status = c.call(Method::GET, "/api/connections/dv-1", Value::Null).await.json();
@@ -174,14 +180,20 @@ async fn the_oauth_flow_with_the_dataverse_store() {
     assert_eq!(w.peer.refresh_grants().await, 1);
 
     // The operator's census, counted by Dataverse ($count per status).
-    let bearer = format!("Bearer {}", c.bearer);
-    let health = h.get("/api/health", &[("Authorization", &bearer)]).await.json();
+    let health = h.get("/api/health", &[("Authorization", &operator)]).await.json();
+    assert_eq!(health["dependencies"]["store"]["kind"], "dataverse");
     let census = &health["connections"];
     assert_eq!(census["by_status"]["active"], 1, "{census}");
     assert_eq!(census["by_status"]["pending"], 0, "{census}");
     assert_eq!(census["in_backoff"], 0, "{census}");
     assert!(census["oldest_token_age_seconds"].as_i64().is_some_and(|a| a < 60), "{census}");
     assert_eq!(census["refreshes_last_hour"]["granted"], 1, "{census}");
+    // The readiness check and the census run once per interval, however many ask.
+    let after_one = w.dataverse.requests().await;
+    for _ in 0..5 {
+        assert_eq!(h.get("/api/health", &[("Authorization", &operator)]).await.status, 200);
+    }
+    assert_eq!(w.dataverse.requests().await, after_one, "the readiness and census were reused");
 
     // What is at rest in Dynamics: ciphertext, never a token.
     let rows = w.dataverse.rows("dc_connections").await;
@@ -346,7 +358,8 @@ async fn an_unprovisioned_dataverse_is_not_ready_and_check_names_provision() {
     assert!(stdout.lines().any(|l| l.starts_with("Dataverse WhoAmI") && l.contains("  ok  ")), "{stdout}");
 
     let h = w.start(&[]).await;
-    let health = h.get("/api/health", &[]).await;
+    let operator = format!("Bearer {}", w.issuer.token());
+    let health = h.get("/api/health", &[("Authorization", &operator)]).await;
     assert_eq!(health.status, 503, "{}", health.body);
     let store = &health.json()["dependencies"]["store"];
     assert_eq!(store["ready"], false, "{store}");
@@ -357,7 +370,7 @@ async fn an_unprovisioned_dataverse_is_not_ready_and_check_names_provision() {
     let (code, stdout, _) = w.builder(&[]).args(&["check"]).run_to_exit();
     assert_eq!(code, Some(0), "{stdout}");
     let h = w.start(&[]).await;
-    assert_eq!(h.get("/api/health", &[]).await.status, 200);
+    assert_eq!(h.get("/api/health", &[("Authorization", &operator)]).await.status, 200);
 }
 
 /// Issue [2/7] item 7: when the identity check fails the store row does not claim

@@ -13,7 +13,8 @@ use support::{HandlerBuilder, HostMode, host_rebuilt_query, timer_payload};
 
 #[tokio::test]
 async fn answers_readiness_and_health_as_the_host_starts_it() {
-    let h = HandlerBuilder::new().start().await;
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).start().await;
     // Measured in the debug build the tests run; BENCHMARKS.md has release figures.
     assert!(h.ready_after < Duration::from_secs(5), "ready after {:?}", h.ready_after);
     let root = h.get("/", &[]).await;
@@ -26,9 +27,15 @@ async fn answers_readiness_and_health_as_the_host_starts_it() {
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["uptime_seconds"].is_u64());
     assert_eq!(v["under_functions_host"], true);
+    // A probe without a token: liveness only. The operator also sees readiness.
+    assert!(v.get("dependencies").is_none(), "{v}");
+    let operator = format!("Bearer {}", issuer.token());
+    let health = h.get("/api/health", &[("Authorization", &operator)]).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    let v = health.json();
     assert_eq!(v["dependencies"]["store"]["ready"], true);
     assert_eq!(v["dependencies"]["store"]["kind"], "sqlite");
-    assert_eq!(v["dependencies"]["back_office_auth"]["configured"], false);
+    assert_eq!(v["dependencies"]["back_office_auth"]["configured"], true);
     // Nothing secret: not the key material, not a path to it.
     let keys = h.root.join(".data");
     assert!(!health.body.contains("TOKEN_ENCRYPTION_KEYS"));

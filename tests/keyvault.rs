@@ -91,7 +91,7 @@ async fn the_oauth_flow_with_every_secret_from_key_vault() {
     let stats = w.azure.stats().await;
     assert!(stats["keyvault"]["challenges"].as_u64().unwrap() >= 1, "the SDK met the 401 challenge: {stats}");
     assert!(stats["identity"]["token_requests"].as_u64().unwrap() >= 1, "through the managed identity: {stats}");
-    let health = h.get("/api/health", &[]).await.json();
+    let health = h.get("/api/health", &[("Authorization", &format!("Bearer {}", w.issuer.token()))]).await.json();
     assert!(health["dependencies"]["secrets"]["source"].as_str().unwrap().contains("Key Vault"));
     let logs = h.logs.all();
     assert!(!logs.contains(CLIENT_SECRET) && !logs.contains(&w.keys), "no secret in the logs");
@@ -125,7 +125,7 @@ async fn a_rotated_secret_is_used_after_the_ttl_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let r = w.refresh(&h, "kv-rot").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let health = h.get("/api/health", &[]).await.json();
+    let health = h.get("/api/health", &[("Authorization", &format!("Bearer {}", w.issuer.token()))]).await.json();
     assert_eq!(health["dependencies"]["encryption"]["current_key_id"], "t2");
 }
 

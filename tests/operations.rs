@@ -228,7 +228,7 @@ async fn reseal_moves_every_record_to_the_current_key_during_a_refresh_storm() {
         let r = h3.json(Method::POST, &format!("/api/connections/{id}/token"), Some(&w.bearer), &json!({})).await;
         assert_eq!(r.status, 200, "{id}: {}", r.body);
     }
-    let health = h3.get("/api/health", &[]).await.json();
+    let health = h3.get("/api/health", &[("Authorization", &format!("Bearer {}", w.bearer))]).await.json();
     assert_eq!(health["dependencies"]["encryption"]["current_key_id"], "k2");
 }
 
@@ -298,6 +298,7 @@ async fn health_gives_a_back_office_caller_the_operators_counters() {
     let anonymous = w.h.get("/api/health", &[]).await;
     assert_eq!(anonymous.status, 200);
     assert!(anonymous.json().get("connections").is_none(), "{}", anonymous.body);
+    assert!(anonymous.json().get("dependencies").is_none(), "liveness only: {}", anonymous.body);
     let forged = format!("Bearer {}", w.issuer.forged());
     assert_eq!(w.h.get("/api/health", &[("Authorization", &forged)]).await.status, 401);
 

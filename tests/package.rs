@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::HandlerBuilder;
+use support::issuer::Issuer;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -135,12 +136,14 @@ async fn the_packaged_handler_is_static_and_runs_from_a_read_only_folder() {
     assert!(lines[0].contains("read-only") && lines[0].contains("SQLITE_PATH"), "{err}");
 
     // Told where to write, it starts and serves, with nothing written to the package.
+    let issuer = Issuer::start().await;
     let h = HandlerBuilder::in_root(&app)
         .program(&handler, true)
         .env("SQLITE_PATH", writable.join("companion.db").to_string_lossy())
+        .envs(issuer.settings())
         .start()
         .await;
-    let health = h.get("/api/health", &[]).await;
+    let health = h.get("/api/health", &[("Authorization", &format!("Bearer {}", issuer.token()))]).await;
     assert_eq!(health.status, 200, "{}", health.body);
     assert_eq!(health.json()["dependencies"]["store"]["ready"], true);
     assert!(writable.join("companion.db").is_file());

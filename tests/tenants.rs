@@ -311,6 +311,17 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     assert_eq!(token.status, 200, "{}", token.body);
     azure.control(Method::POST, "consent_decisions", Some(json!({ TENANT_A: "approve" }))).await;
 
+    // A customer's token sees what a probe sees in health: the census is the operator's.
+    let health = h.json(Method::GET, "/api/health", Some(&caller_a), &Value::Null).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert!(
+        health.json().get("connections").is_none() && health.json().get("dependencies").is_none(),
+        "{}",
+        health.body
+    );
+    let health = h.json(Method::GET, "/api/health", Some(&operator), &Value::Null).await;
+    assert!(health.json()["connections"]["by_status"].is_object(), "{}", health.body);
+
     // A tenant that is not onboarded, and a customer trying to manage tenants: refused.
     let r = h.json(Method::GET, "/api/connections", Some(&issuer.token_in_tenant(TENANT_C)), &Value::Null).await;
     r.assert_problem(403, "tenant-not-onboarded");

@@ -1,7 +1,12 @@
-//! `GET /api/health`: version, uptime, and whether each configured dependency is
-//! ready. Says nothing secret: no URLs with credentials, no key material, no tokens.
-//! A back-office caller (its bearer token) also gets the operator's counters: connections
-//! by status and in back-off, the oldest token's age, refreshes in the last hour.
+//! `GET /api/health`: liveness for anyone; readiness and counters for operators.
+//!
+//! A caller without a token (a probe, anyone on the internet) gets liveness only: that
+//! the process answers, its version and uptime. It never causes a store request, so
+//! anonymous probes cannot spend the operator's Dataverse budget. An operator (a
+//! back-office token of the deployment's own tenant) also gets each dependency's
+//! readiness, whose store check runs at most once per [`READINESS_FOR`] whoever asks,
+//! the connections' counters and the last timer run. A customer tenant's token sees what
+//! a probe sees: the counters are the operator's. Nothing secret either way.
 
 use serde_json::json;
 use warp::http::StatusCode;
@@ -11,46 +16,40 @@ use crate::app::App;
 
 /// How long a census of the store is reused: six Dataverse requests each time.
 const CENSUS_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the store's readiness (a round trip and a schema check) is reused.
+pub const READINESS_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
-    // Anonymous probes get the basics; a bearer token must be a valid back-office one.
+    // A bearer token must be a valid back-office one; only the home tenant's is an operator.
     let operator = match req.header(warp::http::header::AUTHORIZATION) {
-        Some(_) => Some(super::back_office::caller(app, &req).await?),
-        None => None,
+        Some(_) => super::back_office::caller(app, &req).await?.home,
+        None => false,
     };
-    let store = app.connections.store();
-    // Answering is not enough: the tables and keys must be there too.
-    let checked = match store.ping().await {
-        Ok(()) => store.check_schema().await,
-        Err(e) => Err(e),
-    };
-    let store = match checked {
-        Ok(()) => json!({ "kind": store.kind(), "ready": true }),
-        Err(e) => json!({ "kind": store.kind(), "ready": false, "detail": e.to_string() }),
-    };
+    let mut body = json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "started_at": crate::time::rfc3339(app.started_at),
+        "under_functions_host": app.config.listen.under_host,
+    });
+    if !operator {
+        return Ok(response::json(StatusCode::OK, &body));
+    }
+    let store = store_readiness(app).await;
     let store_ready = store["ready"].as_bool().unwrap_or(false);
     let back_office = match &app.back_office {
         Some(v) => json!({ "configured": true, "issuer": v.issuer(), "signing_keys_loaded": v.keys_loaded() }),
         None => json!({ "configured": false }),
     };
-    let body = json!({
-        "status": if store_ready { "ok" } else { "degraded" },
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-        "started_at": crate::time::rfc3339(app.started_at),
-        "under_functions_host": app.config.listen.under_host,
-        "dependencies": {
-            "store": store,
-            "providers": { "ready": true, "count": app.connections.catalog().len() },
-            "secrets": { "source": app.secrets.describe() },
-            "encryption": encryption(app),
-            "back_office_auth": back_office,
-        },
+    body["status"] = json!(if store_ready { "ok" } else { "degraded" });
+    body["dependencies"] = json!({
+        "store": store,
+        "providers": { "ready": true, "count": app.connections.catalog().len() },
+        "secrets": { "source": app.secrets.describe() },
+        "encryption": encryption(app),
+        "back_office_auth": back_office,
     });
-    let mut body = body;
-    if operator.is_some() {
-        body["connections"] = counters(app).await;
-    }
+    body["connections"] = counters(app).await;
     if let Some(run) = app.last_timer_run() {
         body["timer"] = json!({
             "last_run_at": crate::time::rfc3339(run.at),
@@ -62,6 +61,30 @@ pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
     }
     let status = if store_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok(response::json(status, &body))
+}
+
+/// Whether the store answers and has its tables (and keys): checked at most once per
+/// [`READINESS_FOR`], by one caller while the others wait for its answer.
+async fn store_readiness(app: &App) -> serde_json::Value {
+    let store = app.connections.store();
+    let checked = app
+        .readiness
+        .get_or_try_insert_with(&(), || async {
+            let checked = match store.ping().await {
+                Ok(()) => store.check_schema().await,
+                Err(e) => Err(e),
+            };
+            let v = match checked {
+                Ok(()) => json!({ "kind": store.kind(), "ready": true }),
+                Err(e) => json!({ "kind": store.kind(), "ready": false, "detail": e.to_string() }),
+            };
+            Ok::<_, std::convert::Infallible>((v, READINESS_FOR))
+        })
+        .await;
+    match checked {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
 }
 
 /// Counts over the store (cached for [`CENSUS_FOR`]) and this instance's refreshes.
