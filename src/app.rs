@@ -42,6 +42,8 @@ pub struct App {
     /// Each onboarded customer tenant's connections (in its own organisation), made on
     /// first use, with when its record was last read (see [`App::tenant_scope`]).
     tenant_connections: std::sync::Mutex<std::collections::HashMap<String, TenantScope>>,
+    /// Tenants whose callers were refused lately (not known, not onboarded), by id.
+    refused_tenants: outbound::Cache<String, Refusal>,
     pub captures: Captures,
     pub back_office: Option<BearerVerifier>,
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (store, contacts).
@@ -202,6 +204,7 @@ impl App {
             secrets,
             connections,
             tenant_connections: Default::default(),
+            refused_tenants: outbound::Cache::new(REFUSED_TENANTS),
             captures,
             back_office,
             dataverse,
@@ -227,26 +230,45 @@ impl App {
     /// instance is honoured here within that time.
     pub async fn tenant_scope(&self, tenant: &str) -> Result<Arc<Connections>, ScopeError> {
         let id = tenant.to_ascii_lowercase();
+        let recheck = self.config.tenancy.as_ref().map(|t| t.recheck).unwrap_or_default();
         let known = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
         if let Some(scope) = &known
-            && scope.checked.elapsed() < self.config.tenancy.as_ref().map(|t| t.recheck).unwrap_or_default()
+            && scope.checked.elapsed() < recheck
         {
             return Ok(scope.connections.clone());
         }
-        let tenants = self.tenants.as_ref().ok_or_else(|| ScopeError::Unknown(id.clone()))?;
-        let record = match tenants.get(&id).await {
-            Ok(t) => t,
-            Err(crate::tenants::TenantError::NotFound(_)) => {
-                self.forget_tenant(&id);
-                return Err(ScopeError::Unknown(id));
-            }
-            Err(crate::tenants::TenantError::Store(e)) => return Err(ScopeError::Store(e)),
-            Err(e) => return Err(ScopeError::Org { tenant: id, reason: e.to_string() }),
-        };
-        if record.status != crate::store::TenantStatus::Onboarded {
-            self.forget_tenant(&id);
-            return Err(ScopeError::NotOnboarded { tenant: id, status: record.status.as_str() });
+        // A tenant that is not served is answered from memory for a while: tokens of a
+        // tenant that is not onboarded cost one store read per tenant and interval, not one
+        // per call (callers racing on one tenant wait for the one read).
+        if let Some(refusal) = self.refused_tenants.get(&id) {
+            return Err(refusal.into_error(id));
         }
+        let tenants = self.tenants.as_ref().ok_or_else(|| ScopeError::Unknown(id.clone()))?;
+        let read = self
+            .refused_tenants
+            .exclusive(&id, || async {
+                if let Some(refusal) = self.refused_tenants.get(&id) {
+                    return Err(Ok(refusal));
+                }
+                let refused = |r: Refusal| {
+                    self.forget_tenant(&id);
+                    self.refused_tenants.insert(id.clone(), r, recheck.min(REFUSAL_FOR));
+                    Err(Ok(r))
+                };
+                match tenants.get(&id).await {
+                    Ok(t) if t.status == crate::store::TenantStatus::Onboarded => Ok(t),
+                    Ok(t) => refused(Refusal::NotOnboarded(t.status.as_str())),
+                    Err(crate::tenants::TenantError::NotFound(_)) => refused(Refusal::Unknown),
+                    Err(e) => Err(Err(e)),
+                }
+            })
+            .await;
+        let record = match read {
+            Ok(t) => t,
+            Err(Ok(refusal)) => return Err(refusal.into_error(id)),
+            Err(Err(crate::tenants::TenantError::Store(e))) => return Err(ScopeError::Store(e)),
+            Err(Err(e)) => return Err(ScopeError::Org { tenant: id, reason: e.to_string() }),
+        };
         // Still onboarded at the same organisation: keep the object (its token cache and
         // its in-process refresh queue), only the time of the check moves.
         let connections = match known.filter(|k| k.org_url == record.org_url) {
@@ -282,6 +304,13 @@ impl App {
     /// Drops an off-boarded tenant's connections object (its rows stay in its organisation).
     pub fn forget_tenant(&self, id: &str) {
         self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.to_ascii_lowercase());
+    }
+
+    /// Forgets what this instance knows of a tenant, served or refused: its record changed
+    /// here (consent, check, onboarding, off-boarding), so the next call reads it again.
+    pub fn tenant_changed(&self, id: &str) {
+        self.forget_tenant(id);
+        self.refused_tenants.remove(&id.to_ascii_lowercase());
     }
 
     fn dataverse_prefix(&self) -> &str {
@@ -328,7 +357,7 @@ impl App {
             )),
             Err(e) => Err(e.to_string()),
         };
-        self.forget_tenant(id);
+        self.tenant_changed(id);
         tenants.record_check(id, outcome).await
     }
 
@@ -450,6 +479,27 @@ impl App {
         }
     }
 }
+
+/// Why a tenant's callers were refused, remembered for [`REFUSAL_FOR`].
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Unknown,
+    NotOnboarded(&'static str),
+}
+
+impl Refusal {
+    fn into_error(self, tenant: String) -> ScopeError {
+        match self {
+            Refusal::Unknown => ScopeError::Unknown(tenant),
+            Refusal::NotOnboarded(status) => ScopeError::NotOnboarded { tenant, status },
+        }
+    }
+}
+
+/// How long a refused tenant is answered from memory, at most (and never longer than
+/// `MULTITENANT_RECHECK_SECONDS`); how many refused tenants are remembered.
+const REFUSAL_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const REFUSED_TENANTS: usize = 1024;
 
 /// A customer tenant's connections as this instance serves them.
 #[derive(Clone)]

@@ -97,7 +97,7 @@ pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiErro
     operator(app, &req).await?;
     if req.method == Method::DELETE {
         tenants.delete(id).await?;
-        app.forget_tenant(id);
+        app.tenant_changed(id);
         return Ok(response::empty(StatusCode::NO_CONTENT));
     }
     let t = tenants.get(id).await?;
@@ -257,6 +257,11 @@ pub async fn consent(app: &App, req: Request) -> Result<Response, ApiError> {
             format!("Consent was not recorded: {e}. Ask for a new link."),
         ),
     })?;
+    let changed = match &outcome {
+        ConsentOutcome::Consented(t) | ConsentOutcome::Declined { tenant: t, .. } => &t.id,
+        ConsentOutcome::Unconfirmed { tenant: t, .. } => &t.id,
+    };
+    app.tenant_changed(changed);
     Ok(match outcome {
         ConsentOutcome::Consented(t) => {
             // The next step in the same browser: sign in to set the environment up.
