@@ -60,6 +60,8 @@ pub struct App {
     last_timer: std::sync::Mutex<Option<TimerRun>>,
     /// The store's counts for `/api/health`, reused for a minute.
     pub census: outbound::Cache<(), crate::store::Census>,
+    /// How many values each key seals in the store, for `/api/health`, reused a minute.
+    pub sealed_keys: outbound::Cache<(), std::collections::BTreeMap<String, u64>>,
     /// The store's readiness for `/api/health`, checked at most once per interval.
     pub readiness: outbound::Cache<(), serde_json::Value>,
 }
@@ -131,6 +133,24 @@ impl App {
                 return Err(ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse").into());
             }
         };
+        // A key may leave TOKEN_ENCRYPTION_KEYS only once nothing is sealed with it. The
+        // embedded store counts in place, in milliseconds; a Dataverse store is checked in
+        // the background once serving (see `App::check_keys_in_use`).
+        if store.kind() == "sqlite" {
+            let missing = missing_keys(&keys, &store.sealed_key_counts().await?);
+            if !missing.is_empty() {
+                return Err(ConfigError::new(
+                    crate::secrets::env_name(&config.secrets.token_keys_secret),
+                    format!(
+                        "{} still seal{} values in the store ({}); list the key again after the current one, run `handler reseal`, and remove it once that reports none",
+                        describe_missing(&missing),
+                        if missing.len() == 1 { "s" } else { "" },
+                        store.kind()
+                    ),
+                )
+                .into());
+            }
+        }
         // A multi-tenant deployment's customers call with tokens of their own tenants.
         let back_office = config.back_office.clone().map(|b| match config.tenancy {
             Some(_) => BearerVerifier::new(b, http.clone()).accepting_other_tenants(),
@@ -197,6 +217,7 @@ impl App {
             last_timer: Default::default(),
             census: outbound::Cache::new(1),
             readiness: outbound::Cache::new(1),
+            sealed_keys: outbound::Cache::new(1),
             config,
             started,
             started_at: crate::time::now(),
@@ -299,6 +320,12 @@ impl App {
             out.push((t.id.clone(), self.tenant_scope(&t.id).await?));
         }
         Ok(out)
+    }
+
+    /// The customer tenants this instance currently serves, without reading anything.
+    pub fn known_tenant_scopes(&self) -> Vec<(String, Arc<Connections>)> {
+        let map = self.tenant_connections.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(id, s)| (id.clone(), s.connections.clone())).collect()
     }
 
     /// Drops an off-boarded tenant's connections object (its rows stay in its organisation).
@@ -463,12 +490,72 @@ impl App {
         }
     }
 
+    /// Each organisation this deployment keeps connections in (its own store, `None`, and
+    /// every onboarded customer's) with what its connections object is.
+    pub async fn organisations(&self) -> Result<Vec<(Option<String>, Arc<Connections>)>, ScopeError> {
+        let mut all = vec![(None, self.connections.clone())];
+        all.extend(self.tenant_scopes().await?.into_iter().map(|(id, c)| (Some(id), c)));
+        Ok(all)
+    }
+
+    /// The keys that still seal something in any organisation and are not configured, by
+    /// organisation (`None` for the deployment's own store). Logged as errors: tokens
+    /// sealed with them cannot be read until the key is listed again.
+    pub async fn check_keys_in_use(&self) -> Vec<(Option<String>, Vec<(String, u64)>)> {
+        let mut found = Vec::new();
+        let orgs = match self.organisations().await {
+            Ok(orgs) => orgs,
+            Err(e) => {
+                tracing::warn!("could not list the organisations to check the keys in use: {e}");
+                vec![(None, self.connections.clone())]
+            }
+        };
+        for (org, connections) in orgs {
+            match connections.store().sealed_key_counts().await {
+                Ok(counts) => {
+                    let missing = missing_keys(&self.keys, &counts);
+                    if !missing.is_empty() {
+                        tracing::error!(
+                            organisation = org.as_deref().unwrap_or("own store"),
+                            "{} still seal values there but are not in TOKEN_ENCRYPTION_KEYS: list them again and run `handler reseal`",
+                            describe_missing(&missing)
+                        );
+                        found.push((org, missing));
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    organisation = org.as_deref().unwrap_or("own store"),
+                    "could not count the keys in use: {e}"
+                ),
+            }
+        }
+        found
+    }
+
+    /// Links this deployment signed that are still open (customer administrators' consent
+    /// and set-up links): each is signed with the key current when it was issued and fails
+    /// once that key is removed, so an older key stays listed until the last one expires.
+    /// Authorization links are counted with the records (their pending part is sealed with
+    /// the same key).
+    pub async fn outstanding_links(&self) -> Option<String> {
+        let tenants = self.tenants.as_ref()?.list().await.ok()?;
+        let now = crate::time::now();
+        let open: Vec<i64> = tenants.iter().filter_map(|t| t.state_expires_at).filter(|&at| at > now).collect();
+        let until = open.iter().max()?;
+        Some(format!(
+            "links: {} consent or set-up link(s) still open, the last until {}: each is signed with the key that was current when it was issued, so keep older keys listed until then (or issue new links)",
+            open.len(),
+            crate::time::rfc3339(*until)
+        ))
+    }
+
     /// Re-reads the token encryption keys (a key rotated in Key Vault is used without a
-    /// restart). The old keys must stay listed until tokens sealed with them are gone.
+    /// restart). A new list that drops a key still sealing something in any organisation
+    /// is not applied: the current keys stay, and the error says where the key is used.
     pub async fn reload_keys(&self) {
         let name = &self.config.secrets.token_keys_secret;
         match self.secrets.get(name).await {
-            Ok(spec) => match self.keys.reload(spec.expose_secret()) {
+            Ok(spec) => match self.guarded_reload(spec.expose_secret()).await {
                 Ok(true) => tracing::info!(current = %self.keys.current_id(), "token encryption keys reloaded"),
                 Ok(false) => {}
                 Err(e) => {
@@ -478,6 +565,47 @@ impl App {
             Err(e) => tracing::warn!("could not re-read the token encryption keys: {e}"),
         }
     }
+
+    async fn guarded_reload(&self, spec: &str) -> Result<bool, crate::crypto::KeyFormatError> {
+        let dropped = self.keys.dropped_by(spec).unwrap_or_default();
+        if !dropped.is_empty() {
+            let orgs = self.organisations().await.unwrap_or_else(|_| vec![(None, self.connections.clone())]);
+            for (org, connections) in orgs {
+                let counts = match connections.store().sealed_key_counts().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(
+                            "the new token encryption keys drop {}, and whether it still seals anything could not be read ({e}); keeping the current keys",
+                            dropped.join(", ")
+                        );
+                        return Ok(false);
+                    }
+                };
+                let in_use: Vec<(String, u64)> =
+                    dropped.iter().filter_map(|k| counts.get(k).map(|n| (k.clone(), *n))).collect();
+                if !in_use.is_empty() {
+                    tracing::error!(
+                        organisation = org.as_deref().unwrap_or("own store"),
+                        "the new token encryption keys drop {}, which still seal values there; keeping the current keys: run `handler reseal` first",
+                        describe_missing(&in_use)
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        self.keys.reload(spec)
+    }
+}
+
+/// The keys `counts` names that the keyring does not have, with their counts.
+fn missing_keys(keys: &Keyring, counts: &std::collections::BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let known = keys.ids();
+    counts.iter().filter(|(k, _)| !known.contains(k)).map(|(k, n)| (k.clone(), *n)).collect()
+}
+
+fn describe_missing(missing: &[(String, u64)]) -> String {
+    let parts: Vec<String> = missing.iter().map(|(k, n)| format!("key {k} ({n} sealed values)")).collect();
+    parts.join(", ")
 }
 
 /// Why a tenant's callers were refused, remembered for [`REFUSAL_FOR`].

@@ -153,6 +153,10 @@ fn serve() -> ExitCode {
         // holding readiness back: the issuer's keys, the Dataverse token and connection.
         tokio::spawn(app.clone().prefetch());
         tokio::spawn(app.clone().follow_changes());
+        if app.connections.store().kind() != "sqlite" || app.tenants.is_some() {
+            let app = app.clone();
+            tokio::spawn(async move { app.check_keys_in_use().await });
+        }
         if app.config.secrets.key_vault.is_some() {
             let app = app.clone();
             let every = app.config.secrets.cache_ttl.max(std::time::Duration::from_secs(1));
@@ -216,13 +220,28 @@ fn reseal() -> ExitCode {
             Ok(app) => app,
             Err(e) => return fail(e),
         };
-        match app.connections.reseal(usize::MAX).await {
-            Ok(report) => {
-                println!("{}", report.line());
-                if report.done() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        let orgs = match app.organisations().await {
+            Ok(orgs) => orgs,
+            Err(e) => return fail(format!("the customer organisations could not be listed: {e}")),
+        };
+        let mut done = true;
+        for (org, connections) in orgs {
+            let label = org.map(|t| format!("tenant {t}: ")).unwrap_or_default();
+            match connections.reseal(usize::MAX).await {
+                Ok(report) => {
+                    println!("{label}{}", report.line());
+                    done &= report.done();
+                }
+                Err(e) => {
+                    println!("{label}reseal failed: {e}");
+                    done = false;
+                }
             }
-            Err(e) => fail(e),
         }
+        if let Some(line) = app.outstanding_links().await {
+            println!("{line}");
+        }
+        if done { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
 }
 

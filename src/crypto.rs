@@ -105,7 +105,11 @@ impl Ring {
                 || id.len() > 32
                 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                return Err(KeyFormatError(format!("key id {id:?} must be 1-32 letters, digits, '-' or '_'")));
+                // Not echoed: written the wrong way round (`<key>:k1`), the "id" is the key.
+                return Err(KeyFormatError(format!(
+                    "entry {}: the part before ':' must be a key id of 1-32 letters, digits, '-' or '_' (the value is not shown; the format is id:base64key)",
+                    i + 1
+                )));
             }
             let material = material.trim();
             let bytes = STANDARD
@@ -134,6 +138,17 @@ impl Keyring {
     /// A new random key in the format [`Keyring::parse`] reads.
     pub fn generate_spec(id: &str) -> String {
         format!("{id}:{}", STANDARD.encode(random_bytes::<32>()))
+    }
+
+    /// Every configured key id, the current one first.
+    pub fn ids(&self) -> Vec<String> {
+        self.ring().keys.iter().map(|k| k.id.clone()).collect()
+    }
+
+    /// The key ids a new spec would no longer have (without parsing errors: `None`).
+    pub fn dropped_by(&self, spec: &str) -> Option<Vec<String>> {
+        let next = Ring::parse(spec).ok()?;
+        Some(self.ids().into_iter().filter(|id| !next.by_id.contains_key(id)).collect())
     }
 
     pub fn current_id(&self) -> String {
@@ -395,6 +410,16 @@ pub fn pkce_challenge(verifier: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_list_written_backwards_is_refused_without_showing_the_key() {
+        let spec = Keyring::generate_spec("k1");
+        let material = spec.split_once(':').unwrap().1;
+        for wrong in [format!("{material}:k1"), format!("k0:{},{material}:k1", material), format!("{material}")] {
+            let err = Keyring::parse(&wrong).unwrap_err().0;
+            assert!(!err.contains(material) && !err.contains(&material[..12]), "{err}");
+        }
+    }
+
     use super::*;
 
     fn ring(spec: &str) -> Keyring {

@@ -186,6 +186,13 @@ async fn reseal_moves_every_record_to_the_current_key_during_a_refresh_storm() {
     };
     assert_eq!(under("k1"), 12);
 
+    // Dropping k1 now would lose every token: an instance configured so refuses to start,
+    // saying which key, how much it seals and what to do.
+    let (code, _, err) = support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &new).run_to_exit();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("TOKEN_ENCRYPTION_KEYS") && err.contains("key k1 (12 sealed values)"), "{err}");
+    assert!(err.contains("handler reseal") && !err.contains(new.split(':').nth(1).unwrap()), "{err}");
+
     // Rotation: every instance now has k2 first and k1 still listed.
     let rotated = format!("{new},{old}");
     let h2 = support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &rotated).start().await;
@@ -221,6 +228,9 @@ async fn reseal_moves_every_record_to_the_current_key_during_a_refresh_storm() {
     assert!(out.contains("12 connections scanned") && out.contains("still under an older key: none"), "{out}");
     assert_eq!(under("k1"), 0, "nothing left under the old key");
     assert_eq!(under("k2"), 12);
+    // An instance that did not run the pass reads the count from the store.
+    let health = h2.get("/api/health", &[("Authorization", &format!("Bearer {}", w.bearer))]).await.json();
+    assert_eq!(health["dependencies"]["encryption"]["records_under_older_keys"], json!({}), "{health}");
 
     // The old key can go: an instance that knows only k2 serves every connection.
     let h3 = support::HandlerBuilder::sharing(&w.h).env("TOKEN_ENCRYPTION_KEYS", &new).start().await;

@@ -353,6 +353,25 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     assert!(rb.1 < ra.1, "B did not wait for A's pause: A {:?}, B {:?}", ra.1, rb.1);
     assert_eq!(org_a.stats().await["faults_by_status"]["429"], 1);
 
+    // Key rotation covers every organisation: with k2 first, `handler reseal` seals A's and
+    // B's rows again in their own organisations, and then k1 can go.
+    let k1 = h.env["TOKEN_ENCRYPTION_KEYS"].clone();
+    let k2 = support::test_keys().replace("t1:", "t2:");
+    let rotated = format!("{k2},{k1}");
+    let (code, out, err) =
+        HandlerBuilder::sharing(&h).env("TOKEN_ENCRYPTION_KEYS", &rotated).args(&["reseal"]).run_to_exit();
+    assert_eq!(code, Some(0), "{out}{err}");
+    for tenant in [TENANT_A, TENANT_B] {
+        assert!(
+            out.contains(&format!("tenant {tenant}: reseal: 1 connections scanned, 1 sealed again with t2")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("links: "), "open consent links are named: {out}");
+    let only_k2 = HandlerBuilder::sharing(&h).env("TOKEN_ENCRYPTION_KEYS", &k2).start().await;
+    let r = only_k2.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
     // Off-boarding B: its callers are refused, A's carry on, B's rows stay B's.
     let r = h.json(Method::DELETE, &format!("/api/tenants/{TENANT_B}"), Some(&operator), &Value::Null).await;
     assert_eq!(r.status, 204, "{}", r.body);

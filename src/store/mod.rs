@@ -268,6 +268,27 @@ pub trait Store: Send + Sync + 'static {
     /// Whether there was a record to delete.
     async fn delete_tenant(&self, id: &str) -> StoreResult<bool>;
 
+    /// How many sealed values (token sets and pending authorizations) each key id seals,
+    /// read from the store itself: what decides whether a key may be removed. The default
+    /// pages through every connection; a store that can count in place does so.
+    async fn sealed_key_counts(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = self.list(&ListFilter { limit: 500, after: after.clone(), ..Default::default() }).await?;
+            after = page.last().map(|c| (c.created_at, c.id.clone()));
+            for c in &page {
+                let sealed = [c.tokens.as_deref(), c.pending.as_ref().map(|p| p.sealed.as_str())];
+                for id in sealed.into_iter().flatten().filter_map(crate::crypto::Keyring::sealed_with) {
+                    *counts.entry(id.to_string()).or_default() += 1;
+                }
+            }
+            if page.len() < 500 {
+                return Ok(counts);
+            }
+        }
+    }
+
     /// The connections other instances changed (or deleted) since `cursor`, and the cursor
     /// to ask with next time; `cursor` `None` starts following now. `Ok(None)`: this store
     /// cannot tell.

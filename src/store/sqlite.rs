@@ -631,6 +631,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn sealed_key_counts(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        // `v1.<key id>.<data>`: the id is between the first and second dots.
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT substr(v, 4, instr(substr(v, 4), '.') - 1) AS k, COUNT(*) FROM (\
+                   SELECT tokens AS v FROM connections WHERE tokens LIKE 'v1.%' \
+                   UNION ALL SELECT pending_sealed FROM connections WHERE pending_sealed LIKE 'v1.%'\
+                 ) GROUP BY k",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            rows.map(|r| r.map(|(k, n)| (k, n as u64))).collect()
+        })
+        .await
+    }
+
     async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
         let version: i64 = self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0))).await?;
         let now = version.to_string();

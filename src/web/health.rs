@@ -46,7 +46,7 @@ pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
         "store": store,
         "providers": { "ready": true, "count": app.connections.catalog().len() },
         "secrets": { "source": app.secrets.describe() },
-        "encryption": encryption(app),
+        "encryption": encryption(app).await,
         "back_office_auth": back_office,
     });
     body["connections"] = counters(app).await;
@@ -108,14 +108,35 @@ async fn counters(app: &App) -> serde_json::Value {
     v
 }
 
-/// The current key, and how many records the last key-rotation pass (the timer's or
-/// `handler reseal` in this process) left under each older key: an older key may be
-/// removed once its count is zero on every instance's report, or `handler reseal` says so.
-fn encryption(app: &App) -> serde_json::Value {
-    let mut e = json!({ "current_key_id": app.keys.current_id() });
-    if let Some(r) = app.connections.last_reseal() {
-        e["records_under_older_keys"] = json!(r.remaining);
-        e["checked_for_key"] = json!(r.current_key);
+/// The current key, and how many sealed values each older key still seals: in the
+/// deployment's own store as the store says now (counted at most once a minute, so a
+/// `handler reseal` run elsewhere shows within a minute), and in each customer
+/// organisation as this instance's last key-rotation pass found. An older key may be
+/// removed once no count names it (`handler reseal` checks every organisation).
+async fn encryption(app: &App) -> serde_json::Value {
+    let current = app.keys.current_id();
+    let mut e = json!({ "current_key_id": current });
+    let store = app.connections.store();
+    let counted = app
+        .sealed_keys
+        .get_or_try_insert_with(&(), || async { store.sealed_key_counts().await.map(|c| (c, CENSUS_FOR)) })
+        .await;
+    match counted {
+        Ok(counts) => {
+            let older: std::collections::BTreeMap<&String, &u64> =
+                counts.iter().filter(|(k, _)| **k != current).collect();
+            e["records_under_older_keys"] = json!(older);
+        }
+        Err(err) => e["records_under_older_keys"] = json!({ "error": err.to_string() }),
+    }
+    let mut tenants = serde_json::Map::new();
+    for (id, connections) in app.known_tenant_scopes() {
+        if let Some(r) = connections.last_reseal().filter(|r| r.current_key == current) {
+            tenants.insert(id, json!(r.remaining));
+        }
+    }
+    if !tenants.is_empty() {
+        e["tenants_under_older_keys"] = json!(tenants);
     }
     e
 }

@@ -41,7 +41,7 @@ impl From<ConnectionError> for ApiError {
             ConnectionError::Provider(e @ OAuthError::Config(_)) => ApiError::internal(e),
             ConnectionError::Provider(e) => ApiError::bad_gateway("provider-error", e.to_string()),
             ConnectionError::Store(e) => e.into(),
-            ConnectionError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
+            ConnectionError::Crypto(e) => sealed_unreadable(e),
             e @ ConnectionError::ImportRefused { .. } => {
                 ApiError::new(warp::http::StatusCode::UNPROCESSABLE_ENTITY, "import-refused", e.to_string())
             }
@@ -82,7 +82,7 @@ impl From<CaptureError> for ApiError {
             ),
             CaptureError::InvalidState(m) => ApiError::bad_request("invalid-state", m),
             CaptureError::Store(e) => e.into(),
-            CaptureError::Crypto(e) => ApiError::internal(format!("stored tokens could not be decrypted: {e}")),
+            CaptureError::Crypto(e) => sealed_unreadable(e),
         }
     }
 }
@@ -114,6 +114,21 @@ impl From<PortalError> for ApiError {
             }
             PortalError::Dataverse(e) => ApiError::internal(e),
         }
+    }
+}
+
+/// A sealed value that cannot be opened: with a key that is no longer configured, the
+/// operator's configuration (503, naming the key); otherwise our fault (500).
+fn sealed_unreadable(e: crate::crypto::CryptoError) -> ApiError {
+    match e {
+        crate::crypto::CryptoError::UnknownKey(key) => ApiError::unavailable(
+            "key-not-configured",
+            format!(
+                "The stored tokens are sealed with key {key:?}, which is not in TOKEN_ENCRYPTION_KEYS: the operator must list it again (after the current key) and run `handler reseal` before removing it."
+            ),
+            Some(60),
+        ),
+        e => ApiError::internal(format!("stored data could not be decrypted: {e}")),
     }
 }
 

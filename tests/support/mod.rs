@@ -353,7 +353,7 @@ pub struct Handler {
     pub logs: Logs,
     /// Exec to first answer on `GET /`.
     pub ready_after: Duration,
-    env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
     pub root: PathBuf,
     _tmp: Option<Arc<tempfile::TempDir>>,
     http: reqwest::Client,
