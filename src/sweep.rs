@@ -79,7 +79,7 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
     let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
     // Page through what is due until nothing is left or the run's time is spent: a share
     // of the time until the next run, so runs do not pile up.
-    let budget_ms = ((next - t) * 1000 / 2).clamp(MIN_BUDGET_MS, MAX_BUDGET_MS);
+    let budget_ms = (next.saturating_sub(t).saturating_mul(1000) / 2).clamp(MIN_BUDGET_MS, MAX_BUDGET_MS);
     let deadline = clock.now_millis() + budget_ms;
     let mut seen = std::collections::HashSet::new();
     loop {

@@ -152,7 +152,7 @@ async fn invalid_grant_sends_exactly_one_signed_needs_reauth_event() {
     assert_eq!(verify(key.as_bytes(), sig, body, now + 3600, &mut Vec::new()), Err("stale"));
     assert_eq!(verify(b"another key", sig, body, now, &mut Vec::new()), Err("bad signature"));
 
-    // A refused import: whoever heard it fall into needs_reauth also hears it go.
+    // A refused import: the caller is told it does not exist, and nobody hears of it.
     let refused = w
         .api(
             Method::POST,
@@ -161,11 +161,16 @@ async fn invalid_grant_sends_exactly_one_signed_needs_reauth_event() {
         )
         .await;
     assert_eq!(refused.status, 422, "{}", refused.body);
-    let got = receiver.wait_for(4).await;
-    let tail: Vec<Value> = got[2..].iter().map(|(_, _, b)| serde_json::from_slice(b).unwrap()).collect();
+    // A marker event after it: the next event the receiver gets is the marker's.
+    let gone = w.api(Method::DELETE, "/api/connections/hooked?skip_revocation=true", Value::Null).await;
+    assert_eq!(gone.status, 200, "{}", gone.body);
+    let got = receiver.wait_for(3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = receiver.got.lock().unwrap().clone().split_off(2.min(got.len()));
+    let tail: Vec<Value> = got.iter().map(|(_, _, b)| serde_json::from_slice(b).unwrap()).collect();
     let said: Vec<(&str, &str)> =
         tail.iter().map(|e| (e["connection_id"].as_str().unwrap(), e["status"].as_str().unwrap())).collect();
-    assert_eq!(said, [("junk", "needs_reauth"), ("junk", "deleted")]);
+    assert_eq!(said, [("hooked", "deleted")], "nothing about the refused import");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -291,6 +296,52 @@ async fn an_imported_refresh_token_is_verified_then_served() {
         )
         .await;
     assert_eq!(dup.status, 409, "{}", dup.body);
+
+    // An expiry outside any sane range (i64::MIN wrapped into a year-292-billion token):
+    // refused, nothing created. Text that is not a date-time: said what is expected.
+    for expires_at in [json!(i64::MIN), json!(i64::MAX), json!(-1), json!("next tuesday")] {
+        let r = w
+            .api(
+                Method::POST,
+                "/api/connections/import",
+                json!({ "provider": "test", "connection_id": "bad-expiry", "refresh_token": "x",
+                        "access_token": "caller-access-token", "expires_at": expires_at }),
+            )
+            .await;
+        let p = r.assert_problem(400, "invalid-imported-tokens");
+        assert!(p["detail"].as_str().unwrap().contains("expires_at"), "{p}");
+    }
+    assert_eq!(w.api(Method::GET, "/api/connections/bad-expiry", Value::Null).await.status, 404);
+
+    // The provider cannot be reached while the import verifies it: the record stays (the
+    // provider may have rotated the token already), but the caller's own access token is
+    // never served, and the record is due for the timer at once.
+    w.connect("elsewhere-2").await;
+    let rt = w.peer.issued_refresh_tokens().await.pop().unwrap();
+    w.api(Method::DELETE, "/api/connections/elsewhere-2?skip_revocation=true", Value::Null).await;
+    w.peer.faults(json!({ "token_endpoint": { "status": 503, "count": 1 } })).await;
+    let r = w
+        .api(
+            Method::POST,
+            "/api/connections/import",
+            json!({ "provider": "test", "connection_id": "unverified", "refresh_token": rt,
+                    "access_token": "caller-access-token", "expires_at": "2030-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let token = w.api(Method::POST, "/api/connections/unverified/token", json!({})).await;
+    assert!(!token.body.contains("caller-access-token"), "the imported token is not served: {}", token.body);
+    let db = rusqlite::Connection::open(w.h.root.join(".data/companion.db")).unwrap();
+    let (expires, refreshed): (i64, Option<i64>) = db
+        .query_row("SELECT access_expires_at, refreshed_at FROM connections WHERE id = 'unverified'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert!(expires <= support::seed::now() && refreshed.is_none(), "due at once: expires {expires}");
+    // Once the provider answers, the next refresh verifies it and serves the provider's token.
+    let token = w.token("unverified", true).await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    assert!(w.peer.is_active(token.json()["access_token"].as_str().unwrap()).await);
 }
 
 #[tokio::test]

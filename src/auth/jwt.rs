@@ -95,7 +95,7 @@ impl<T: Clone> VerifiedTokens<T> {
     }
 
     pub fn put(&self, token: &str, value: T, exp: Option<i64>) {
-        let left = exp.map(|e| e - crate::time::now()).unwrap_or(0).max(0) as u64;
+        let left = exp.map(|e| e.saturating_sub(crate::time::now())).unwrap_or(0).max(0) as u64;
         self.entries.insert(key(token), value, Duration::from_secs(left).min(VERIFIED_TTL));
     }
 }

@@ -16,6 +16,10 @@ use super::{CachedToken, ConnectionError, Connections, InvalidInput};
 use crate::oauth::TokenSet;
 use crate::store::{Connection, Status};
 
+/// The earliest `expires_at` an import may name (2000-01-01), and how far ahead at most.
+const EARLIEST_EXPIRY: i64 = 946_684_800;
+const LATEST_EXPIRY_AHEAD: i64 = 10 * 365 * 24 * 3600;
+
 /// What a caller brings.
 #[derive(Debug)]
 pub struct Import {
@@ -50,12 +54,20 @@ impl Connections {
             return Err(invalid("expires_at describes an access_token; send both or neither."));
         }
         let t = self.deps.clock.now();
-        // A known access token is kept as what it is; without one the record is due at once.
+        if let Some(at) = req.expires_at
+            && !(EARLIEST_EXPIRY..=t.saturating_add(LATEST_EXPIRY_AHEAD)).contains(&at)
+        {
+            return Err(invalid("expires_at must be a time between 2000 and ten years from now."));
+        }
+        // Not obtained by us: the access token is kept but never served as it is, and the
+        // record is due at once, so until the provider has accepted the refresh token (the
+        // verifying refresh below, or the timer's when the provider cannot be reached now)
+        // no caller gets a token that was only brought in.
         let tokens = TokenSet {
             access_token: req.access_token.unwrap_or_else(|| SecretString::from(String::new())),
             token_type: "Bearer".into(),
             refresh_token: Some(req.refresh_token),
-            expires_at: req.expires_at.unwrap_or(0),
+            expires_at: req.expires_at.unwrap_or(t).min(t),
             scope: None,
         };
         let mut conn = Connection::new(&id, &provider.name, req.owner, scopes, Status::Active, t);
@@ -63,24 +75,32 @@ impl Connections {
         // Not obtained by us: the first refresh must happen whatever the expiry says.
         conn.refreshed_at = None;
         conn.status_detail = Some("Imported; not verified with the provider yet.".into());
-        self.insert_new(&mut conn).await?;
+        let key = id.to_ascii_lowercase();
+        self.importing().insert(key.clone());
+        let verified = self.verify_import(&mut conn, &provider.name).await;
+        self.importing().remove(&key);
+        let connection = verified?;
+        self.status_changed(&connection.connection, None);
+        Ok(connection)
+    }
+
+    /// Stores the imported record and refreshes it once; events are held back meanwhile.
+    async fn verify_import(&self, conn: &mut Connection, provider: &str) -> Result<Imported, ConnectionError> {
+        let id = conn.id.clone();
+        self.insert_new(conn).await?;
         match self.access_token(&id, true).await {
             Ok(token) => {
-                tracing::info!(connection = %id, provider = %provider.name, "connection imported and verified");
+                tracing::info!(connection = %id, provider, "connection imported and verified");
                 let connection = self.get(&id).await?;
-                self.status_changed(&connection, None);
                 Ok(Imported { connection, token })
             }
             Err(ConnectionError::NeedsReauth { detail, .. }) => {
-                // Refused for good: take the record away again, and say so to whoever heard
-                // it fall into needs_reauth.
-                if let Ok(c) = self.get(&id).await
-                    && self.deps.store.delete(&id, &c.version).await.is_ok()
-                {
-                    self.deleted(&c);
+                // Refused for good: take the record away again (nobody heard of it).
+                if let Ok(c) = self.get(&id).await {
+                    let _ = self.deps.store.delete(&id, &c.version).await;
                 }
                 self.cache.remove(&id);
-                tracing::warn!(connection = %id, provider = %provider.name, "import refused by the provider");
+                tracing::warn!(connection = %id, provider, "import refused by the provider");
                 Err(ConnectionError::ImportRefused { detail })
             }
             Err(e) => Err(e),

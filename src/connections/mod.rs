@@ -124,6 +124,10 @@ pub struct Connections {
     /// Refreshes this process made that the provider granted, and that failed.
     pub(crate) refreshes_ok: crate::window::HourWindow,
     pub(crate) refreshes_failed: crate::window::HourWindow,
+    /// Connections being imported and not verified yet (lower-case ids): nobody hears of
+    /// them until the provider accepted their refresh token, so a refused import, which the
+    /// caller is told never existed, raises no event.
+    importing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Store writes retry transient failures for `STORE_RETRY_SECONDS` (30 s by default):
@@ -146,7 +150,16 @@ impl Connections {
             last_reseal: Default::default(),
             refreshes_ok: Default::default(),
             refreshes_failed: Default::default(),
+            importing: Default::default(),
         }
+    }
+
+    fn importing(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.importing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn silent(&self, id: &str) -> bool {
+        self.importing().contains(&id.to_ascii_lowercase())
     }
 
     /// Refreshes granted and failed in this process over the last hour.
@@ -265,6 +278,9 @@ impl Connections {
 
     /// Raises the event for the deletion of `c`.
     pub(crate) fn deleted(&self, c: &Connection) {
+        if self.silent(&c.id) {
+            return;
+        }
         crate::telemetry::metrics::status_change("deleted");
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
@@ -279,6 +295,9 @@ impl Connections {
 
     /// Raises the event for a stored status change of `c` (now in its new status).
     pub(crate) fn status_changed(&self, c: &Connection, from: Option<Status>) {
+        if self.silent(&c.id) {
+            return;
+        }
         let detail =
             matches!(c.status, Status::NeedsReauth | Status::Failed).then(|| c.status_detail.clone()).flatten();
         crate::telemetry::metrics::status_change(c.status.as_str());

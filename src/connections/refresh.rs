@@ -136,7 +136,7 @@ impl Connections {
             };
             let tokens = self.usable_tokens(&conn)?;
             let t = self.deps.clock.now();
-            let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at) * 1000;
+            let obtained_ms = conn.refreshed_at.unwrap_or(conn.created_at).saturating_mul(1000);
             let current = CachedToken::for_connection(&conn, &tokens, obtained_ms);
             if want.satisfied_by(tokens.expires_at, obtained_ms, self.deps.clock.now_millis()) {
                 self.cache.put(id, current.clone());
@@ -161,7 +161,7 @@ impl Connections {
                 }
                 return Err(ConnectionError::Backoff {
                     detail: conn.status_detail.clone().unwrap_or_else(|| "an earlier refresh failed".into()),
-                    retry_after: (next - t) as u64,
+                    retry_after: next.saturating_sub(t).max(0) as u64,
                 });
             }
             if let Some(lease) = &conn.lease

@@ -282,8 +282,9 @@ fn parse_token_response(
             }
             now + secs.min(MAX_EXPIRES_IN as f64) as i64
         }
+        // A JWT's own `exp`, within the same year's bound as `expires_in`.
         _ => match jwt_exp(&access_token) {
-            Some(exp) => exp,
+            Some(exp) => exp.min(now.saturating_add(MAX_EXPIRES_IN)),
             None => {
                 let default = quirks.default_expires_in.unwrap_or(3600);
                 if quirks.default_expires_in.is_none() {

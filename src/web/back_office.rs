@@ -90,7 +90,7 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
 pub async fn import(app: &App, mut req: Request) -> Result<Response, ApiError> {
     let (who, connections) = caller_and_connections(app, &req).await?;
     let body: ImportRequest = req.json().await?;
-    let imported = connections.import(body.into()).await?;
+    let imported = connections.import(body.try_into()?).await?;
     tracing::info!(connection = %imported.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "import");
     Ok(response::json(StatusCode::CREATED, &ConnectionView::from(&imported.connection)))
 }

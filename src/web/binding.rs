@@ -98,7 +98,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if bound.opener_origin.as_deref().is_some_and(|o| o != origin) {
         return Err(refused("The secret came from another page than the one that started the connection."));
     }
-    let max_age = (bound.expires_at - crate::time::now()).max(1);
+    let max_age = bound.expires_at.saturating_sub(crate::time::now()).max(1);
     let cookie =
         format!("{}={secret}; Max-Age={max_age}{}", cookie_name(app, &verified.hash), attributes(app, bound.form_post));
     let mut resp = super::response::redirect(target.as_str());

@@ -99,7 +99,7 @@ async fn counters(app: &App) -> serde_json::Value {
         Ok(c) => json!({
             "by_status": c.by_status,
             "in_backoff": c.in_backoff,
-            "oldest_token_age_seconds": c.oldest_token_at.map(|t| (now - t).max(0)),
+            "oldest_token_age_seconds": c.oldest_token_at.map(|t| now.saturating_sub(t).max(0)),
             "counts_capped_at": c.capped_at,
         }),
         Err(e) => json!({ "error": e.to_string() }),

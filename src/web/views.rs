@@ -56,22 +56,53 @@ pub struct ImportRequest {
     pub refresh_token: String,
     #[serde(default)]
     pub access_token: Option<String>,
-    /// Unix seconds, with `access_token`.
+    /// With `access_token`: Unix seconds, or an RFC 3339 date-time.
     #[serde(default)]
-    pub expires_at: Option<i64>,
+    pub expires_at: Option<Instant>,
 }
 
-impl From<ImportRequest> for Import {
-    fn from(r: ImportRequest) -> Import {
-        Import {
+/// A point in time as a caller may write it: Unix seconds, or RFC 3339.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Instant {
+    Seconds(i64),
+    Text(String),
+}
+
+impl Instant {
+    /// Unix seconds; `None` for text that is not an RFC 3339 date-time.
+    pub fn unix(&self) -> Option<i64> {
+        match self {
+            Instant::Seconds(s) => Some(*s),
+            Instant::Text(t) => time::OffsetDateTime::parse(t.trim(), &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|d| d.unix_timestamp()),
+        }
+    }
+}
+
+impl TryFrom<ImportRequest> for Import {
+    type Error = super::ApiError;
+
+    fn try_from(r: ImportRequest) -> Result<Import, super::ApiError> {
+        let expires_at = match &r.expires_at {
+            None => None,
+            Some(at) => Some(at.unix().ok_or_else(|| {
+                super::ApiError::bad_request(
+                    "invalid-imported-tokens",
+                    "expires_at must be Unix seconds (1798761600) or an RFC 3339 date-time (2027-01-01T00:00:00Z).",
+                )
+            })?),
+        };
+        Ok(Import {
             provider: r.provider,
             connection_id: r.connection_id,
             owner: r.owner,
             scopes: r.scopes,
             refresh_token: SecretString::from(r.refresh_token),
             access_token: r.access_token.map(SecretString::from),
-            expires_at: r.expires_at,
-        }
+            expires_at,
+        })
     }
 }
 
@@ -160,7 +191,7 @@ impl<'a> TokenResponse<'a> {
             access_token: t.secret(),
             token_type: &t.token_type,
             expires_at: rfc3339(t.expires_at),
-            expires_in: (t.expires_at - now()).max(0),
+            expires_in: t.expires_at.saturating_sub(now()).max(0),
             scope: t.scope.as_deref(),
         }
     }
