@@ -161,7 +161,7 @@ impl App {
             Portal::new(PortalVerifier::new(&config.portal, http.clone()), dataverse.clone(), lookup)
         });
         let fno = match &config.oauth.capture {
-            CaptureMode::Fno(f) => Some(fno_client(f, &config, secrets.as_ref(), http.clone()).await?),
+            CaptureMode::Fno(f) => Some(Arc::new(fno_client(f, &config, secrets.as_ref(), http.clone()).await?)),
             _ => None,
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -697,7 +697,7 @@ pub async fn fno_client(
     let credential = f.credential.as_ref().unwrap_or(&config.azure_credential);
     tracing::info!(url = %f.url, path = %f.path, "F&O capture: authenticating with {}", credential.describe());
     let tokens = resource_token(f.credential.as_ref(), config, secrets, &f.url).await?;
-    Fno::new(&f.url, &f.path, f.data_area.clone(), http, tokens)
+    Fno::new(&f.url, &f.path, f.data_area.clone(), http, tokens, config.oauth.upstream_timeout)
         .map_err(|e| ConfigError::new("FNO_CAPTURE_PATH", e.to_string()).into())
 }
 

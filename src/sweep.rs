@@ -140,7 +140,9 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
         Err(e) => report.errors.push(format!("could not list expired authorizations: {e}")),
     }
     if let Some(captures) = captures {
-        sweep_captures(captures, t - cfg.capture_retention.as_secs() as i64, &mut report).await;
+        // The deliveries' own share of the run: a quarter of its budget, 5-60 s.
+        let deadline = clock.now_millis() + (budget_ms / 4).clamp(5_000, 60_000);
+        sweep_captures(captures, t - cfg.capture_retention.as_secs() as i64, deadline, &mut report).await;
     }
     let settled = connections.last_reseal().is_some_and(|r| r.done() && r.current_key == connections.current_key());
     if !settled {
@@ -153,12 +155,12 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
 }
 
 /// Capture mode's share of a run: deliver what waits for F&O, purge what is old.
-async fn sweep_captures(captures: &Captures, purge_before: i64, report: &mut SweepReport) {
+async fn sweep_captures(captures: &Captures, purge_before: i64, deadline_ms: i64, report: &mut SweepReport) {
     if captures.delivers() {
-        match captures.deliver_pending().await {
-            Ok((delivered, failed)) => {
-                report.captures_delivered = delivered;
-                report.captures_pending = failed;
+        match captures.deliver_pending(deadline_ms).await {
+            Ok(pass) => {
+                report.captures_delivered = pass.delivered;
+                report.captures_pending = pass.pending;
             }
             Err(e) => report.errors.push(format!("could not deliver pending captures: {e}")),
         }

@@ -76,14 +76,19 @@ async fn captures_reach_an_fno_custom_service_once_and_survive_an_outage() {
     assert_eq!(pending[0]["code"], "fo-code-2");
     assert_eq!(pending[0]["delivered_at"], Value::Null);
 
-    // It comes back: the timer delivers what was pending.
+    // It comes back: after the capture's next-attempt time (5 s after a failure with no
+    // Retry-After), the timer delivers what was pending.
     fno.fail_next(503, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
     let r = h.invoke_timer(&support::timer_payload(false)).await;
     assert!(r.json()["Logs"].to_string().contains("1 delivered to F&O"), "{}", r.body);
     let got = fno.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[1].2["capture"]["Code"], "fo-code-2");
     assert!(captures(&h, &bearer, "fo-state-2").await[0]["delivered_at"].is_string());
+    // Each body carries the capture's id, for an X++ receiver to drop a repeat.
+    let ids: Vec<&str> = got.iter().map(|g| g.2["capture"]["CaptureId"].as_str().unwrap()).collect();
+    assert!(ids[0].len() == 64 && ids[0] != ids[1], "{ids:?}");
     let logs = h.logs.all();
     assert!(!logs.contains("fo-code-1") && !logs.contains("fo-code-2"), "codes never reach the logs");
 }
@@ -99,6 +104,10 @@ async fn captures_reach_an_fno_data_entity_through_throttling() {
     h.get("/api/oauth/callback?error=access_denied&error_description=User+declined&state=fo-state-3", &[])
         .await
         .assert_html(200);
+    assert_eq!(fno.received().len(), 0, "throttled, with Retry-After: 1");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = h.invoke_timer(&support::timer_payload(false)).await;
+    assert!(r.json()["Logs"].to_string().contains("1 delivered to F&O"), "{}", r.body);
     let got = fno.received();
     assert_eq!(got.len(), 1, "delivered after the 429: {got:?}");
     assert_eq!(got[0].0, "/data/DCOAuthCaptures");
@@ -106,6 +115,137 @@ async fn captures_reach_an_fno_data_entity_through_throttling() {
     assert_eq!(got[0].2["ErrorDescription"], "User declined");
     assert_eq!(got[0].2["dataAreaId"], "usmf");
     assert_eq!(got[0].2["Code"], Value::Null);
+    assert!(got[0].2["CaptureId"].is_string());
+}
+
+/// Two instances on one store, F&O taking 2.5 s per answer: the callback delivers on one
+/// while both run their timers every 200 ms. Each capture reaches F&O exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_capture_reaches_fno_once_under_concurrent_callbacks_and_timers() {
+    let azure = AzureDoubles::start(json!({}));
+    let fno = FnoDouble::start().await;
+    let issuer = Issuer::start().await;
+    let path = "/data/DCOAuthCaptures";
+    let a = handler(&azure, &fno, &issuer, path, &[("UPSTREAM_TIMEOUT_SECONDS", "10")]).await;
+    let b = HandlerBuilder::sharing(&a).start().await;
+    let bearer = issuer.token();
+    let states: Vec<String> = (0..3).map(|i| format!("fo-once-{i}")).collect();
+    for s in &states {
+        a.expect_state(&bearer, s).await;
+    }
+    fno.delay(std::time::Duration::from_millis(2500));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timers = {
+        let (stop, a_base, b_base) = (stop.clone(), a.base.clone(), b.base.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let payload = support::timer_payload(false);
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for base in [&a_base, &b_base] {
+                    let r = http.post(format!("{base}/refresh")).json(&payload).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    runs += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            runs
+        })
+    };
+    let started = std::time::Instant::now();
+    let pages = futures_util::future::join_all(
+        states.iter().map(|s| a.get_owned(format!("/api/oauth/callback?code=code-{s}&state={s}"))),
+    )
+    .await;
+    for p in &pages {
+        p.assert_html(200);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_millis(2700), "the person waited {:?}", started.elapsed());
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let runs = timers.await.unwrap();
+    assert!(runs >= 10, "the timers ran meanwhile: {runs}");
+    let got = fno.received();
+    let mut ids: Vec<&str> = got.iter().map(|g| g.2["CaptureId"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (3, 3), "each capture once: {got:?}");
+    for s in &states {
+        assert!(captures(&a, &bearer, s).await[0]["delivered_at"].is_string());
+    }
+}
+
+/// F&O answers 429 with Retry-After: 3. Nothing is sent to it for 3 s: not the next
+/// capture's delivery, not a timer run's; then both are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_every_delivery_for_its_retry_after() {
+    let azure = AzureDoubles::start(json!({}));
+    let fno = FnoDouble::start().await;
+    let issuer = Issuer::start().await;
+    let h = handler(&azure, &fno, &issuer, "/data/DCOAuthCaptures", &[]).await;
+    let bearer = issuer.token();
+    for s in ["fo-pause-1", "fo-pause-2"] {
+        h.expect_state(&bearer, s).await;
+    }
+    fno.fail_next_with(429, 1, Some(3));
+    let t0 = std::time::Instant::now();
+    h.get("/api/oauth/callback?code=c1&state=fo-pause-1", &[]).await.assert_html(200);
+    h.get("/api/oauth/callback?code=c2&state=fo-pause-2", &[]).await.assert_html(200);
+    let r = h.invoke_timer(&support::timer_payload(false)).await;
+    assert!(r.json()["Logs"].to_string().contains("0 delivered to F&O, 2 still pending"), "{}", r.body);
+    let arrivals = fno.arrivals();
+    assert_eq!(arrivals.len(), 1, "only the request that drew the 429: {arrivals:?}");
+    let window_start = arrivals[0].0;
+    tokio::time::sleep(
+        std::time::Duration::from_secs(3).saturating_sub(t0.elapsed()) + std::time::Duration::from_millis(200),
+    )
+    .await;
+    let r = h.invoke_timer(&support::timer_payload(false)).await;
+    assert!(r.json()["Logs"].to_string().contains("2 delivered to F&O"), "{}", r.body);
+    let arrivals = fno.arrivals();
+    assert_eq!(arrivals.len(), 3, "{arrivals:?}");
+    for (at, _) in &arrivals[1..] {
+        assert!(at.duration_since(window_start) >= std::time::Duration::from_secs(3), "sent inside the window");
+    }
+}
+
+/// Whatever F&O does, the person's page answers within about 2 s; with F&O hanging, a
+/// timer run with a dozen captures pending ends within its budget, having tried a few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_waits_on_a_hanging_fno() {
+    let azure = AzureDoubles::start(json!({}));
+    let fno = FnoDouble::start().await;
+    let issuer = Issuer::start().await;
+    let h = handler(&azure, &fno, &issuer, "/data/DCOAuthCaptures", &[("UPSTREAM_TIMEOUT_SECONDS", "3")]).await;
+    let bearer = issuer.token();
+    let states: Vec<String> = (0..12).map(|i| format!("fo-hang-{i}")).collect();
+    for s in &states {
+        h.expect_state(&bearer, s).await;
+    }
+    fno.delay(std::time::Duration::from_secs(30));
+    let t0 = std::time::Instant::now();
+    h.get("/api/oauth/callback?code=c0&state=fo-hang-0", &[]).await.assert_html(200);
+    let waited = t0.elapsed();
+    assert!(waited < std::time::Duration::from_millis(2600), "the page took {waited:?}");
+    // F&O refuses quickly for the others (down), so they pile up pending.
+    fno.delay(std::time::Duration::ZERO);
+    fno.fail_next_with(503, 100, None);
+    for s in &states[1..] {
+        h.get(&format!("/api/oauth/callback?code=c-{s}&state={s}"), &[]).await.assert_html(200);
+    }
+    // Then it hangs again, once every capture's next attempt is due.
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
+    fno.delay(std::time::Duration::from_secs(30));
+    let before = fno.started();
+    let t1 = std::time::Instant::now();
+    let r = h.invoke_timer(&support::timer_payload(false)).await;
+    let took = t1.elapsed();
+    assert_eq!(r.status, 200);
+    assert!(took < std::time::Duration::from_secs(5), "the run took {took:?}: {}", r.body);
+    assert!(r.json()["Logs"].to_string().contains("0 delivered to F&O, 12 still pending"), "{}", r.body);
+    // It tried a few at once, saw F&O failing and started no more.
+    let tried = fno.started() - before;
+    assert!((1..=4).contains(&tried), "{tried} deliveries tried");
 }
 
 #[test]

@@ -83,6 +83,46 @@ async fn registered_and_signed_states_are_kept_and_the_first_code_wins() {
     assert_eq!(captures_in(&h.root), 3);
 }
 
+/// "First code wins" must hold when two codes for one state arrive at the same moment
+/// (30 pairs, each sent together): exactly one is kept and answered 200, the other is
+/// refused 409 and noted as a conflict. And one known state cannot grow the store: after
+/// its code, 100 other codes and 100 errors add one conflict record in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_state_keeps_one_code_whatever_arrives_and_however_fast() {
+    let issuer = Issuer::start().await;
+    let h = HandlerBuilder::new().envs(issuer.settings()).env("CALLBACK_RATE_PER_MINUTE", "100000").start().await;
+    let bearer = issuer.token();
+    for pair in 0..30 {
+        let state = format!("race-state-{pair}");
+        h.expect_state(&bearer, &state).await;
+        let (real, other) = (
+            format!("/api/oauth/callback?state={state}&code=real-{pair}"),
+            format!("/api/oauth/callback?state={state}&code=other-{pair}"),
+        );
+        let (a, b) = tokio::join!(h.get(&real, &[]), h.get(&other, &[]));
+        let mut statuses = [a.status, b.status];
+        statuses.sort();
+        assert_eq!(statuses, [200, 409], "pair {pair}: {} / {}", a.body, b.body);
+        let r = h.json(Method::GET, &format!("/api/captures?state={state}"), Some(&bearer), &Value::Null).await;
+        let caps = r.json()["captures"].as_array().unwrap().clone();
+        let codes: Vec<&Value> = caps.iter().filter(|c| !c["code"].is_null()).collect();
+        assert_eq!(codes.len(), 1, "pair {pair}: {caps:?}");
+        assert_eq!(caps.iter().filter(|c| c["error"] == "conflicting_code").count(), 1, "pair {pair}: {caps:?}");
+    }
+    assert_eq!(captures_in(&h.root), 60);
+
+    h.expect_state(&bearer, "one-known-state").await;
+    h.get("/api/oauth/callback?state=one-known-state&code=the-real-code", &[]).await.assert_html(200);
+    for i in 0..100 {
+        h.get(&format!("/api/oauth/callback?state=one-known-state&code=junk-{i}"), &[]).await.assert_html(409);
+        let error = format!("/api/oauth/callback?state=one-known-state&error=access_denied&error_description=x{i}");
+        h.get(&error, &[]).await.assert_html(409);
+    }
+    assert_eq!(captures_in(&h.root), 62, "the code and one conflict record, nothing else");
+    let r = h.json(Method::GET, "/api/captures?state=one-known-state", Some(&bearer), &Value::Null).await;
+    assert_eq!(r.json()["captures"][0]["code"], "the-real-code");
+}
+
 #[tokio::test]
 async fn callback_hits_are_limited_per_client_address() {
     let h = HandlerBuilder::new().env("CALLBACK_RATE_PER_MINUTE", "5").start().await;

@@ -155,6 +155,8 @@ async fn contract(store: Arc<dyn Store>) {
         error_description: None,
         received_at: at,
         delivered_at: Some(at),
+        claim_until_ms: None,
+        attempts: 0,
     };
     assert!(store.insert_capture(&cap("k1", "State-1", 100)).await.unwrap());
     assert!(!store.insert_capture(&cap("k1", "State-1", 101)).await.unwrap(), "the same code is not a second record");
@@ -167,14 +169,29 @@ async fn contract(store: Arc<dyn Store>) {
     let mut pending = cap("k4", "state-4", 90);
     pending.delivered_at = None;
     assert!(store.insert_capture(&pending).await.unwrap());
-    let undelivered = store.undelivered_captures(10).await.unwrap();
+    let undelivered = store.undelivered_captures(10, None).await.unwrap();
     assert_eq!(undelivered.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["k4"]);
+    // Claims: one of any number of claimants wins; a held claim hides it from the ready
+    // list until it ends; a released one waits for its next attempt.
+    let now_ms = 1_000_000;
+    let claims = futures_util::future::join_all((0..6).map(|_| store.claim_capture("k4", now_ms, now_ms + 5000))).await;
+    assert_eq!(claims.iter().filter(|c| matches!(c, Ok(true))).count(), 1, "{claims:?}");
+    assert!(store.undelivered_captures(10, Some(now_ms + 4999)).await.unwrap().is_empty());
+    assert_eq!(store.undelivered_captures(10, Some(now_ms + 5000)).await.unwrap().len(), 1);
+    assert!(!store.claim_capture("k4", now_ms + 100, now_ms + 9000).await.unwrap(), "held");
+    store.release_capture("k4", now_ms + 8000, 1).await.unwrap();
+    let released = &store.undelivered_captures(10, None).await.unwrap()[0];
+    assert_eq!((released.claim_until_ms, released.attempts), (Some(now_ms + 8000), 1));
+    assert!(!store.claim_capture("k4", now_ms + 7999, now_ms + 20_000).await.unwrap(), "not before its next attempt");
+    assert!(store.claim_capture("k4", now_ms + 8000, now_ms + 20_000).await.unwrap());
+    assert!(!store.claim_capture("nope", now_ms, now_ms + 1).await.unwrap(), "no such capture");
     assert_eq!(store.purge_captures(103).await.unwrap(), 2);
     assert!(store.captures_by_state("State-1").await.unwrap().is_empty());
     assert_eq!(store.captures_by_state("state-1").await.unwrap().len(), 1);
     assert_eq!(store.captures_by_state("state-4").await.unwrap().len(), 1, "undelivered captures are not purged");
     store.mark_capture_delivered("k4", 150).await.unwrap();
-    assert!(store.undelivered_captures(10).await.unwrap().is_empty());
+    assert!(store.undelivered_captures(10, None).await.unwrap().is_empty());
+    assert!(!store.claim_capture("k4", i64::MAX - 1, i64::MAX).await.unwrap(), "a delivered capture is not claimed");
     assert_eq!(store.captures_by_state("state-4").await.unwrap()[0].delivered_at, Some(150));
     assert_eq!(store.purge_captures(103).await.unwrap(), 1);
 

@@ -161,8 +161,14 @@ impl Store for RacingStore {
     async fn captures_by_state(&self, s: &str) -> StoreResult<Vec<Capture>> {
         self.inner.captures_by_state(s).await
     }
-    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>> {
-        self.inner.undelivered_captures(limit).await
+    async fn undelivered_captures(&self, limit: usize, ready: Option<i64>) -> StoreResult<Vec<Capture>> {
+        self.inner.undelivered_captures(limit, ready).await
+    }
+    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        self.inner.claim_capture(key, now_ms, until_ms).await
+    }
+    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
+        self.inner.release_capture(key, not_before_ms, attempts).await
     }
     async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
         self.inner.mark_capture_delivered(key, at).await

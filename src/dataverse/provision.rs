@@ -93,6 +93,8 @@ pub const CAPTURES: Table = Table {
         col("errordescription", "Error description", Kind::Memo(4_000)),
         col("receivedat", "Received at (Unix)", Kind::BigInt),
         col("deliveredat", "Delivered at (Unix)", Kind::BigInt),
+        col("claimuntilms", "Delivery claimed until (Unix ms)", Kind::BigInt),
+        col("attempts", "Failed deliveries", Kind::Integer),
     ],
 };
 

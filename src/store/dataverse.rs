@@ -170,6 +170,8 @@ impl DataverseStore {
             error_description: s("errordescription"),
             received_at: r.i64(&self.c("receivedat")).unwrap_or(0),
             delivered_at: r.i64(&self.c("deliveredat")),
+            claim_until_ms: r.i64(&self.c("claimuntilms")),
+            attempts: r.i64(&self.c("attempts")).unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
         }
     }
 
@@ -365,6 +367,8 @@ impl Store for DataverseStore {
             self.c("errordescription"): cap.error_description,
             self.c("receivedat"): cap.received_at,
             self.c("deliveredat"): cap.delivered_at,
+            self.c("claimuntilms"): cap.claim_until_ms,
+            self.c("attempts"): cap.attempts,
         });
         match self
             .dv
@@ -389,8 +393,12 @@ impl Store for DataverseStore {
         Ok(rows.into_iter().map(|r| self.capture_from(r)).filter(|c| c.state == state).collect())
     }
 
-    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>> {
-        let filter = format!("{} eq null", self.c("deliveredat"));
+    async fn undelivered_captures(&self, limit: usize, ready_at_ms: Option<i64>) -> StoreResult<Vec<Capture>> {
+        let mut filter = format!("{} eq null", self.c("deliveredat"));
+        if let Some(at) = ready_at_ms {
+            let claim = self.c("claimuntilms");
+            filter = format!("{filter} and ({claim} eq null or {claim} le {at})");
+        }
         let order = format!("{} asc", self.c("receivedat"));
         let rows = self
             .dv
@@ -400,8 +408,52 @@ impl Store for DataverseStore {
         Ok(rows.into_iter().map(|r| self.capture_from(r)).collect())
     }
 
+    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        // Read the row with its ETag, then write the claim only over that version: of any
+        // number of instances claiming at once, one write matches and the others get 412.
+        let cols = [self.key.clone(), self.c("deliveredat"), self.c("claimuntilms")];
+        let Some(rec) = self
+            .dv
+            .get(&self.captures, &Key::Alternate(&self.key, key), &Self::select(&cols))
+            .await
+            .map_err(map_err)?
+        else {
+            return Ok(false);
+        };
+        let free = rec.i64(&self.c("deliveredat")).is_none()
+            && rec.i64(&self.c("claimuntilms")).is_none_or(|until| until <= now_ms);
+        if !free {
+            return Ok(false);
+        }
+        let fields = json!({ self.c("claimuntilms"): until_ms });
+        match self
+            .dv
+            .write(
+                &self.captures,
+                &Key::Alternate(&self.key, key),
+                &fields,
+                Condition::Version(&rec.etag),
+                &[&self.key],
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.status(), Some(412) | Some(404)) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
+        let fields = json!({ self.c("claimuntilms"): not_before_ms, self.c("attempts"): attempts });
+        self.dv
+            .write(&self.captures, &Key::Alternate(&self.key, key), &fields, Condition::Exists, &[&self.key])
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
-        let fields = json!({ self.c("deliveredat"): at });
+        let fields = json!({ self.c("deliveredat"): at, self.c("claimuntilms"): Value::Null });
         self.dv
             .write(&self.captures, &Key::Alternate(&self.key, key), &fields, Condition::Exists, &[&self.key])
             .await

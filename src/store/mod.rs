@@ -140,6 +140,11 @@ pub struct Capture {
     pub received_at: i64,
     /// When it reached its destination (the store itself, or Finance & Operations).
     pub delivered_at: Option<i64>,
+    /// Until when (Unix ms) nobody else may deliver it: an instance's claim while it
+    /// delivers, or after a failed delivery the earliest next attempt (`Retry-After`).
+    pub claim_until_ms: Option<i64>,
+    /// Deliveries tried and failed so far.
+    pub attempts: u32,
 }
 
 /// What the timer asks for: active connections with a refresh token that expire before
@@ -234,14 +239,27 @@ pub trait Store: Send + Sync + 'static {
     /// Connections whose pending authorization expired before `now`.
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>>;
 
-    /// Stores a capture unless one with the same key exists; true when it was new.
+    /// Stores a capture unless one with the same key exists; true when it was new. The
+    /// key is unique in the store (SQLite's primary key, Dataverse's alternate key), so two
+    /// callers inserting one key at once get one `true`.
     async fn insert_capture(&self, capture: &Capture) -> StoreResult<bool>;
 
     async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>>;
 
-    /// Captures not delivered yet (Finance & Operations was unreachable), oldest first.
-    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>>;
+    /// Captures not delivered yet, oldest first; with `ready_at_ms`, only those nobody
+    /// holds a claim on at that time (Unix ms).
+    async fn undelivered_captures(&self, limit: usize, ready_at_ms: Option<i64>) -> StoreResult<Vec<Capture>>;
 
+    /// Claims an undelivered capture until `until_ms` if nobody holds it at `now_ms`:
+    /// true for exactly one of any number of instances asking at once (a conditional
+    /// update in SQLite, a version-checked one in Dataverse).
+    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool>;
+
+    /// After a failed delivery by the claim's holder: nobody tries again before
+    /// `not_before_ms`; `attempts` failed so far.
+    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()>;
+
+    /// Records the delivery (and ends any claim).
     async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()>;
 
     /// Deletes delivered captures received before `before`; returns how many.

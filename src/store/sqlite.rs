@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS captures (
     error             TEXT,
     error_description TEXT,
     received_at       INTEGER NOT NULL,
-    delivered_at      INTEGER
+    delivered_at      INTEGER,
+    claim_until_ms    INTEGER,
+    attempts          INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS captures_state ON captures (state);
 CREATE TABLE IF NOT EXISTS expectations (
@@ -174,6 +176,12 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     if !has("captures", "delivered_at")? {
         conn.execute_batch("ALTER TABLE captures ADD COLUMN delivered_at INTEGER")?;
     }
+    if !has("captures", "claim_until_ms")? {
+        conn.execute_batch(
+            "ALTER TABLE captures ADD COLUMN claim_until_ms INTEGER; \
+             ALTER TABLE captures ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
     Ok(())
 }
 
@@ -285,8 +293,13 @@ fn capture_from_row(row: &Row<'_>) -> rusqlite::Result<Capture> {
         error_description: row.get(5)?,
         received_at: row.get(6)?,
         delivered_at: row.get(7)?,
+        claim_until_ms: row.get(8)?,
+        attempts: row.get::<_, i64>(9)?.clamp(0, u32::MAX as i64) as u32,
     })
 }
+
+const CAPTURE_COLUMNS: &str =
+    "key, state, code, iss, error, error_description, received_at, delivered_at, claim_until_ms, attempts";
 
 /// The column values of a connection, in `COLUMNS` order minus `version`.
 fn values(c: &Connection) -> Vec<rusqlite::types::Value> {
@@ -449,8 +462,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let n = c
                 .prepare_cached(
-                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at, delivered_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (key) DO NOTHING",
+                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at, delivered_at, \
+                     claim_until_ms, attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (key) DO NOTHING",
                 )?
                 .execute(params![
                     cap.key,
@@ -460,7 +473,9 @@ impl Store for SqliteStore {
                     cap.error,
                     cap.error_description,
                     cap.received_at,
-                    cap.delivered_at
+                    cap.delivered_at,
+                    cap.claim_until_ms,
+                    cap.attempts
                 ])?;
             Ok(n == 1)
         })
@@ -470,24 +485,48 @@ impl Store for SqliteStore {
     async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>> {
         let state = state.to_string();
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key, state, code, iss, error, error_description, received_at, delivered_at FROM captures \
-                 WHERE state = ?1 ORDER BY received_at",
-            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CAPTURE_COLUMNS} FROM captures WHERE state = ?1 ORDER BY received_at"
+            ))?;
             let rows = stmt.query_map([state], capture_from_row)?;
             rows.collect()
         })
         .await
     }
 
-    async fn undelivered_captures(&self, limit: usize) -> StoreResult<Vec<Capture>> {
+    async fn undelivered_captures(&self, limit: usize, ready_at_ms: Option<i64>) -> StoreResult<Vec<Capture>> {
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key, state, code, iss, error, error_description, received_at, delivered_at FROM captures \
-                 WHERE delivered_at IS NULL ORDER BY received_at LIMIT ?1",
-            )?;
-            let rows = stmt.query_map([limit as i64], capture_from_row)?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CAPTURE_COLUMNS} FROM captures WHERE delivered_at IS NULL \
+                 AND (?2 IS NULL OR claim_until_ms IS NULL OR claim_until_ms <= ?2) ORDER BY received_at LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map(params![limit as i64, ready_at_ms], capture_from_row)?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        let key = key.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE captures SET claim_until_ms = ?3 WHERE key = ?1 AND delivered_at IS NULL \
+                 AND (claim_until_ms IS NULL OR claim_until_ms <= ?2)",
+                params![key, now_ms, until_ms],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
+        let key = key.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE captures SET claim_until_ms = ?2, attempts = ?3 WHERE key = ?1 AND delivered_at IS NULL",
+                params![key, not_before_ms, attempts],
+            )
+            .map(|_| ())
         })
         .await
     }
@@ -495,7 +534,8 @@ impl Store for SqliteStore {
     async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
         let key = key.to_string();
         self.with(move |c| {
-            c.execute("UPDATE captures SET delivered_at = ?2 WHERE key = ?1", params![key, at]).map(|_| ())
+            c.execute("UPDATE captures SET delivered_at = ?2, claim_until_ms = NULL WHERE key = ?1", params![key, at])
+                .map(|_| ())
         })
         .await
     }

@@ -75,6 +75,10 @@ impl From<CaptureError> for ApiError {
                 "capture-conflict",
                 "Another authorization was already received for this request; this one was refused and recorded.",
             ),
+            CaptureError::AlreadyCaptured => ApiError::conflict(
+                "capture-conflict",
+                "An authorization was already received for this request; this answer was refused and not kept.",
+            ),
             CaptureError::Backlog => ApiError::unavailable(
                 "capture-backlog",
                 "Too many authorizations are waiting to be delivered to Dynamics; try again in a minute.",

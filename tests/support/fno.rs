@@ -1,8 +1,13 @@
 //! A Finance & Operations endpoint double: a custom service and a data entity that
-//! record what they receive, require a bearer token, and can be made to fail
-//! (429 with Retry-After as F&O throttling answers, or 503).
+//! record what they receive and require a bearer token, and that fail as F&O does when
+//! told to: `429 Too Many Requests` with `Retry-After` in seconds (F&O's resource-based
+//! service protection, learn.microsoft.com/dynamics365/fin-ops-core/dev-itpro/
+//! data-entities/service-protection-api-limits), `503`, or an answer that takes its time
+//! (a slow or hanging environment). Every arrival is logged with its time, accepted or
+//! not, so a test can tell whether anything was sent inside a `Retry-After` window.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use warp::Filter;
@@ -10,9 +15,16 @@ use warp::http::StatusCode;
 
 #[derive(Default)]
 pub struct State {
+    /// Accepted deliveries: (path, bearer token, body).
     pub received: Vec<(String, String, Value)>,
-    /// Fail the next requests with this status.
-    pub fail: Option<(u16, usize)>,
+    /// Every request as it arrived: when, and the status it got.
+    pub arrivals: Vec<(Instant, u16)>,
+    /// Fail the next requests: status, how many, and the `Retry-After` seconds sent.
+    pub fail: Option<(u16, usize, Option<u64>)>,
+    /// Each answer waits this long first.
+    pub delay: Duration,
+    /// Requests that arrived, counted before any delay (so a hanging one counts).
+    pub started: usize,
 }
 
 pub struct FnoDouble {
@@ -29,26 +41,17 @@ impl FnoDouble {
             .and(warp::path::full())
             .and(warp::header::optional::<String>("authorization"))
             .and(warp::body::json())
-            .map(move |path: warp::path::FullPath, auth: Option<String>, body: Value| {
-                let mut st = s.lock().unwrap();
-                let Some(token) = auth.and_then(|a| a.strip_prefix("Bearer ").map(str::to_string)) else {
-                    return warp::reply::with_status(
-                        warp::reply::json(&json!({"error": "unauthorized"})),
-                        StatusCode::UNAUTHORIZED,
-                    )
-                    .into_response_with_retry(None);
-                };
-                if let Some((status, left)) = st.fail
-                    && left > 0
-                {
-                    st.fail = Some((status, left - 1));
-                    let code = StatusCode::from_u16(status).unwrap();
-                    let body = json!({"error": {"code": "", "message": "Too many requests"}});
-                    return warp::reply::with_status(warp::reply::json(&body), code).into_response_with_retry(Some(1));
+            .then(move |path: warp::path::FullPath, auth: Option<String>, body: Value| {
+                let s = s.clone();
+                async move {
+                    let delay = {
+                        let mut st = s.lock().unwrap();
+                        st.started += 1;
+                        st.delay
+                    };
+                    tokio::time::sleep(delay).await;
+                    answer(&s, path.as_str(), auth, body)
                 }
-                st.received.push((path.as_str().to_string(), token, body));
-                let created = if path.as_str().starts_with("/data/") { StatusCode::CREATED } else { StatusCode::OK };
-                warp::reply::with_status(warp::reply::json(&Value::Null), created).into_response_with_retry(None)
             });
         let (url, tx) = super::serve(route).await;
         FnoDouble { url, state, _shutdown: tx }
@@ -58,21 +61,53 @@ impl FnoDouble {
         self.state.lock().unwrap().received.clone()
     }
 
+    pub fn started(&self) -> usize {
+        self.state.lock().unwrap().started
+    }
+
+    pub fn arrivals(&self) -> Vec<(Instant, u16)> {
+        self.state.lock().unwrap().arrivals.clone()
+    }
+
+    /// The next `count` requests get `status`, with `Retry-After: 1` (as the double always did).
     pub fn fail_next(&self, status: u16, count: usize) {
-        self.state.lock().unwrap().fail = Some((status, count));
+        self.fail_next_with(status, count, Some(1));
+    }
+
+    pub fn fail_next_with(&self, status: u16, count: usize, retry_after: Option<u64>) {
+        self.state.lock().unwrap().fail = Some((status, count, retry_after));
+    }
+
+    pub fn delay(&self, d: Duration) {
+        self.state.lock().unwrap().delay = d;
     }
 }
 
-trait RetryAfter {
-    fn into_response_with_retry(self, secs: Option<u64>) -> warp::reply::Response;
+fn answer(s: &Mutex<State>, path: &str, auth: Option<String>, body: Value) -> warp::reply::Response {
+    let mut st = s.lock().unwrap();
+    let Some(token) = auth.and_then(|a| a.strip_prefix("Bearer ").map(str::to_string)) else {
+        st.arrivals.push((Instant::now(), 401));
+        return reply(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}), None);
+    };
+    if let Some((status, left, retry_after)) = st.fail
+        && left > 0
+    {
+        st.fail = Some((status, left - 1, retry_after));
+        st.arrivals.push((Instant::now(), status));
+        let body = json!({"error": {"code": "", "message": "This request could not be processed at this time due to system experiencing high resource utilization."}});
+        return reply(StatusCode::from_u16(status).unwrap(), &body, retry_after);
+    }
+    let created = if path.starts_with("/data/") { StatusCode::CREATED } else { StatusCode::OK };
+    st.arrivals.push((Instant::now(), created.as_u16()));
+    st.received.push((path.to_string(), token, body));
+    reply(created, &Value::Null, None)
 }
 
-impl<T: warp::Reply> RetryAfter for T {
-    fn into_response_with_retry(self, secs: Option<u64>) -> warp::reply::Response {
-        let mut r = self.into_response();
-        if let Some(s) = secs {
-            r.headers_mut().insert("retry-after", s.into());
-        }
-        r
+fn reply(status: StatusCode, body: &Value, retry_after: Option<u64>) -> warp::reply::Response {
+    use warp::Reply;
+    let mut r = warp::reply::with_status(warp::reply::json(body), status).into_response();
+    if let Some(s) = retry_after {
+        r.headers_mut().insert("retry-after", s.into());
     }
+    r
 }

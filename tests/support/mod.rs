@@ -509,6 +509,11 @@ impl Handler {
         }
     }
 
+    /// `GET path` with no headers, owning its path (for futures gathered in a list).
+    pub async fn get_owned(&self, path: String) -> Reply {
+        self.get(&path, &[]).await
+    }
+
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         self.forward(Method::GET, path, headers, None).await
     }
