@@ -17,7 +17,9 @@ use super::{ConnectionError, Connections, InvalidInput};
 use crate::crypto::{self, VerifiedState};
 use crate::oauth::catalog::Provider;
 use crate::oauth::client::authorization_url;
-use crate::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenHint, TokenSet};
+use crate::oauth::{
+    AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenEndpoint, TokenHint, TokenSet,
+};
 use crate::store::{Connection, PendingAuth, Status, Store, StoreError};
 use crate::time::Clock;
 
@@ -383,17 +385,18 @@ impl Connections {
             }
             Err(e) => {
                 tracing::error!(connection = %conn.id, error = %e, "tokens were obtained but could not be stored; the person must authorize again");
-                let revoked = self.withdraw(&provider, &tokens).await;
-                let detail = format!(
-                    "The provider granted access, but the tokens could not be stored ({e}); {} Authorize again.",
-                    if revoked {
-                        "the grant was revoked at the provider."
-                    } else {
-                        "the provider has no revocation endpoint, so the grant may still be alive there."
-                    }
-                );
-                let (store, clock, id) = (self.deps.store.clone(), self.deps.clock.clone(), conn.id.clone());
-                tokio::spawn(record_when_back(store, clock, id, detail));
+                let withdrawal = withdraw(self.deps.endpoint.as_ref(), &provider, &tokens).await;
+                let revoked = withdrawal == Withdrawal::Revoked;
+                let unsaved = Unsaved {
+                    store: self.deps.store.clone(),
+                    clock: self.deps.clock.clone(),
+                    endpoint: self.deps.endpoint.clone(),
+                    provider,
+                    tokens,
+                    id: conn.id.clone(),
+                    why: e.to_string(),
+                };
+                tokio::spawn(unsaved.settle(withdrawal));
                 Err(CallbackFailure::NotSaved { revoked })
             }
         }
@@ -430,25 +433,6 @@ impl Connections {
         })
     }
 
-    /// Revokes a grant we could not keep (RFC 7009): the refresh token, which ends it,
-    /// or the access token when there is none. True when the provider confirmed.
-    async fn withdraw(&self, provider: &Provider, tokens: &TokenSet) -> bool {
-        if provider.revocation_url.is_none() {
-            return false;
-        }
-        let (token, hint) = match &tokens.refresh_token {
-            Some(rt) => (rt, TokenHint::RefreshToken),
-            None => (&tokens.access_token, TokenHint::AccessToken),
-        };
-        match self.deps.endpoint.revoke(provider, token, hint).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(provider = %provider.name, error = %e, "the unsaved grant could not be revoked");
-                false
-            }
-        }
-    }
-
     async fn record_failure(&self, conn: &Connection, detail: &str) {
         let result = self
             .update(&conn.id, Some(conn.clone()), |c| {
@@ -464,33 +448,124 @@ impl Connections {
     }
 }
 
-/// How long, and how often, a failure that could not be written is tried again.
+/// How long, and how often, a failure that could not be written is tried again; and how
+/// a revocation that failed is retried meanwhile.
 const RECORD_FOR: Duration = Duration::from_secs(600);
 const RECORD_EVERY: Duration = Duration::from_secs(5);
+const REVOKE_RETRY: crate::outbound::Backoff =
+    crate::outbound::Backoff::new(Duration::from_secs(2), Duration::from_secs(60)).jittered();
 
-/// Writes `detail` on the connection once the store answers again, so the record does
-/// not stay `pending` with nothing said; gives up after [`RECORD_FOR`].
-async fn record_when_back(store: Arc<dyn Store>, clock: Arc<dyn Clock>, id: String, detail: String) {
-    let give_up = clock.now_millis() + RECORD_FOR.as_millis() as i64;
-    while clock.now_millis() < give_up {
-        clock.sleep(RECORD_EVERY).await;
-        let Ok(Some(mut c)) = store.get(&id).await else { continue };
+/// What became of revoking a grant we could not keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Withdrawal {
+    Revoked,
+    /// The provider has no revocation endpoint: the grant may still be alive there.
+    NoEndpoint,
+    /// The provider refused or could not be reached; the error as said.
+    Failed(String),
+}
+
+impl Withdrawal {
+    fn said(&self) -> String {
+        match self {
+            Withdrawal::Revoked => "the grant was revoked at the provider.".into(),
+            Withdrawal::NoEndpoint => {
+                "the provider has no revocation endpoint, so the grant may still be alive there.".into()
+            }
+            Withdrawal::Failed(e) => format!(
+                "revoking the grant at the provider failed ({e}), so it may still be alive there: remove the app's access in the provider's account settings."
+            ),
+        }
+    }
+}
+
+/// Revokes a grant we could not keep (RFC 7009): the refresh token, which ends it, or the
+/// access token when there is none. Once.
+async fn withdraw(endpoint: &dyn TokenEndpoint, provider: &Provider, tokens: &TokenSet) -> Withdrawal {
+    if provider.revocation_url.is_none() {
+        return Withdrawal::NoEndpoint;
+    }
+    let (token, hint) = match &tokens.refresh_token {
+        Some(rt) => (rt, TokenHint::RefreshToken),
+        None => (&tokens.access_token, TokenHint::AccessToken),
+    };
+    match endpoint.revoke(provider, token, hint).await {
+        Ok(()) => Withdrawal::Revoked,
+        Err(e) => {
+            tracing::warn!(provider = %provider.name, error = %e, "the unsaved grant could not be revoked");
+            Withdrawal::Failed(e.to_string())
+        }
+    }
+}
+
+/// A grant whose tokens could not be stored, settled in the background: its revocation
+/// retried with back-off while it fails (a provider answering `503` once must not leave
+/// the grant alive), and what happened written truthfully on the connection once the
+/// store answers again. Both give up after [`RECORD_FOR`], saying so in the log.
+struct Unsaved {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    endpoint: Arc<dyn TokenEndpoint>,
+    provider: Arc<Provider>,
+    tokens: TokenSet,
+    id: String,
+    /// Why the store refused the tokens.
+    why: String,
+}
+
+impl Unsaved {
+    async fn settle(self, mut withdrawal: Withdrawal) {
+        let give_up = self.clock.now_millis() + RECORD_FOR.as_millis() as i64;
+        let (mut recorded, mut attempt) = (false, 0);
+        while self.clock.now_millis() < give_up {
+            let failed = matches!(withdrawal, Withdrawal::Failed(_));
+            if !failed && recorded {
+                return;
+            }
+            attempt += 1;
+            self.clock.sleep(if failed { REVOKE_RETRY.wait(attempt, None) } else { RECORD_EVERY }).await;
+            if failed {
+                withdrawal = withdraw(self.endpoint.as_ref(), &self.provider, &self.tokens).await;
+                if withdrawal == Withdrawal::Revoked {
+                    tracing::info!(connection = %self.id, "the unsaved grant was revoked at the provider on a later try");
+                    recorded = false;
+                }
+            }
+            if !recorded {
+                recorded = self.record(&withdrawal).await;
+            }
+        }
+        if matches!(withdrawal, Withdrawal::Failed(_)) {
+            tracing::error!(connection = %self.id, provider = %self.provider.name, "the unsaved grant could not be revoked; it may still be alive at the provider");
+        }
+        if !recorded {
+            tracing::warn!(connection = %self.id, "the store stayed unavailable; the failed authorization was not recorded");
+        }
+    }
+
+    /// Writes what happened on the connection; true once written (or the record is gone).
+    async fn record(&self, withdrawal: &Withdrawal) -> bool {
+        let detail = format!(
+            "The provider granted access, but the tokens could not be stored ({}); {} Authorize again.",
+            self.why,
+            withdrawal.said()
+        );
+        let Ok(Some(mut c)) = self.store.get(&self.id).await else { return false };
         let expected = c.version.clone();
         if c.tokens.is_none() {
             c.status = Status::Failed;
         }
-        c.status_detail = Some(detail.clone());
-        c.updated_at = clock.now();
-        match store.update(&c, &expected).await {
+        c.status_detail = Some(detail);
+        c.updated_at = self.clock.now();
+        match self.store.update(&c, &expected).await {
             Ok(_) => {
-                tracing::info!(connection = %id, "the failed authorization is recorded on the connection");
-                return;
+                tracing::info!(connection = %self.id, "the failed authorization is recorded on the connection");
+                true
             }
-            Err(StoreError::NotFound(_)) => return,
-            Err(_) => continue,
+            Err(StoreError::NotFound(_)) => true,
+            Err(_) => false,
         }
     }
-    tracing::warn!(connection = %id, "the store stayed unavailable; the failed authorization was not recorded");
 }
 
 pub(super) fn pending_aad(id: &str) -> String {

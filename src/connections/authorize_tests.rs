@@ -46,3 +46,37 @@ async fn tokens_that_cannot_be_stored_are_revoked_and_the_failure_recorded_later
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The store stays down and the provider's revocation endpoint answers 503 once: the
+/// revocation is tried again until it goes through, and the record says so truthfully
+/// (never that the provider has no revocation endpoint).
+#[tokio::test]
+async fn a_revocation_that_fails_once_is_retried_and_recorded_as_it_went() {
+    let fx = fixture();
+    let new = NewConnection { provider: "p".into(), connection_id: Some("c2".into()), ..Default::default() };
+    let started = fx.conns.start(new).await.unwrap();
+    let state = started.authorization_url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+    let verified = fx.keys.verify_state(&state, fx.clock.now()).unwrap();
+    fx.racing.updates_before_outage.store(1, Ordering::SeqCst);
+    fx.endpoint.revocations_failing.store(1, Ordering::SeqCst);
+    fx.endpoint.answer(Answer::Tokens { access: "at-1", refresh: Some("rt-1"), expires_in: 3600 });
+    let outcome = fx.conns.complete(&verified, Some(&AuthorizationCode::new("code-1")), None, None, None).await;
+    assert!(matches!(outcome, Err(CallbackFailure::NotSaved { revoked: false })), "{outcome:?}");
+
+    // The revocation is retried until it goes through, and the record ends up saying so.
+    fx.racing.updates_before_outage.store(-1, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let rec = fx.sqlite.get("c2").await.unwrap().unwrap();
+        let detail = rec.status_detail.clone().unwrap_or_default();
+        if rec.status == Status::Failed && detail.contains("revoked at the provider") {
+            assert!(!detail.contains("no revocation endpoint"), "{detail}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never recorded as revoked: {detail:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let revoked = fx.endpoint.revoked.lock().unwrap().clone();
+    assert_eq!(revoked.len(), 2, "refused once, then revoked: {revoked:?}");
+    assert!(revoked.iter().all(|r| *r == ("rt-1".to_string(), TokenHint::RefreshToken)));
+}

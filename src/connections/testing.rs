@@ -43,8 +43,10 @@ pub struct ScriptedEndpoint {
     answers: Mutex<VecDeque<Answer>>,
     /// The refresh tokens it was sent, in order.
     sent: Mutex<Vec<String>>,
-    /// The tokens it was asked to revoke, in order.
+    /// The tokens it was asked to revoke, in order (refused ones included).
     pub revoked: Mutex<Vec<(String, TokenHint)>>,
+    /// How many of the next revocations answer as a provider that is down.
+    pub revocations_failing: std::sync::atomic::AtomicU32,
     /// Runs inside the next refresh call, after the request "left" and before it answers.
     pub during: Mutex<Option<Hook>>,
 }
@@ -76,6 +78,10 @@ impl TokenEndpoint for ScriptedEndpoint {
 
     async fn revoke(&self, _: &Provider, token: &SecretString, hint: TokenHint) -> Result<(), OAuthError> {
         self.revoked.lock().unwrap().push((token.expose_secret().to_string(), hint));
+        let failing = &self.revocations_failing;
+        if failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(OAuthError::Transient("the revocation endpoint answered 503".into()));
+        }
         Ok(())
     }
 }
@@ -236,6 +242,7 @@ pub fn fixture() -> Fx {
         answers: Mutex::new(VecDeque::new()),
         sent: Mutex::new(Vec::new()),
         revoked: Mutex::new(Vec::new()),
+        revocations_failing: Default::default(),
         during: Mutex::new(None),
     });
     let cfg = OAuthConfig {
