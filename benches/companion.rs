@@ -313,7 +313,7 @@ struct World {
     h: Handler,
     bearer: String,
     /// The handler's encryption keys, so the bench can seal rows as another instance would.
-    keys: dynamics_companion::crypto::Keyring,
+    keys: dynamics_companion::support::crypto::Keyring,
     key_spec: String,
     catalog: String,
     /// A fast upstream (the minimal warp handler) that the `fast` provider's token
@@ -344,7 +344,7 @@ async fn world() -> World {
     let api = start_baseline();
     let api10 = start_baseline_with_delay(10);
     let key_spec = support::test_keys();
-    let keys = dynamics_companion::crypto::Keyring::parse(&key_spec).unwrap();
+    let keys = dynamics_companion::support::crypto::Keyring::parse(&key_spec).unwrap();
     let azure = AzureDoubles::start(json!({}));
     let dataverse = DataverseDouble::with_config(json!({
         "key_activation_ms": 50,
@@ -547,7 +547,8 @@ async fn run() -> String {
             .env("LOG_LEVEL", "warn")
             .envs(w.issuer.settings());
         std::fs::create_dir_all(b.root().join(".data")).unwrap();
-        let store = dynamics_companion::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db")).unwrap();
+        let store = dynamics_companion::clients::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db"))
+            .unwrap();
         scale::insert_all(&store, vec![scale::connection(&w.keys, "fast", "px", far)]).await;
         drop(store);
         b.start().await
@@ -650,12 +651,12 @@ async fn run() -> String {
 
 /// Median time of the timer's due query over `n` active connections that are not due.
 async fn sqlite_due_query(n: usize) -> (usize, f64) {
-    use dynamics_companion::store::sqlite::SqliteStore;
-    use dynamics_companion::store::{Due, Store};
+    use dynamics_companion::clients::store::sqlite::SqliteStore;
+    use dynamics_companion::domain::{Due, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("due.db")).unwrap();
     let now = 1_800_000_000;
-    let keys = dynamics_companion::crypto::Keyring::parse(&support::test_keys()).unwrap();
+    let keys = dynamics_companion::support::crypto::Keyring::parse(&support::test_keys()).unwrap();
     let rows = (0..n).map(|i| {
         let mut c = scale::connection(&keys, "test", &format!("bulk-{i:06}"), now + 7200 + (i as i64 % 3600));
         (c.created_at, c.updated_at, c.refreshed_at) = (now - 86_400, now, Some(now));

@@ -2,42 +2,25 @@
 //! OAuth redirect URI, keeps the resulting tokens encrypted and fresh, and hands Dynamics
 //! a valid access token (or makes the call for it).
 //!
-//! The modules are layers; a module imports only from its own layer or below:
-//! - front ends: [`cli`] (the command line, [`check`]) and [`web`] (the HTTP server, the
-//!   router, every route handler, the wire types and the HTTP form of every error);
-//! - [`app`]: the composition root, which builds every long-lived part once;
-//! - the domain: [`connections`] (lifecycle, authorization, the refresh state machine),
-//!   [`captures`], [`sweep`] (the timer's work), [`oauth`] (the catalog, the token
-//!   endpoint seam, secret types) and [`portal`] (who a portal user is);
-//! - persistence and Azure clients: [`store`], [`dataverse`], [`fno`], [`secrets`],
-//!   [`azure`], [`auth`], [`notify`], [`telemetry`] (the Application Insights export);
-//! - leaves: [`outbound`] (the pooled HTTPS client, a traced span per call, upstream timing,
-//!   back-off, the cache), [`trace_context`],
-//!   [`crypto`], [`config`], [`logging`], [`time`], [`throttle`], [`window`].
+//! The folders are the layers, top to bottom; a module imports only from its own layer
+//! or below:
+//! - [`cli`]: the command line and its sub-commands (`check`, `provision`, `reseal`, ...);
+//! - [`web`]: the HTTP server and its routes, one handler file per audience, the wire
+//!   types, and the one place where a domain error becomes an HTTP answer;
+//! - [`app`]: the composition root, which builds every long-lived part once from the
+//!   configuration, and the background loops;
+//! - [`domain`]: the model (connections, captures, tenants), the ports it needs (the
+//!   store, the provider's token endpoint, the clock), and the rules: connections,
+//!   captures, tenants, the portal, the timer's sweep, the provider catalog;
+//! - [`clients`]: what implements the ports or talks outward: the stores (SQLite,
+//!   Dataverse), Dataverse, F&O, Key Vault, Azure identities, bearer verification,
+//!   webhooks, telemetry, the provider's token endpoint;
+//! - [`support`]: leaves: the pooled HTTPS client, the one cache, back-off, sealing and
+//!   state signing, typed configuration, logging, time.
 
 pub mod app;
-pub mod auth;
-pub mod azure;
-pub mod captures;
-pub mod check;
 pub mod cli;
-pub mod config;
-pub mod connections;
-pub mod crypto;
-pub mod dataverse;
-pub mod fno;
-pub mod logging;
-pub mod notify;
-pub mod oauth;
-pub mod outbound;
-pub mod portal;
-pub mod secrets;
-pub mod store;
-pub mod sweep;
-pub mod telemetry;
-pub mod tenants;
-pub mod throttle;
-pub mod time;
-pub mod trace_context;
+pub mod clients;
+pub mod domain;
+pub mod support;
 pub mod web;
-pub mod window;

@@ -37,7 +37,7 @@ async fn a_flood_of_made_up_callbacks_stores_nothing() {
 
 #[tokio::test]
 async fn registered_and_signed_states_are_kept_and_the_first_code_wins() {
-    use dynamics_companion::crypto::sign_capture_state;
+    use dynamics_companion::support::crypto::sign_capture_state;
     let issuer = Issuer::start().await;
     let key = "a-key-shared-with-dynamics-0123456789";
     let h = HandlerBuilder::new()

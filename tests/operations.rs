@@ -175,7 +175,7 @@ async fn invalid_grant_sends_exactly_one_signed_needs_reauth_event() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reseal_moves_every_record_to_the_current_key_during_a_refresh_storm() {
-    use dynamics_companion::crypto::Keyring;
+    use dynamics_companion::support::crypto::Keyring;
     let old = Keyring::generate_spec("k1");
     let new = Keyring::generate_spec("k2");
     let w = world(Setup { env: vec![("TOKEN_ENCRYPTION_KEYS", old.clone())], ..Default::default() }).await;

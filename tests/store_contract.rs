@@ -8,12 +8,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamics_companion::azure::StaticToken;
-use dynamics_companion::dataverse::Dataverse;
-use dynamics_companion::dataverse::provision::{Schema, provision};
-use dynamics_companion::store::dataverse::DataverseStore;
-use dynamics_companion::store::sqlite::SqliteStore;
-use dynamics_companion::store::{
+use dynamics_companion::clients::azure::StaticToken;
+use dynamics_companion::clients::dataverse::Dataverse;
+use dynamics_companion::clients::dataverse::provision::{Schema, provision};
+use dynamics_companion::clients::store::dataverse::DataverseStore;
+use dynamics_companion::clients::store::sqlite::SqliteStore;
+use dynamics_companion::domain::{
     Capture, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, Tenant, TenantStatus,
 };
 use secrecy::SecretString;

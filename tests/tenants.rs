@@ -212,13 +212,13 @@ async fn bad_requests_are_clear_and_a_single_tenant_deployment_has_no_tenants_ap
 /// A customer organisation (a Dataverse double) with the product's tables, checking
 /// tokens as Dataverse does; without the app's application user until `add_application_user`.
 async fn organisation() -> support::dataverse::DataverseDouble {
-    use dynamics_companion::dataverse::Dataverse;
-    use dynamics_companion::dataverse::provision::{Schema, provision};
+    use dynamics_companion::clients::dataverse::Dataverse;
+    use dynamics_companion::clients::dataverse::provision::{Schema, provision};
     let dv = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
     let client = Dataverse::new(
         &url::Url::parse(&dv.url).unwrap(),
         reqwest::Client::new(),
-        std::sync::Arc::new(dynamics_companion::azure::StaticToken("admin".to_string().into())),
+        std::sync::Arc::new(dynamics_companion::clients::azure::StaticToken("admin".to_string().into())),
         None,
     );
     provision(&client, &Schema::new("dc"), std::time::Duration::from_secs(30)).await.unwrap();

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use dynamics_companion::azure::StaticToken;
-use dynamics_companion::dataverse::Dataverse;
-use dynamics_companion::dataverse::provision::Schema;
-use dynamics_companion::store::dataverse::DataverseStore;
-use dynamics_companion::store::{Connection, Status, Store};
+use dynamics_companion::clients::azure::StaticToken;
+use dynamics_companion::clients::dataverse::Dataverse;
+use dynamics_companion::clients::dataverse::provision::Schema;
+use dynamics_companion::clients::store::dataverse::DataverseStore;
+use dynamics_companion::domain::{Connection, Status, Store};
 use futures_util::StreamExt;
 use reqwest::Method;
 use secrecy::SecretString;

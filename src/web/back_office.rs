@@ -1,6 +1,6 @@
 //! The back-office API under `/api/connections`, for Dynamics (plug-ins, X++, Power
 //! Automate) and scripts. Every route needs a bearer token accepted by
-//! [`crate::auth::BearerVerifier`].
+//! [`crate::clients::auth::BearerVerifier`].
 
 use warp::http::{Method, StatusCode, header};
 
@@ -12,10 +12,10 @@ use super::{ApiError, Request, Response, proxy, response};
 use crate::app::App;
 use std::sync::Arc;
 
-use crate::auth::Caller;
-use crate::connections::ConnectionError;
-use crate::connections::Connections;
-use crate::store::{ListFilter, Status};
+use crate::clients::auth::Caller;
+use crate::domain::connections::ConnectionError;
+use crate::domain::connections::Connections;
+use crate::domain::{ListFilter, Status};
 
 /// Checks the back-office caller's bearer token.
 pub(super) async fn caller(app: &App, req: &Request) -> Result<Caller, ApiError> {

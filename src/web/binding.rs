@@ -36,8 +36,8 @@ use warp::http::{HeaderValue, Method, StatusCode, header};
 use super::html::{self, Tone};
 use super::{ApiError, Request, Response};
 use crate::app::App;
-use crate::connections::BindFailure;
-use crate::crypto::StateError;
+use crate::domain::connections::BindFailure;
+use crate::support::crypto::StateError;
 
 /// The page the portal popup opens first.
 pub fn page_url(app: &App) -> String {
@@ -71,7 +71,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     }
     let target = url::Url::parse(target).map_err(|_| refused("The authorization link is not a URL."))?;
     let state = target.query_pairs().find(|(k, _)| k == "state").map(|(_, v)| v.into_owned()).unwrap_or_default();
-    let verified = match app.keys.verify_state(&state, crate::time::now()) {
+    let verified = match app.keys.verify_state(&state, crate::support::time::now()) {
         Ok(v) => v,
         Err(StateError::Expired) => {
             return Err(ApiError::bad_request(
@@ -98,7 +98,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     if bound.opener_origin.as_deref().is_some_and(|o| o != origin) {
         return Err(refused("The secret came from another page than the one that started the connection."));
     }
-    let max_age = bound.expires_at.saturating_sub(crate::time::now()).max(1);
+    let max_age = bound.expires_at.saturating_sub(crate::support::time::now()).max(1);
     let cookie =
         format!("{}={secret}; Max-Age={max_age}{}", cookie_name(app, &verified.hash), attributes(app, bound.form_post));
     let mut resp = super::response::redirect(target.as_str());
@@ -148,7 +148,7 @@ fn page_value_matches(app: &App, req: &Request, value: &str) -> bool {
         return false;
     }
     cookie(req, &page_cookie_name(app, value))
-        .is_some_and(|held| crate::crypto::constant_time_eq(held.as_bytes(), value.as_bytes()))
+        .is_some_and(|held| crate::support::crypto::constant_time_eq(held.as_bytes(), value.as_bytes()))
 }
 
 /// One cookie per page (several popups may be open), named after its value's first part.
@@ -207,7 +207,7 @@ fn attributes(app: &App, form_post: bool) -> &'static str {
 /// `same-origin`, so that post carries the real `Origin` (under `no-referrer` a browser
 /// sends `Origin: null`).
 fn page(app: &App) -> Response {
-    let value = crate::crypto::random_hex::<16>();
+    let value = crate::support::crypto::random_hex::<16>();
     let origins: Vec<String> = app.config.portal.origins.iter().map(|o| o.ascii_serialization()).collect();
     let origins = serde_json::to_string(&origins).unwrap_or_else(|_| "[]".into()).replace('<', "\\u003c");
     let script = format!(

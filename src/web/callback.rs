@@ -13,11 +13,11 @@ use super::html::{self, Tone};
 use super::request::{is_json, parse_json};
 use super::{ApiError, Request, Response, response};
 use crate::app::App;
-use crate::captures::{Outcome, Received};
-use crate::config::CaptureMode;
-use crate::connections::{CallbackFailure, Completed};
-use crate::crypto::StateError;
-use crate::oauth::{AuthorizationCode, ErrorCode, OAuthError};
+use crate::domain::captures::{Outcome, Received};
+use crate::domain::connections::{CallbackFailure, Completed};
+use crate::domain::oauth::{AuthorizationCode, ErrorCode, OAuthError};
+use crate::support::config::CaptureMode;
+use crate::support::crypto::StateError;
 
 /// The parameters an authorization response may carry.
 #[derive(Debug, Default)]
@@ -69,7 +69,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
             ),
         });
     };
-    match app.keys.verify_state(state, crate::time::now()) {
+    match app.keys.verify_state(state, crate::support::time::now()) {
         Err(StateError::NotOurs) => capture(app, state, &params).await,
         Err(StateError::Tampered) => Err(ApiError::bad_request(
             "state-tampered",

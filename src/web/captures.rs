@@ -25,7 +25,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         let until = app.captures.expect(&body.state, body.expires_in.unwrap_or(600)).await?;
         return Ok(response::json(
             StatusCode::CREATED,
-            &serde_json::json!({ "state": body.state, "expires_at": crate::time::rfc3339(until) }),
+            &serde_json::json!({ "state": body.state, "expires_at": crate::support::time::rfc3339(until) }),
         ));
     }
     list(app, req).await

@@ -29,7 +29,7 @@ pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs(),
-        "started_at": crate::time::rfc3339(app.started_at),
+        "started_at": crate::support::time::rfc3339(app.started_at),
         "under_functions_host": app.config.listen.under_host,
     });
     if !operator {
@@ -52,7 +52,7 @@ pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
     body["connections"] = counters(app).await;
     if let Some(run) = app.last_timer_run() {
         body["timer"] = json!({
-            "last_run_at": crate::time::rfc3339(run.at),
+            "last_run_at": crate::support::time::rfc3339(run.at),
             "last_run_ms": run.ms,
             "refreshed": run.refreshed,
             "needs_reauth": run.needs_reauth,
@@ -90,7 +90,7 @@ async fn store_readiness(app: &App) -> serde_json::Value {
 /// Counts over the store (cached for [`CENSUS_FOR`]) and this instance's refreshes.
 async fn counters(app: &App) -> serde_json::Value {
     let (granted, failed) = app.connections.refreshes_last_hour();
-    let now = crate::time::now();
+    let now = crate::support::time::now();
     let census = match app.census.get(&()) {
         Some(c) => Ok(c),
         None => app.connections.store().census(now).await.inspect(|c| app.census.insert((), c.clone(), CENSUS_FOR)),

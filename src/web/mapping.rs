@@ -3,12 +3,12 @@
 //! what that looks like on the wire.
 
 use super::error::ApiError;
-use crate::auth::AuthError;
-use crate::captures::CaptureError;
-use crate::connections::{ConnectionError, InvalidInput};
-use crate::oauth::OAuthError;
-use crate::portal::PortalError;
-use crate::store::StoreError;
+use crate::clients::auth::AuthError;
+use crate::domain::StoreError;
+use crate::domain::captures::CaptureError;
+use crate::domain::connections::{ConnectionError, InvalidInput};
+use crate::domain::oauth::OAuthError;
+use crate::domain::portal::PortalError;
 
 impl InvalidInput {
     fn slug(self) -> &'static str {
@@ -123,9 +123,9 @@ impl From<PortalError> for ApiError {
 
 /// A sealed value that cannot be opened: with a key that is no longer configured, the
 /// operator's configuration (503, naming the key); otherwise our fault (500).
-fn sealed_unreadable(e: crate::crypto::CryptoError) -> ApiError {
+fn sealed_unreadable(e: crate::support::crypto::CryptoError) -> ApiError {
     match e {
-        crate::crypto::CryptoError::UnknownKey(key) => ApiError::unavailable(
+        crate::support::crypto::CryptoError::UnknownKey(key) => ApiError::unavailable(
             "key-not-configured",
             format!(
                 "The stored tokens are sealed with key {key:?}, which is not in TOKEN_ENCRYPTION_KEYS: the operator must list it again (after the current key) and run `handler reseal` before removing it."
@@ -177,9 +177,9 @@ impl From<crate::app::ScopeError> for ApiError {
     }
 }
 
-impl From<crate::tenants::TenantError> for ApiError {
-    fn from(e: crate::tenants::TenantError) -> ApiError {
-        use crate::tenants::TenantError;
+impl From<crate::domain::tenants::TenantError> for ApiError {
+    fn from(e: crate::domain::tenants::TenantError) -> ApiError {
+        use crate::domain::tenants::TenantError;
         match e {
             TenantError::Invalid(detail) => ApiError::bad_request("invalid-tenant", detail),
             TenantError::NotFound(id) => ApiError::not_found(format!("There is no tenant {id:?}.")),

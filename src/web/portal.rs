@@ -12,10 +12,10 @@ use super::mapping::{Closed, configured};
 use super::views::{ConnectBody, ConnectionView, PortalStarted, Started};
 use super::{ApiError, Request, Response, binding, cors, proxy, response};
 use crate::app::App;
-use crate::connections::{ConnectionError, NewConnection, PortalFlow};
-use crate::portal::identity::PortalUser;
-use crate::portal::{self, Contact, Portal};
-use crate::store::{Connection, ListFilter};
+use crate::domain::connections::{ConnectionError, NewConnection, PortalFlow};
+use crate::domain::portal::identity::PortalUser;
+use crate::domain::portal::{self, Contact, Portal};
+use crate::domain::{Connection, ListFilter};
 
 async fn user<'a>(app: &'a App, req: &Request) -> Result<(&'a Portal, PortalUser), ApiError> {
     let portal = configured(app.portal.as_ref(), Closed::Portal)?;

@@ -7,9 +7,9 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::{ApiError, Request, Response};
 use crate::app::App;
-use crate::connections::CachedToken;
-use crate::oauth::catalog::Provider;
-use crate::outbound;
+use crate::domain::connections::CachedToken;
+use crate::domain::oauth::catalog::Provider;
+use crate::support::outbound;
 
 /// Request headers that pass to the provider's API, besides those a provider entry names
 /// (`proxy_headers`): what describes the body and what the caller will accept, and
@@ -146,7 +146,7 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
 /// retries once (the token may have been revoked early).
 pub async fn send_with_token(
     app: &App,
-    connections: &crate::connections::Connections,
+    connections: &crate::domain::connections::Connections,
     provider: &Provider,
     id: &str,
     mut token: CachedToken,

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use warp::http::{HeaderMap, Method, header};
 
 use super::error::ApiError;
-use crate::config::Limits;
+use crate::support::config::Limits;
 
 /// How far past the limit an oversized body is still read before answering 413.
 const DRAIN_FACTOR: usize = 8;

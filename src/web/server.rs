@@ -28,7 +28,7 @@ use super::request::{BodyStream, Request};
 use super::response::Response;
 use super::{cors, router};
 use crate::app::App;
-use crate::outbound::timing;
+use crate::support::outbound::timing;
 
 /// Serves until `shutdown` completes, then lets open requests finish.
 pub async fn serve(
@@ -107,7 +107,7 @@ pub async fn handle(app: &App, req: Request) -> Response {
         faas.invocation_id = invocation.as_deref(),
     );
     // A malformed or absent `traceparent` starts a new trace: nothing to refuse.
-    let _ = span.set_parent(crate::trace_context::incoming(&req.headers));
+    let _ = span.set_parent(crate::support::trace_context::incoming(&req.headers));
     handle_in_span(app, req, invocation).instrument(span).await
 }
 

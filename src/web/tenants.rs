@@ -8,8 +8,8 @@ use super::html::{self, Tone};
 use super::mapping::{Closed, configured};
 use super::{ApiError, Request, Response, back_office, response};
 use crate::app::App;
-use crate::store::Tenant;
-use crate::tenants::{ConsentAnswer, ConsentOutcome, ConsentRefusal, Tenants};
+use crate::domain::Tenant;
+use crate::domain::tenants::{ConsentAnswer, ConsentOutcome, ConsentRefusal, Tenants};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,10 +41,10 @@ impl<'a> From<&'a Tenant> for TenantView<'a> {
             status: t.status.as_str(),
             status_detail: t.status_detail.as_deref(),
             started_by: t.started_by.as_deref(),
-            consented_at: t.consented_at.map(crate::time::rfc3339),
-            onboarded_at: t.onboarded_at.map(crate::time::rfc3339),
-            created_at: crate::time::rfc3339(t.created_at),
-            updated_at: crate::time::rfc3339(t.updated_at),
+            consented_at: t.consented_at.map(crate::support::time::rfc3339),
+            onboarded_at: t.onboarded_at.map(crate::support::time::rfc3339),
+            created_at: crate::support::time::rfc3339(t.created_at),
+            updated_at: crate::support::time::rfc3339(t.updated_at),
         }
     }
 }
@@ -76,7 +76,7 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
             .org_url
             .as_deref()
             .map(|u| {
-                crate::config::parse_service_url(u)
+                crate::support::config::parse_service_url(u)
                     .map_err(|p| ApiError::bad_request("invalid-org-url", format!("org_url: {p}")))
             })
             .transpose()?;
@@ -126,7 +126,7 @@ pub async fn onboard_link(app: &App, req: Request, id: &str) -> Result<Response,
 /// `GET /api/oauth/onboard`: the administrator's sign-in comes back; find the
 /// environment, set the product up in it, check it with the app's own token.
 pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
-    use crate::tenants::signin::{SignInAnswer, SignInError};
+    use crate::domain::tenants::signin::{SignInAnswer, SignInError};
     let tenants = tenants(app)?;
     let mut answer = SignInAnswer::default();
     for (k, v) in req.query_pairs() {
@@ -195,7 +195,7 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
     let org = chosen.api_url.clone();
     match app.onboard_organisation(&signed_in, &org).await {
         Ok((report, t)) => {
-            let done = t.status == crate::store::TenantStatus::Onboarded;
+            let done = t.status == crate::domain::TenantStatus::Onboarded;
             let title = if done { "Your environment is set up" } else { "Set up, but not ready yet" };
             let message = match (done, report.changes) {
                 (true, 0) => format!("{org} was already set up; nothing needed changing. You can close this page."),

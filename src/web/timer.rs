@@ -1,5 +1,5 @@
 //! The Azure Functions custom-handler protocol for invocations the host does not
-//! forward: the `refresh` timer, whose work is [`crate::sweep`].
+//! forward: the `refresh` timer, whose work is [`crate::domain::sweep`].
 //!
 //! The host `POST`s `{"Data": {...}, "Metadata": {...}}` to `/{FunctionName}`, chunked
 //! and without `Content-Length`. Plain string values arrive JSON-encoded a second time
@@ -100,21 +100,20 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
         logs.push("The timer is past due; running now.".to_string());
     }
     let started = std::time::Instant::now();
-    let report = crate::sweep::run(&app.connections, Some(&app.captures), next_run).await;
+    let report = crate::domain::sweep::run(&app.connections, Some(&app.captures), next_run).await;
     let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
     logs.extend(report.lines());
     // Each onboarded customer's organisation, a few at a time: each has its own
     // service-protection budget, so they do not slow one another.
     match app.tenant_scopes().await {
         Ok(scopes) => {
-            let runs: Vec<_> =
-                futures_util::stream::iter(scopes)
-                    .map(|(tenant, connections)| async move {
-                        (tenant, crate::sweep::run(&connections, None, next_run).await)
-                    })
-                    .buffer_unordered(TENANTS_AT_ONCE)
-                    .collect()
-                    .await;
+            let runs: Vec<_> = futures_util::stream::iter(scopes)
+                .map(|(tenant, connections)| async move {
+                    (tenant, crate::domain::sweep::run(&connections, None, next_run).await)
+                })
+                .buffer_unordered(TENANTS_AT_ONCE)
+                .collect()
+                .await;
             for (tenant, r) in runs {
                 refreshed += r.refreshed;
                 needs_reauth += r.needs_reauth;
@@ -124,9 +123,9 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
         }
         Err(e) => logs.push(format!("could not list the onboarded tenants: {e}")),
     }
-    crate::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
+    crate::clients::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
     app.record_timer_run(crate::app::TimerRun {
-        at: crate::time::now(),
+        at: crate::support::time::now(),
         ms: started.elapsed().as_millis() as u64,
         refreshed,
         needs_reauth,

@@ -4,11 +4,11 @@
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::captures::OpenedCapture;
-use crate::connections::import::Import;
-use crate::connections::{CachedToken, NewConnection, StartedAuthorization};
-use crate::store::{Connection, Status};
-use crate::time::{now, rfc3339};
+use crate::domain::captures::OpenedCapture;
+use crate::domain::connections::import::Import;
+use crate::domain::connections::{CachedToken, NewConnection, StartedAuthorization};
+use crate::domain::{Connection, Status};
+use crate::support::time::{now, rfc3339};
 
 /// `POST /api/connections`.
 #[derive(Debug, Default, Deserialize)]

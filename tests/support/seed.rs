@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dynamics_companion::crypto::Keyring;
-use dynamics_companion::oauth::TokenSet;
-use dynamics_companion::store::{Connection, Status};
+use dynamics_companion::domain::oauth::TokenSet;
+use dynamics_companion::domain::{Connection, Status};
+use dynamics_companion::support::crypto::Keyring;
 use secrecy::SecretString;
 
 pub fn now() -> i64 {

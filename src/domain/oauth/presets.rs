@@ -1,0 +1,333 @@
+//! Provider presets built into the binary (`presets.toml`): `preset = "xero"` in a
+//! providers.toml entry fills in a provider's URLs, scopes, PKCE, issuer and response
+//! quirks, so the entry adds only its client id and the secret's name.
+//!
+//! A preset's URLs may hold `{param}` placeholders (an account, an instance, a region),
+//! filled from the entry's `params`. Each value must match the preset's pattern for it,
+//! and each filled URL's host must match one of the preset's `hosts`: a value cannot
+//! point the handler at another host, whatever characters it holds.
+
+use std::sync::LazyLock;
+
+use toml::{Table, Value};
+
+static PRESETS: LazyLock<Table> = LazyLock::new(|| {
+    let text = include_str!("presets.toml");
+    let mut doc: Table = toml::from_str(text).unwrap_or_default();
+    match doc.remove("presets") {
+        Some(Value::Table(t)) => t,
+        _ => Table::new(),
+    }
+});
+
+/// The fields a preset has beyond a providers.toml entry's.
+const PRESET_ONLY: [&str; 4] = ["docs", "notes", "params", "hosts"];
+/// The fields that may hold `{param}` placeholders.
+const URL_FIELDS: [&str; 6] =
+    ["authorization_url", "token_url", "refresh_url", "revocation_url", "issuer", "api_base_url"];
+
+/// One preset, for `handler providers`.
+#[derive(Debug, Clone)]
+pub struct PresetInfo {
+    pub name: String,
+    pub display_name: String,
+    pub docs: String,
+    pub params: Vec<String>,
+    pub notes: Option<String>,
+}
+
+/// Every preset, by name.
+pub fn list() -> Vec<PresetInfo> {
+    PRESETS
+        .iter()
+        .map(|(name, v)| {
+            let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+            PresetInfo {
+                name: name.clone(),
+                display_name: s("display_name").unwrap_or_else(|| name.clone()),
+                docs: s("docs").unwrap_or_default(),
+                params: v
+                    .get("params")
+                    .and_then(Value::as_table)
+                    .map(|t| t.keys().cloned().collect())
+                    .unwrap_or_default(),
+                notes: s("notes"),
+            }
+        })
+        .collect()
+}
+
+/// A preset entry applied: complete, or waiting for parameters each connection names.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Complete(Table),
+    PerConnection(Template),
+}
+
+/// An entry whose preset takes parameters the entry does not fix (no value, no default):
+/// each connection names them when it starts (`params` in the start request).
+#[derive(Debug, Clone)]
+pub struct Template {
+    preset: String,
+    table: Table,
+    specs: Vec<(String, String)>,
+    fixed: Vec<(String, String)>,
+    hosts: Vec<String>,
+}
+
+impl Template {
+    /// The parameters a connection must name.
+    pub fn open_params(&self) -> Vec<&str> {
+        self.specs.iter().map(|(p, _)| p.as_str()).filter(|p| !self.fixed.iter().any(|(f, _)| f == p)).collect()
+    }
+
+    /// The entry for one connection's parameters: each checked against its pattern, every
+    /// filled URL against the preset's hosts.
+    pub fn fill(&self, given: &[(String, String)]) -> Result<Table, String> {
+        let open = self.open_params();
+        for (k, _) in given {
+            if !open.contains(&k.as_str()) {
+                return Err(format!(
+                    "{} takes no connection parameter {k:?} (it takes: {})",
+                    self.preset,
+                    none_if_empty(&open)
+                ));
+            }
+        }
+        let mut values = self.fixed.clone();
+        for p in &open {
+            let v = given.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone()).ok_or_else(|| {
+                format!("{} needs the connection parameter {p:?} (params: {{\"{p}\": \"...\"}})", self.preset)
+            })?;
+            values.push((p.to_string(), v));
+        }
+        check_values(&self.preset, &self.specs, &values)?;
+        fill_urls(&self.preset, self.table.clone(), &values, &self.hosts)
+    }
+
+    /// A field of the entry (`client_secret`, `refresh_keepalive_seconds`), before filling.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.table.get(name)
+    }
+}
+
+/// The entry with its preset applied: the preset's fields under the entry's own (tables
+/// such as `authorization_params` merged key by key), placeholders filled and checked.
+/// An entry without `preset` comes back as it was.
+pub fn apply(mut entry: Table) -> Result<Applied, String> {
+    let Some(name) = entry.remove("preset") else { return Ok(Applied::Complete(entry)) };
+    let name = name.as_str().ok_or("preset must be a preset's name")?.to_string();
+    let preset = PRESETS.get(&name).and_then(Value::as_table).ok_or_else(|| {
+        let names: Vec<&str> = PRESETS.keys().map(String::as_str).collect();
+        format!("there is no preset {name:?} (handler providers lists them: {})", names.join(", "))
+    })?;
+    let params_spec = preset.get("params").and_then(Value::as_table).cloned().unwrap_or_default();
+    let specs: Vec<(String, String)> = params_spec
+        .iter()
+        .map(|(p, spec)| {
+            (p.clone(), spec.get("pattern").and_then(Value::as_str).unwrap_or("^[a-z0-9-]{1,63}$").to_string())
+        })
+        .collect();
+    let hosts: Vec<String> = preset
+        .get("hosts")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_ascii_lowercase).collect())
+        .unwrap_or_default();
+    let given = match entry.remove("params") {
+        Some(Value::Table(t)) => t,
+        None => Table::new(),
+        Some(_) => return Err("params must be a table (params = { account = \"...\" })".into()),
+    };
+    for key in given.keys() {
+        if !params_spec.contains_key(key) {
+            let known: Vec<&str> = params_spec.keys().map(String::as_str).collect();
+            return Err(format!("preset {name:?} has no parameter {key:?} (it takes: {})", none_if_empty(&known)));
+        }
+    }
+    let mut values = Vec::new();
+    let mut missing = false;
+    for (param, spec) in &params_spec {
+        let value = match given.get(param) {
+            Some(v) => Some(v.as_str().ok_or_else(|| format!("params.{param} must be a string"))?.to_string()),
+            None => spec.get("default").and_then(Value::as_str).map(str::to_string),
+        };
+        match value {
+            Some(v) => values.push((param.clone(), v)),
+            None => missing = true,
+        }
+    }
+    check_values(&name, &specs, &values)?;
+    let mut merged: Table = preset
+        .iter()
+        .filter(|(k, _)| !PRESET_ONLY.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in entry {
+        match (merged.get_mut(&k), v) {
+            (Some(Value::Table(base)), Value::Table(over)) => base.extend(over),
+            (_, v) => {
+                merged.insert(k, v);
+            }
+        }
+    }
+    if missing {
+        return Ok(Applied::PerConnection(Template { preset: name, table: merged, specs, fixed: values, hosts }));
+    }
+    Ok(Applied::Complete(fill_urls(&name, merged, &values, &hosts)?))
+}
+
+fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, String)]) -> Result<(), String> {
+    for (param, value) in values {
+        let pattern = specs.iter().find(|(p, _)| p == param).map(|(_, pat)| pat.as_str()).unwrap_or("^$");
+        let re = regex::Regex::new(pattern).map_err(|e| format!("preset {preset:?}: bad pattern for {param}: {e}"))?;
+        if !re.is_match(value) {
+            return Err(format!("params.{param} {value:?} is not a valid {param} for {preset} (expected {pattern})"));
+        }
+    }
+    Ok(())
+}
+
+fn fill_urls(preset: &str, mut table: Table, values: &[(String, String)], hosts: &[String]) -> Result<Table, String> {
+    for field in URL_FIELDS {
+        let Some(Value::String(url)) = table.get_mut(field) else { continue };
+        if !url.contains('{') {
+            continue;
+        }
+        for (param, value) in values {
+            *url = url.replace(&format!("{{{param}}}"), value);
+        }
+        if url.contains('{') {
+            return Err(format!("{field} {url:?} has a placeholder no parameter fills"));
+        }
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .ok_or_else(|| format!("{field} {url:?} is not a URL"))?;
+        if !hosts.iter().any(|h| host_matches(h, &host)) {
+            return Err(format!("{field}: host {host:?} is not one of {preset}'s hosts ({})", hosts.join(", ")));
+        }
+    }
+    Ok(table)
+}
+
+fn none_if_empty(list: &[&str]) -> String {
+    if list.is_empty() { "none".into() } else { list.join(", ") }
+}
+
+/// `*.example.com` matches any host under example.com (not example.com itself); other
+/// patterns match exactly.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::oauth::catalog::Catalog;
+
+    /// An entry for every preset, with sample parameters.
+    fn sample(name: &str) -> String {
+        let info = list().into_iter().find(|p| p.name == name).unwrap();
+        let params: Vec<String> = info
+            .params
+            .iter()
+            .map(|p| {
+                let v = match p.as_str() {
+                    "shard" => "eu1",
+                    "domain" => "contoso.okta.com",
+                    "tenant" => "organizations",
+                    _ => "contoso",
+                };
+                format!("{p} = \"{v}\"")
+            })
+            .collect();
+        format!(
+            "[providers.{name}]\npreset = \"{name}\"\nclient_id = \"c\"\nclient_secret = \"s\"\nparams = {{ {} }}\n",
+            params.join(", ")
+        )
+    }
+
+    #[test]
+    fn every_preset_parses_cites_its_docs_and_uses_https() {
+        let presets = list();
+        assert!(presets.len() >= 20, "{} presets", presets.len());
+        for p in &presets {
+            assert!(p.docs.starts_with("https://"), "{}: docs {:?}", p.name, p.docs);
+            let catalog = Catalog::parse(&sample(&p.name)).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            let provider = catalog.get(&p.name).unwrap();
+            let mut urls = vec![&provider.authorization_url, &provider.token_url];
+            urls.extend(provider.revocation_url.iter());
+            urls.extend(provider.refresh_url.iter());
+            urls.extend(provider.api_base_url.iter());
+            for u in urls {
+                assert_eq!(u.scheme(), "https", "{}: {u}", p.name);
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_are_checked_and_cannot_move_the_host() {
+        let entry = |params: &str| {
+            format!(
+                "[providers.n]\npreset = \"netsuite\"\nclient_id = \"c\"\nclient_secret = \"s\"\nparams = {{ {params} }}\n"
+            )
+        };
+        let ok = Catalog::parse(&entry("account = \"1234567-sb1\"")).unwrap();
+        let n = ok.get("n").unwrap();
+        assert_eq!(n.token_url.host_str(), Some("1234567-sb1.suitetalk.api.netsuite.com"));
+        assert_eq!(n.scopes, ["rest_webservices"]);
+        for (params, needle) in [
+            ("account = \"evil.example/x?\"", "not a valid account"),
+            ("account = \"a.evil.com#\"", "not a valid account"),
+            ("account = \"a\", region = \"eu\"", "no parameter \"region\""),
+        ] {
+            let err = Catalog::parse(&entry(params)).unwrap_err();
+            assert!(err.contains(needle), "{params}: {err}");
+        }
+        let err = Catalog::parse("[providers.x]\npreset = \"nope\"\nclient_id = \"c\"\n").unwrap_err();
+        assert!(err.contains("no preset \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn parameters_left_to_each_connection_are_checked_when_it_starts() {
+        let text = "[providers.ns]\npreset = \"netsuite\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let c = Catalog::parse(text).unwrap();
+        assert!(c.get("ns").is_none(), "no provider without its account");
+        assert_eq!(c.per_connection().collect::<Vec<_>>(), [("ns", vec!["account"])]);
+        assert_eq!(c.secret_names(), ["s"]);
+        let params = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let key = c.instance_key("ns", &params(&[("account", "1234567-sb1")])).unwrap();
+        assert_eq!(key, "ns?account=1234567-sb1");
+        let p = c.get(&key).unwrap();
+        assert_eq!(p.token_url.host_str(), Some("1234567-sb1.suitetalk.api.netsuite.com"));
+        assert_eq!(p.name, key);
+        for (given, needle) in [
+            (params(&[("account", "evil.example/x?")]), "not a valid account"),
+            (params(&[]), "needs the connection parameter \"account\""),
+            (params(&[("account", "a"), ("region", "eu")]), "no connection parameter \"region\""),
+        ] {
+            let err = c.instance_key("ns", &given).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+        // A key that did not come from instance_key is checked all the same.
+        assert!(c.get("ns?account=evil.example%2Fx").is_none());
+        let fixed = "[providers.x]\npreset = \"xero\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let err = Catalog::parse(fixed).unwrap().instance_key("x", &params(&[("a", "b")])).unwrap_err();
+        assert!(err.contains("takes no connection parameters"), "{err}");
+    }
+
+    #[test]
+    fn the_entry_overrides_and_adds_to_the_preset() {
+        let text = "[providers.g]\npreset = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\nscopes = [\"openid\"]\nauthorization_params = { login_hint = \"a@b.example\" }\n";
+        let c = Catalog::parse(text).unwrap();
+        let g = c.get("g").unwrap();
+        assert_eq!(g.scopes, ["openid"]);
+        let params: std::collections::BTreeMap<_, _> = g.authorization_params.iter().cloned().collect();
+        assert_eq!(params["access_type"], "offline", "kept from the preset");
+        assert_eq!(params["login_hint"], "a@b.example", "added by the entry");
+        assert_eq!(g.display_name, "Google");
+    }
+}

@@ -1,0 +1,653 @@
+//! Configuration: every setting is read once at start-up into typed structs.
+//!
+//! Settings come from the process environment. Run outside the Functions host (no
+//! `FUNCTIONS_CUSTOMHANDLER_PORT`), the handler also reads the `Values` of
+//! `local.settings.json` the way Core Tools would, and a variable set in the real
+//! environment wins over the file. A missing or malformed setting is a [`ConfigError`]
+//! that names the setting, so start-up can stop with one readable line.
+
+mod credential;
+mod settings;
+mod telemetry;
+mod tenancy;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+pub use credential::CredentialConfig;
+pub use settings::{Settings, is_loopback, parse_service_url};
+pub use telemetry::{IngestionAuth, TelemetryConfig};
+pub use tenancy::{AppCredential, TenancyConfig, is_guid};
+
+/// A setting that is missing or malformed. Displayed as one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {setting}: {problem}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError { setting: setting.into(), problem: problem.into() }
+    }
+}
+
+/// Checks a secret name against Key Vault's rules, which are the strictest we meet.
+pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 127 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("secret name {name:?} must be 1-127 letters, digits or dashes (the Key Vault rule)"));
+    }
+    Ok(())
+}
+
+/// Everything the handler needs to know, parsed once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub app_root: PathBuf,
+    /// The fixed redirect URI registered with every provider.
+    pub redirect_uri: Url,
+    pub store: StoreConfig,
+    /// The app's own Azure identity (Key Vault, and Dataverse / F&O unless overridden).
+    pub azure_credential: CredentialConfig,
+    /// When set, `handler provision` may run against it even with the SQLite store.
+    pub dataverse: Option<DataverseConfig>,
+    pub providers_file: PathBuf,
+    /// Set explicitly (then a missing file is an error) or the default (then it is not).
+    pub providers_file_required: bool,
+    pub limits: Limits,
+    pub oauth: OAuthConfig,
+    /// The back-office API's bearer-token issuer; `None` leaves that API closed.
+    pub back_office: Option<BackOfficeAuth>,
+    pub portal: PortalConfig,
+    pub secrets: SecretsConfig,
+    pub log_filter: String,
+    pub log_format: crate::support::logging::LogFormat,
+    /// Where status-change events go, and the secret (by name) that signs them.
+    pub webhook: Option<WebhookConfig>,
+    /// Application Insights export; `None` when no connection string is set.
+    pub telemetry: Option<TelemetryConfig>,
+    /// Serving other organisations (`MULTITENANT_APP_ID`); `None`: single-tenant.
+    pub tenancy: Option<TenancyConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: Url,
+    pub key_secret: String,
+}
+
+impl WebhookConfig {
+    fn from_settings(s: &Settings) -> Result<Option<WebhookConfig>, ConfigError> {
+        let Some(url) = s.url("WEBHOOK_URL")? else { return Ok(None) };
+        let key_secret = s.get("WEBHOOK_SIGNING_KEY_SECRET").unwrap_or("webhook-signing-key").to_string();
+        validate_secret_name(&key_secret).map_err(|e| ConfigError::new("WEBHOOK_SIGNING_KEY_SECRET", e))?;
+        Ok(Some(WebhookConfig { url, key_secret }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// True when the Functions host started us (`FUNCTIONS_CUSTOMHANDLER_PORT`).
+    pub under_host: bool,
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+    Dataverse(DataverseConfig),
+}
+
+/// Where and how to reach Dataverse.
+#[derive(Debug, Clone)]
+pub struct DataverseConfig {
+    /// The environment URL, `https://org.crm.dynamics.com`.
+    pub url: Url,
+    /// Publisher prefix of the tables (`dc` gives `dc_connection`).
+    pub prefix: String,
+    /// Unique name of the solution `provision` puts the tables in.
+    pub solution: Option<String>,
+    /// A Dataverse-specific credential; `None` uses the app's.
+    pub credential: Option<CredentialConfig>,
+    /// Requests this instance sends Dataverse at once, at most.
+    pub max_concurrency: usize,
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Sqlite { .. } => "sqlite",
+            StoreConfig::Dataverse(_) => "dataverse",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted, chunked or not.
+    pub max_body_bytes: usize,
+    /// Largest single OAuth callback parameter (`code`, `state`, ...).
+    pub max_param_bytes: usize,
+    /// How long a connection may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// Requests without an `Authorization` header served at once; past it, 503.
+    pub max_anonymous_requests: usize,
+    /// Callback hits one client address may make per minute (and in one burst).
+    pub callbacks_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_param_bytes: 8 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_anonymous_requests: 64,
+            callbacks_per_minute: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// States we did not issue are rejected.
+    Off,
+    /// States we did not issue are kept as capture records in the store.
+    Store,
+    /// Kept in the store and delivered to Finance & Operations.
+    Fno(Box<FnoConfig>),
+}
+
+/// Which foreign states capture mode keeps, and how many may wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturePolicy {
+    /// `CAPTURE_STATES=any` keeps every state; otherwise only registered or signed ones.
+    pub any_state: bool,
+    /// The secret (by name) Dynamics signs states with (`dcx1.` states), if it does.
+    pub state_key_secret: Option<String>,
+    /// Captures not yet delivered to F&O past which new ones are refused.
+    pub max_pending: usize,
+}
+
+/// Where captures go in Finance & Operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FnoConfig {
+    /// The environment URL, `https://env.operations.dynamics.com`.
+    pub url: Url,
+    /// `/api/services/{group}/{service}/{operation}` or `/data/{Entity}`.
+    pub path: String,
+    pub data_area: Option<String>,
+    /// An F&O-specific credential; `None` uses the app's.
+    pub credential: Option<CredentialConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub state_ttl: Duration,
+    pub refresh_margin: Duration,
+    /// How long a process trusts its cached access token before re-reading the store.
+    pub token_cache_ttl: Duration,
+    /// A refresh lease older than this is considered abandoned by a crashed instance.
+    pub lease_duration: Duration,
+    /// The timer refreshes tokens that expire within this window.
+    pub timer_lookahead: Duration,
+    pub capture: CaptureMode,
+    pub capture_policy: CapturePolicy,
+    pub capture_retention: Duration,
+    /// Origins (`https://host[:port]`) a `return_url` may point to.
+    pub return_url_origins: Vec<url::Origin>,
+    pub upstream_timeout: Duration,
+    /// How long a write that must not be lost retries a store that is unavailable.
+    pub store_retry: Duration,
+    /// How often an instance asks the store what other instances changed; zero: never.
+    pub change_feed: Duration,
+}
+
+/// An OIDC issuer of bearer tokens we accept: the back office's (Entra ID) and the
+/// portal's (B2C, Entra External ID) are configured alike.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Explicit JWKS URL; otherwise found through OpenID discovery on the issuer.
+    pub jwks_url: Option<Url>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackOfficeAuth {
+    pub issuer: IssuerConfig,
+    pub allowed_client_ids: Vec<String>,
+    pub allowed_roles: Vec<String>,
+}
+
+/// The portal companion: who the portal users are, and which origins call us.
+#[derive(Debug, Clone, Default)]
+pub struct PortalConfig {
+    pub power_pages: Option<PowerPagesConfig>,
+    pub oidc: Option<PortalOidcConfig>,
+    /// Origins (`https://host[:port]`) whose pages may call the portal API and receive
+    /// the connect popup's result.
+    pub origins: Vec<url::Origin>,
+    /// Whether this handler answers CORS (off where the platform does: Azure's CORS list).
+    pub handler_cors: bool,
+}
+
+impl PortalConfig {
+    pub fn enabled(&self) -> bool {
+        self.power_pages.is_some() || self.oidc.is_some()
+    }
+}
+
+/// A Power Pages site issuing implicit-grant tokens.
+#[derive(Debug, Clone)]
+pub struct PowerPagesConfig {
+    /// `https://contoso.powerappsportals.com`
+    pub url: Url,
+    /// The token's `iss`: the site's host name, without scheme.
+    pub host: String,
+    /// The registered client id (`ImplicitGrantFlow/RegisteredClientId`): the token's `aud`.
+    pub client_id: String,
+}
+
+/// An OIDC issuer for portal users (Azure AD B2C, Entra External ID).
+#[derive(Debug, Clone)]
+pub struct PortalOidcConfig {
+    pub issuer: IssuerConfig,
+    /// The claim whose value is the user's Dataverse contact id.
+    pub contact_claim: String,
+    /// Without that claim: a claim to find the contact by (`PORTAL_OIDC_LOOKUP_CLAIM`),
+    /// after the portal's external identity records.
+    pub lookup: Option<ContactLookup>,
+}
+
+/// Find a contact whose `column` equals the token's `claim` (`email` → `emailaddress1`).
+#[derive(Debug, Clone)]
+pub struct ContactLookup {
+    pub claim: String,
+    pub column: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretsConfig {
+    /// Key Vault to read secrets from; `None` reads them from the settings.
+    pub key_vault: Option<Url>,
+    /// How long a secret read from Key Vault is used before it is read again.
+    pub cache_ttl: Duration,
+    /// Comma-separated `id:base64key` list, or its secret name; see `crypto::Keyring`.
+    pub token_keys_secret: String,
+    /// Where a generated development key is kept when no key is configured (SQLite only).
+    pub dev_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses every section; the first bad setting stops it, named in the error.
+    pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
+        let listen = Listen::from_settings(s)?;
+        let redirect_uri = redirect_uri(s, &listen)?;
+        let tenancy = TenancyConfig::from_settings(s, &redirect_uri)?;
+        let dataverse = DataverseConfig::from_settings(s)?;
+        let store = StoreConfig::from_settings(s, dataverse.as_ref())?;
+        let secrets = SecretsConfig::from_settings(s, &store)?;
+        Ok(Config {
+            app_root: s.app_root().to_path_buf(),
+            redirect_uri,
+            azure_credential: CredentialConfig::from_settings(s, "AZURE")?.unwrap_or(CredentialConfig::DeveloperTools),
+            providers_file: s.path("PROVIDERS_FILE", "providers.toml"),
+            providers_file_required: s.get("PROVIDERS_FILE").is_some(),
+            limits: Limits::from_settings(s)?,
+            oauth: OAuthConfig::from_settings(s)?,
+            back_office: BackOfficeAuth::from_settings(s)?,
+            portal: PortalConfig::from_settings(s)?,
+            log_filter: s.get("LOG_LEVEL").or_else(|| s.get("RUST_LOG")).unwrap_or("info").to_string(),
+            log_format: match s.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+                None | Some("text") => crate::support::logging::LogFormat::Text,
+                Some("json") => crate::support::logging::LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError::new("LOG_FORMAT", format!("expected text or json, got {other:?}")));
+                }
+            },
+            webhook: WebhookConfig::from_settings(s)?,
+            telemetry: TelemetryConfig::from_settings(s)?,
+            tenancy,
+            listen,
+            store,
+            dataverse,
+            secrets,
+        })
+    }
+}
+
+impl Listen {
+    fn from_settings(s: &Settings) -> Result<Listen, ConfigError> {
+        Ok(match s.get("FUNCTIONS_CUSTOMHANDLER_PORT") {
+            Some(port) => {
+                let port: u16 = port.parse().map_err(|_| {
+                    ConfigError::new("FUNCTIONS_CUSTOMHANDLER_PORT", format!("expected a TCP port, got {port:?}"))
+                })?;
+                // The host always connects to 127.0.0.1.
+                Listen {
+                    addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                    under_host: true,
+                    worker_id: s.get("FUNCTIONS_CUSTOMHANDLER_WORKER_ID").map(str::to_string),
+                }
+            }
+            None => {
+                let port = s.parse("LOCAL_HTTP_PORT", s.local_host.port.unwrap_or(7071), "a TCP port")?;
+                let ip = s.local_host.address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                Listen { addr: SocketAddr::new(ip, port), under_host: false, worker_id: None }
+            }
+        })
+    }
+}
+
+/// `OAUTH_REDIRECT_URI`, else `PUBLIC_BASE_URL` + `/api/oauth/callback`, else localhost.
+fn redirect_uri(s: &Settings, listen: &Listen) -> Result<Url, ConfigError> {
+    let public_base = match s.url("PUBLIC_BASE_URL")? {
+        Some(u) => u,
+        None => {
+            let port = if listen.under_host { 7071 } else { listen.addr.port() };
+            Url::parse(&format!("http://localhost:{port}"))
+                .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", e.to_string()))?
+        }
+    };
+    match s.url("OAUTH_REDIRECT_URI")? {
+        Some(u) => Ok(u),
+        None => public_base
+            .join("/api/oauth/callback")
+            .map_err(|e| ConfigError::new("PUBLIC_BASE_URL", format!("cannot build the callback URL: {e}"))),
+    }
+}
+
+impl DataverseConfig {
+    fn from_settings(s: &Settings) -> Result<Option<DataverseConfig>, ConfigError> {
+        let Some(url) = s.url("DATAVERSE_URL")? else {
+            return Ok(None);
+        };
+        let prefix = s.get("DATAVERSE_PREFIX").unwrap_or("dc").to_string();
+        if prefix.is_empty() || prefix.len() > 8 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(ConfigError::new("DATAVERSE_PREFIX", "must be the publisher's 1-8 letter or digit prefix"));
+        }
+        Ok(Some(DataverseConfig {
+            url,
+            prefix,
+            solution: s.get("DATAVERSE_SOLUTION").map(str::to_string),
+            credential: CredentialConfig::from_settings(s, "DATAVERSE")?,
+            max_concurrency: match s.parse("DATAVERSE_MAX_CONCURRENCY", 16usize, "a number")? {
+                n @ 1..=52 => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        "DATAVERSE_MAX_CONCURRENCY",
+                        "must be 1-52 (Dataverse allows 52 concurrent requests per application user)",
+                    ));
+                }
+            },
+        }))
+    }
+}
+
+impl StoreConfig {
+    fn from_settings(s: &Settings, dataverse: Option<&DataverseConfig>) -> Result<StoreConfig, ConfigError> {
+        match s.get("STORE").unwrap_or("sqlite").to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(StoreConfig::Sqlite { path: s.path("SQLITE_PATH", ".data/companion.db") }),
+            "dataverse" => dataverse
+                .cloned()
+                .map(StoreConfig::Dataverse)
+                .ok_or_else(|| ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse")),
+            other => Err(ConfigError::new("STORE", format!("expected \"sqlite\" or \"dataverse\", got {other:?}"))),
+        }
+    }
+}
+
+impl Limits {
+    fn from_settings(s: &Settings) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let limits = Limits {
+            max_body_bytes: s.parse("MAX_BODY_BYTES", d.max_body_bytes, "a number of bytes")?,
+            max_param_bytes: s.parse("MAX_PARAM_BYTES", d.max_param_bytes, "a number of bytes")?,
+            header_read_timeout: s.seconds("HEADER_READ_TIMEOUT_SECONDS", d.header_read_timeout.as_secs())?,
+            body_read_timeout: s.seconds("BODY_READ_TIMEOUT_SECONDS", d.body_read_timeout.as_secs())?,
+            max_anonymous_requests: s.parse("MAX_ANONYMOUS_REQUESTS", d.max_anonymous_requests, "a number")?,
+            callbacks_per_minute: s.parse("CALLBACK_RATE_PER_MINUTE", d.callbacks_per_minute, "a number")?,
+        };
+        for (setting, zero) in [
+            ("HEADER_READ_TIMEOUT_SECONDS", limits.header_read_timeout.is_zero()),
+            ("BODY_READ_TIMEOUT_SECONDS", limits.body_read_timeout.is_zero()),
+            ("MAX_ANONYMOUS_REQUESTS", limits.max_anonymous_requests == 0),
+            ("CALLBACK_RATE_PER_MINUTE", limits.callbacks_per_minute == 0),
+        ] {
+            if zero {
+                return Err(ConfigError::new(setting, "must be at least 1"));
+            }
+        }
+        Ok(limits)
+    }
+}
+
+impl CaptureMode {
+    fn from_settings(s: &Settings) -> Result<CaptureMode, ConfigError> {
+        match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
+            "off" => Ok(CaptureMode::Off),
+            "store" => Ok(CaptureMode::Store),
+            "fno" => {
+                let url = s
+                    .url("FNO_URL")?
+                    .ok_or_else(|| ConfigError::new("FNO_URL", "is required with CAPTURE_MODE=fno"))?;
+                let path = s.require("FNO_CAPTURE_PATH")?.to_string();
+                if !(path.starts_with("/api/services/") || path.starts_with("/data/")) {
+                    return Err(ConfigError::new(
+                        "FNO_CAPTURE_PATH",
+                        format!(
+                            "must be a custom service (/api/services/...) or a data entity (/data/...), got {path:?}"
+                        ),
+                    ));
+                }
+                Ok(CaptureMode::Fno(Box::new(FnoConfig {
+                    url,
+                    path,
+                    data_area: s.get("FNO_DATA_AREA_ID").map(str::to_string),
+                    credential: CredentialConfig::from_settings(s, "FNO")?,
+                })))
+            }
+            other => {
+                Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\", \"fno\" or \"off\", got {other:?}")))
+            }
+        }
+    }
+
+    /// The setting's own word for the mode, for logs and `check`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CaptureMode::Off => "off",
+            CaptureMode::Store => "store",
+            CaptureMode::Fno(_) => "fno",
+        }
+    }
+}
+
+impl CapturePolicy {
+    fn from_settings(s: &Settings) -> Result<CapturePolicy, ConfigError> {
+        let any_state = match s.get("CAPTURE_STATES").unwrap_or("registered").to_ascii_lowercase().as_str() {
+            "registered" => false,
+            "any" => true,
+            other => {
+                return Err(ConfigError::new(
+                    "CAPTURE_STATES",
+                    format!("expected \"registered\" or \"any\", got {other:?}"),
+                ));
+            }
+        };
+        let state_key_secret = s.get("CAPTURE_STATE_KEY_SECRET").map(str::to_string);
+        if let Some(name) = &state_key_secret {
+            validate_secret_name(name).map_err(|e| ConfigError::new("CAPTURE_STATE_KEY_SECRET", e))?;
+        }
+        Ok(CapturePolicy {
+            any_state,
+            state_key_secret,
+            max_pending: s.parse("CAPTURE_MAX_PENDING", 1000, "a number")?,
+        })
+    }
+}
+
+impl OAuthConfig {
+    fn from_settings(s: &Settings) -> Result<OAuthConfig, ConfigError> {
+        let oauth = OAuthConfig {
+            state_ttl: s.seconds("STATE_TTL_SECONDS", 600)?,
+            refresh_margin: s.seconds("REFRESH_MARGIN_SECONDS", 300)?,
+            token_cache_ttl: s.seconds("TOKEN_CACHE_SECONDS", 30)?,
+            lease_duration: s.seconds("REFRESH_LEASE_SECONDS", 60)?,
+            timer_lookahead: s.seconds("TIMER_LOOKAHEAD_SECONDS", 900)?,
+            capture: CaptureMode::from_settings(s)?,
+            capture_policy: CapturePolicy::from_settings(s)?,
+            capture_retention: s.seconds("CAPTURE_RETENTION_SECONDS", 7 * 24 * 3600)?,
+            return_url_origins: s.origins("RETURN_URL_ALLOWLIST")?,
+            upstream_timeout: s.seconds("UPSTREAM_TIMEOUT_SECONDS", 30)?,
+            store_retry: s.seconds("STORE_RETRY_SECONDS", 30)?,
+            change_feed: s.seconds("CHANGE_FEED_SECONDS", 5)?,
+        };
+        if oauth.state_ttl.is_zero() {
+            return Err(ConfigError::new("STATE_TTL_SECONDS", "must be at least 1"));
+        }
+        if oauth.lease_duration <= oauth.upstream_timeout {
+            // A lease must outlive the refresh call it guards, or a slow provider lets a
+            // second instance take over and replay the rotating refresh token.
+            return Err(ConfigError::new(
+                "REFRESH_LEASE_SECONDS",
+                "must be longer than UPSTREAM_TIMEOUT_SECONDS, so a refresh cannot outlive its lease",
+            ));
+        }
+        Ok(oauth)
+    }
+}
+
+impl IssuerConfig {
+    /// `{ISSUER}`, `{AUDIENCE}` (required with it) and `{JWKS}`: `None` when the issuer
+    /// setting is unset.
+    fn from_settings(s: &Settings, issuer: &str, audience: &str, jwks: &str) -> Result<Option<Self>, ConfigError> {
+        let Some(value) = s.get(issuer) else {
+            return Ok(None);
+        };
+        parse_service_url(value).map_err(|p| ConfigError::new(issuer, p))?;
+        let audiences = s.list(audience);
+        if audiences.is_empty() {
+            return Err(ConfigError::new(audience, format!("is required when {issuer} is set")));
+        }
+        Ok(Some(IssuerConfig { issuer: value.to_string(), audiences, jwks_url: s.url(jwks)? }))
+    }
+}
+
+impl BackOfficeAuth {
+    fn from_settings(s: &Settings) -> Result<Option<BackOfficeAuth>, ConfigError> {
+        let Some(issuer) = IssuerConfig::from_settings(s, "AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_JWKS_URL")? else {
+            return Ok(None);
+        };
+        let allowed_client_ids = s.list("AUTH_ALLOWED_CLIENT_IDS");
+        let allowed_roles = s.list("AUTH_ALLOWED_ROLES");
+        if allowed_client_ids.is_empty() && allowed_roles.is_empty() {
+            return Err(ConfigError::new(
+                "AUTH_ALLOWED_CLIENT_IDS",
+                "set it or AUTH_ALLOWED_ROLES: without an allow-list any application of the tenant could read tokens",
+            ));
+        }
+        Ok(Some(BackOfficeAuth { issuer, allowed_client_ids, allowed_roles }))
+    }
+}
+
+impl PortalConfig {
+    fn from_settings(s: &Settings) -> Result<PortalConfig, ConfigError> {
+        let power_pages = PowerPagesConfig::from_settings(s)?;
+        let oidc =
+            IssuerConfig::from_settings(s, "PORTAL_OIDC_ISSUER", "PORTAL_OIDC_AUDIENCE", "PORTAL_OIDC_JWKS_URL")?.map(
+                |issuer| PortalOidcConfig {
+                    issuer,
+                    contact_claim: s.get("PORTAL_OIDC_CONTACT_CLAIM").unwrap_or("contactid").to_string(),
+                    lookup: s.get("PORTAL_OIDC_LOOKUP_CLAIM").map(|claim| ContactLookup {
+                        claim: claim.to_string(),
+                        column: s
+                            .get("PORTAL_OIDC_LOOKUP_COLUMN")
+                            .unwrap_or(if claim == "email" || claim == "emails" { "emailaddress1" } else { claim })
+                            .to_string(),
+                    }),
+                },
+            );
+        if let Some(l) = oidc.as_ref().and_then(|o| o.lookup.as_ref())
+            && (l.column.is_empty()
+                || !l.column.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        {
+            return Err(ConfigError::new(
+                "PORTAL_OIDC_LOOKUP_COLUMN",
+                "must be a contact column's logical name (emailaddress1)",
+            ));
+        }
+        let mut origins = s.origins("PORTAL_ORIGINS")?;
+        if let Some(pp) = &power_pages
+            && !origins.contains(&pp.url.origin())
+        {
+            origins.push(pp.url.origin());
+        }
+        let handler_cors = match s.get("CORS_LAYER").unwrap_or("handler").to_ascii_lowercase().as_str() {
+            "handler" => true,
+            "platform" => false,
+            other => {
+                return Err(ConfigError::new(
+                    "CORS_LAYER",
+                    format!("expected \"handler\" or \"platform\", got {other:?}"),
+                ));
+            }
+        };
+        Ok(PortalConfig { power_pages, oidc, origins, handler_cors })
+    }
+}
+
+impl PowerPagesConfig {
+    fn from_settings(s: &Settings) -> Result<Option<PowerPagesConfig>, ConfigError> {
+        let Some(url) = s.url("PORTAL_URL")? else {
+            return Ok(None);
+        };
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let client_id = s.require("PORTAL_CLIENT_ID")?.to_string();
+        if client_id.len() > 36 || !client_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(ConfigError::new(
+                "PORTAL_CLIENT_ID",
+                "must be the registered client id: at most 36 letters, digits or '-'",
+            ));
+        }
+        Ok(Some(PowerPagesConfig { url, host, client_id }))
+    }
+}
+
+impl SecretsConfig {
+    fn from_settings(s: &Settings, store: &StoreConfig) -> Result<SecretsConfig, ConfigError> {
+        let key_vault = match s.get("KEY_VAULT_URL") {
+            None => None,
+            Some(v) => {
+                let url = Url::parse(v)
+                    .map_err(|e| ConfigError::new("KEY_VAULT_URL", format!("is not a valid URL ({e}): {v:?}")))?;
+                if url.scheme() != "https" {
+                    return Err(ConfigError::new(
+                        "KEY_VAULT_URL",
+                        format!("must be https (Key Vault requires TLS): {v:?}"),
+                    ));
+                }
+                Some(url)
+            }
+        };
+        Ok(SecretsConfig {
+            key_vault,
+            cache_ttl: s.seconds("SECRETS_CACHE_SECONDS", 300)?,
+            token_keys_secret: s.get("TOKEN_ENCRYPTION_KEYS_SECRET").unwrap_or("token-encryption-keys").to_string(),
+            dev_key_file: match store {
+                StoreConfig::Sqlite { path } => Some(path.with_extension("key")),
+                StoreConfig::Dataverse(_) => None,
+            },
+        })
+    }
+}
