@@ -203,7 +203,7 @@ impl App {
                 keys.clone(),
                 clock.clone(),
                 t.clone(),
-                crate::domain::tenants::credential::TenantCredentials::new(t, secrets.as_ref()).await?,
+                crate::clients::entra::TenantCredentials::new(t, secrets.as_ref()).await?,
                 outbound::unpooled_client(config.oauth.upstream_timeout)?,
             )),
             None => None,

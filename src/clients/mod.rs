@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod azure;
 pub mod dataverse;
+pub mod entra;
 pub mod fno;
 pub mod provider;
 pub mod secrets;

@@ -8,7 +8,6 @@
 //! the answer is not trusted (anyone can type that redirect): consent counts once a
 //! client-credential token of the app has actually been had from that tenant.
 
-pub mod credential;
 pub mod signin;
 
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use crate::domain::{Store, StoreError, Tenant, TenantStatus, Version};
 use crate::support::config::{TenancyConfig, is_guid};
 use crate::support::crypto::{Keyring, StateError};
 use crate::support::time::Clock;
-use credential::{TenantCredentials, TenantTokenError};
+use crate::clients::entra::{TenantCredentials, TenantTokenError};
 
 /// How long an admin-consent link stays valid: an administrator may need a while to
 /// find the right account.
@@ -102,8 +101,8 @@ impl Tenants {
     }
 
     /// The token source of a customer organisation, from its tenant.
-    pub fn org_token(&self, tenant: &str, org_url: &str) -> credential::OrgToken {
-        credential::OrgToken {
+    pub fn org_token(&self, tenant: &str, org_url: &str) -> crate::clients::entra::OrgToken {
+        crate::clients::entra::OrgToken {
             credentials: self.credentials.clone(),
             tenant: tenant.to_string(),
             scope: format!("{}/.default", org_url.trim_end_matches('/')),
