@@ -86,14 +86,14 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     };
 
     // Where secrets come from, chosen as the running app chooses.
-    let http = match app::http_client(&config) {
+    let http = match app::build::http_client(&config) {
         Ok(h) => h,
         Err(e) => {
             report.add("HTTPS client", Err(e.to_string()));
             return report;
         }
     };
-    let secrets: Arc<dyn SecretSource> = match app::secret_source(&config, settings.clone()).await {
+    let secrets: Arc<dyn SecretSource> = match app::build::secret_source(&config, settings.clone()).await {
         Ok(source) => {
             report.add(
                 "secrets source",
@@ -142,7 +142,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     let mut dataverse = None;
     if let Some(dv) = config.dataverse.clone() {
         let cred = dv.credential.as_ref().unwrap_or(&config.azure_credential);
-        match app::resource_token(dv.credential.as_ref(), &config, secrets.as_ref(), &dv.url).await {
+        match app::build::resource_token(dv.credential.as_ref(), &config, secrets.as_ref(), &dv.url).await {
             Ok(tokens) => {
                 let got = tokens.token().await;
                 let ok = report.add(
@@ -166,7 +166,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     }
     if let CaptureMode::Fno(f) = &config.oauth.capture {
         let cred = f.credential.as_ref().unwrap_or(&config.azure_credential);
-        let result = match app::resource_token(f.credential.as_ref(), &config, secrets.as_ref(), &f.url).await {
+        let result = match app::build::resource_token(f.credential.as_ref(), &config, secrets.as_ref(), &f.url).await {
             Ok(tokens) => {
                 tokens.token().await.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string())
             }

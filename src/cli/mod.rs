@@ -142,34 +142,18 @@ fn serve() -> ExitCode {
             Ok(app) => Arc::new(app),
             Err(e) => return fail(e),
         };
+        let home = app.organisations().home();
         tracing::info!(
             %addr,
             under_host,
-            store = app.connections.store().kind(),
-            providers = app.connections.catalog().len(),
-            startup_ms = format_args!("{:.1}", app.started.elapsed().as_secs_f64() * 1000.0),
+            store = home.store().kind(),
+            providers = home.catalog().len(),
+            startup_ms = format_args!("{:.1}", app.startup_ms()),
             "Dynamics Companion {} listening",
             env!("CARGO_PKG_VERSION")
         );
-        // Warm what the first requests would otherwise wait for, in series, without
-        // holding readiness back: the issuer's keys, the Dataverse token and connection.
-        tokio::spawn(app.clone().prefetch());
-        tokio::spawn(app.clone().follow_changes());
-        if app.connections.store().kind() != "sqlite" || app.tenants.is_some() {
-            let app = app.clone();
-            tokio::spawn(async move { app.check_keys_in_use().await });
-        }
-        if app.config.secrets.key_vault.is_some() {
-            let app = app.clone();
-            let every = app.config.secrets.cache_ttl.max(std::time::Duration::from_secs(1));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    app.reload_keys().await;
-                }
-            });
-        }
-        crate::web::serve(app, listener, shutdown_signal()).await;
+        app.start_background();
+        crate::web::serve(app.services().clone(), listener, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     });
@@ -222,7 +206,7 @@ fn reseal() -> ExitCode {
             Ok(app) => app,
             Err(e) => return fail(e),
         };
-        let orgs = match app.organisations().await {
+        let orgs = match app.organisations().all().await {
             Ok(orgs) => orgs,
             Err(e) => return fail(format!("the customer organisations could not be listed: {e}")),
         };
@@ -240,7 +224,9 @@ fn reseal() -> ExitCode {
                 }
             }
         }
-        if let Some(line) = app.outstanding_links().await {
+        if let Some(tenants) = app.organisations().tenants()
+            && let Some(line) = tenants.open_links().await
+        {
             println!("{line}");
         }
         if done { ExitCode::SUCCESS } else { ExitCode::FAILURE }
@@ -284,16 +270,16 @@ fn onboard(org: &str, app_id: Option<String>) -> ExitCode {
     };
     rt.block_on(async move {
         let secrets = crate::clients::secrets::SettingsSecrets::new(settings);
-        let http = match crate::app::http_client(&config) {
+        let http = match crate::app::build::http_client(&config) {
             Ok(h) => h,
             Err(e) => return fail(e),
         };
         let credential = config.dataverse.as_ref().and_then(|d| d.credential.as_ref());
-        let tokens = match crate::app::resource_token(credential, &config, &secrets, &url).await {
+        let tokens = match crate::app::build::resource_token(credential, &config, &secrets, &url).await {
             Ok(t) => t,
             Err(e) => return fail(e),
         };
-        let prefix = config.dataverse.as_ref().map(|d| d.prefix.as_str()).unwrap_or("dc");
+        let prefix = config.tables.prefix.as_str();
         let dv = crate::clients::dataverse::Dataverse::new(&url, http, tokens, None);
         println!("Setting up {url} for app {app_id}");
         match crate::clients::dataverse::setup::onboard(&dv, &crate::clients::dataverse::provision::Schema::new(prefix), &app_id).await {
@@ -329,11 +315,11 @@ fn provision(key_timeout_seconds: u64) -> ExitCode {
     };
     rt.block_on(async move {
         let secrets = crate::clients::secrets::SettingsSecrets::new(settings);
-        let http = match crate::app::http_client(&config) {
+        let http = match crate::app::build::http_client(&config) {
             Ok(h) => h,
             Err(e) => return fail(e),
         };
-        let client = match crate::app::dataverse_client(&dv, &config, &secrets, http).await {
+        let client = match crate::app::build::dataverse_client(&dv, &config, &secrets, http).await {
             Ok(c) => c,
             Err(e) => return fail(e),
         };

@@ -51,9 +51,7 @@ pub struct TenantId(String);
 
 /// Why a text is not a tenant id.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "tenant id {0:?} must be the customer's Entra tenant id (a GUID, shown on the tenant's Overview page)"
-)]
+#[error("tenant id {0:?} must be the customer's Entra tenant id (a GUID, shown on the tenant's Overview page)")]
 pub struct InvalidTenantId(pub String);
 
 impl TenantId {

@@ -13,6 +13,7 @@
 
 pub mod captures;
 pub mod connections;
+pub mod ids;
 pub mod oauth;
 pub mod portal;
 pub mod store;

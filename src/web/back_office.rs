@@ -9,31 +9,37 @@ use super::views::{
     ConnectionView, ImportRequest, ReconnectRequest, StartRequest, Started, TokenRequest, TokenResponse,
 };
 use super::{ApiError, Request, Response, proxy, response};
-use crate::app::App;
+use crate::app::services::BackOffice;
 use std::sync::Arc;
 
-use crate::clients::auth::Caller;
+use crate::clients::auth::{BearerVerifier, Caller};
 use crate::domain::connections::ConnectionError;
 use crate::domain::connections::Connections;
 use crate::domain::{ListFilter, Status};
 
 /// Checks the back-office caller's bearer token.
-pub(super) async fn caller(app: &App, req: &Request) -> Result<Caller, ApiError> {
-    let verifier = configured(app.back_office.as_ref(), Closed::BackOffice)?;
+pub(super) async fn caller(
+    verifier: Option<&std::sync::Arc<BearerVerifier>>,
+    req: &Request,
+) -> Result<Caller, ApiError> {
+    let verifier = configured(verifier, Closed::BackOffice)?;
     Ok(verifier.verify(req.header(header::AUTHORIZATION)).await?)
 }
 
 /// The caller and the connections it reaches (its own tenant's, in a multi-tenant
 /// deployment: another tenant's connection is simply not there, 404).
-pub(super) async fn caller_and_connections(app: &App, req: &Request) -> Result<(Caller, Arc<Connections>), ApiError> {
-    let who = caller(app, req).await?;
-    let connections = app.connections_for(&who).await?;
+pub(super) async fn caller_and_connections(
+    svc: &BackOffice,
+    req: &Request,
+) -> Result<(Caller, Arc<Connections>), ApiError> {
+    let who = caller(svc.verifier.as_ref(), req).await?;
+    let connections = svc.organisations.for_caller(who.home, who.tenant.as_deref()).await?;
     Ok((who, connections))
 }
 
 /// `GET /api/connections` (list) and `POST /api/connections` (start).
-pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let (who, connections) = caller_and_connections(app, &req).await?;
+pub async fn collection(svc: &BackOffice, mut req: Request) -> Result<Response, ApiError> {
+    let (who, connections) = caller_and_connections(svc, &req).await?;
     if req.method == Method::POST {
         let start: StartRequest = req.json().await?;
         let started = connections.start(start.into()).await?;
@@ -87,8 +93,8 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
 
 /// `POST /api/connections/import`: takes over a connection from another token keeper
 /// (its refresh token, verified by one refresh before the answer).
-pub async fn import(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let (who, connections) = caller_and_connections(app, &req).await?;
+pub async fn import(svc: &BackOffice, mut req: Request) -> Result<Response, ApiError> {
+    let (who, connections) = caller_and_connections(svc, &req).await?;
     let body: ImportRequest = req.json().await?;
     let imported = connections.import(body.try_into()?).await?;
     tracing::info!(connection = %imported.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "import");
@@ -112,8 +118,8 @@ mod cursor {
 }
 
 /// `GET /api/connections/{id}` (status) and `DELETE` (revoke and remove).
-pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(app, &req).await?;
+pub async fn item(svc: &BackOffice, req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, connections) = caller_and_connections(svc, &req).await?;
     if req.method == Method::DELETE {
         let skip = req.query_param("skip_revocation").is_some_and(|v| v == "true");
         return match connections.delete(id, skip).await {
@@ -135,8 +141,8 @@ pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiErro
 }
 
 /// `POST /api/connections/{id}/token`: a valid access token.
-pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(app, &req).await?;
+pub async fn token(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, connections) = caller_and_connections(svc, &req).await?;
     let body: Option<TokenRequest> = req.json().await?;
     let force =
         body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
@@ -145,17 +151,17 @@ pub async fn token(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
 }
 
 /// `POST /api/connections/{id}/reconnect`: a new authorization URL for a connection.
-pub async fn reconnect(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(app, &req).await?;
+pub async fn reconnect(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, connections) = caller_and_connections(svc, &req).await?;
     let body: Option<ReconnectRequest> = req.json().await?;
     let started = connections.reconnect(id, body.and_then(|b| b.return_url).as_deref(), Default::default()).await?;
     Ok(response::json(StatusCode::OK, &Started::from(&started)))
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
-pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(app, &req).await?;
+pub async fn proxy(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, connections) = caller_and_connections(svc, &req).await?;
     let token = connections.access_token(id, false).await?;
-    let (provider, target) = proxy::target(app, &token, id, &req)?;
-    proxy::send_with_token(app, &connections, &provider, id, token, target, &mut req).await
+    let (provider, target) = proxy::target(connections.catalog(), &token, id, &req)?;
+    proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req).await
 }

@@ -35,30 +35,22 @@ use warp::http::{HeaderValue, Method, StatusCode, header};
 
 use super::html::{self, Tone};
 use super::{ApiError, Request, Response};
-use crate::app::App;
+use crate::app::services::{BindCookies, Callback};
 use crate::domain::connections::BindFailure;
 use crate::support::crypto::StateError;
 
-/// The page the portal popup opens first.
-pub fn page_url(app: &App) -> String {
-    let mut url = app.config.redirect_uri.clone();
-    url.set_path("/api/oauth/bind");
-    url.set_query(None);
-    url.to_string()
-}
-
 /// `GET /api/oauth/bind` (the page) and `POST /api/oauth/bind` (the check).
-pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+pub async fn handle(svc: &Callback, mut req: Request) -> Result<Response, ApiError> {
     if req.method != Method::POST {
-        return Ok(page(app));
+        return Ok(page(&svc.cookies));
     }
-    same_origin(app, &req)?;
+    same_origin(&svc.cookies, &req)?;
     let body = req.body_bytes().await?;
     let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
     let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or("");
     let refused = |detail: &str| ApiError::bad_request("binding-refused", detail.to_string());
     let page_value = field("page");
-    if !page_value_matches(app, &req, page_value) {
+    if !page_value_matches(&svc.cookies, &req, page_value) {
         return Err(cross_site("The form did not come from this service's own connect page."));
     }
     let (secret, target, origin) = (field("secret"), field("authorization_url"), field("origin"));
@@ -71,7 +63,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     }
     let target = url::Url::parse(target).map_err(|_| refused("The authorization link is not a URL."))?;
     let state = target.query_pairs().find(|(k, _)| k == "state").map(|(_, v)| v.into_owned()).unwrap_or_default();
-    let verified = match app.keys.verify_state(&state, crate::support::time::now()) {
+    let verified = match svc.keys.verify_state(&state, crate::support::time::now()) {
         Ok(v) => v,
         Err(StateError::Expired) => {
             return Err(ApiError::bad_request(
@@ -81,10 +73,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         }
         Err(_) => return Err(refused("The authorization link was not issued by this service.")),
     };
-    let connections = match &verified.scope {
-        None => app.connections.clone(),
-        Some(tenant) => app.tenant_scope(tenant).await?,
-    };
+    let connections = svc.organisations.for_scope(verified.scope.as_deref()).await?;
     let bound = connections.bind(&verified, secret).await.map_err(|e| match e {
         BindFailure::UnknownState => {
             refused("This authorization was already used or replaced. Start the connection again from the portal.")
@@ -99,14 +88,18 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         return Err(refused("The secret came from another page than the one that started the connection."));
     }
     let max_age = bound.expires_at.saturating_sub(crate::support::time::now()).max(1);
-    let cookie =
-        format!("{}={secret}; Max-Age={max_age}{}", cookie_name(app, &verified.hash), attributes(app, bound.form_post));
+    let cookie = format!(
+        "{}={secret}; Max-Age={max_age}{}",
+        cookie_name(&svc.cookies, &verified.hash),
+        attributes(&svc.cookies, bound.form_post)
+    );
     let mut resp = super::response::redirect(target.as_str());
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     // The page's one-time value is spent.
-    let spent = format!("{}=; Max-Age=0{}", page_cookie_name(app, page_value), page_cookie_attributes(app));
+    let spent =
+        format!("{}=; Max-Age=0{}", page_cookie_name(&svc.cookies, page_value), page_cookie_attributes(&svc.cookies));
     if let Ok(v) = HeaderValue::from_str(&spent) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -119,8 +112,8 @@ const PAGE_VALUE_SECONDS: u32 = 600;
 /// The request must be the bind page's own form post: `Origin` (which browsers send on
 /// every POST, and which a page cannot forge) is this handler's public origin, and a
 /// `Sec-Fetch-Site` that is sent says `same-origin`. Refused before the body is read.
-fn same_origin(app: &App, req: &Request) -> Result<(), ApiError> {
-    let ours = app.config.redirect_uri.origin().ascii_serialization();
+fn same_origin(c: &BindCookies, req: &Request) -> Result<(), ApiError> {
+    let ours = c.redirect_uri.origin().ascii_serialization();
     match req.header(header::ORIGIN) {
         Some(origin) if origin == ours => {}
         Some(_) => return Err(cross_site("The form was posted from another site.")),
@@ -143,22 +136,22 @@ fn cross_site(detail: &str) -> ApiError {
 /// Whether the form echoes the value the bind page was served with, and the browser holds
 /// it in the page's cookie (double submit: another site can neither read the value nor
 /// make the browser send a `SameSite=Strict` cookie with its own form).
-fn page_value_matches(app: &App, req: &Request, value: &str) -> bool {
+fn page_value_matches(c: &BindCookies, req: &Request, value: &str) -> bool {
     if value.len() != 32 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
         return false;
     }
-    cookie(req, &page_cookie_name(app, value))
+    cookie(req, &page_cookie_name(c, value))
         .is_some_and(|held| crate::support::crypto::constant_time_eq(held.as_bytes(), value.as_bytes()))
 }
 
 /// One cookie per page (several popups may be open), named after its value's first part.
-fn page_cookie_name(app: &App, value: &str) -> String {
+fn page_cookie_name(c: &BindCookies, value: &str) -> String {
     let short = value.get(..8).unwrap_or(value);
-    if secure(app) { format!("__Host-dcbp-{short}") } else { format!("dcbp-{short}") }
+    if secure(c) { format!("__Host-dcbp-{short}") } else { format!("dcbp-{short}") }
 }
 
-fn page_cookie_attributes(app: &App) -> &'static str {
-    if secure(app) { "; Path=/; HttpOnly; Secure; SameSite=Strict" } else { "; Path=/; HttpOnly; SameSite=Strict" }
+fn page_cookie_attributes(c: &BindCookies) -> &'static str {
+    if secure(c) { "; Path=/; HttpOnly; Secure; SameSite=Strict" } else { "; Path=/; HttpOnly; SameSite=Strict" }
 }
 
 /// The value of the cookie `name` the request carries, if any.
@@ -174,27 +167,27 @@ fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
 }
 
 /// The secret the browser presents for a state, from its cookie.
-pub fn presented<'a>(app: &App, req: &'a Request, state_hash: &str) -> Option<&'a str> {
-    cookie(req, &cookie_name(app, state_hash))
+pub fn presented<'a>(c: &BindCookies, req: &'a Request, state_hash: &str) -> Option<&'a str> {
+    cookie(req, &cookie_name(c, state_hash))
 }
 
 /// A `Set-Cookie` value that removes the binding cookie once the flow is done.
-pub fn cleared(app: &App, state_hash: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("{}=; Max-Age=0{}", cookie_name(app, state_hash), attributes(app, false))).ok()
+pub fn cleared(c: &BindCookies, state_hash: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{}=; Max-Age=0{}", cookie_name(c, state_hash), attributes(c, false))).ok()
 }
 
 /// One cookie per flow (a browser may run two at once), named after the state's hash.
-fn cookie_name(app: &App, state_hash: &str) -> String {
+fn cookie_name(c: &BindCookies, state_hash: &str) -> String {
     let short = state_hash.get(..16).unwrap_or(state_hash);
-    if secure(app) { format!("__Host-dcb-{short}") } else { format!("dcb-{short}") }
+    if secure(c) { format!("__Host-dcb-{short}") } else { format!("dcb-{short}") }
 }
 
-fn secure(app: &App) -> bool {
-    app.config.redirect_uri.scheme() == "https"
+fn secure(c: &BindCookies) -> bool {
+    c.redirect_uri.scheme() == "https"
 }
 
-fn attributes(app: &App, form_post: bool) -> &'static str {
-    match (secure(app), form_post) {
+fn attributes(c: &BindCookies, form_post: bool) -> &'static str {
+    match (secure(c), form_post) {
         (true, true) => "; Path=/; HttpOnly; Secure; SameSite=None",
         (true, false) => "; Path=/; HttpOnly; Secure; SameSite=Lax",
         (false, _) => "; Path=/; HttpOnly; SameSite=Lax",
@@ -206,9 +199,9 @@ fn attributes(app: &App, form_post: bool) -> &'static str {
 /// cookie is first-party), with the page's one-time value. Its referrer policy is
 /// `same-origin`, so that post carries the real `Origin` (under `no-referrer` a browser
 /// sends `Origin: null`).
-fn page(app: &App) -> Response {
+fn page(c: &BindCookies) -> Response {
     let value = crate::support::crypto::random_hex::<16>();
-    let origins: Vec<String> = app.config.portal.origins.iter().map(|o| o.ascii_serialization()).collect();
+    let origins: Vec<String> = c.portal_origins.iter().map(|o| o.ascii_serialization()).collect();
     let origins = serde_json::to_string(&origins).unwrap_or_else(|_| "[]".into()).replace('<', "\\u003c");
     let script = format!(
         "(function(){{var origins={origins};var done=false;\
@@ -231,11 +224,8 @@ if(window.opener){{origins.forEach(function(o){{window.opener.postMessage({{type
     );
     let h = resp.headers_mut();
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    let cookie = format!(
-        "{}={value}; Max-Age={PAGE_VALUE_SECONDS}{}",
-        page_cookie_name(app, &value),
-        page_cookie_attributes(app)
-    );
+    let cookie =
+        format!("{}={value}; Max-Age={PAGE_VALUE_SECONDS}{}", page_cookie_name(c, &value), page_cookie_attributes(c));
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         h.append(header::SET_COOKIE, v);
     }

@@ -12,11 +12,10 @@ use warp::http::{Method, StatusCode, header};
 use super::html::{self, Tone};
 use super::request::{is_json, parse_json};
 use super::{ApiError, Request, Response, response};
-use crate::app::App;
+use crate::app::services::Callback;
 use crate::domain::captures::{Outcome, Received};
 use crate::domain::connections::{CallbackFailure, Completed};
 use crate::domain::oauth::{AuthorizationCode, ErrorCode, OAuthError};
-use crate::support::config::CaptureMode;
 use crate::support::crypto::StateError;
 
 /// The parameters an authorization response may carry.
@@ -31,10 +30,10 @@ struct Params {
 
 const NAMES: [&str; 6] = ["code", "state", "iss", "error", "error_description", "error_uri"];
 
-pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
+pub async fn handle(svc: &Callback, mut req: Request) -> Result<Response, ApiError> {
     // Anyone can hit the callback: a bounded rate per client address.
-    if let Some(ip) = client_address(app, &req)
-        && let Err(wait) = app.callback_rate.take(ip)
+    if let Some(ip) = client_address(svc, &req)
+        && let Err(wait) = svc.rate.take(ip)
     {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -53,7 +52,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
             Tone::Success,
         ));
     }
-    let params = read_params(app, &mut req).await?;
+    let params = read_params(svc, &mut req).await?;
     let Some(state) = params.state.as_deref() else {
         return Err(match &params.error {
             Some(error) => ApiError::bad_request(
@@ -69,8 +68,8 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
             ),
         });
     };
-    match app.keys.verify_state(state, crate::support::time::now()) {
-        Err(StateError::NotOurs) => capture(app, state, &params).await,
+    match svc.keys.verify_state(state, crate::support::time::now()) {
+        Err(StateError::NotOurs) => capture(svc, state, &params).await,
         Err(StateError::Tampered) => Err(ApiError::bad_request(
             "state-tampered",
             "The state parameter was altered, or was signed with a key that is no longer configured. Start the connection again.",
@@ -82,12 +81,9 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
         Ok(verified) => {
             let error = params.error.as_deref().map(ErrorCode::parse);
             let provider_error = error.as_ref().map(|e| (e, params.error_description.as_deref()));
-            let presented = super::binding::presented(app, &req, &verified.hash);
+            let presented = super::binding::presented(&svc.cookies, &req, &verified.hash);
             // A customer tenant's connection lives in that tenant's organisation.
-            let connections = match &verified.scope {
-                None => app.connections.clone(),
-                Some(tenant) => app.tenant_scope(tenant).await?,
-            };
+            let connections = svc.organisations.for_scope(verified.scope.as_deref()).await?;
             let outcome = connections
                 .complete(&verified, params.code.as_ref(), params.iss.as_deref(), provider_error, presented)
                 .await;
@@ -96,7 +92,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
                 Err(failure) => failure_response(failure)?,
             };
             if presented.is_some()
-                && let Some(clear) = super::binding::cleared(app, &verified.hash)
+                && let Some(clear) = super::binding::cleared(&svc.cookies, &verified.hash)
             {
                 resp.headers_mut().append(header::SET_COOKIE, clear);
             }
@@ -105,7 +101,7 @@ pub async fn handle(app: &App, mut req: Request) -> Result<Response, ApiError> {
     }
 }
 
-async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
+async fn read_params(svc: &Callback, req: &mut Request) -> Result<Params, ApiError> {
     let mut pairs = req.query_pairs();
     if req.method == Method::POST {
         let content_type = req.header(header::CONTENT_TYPE).unwrap_or("").to_ascii_lowercase();
@@ -134,7 +130,7 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
             ));
         }
     }
-    let limit = app.config.limits.max_param_bytes;
+    let limit = svc.max_param_bytes;
     let mut p = Params::default();
     for (name, value) in pairs {
         if !NAMES.contains(&name.as_str()) {
@@ -173,8 +169,8 @@ async fn read_params(app: &App, req: &mut Request) -> Result<Params, ApiError> {
 /// to the address it was called from, replacing whatever the client sent; where a front
 /// end appends instead, the last entry is the one the nearest trusted hop added. Without
 /// the host, the TCP peer is the client and the header is not trusted.
-fn client_address(app: &App, req: &Request) -> Option<std::net::IpAddr> {
-    if app.config.listen.under_host
+fn client_address(svc: &Callback, req: &Request) -> Option<std::net::IpAddr> {
+    if svc.under_host
         && let Some(last) = req.header("x-forwarded-for").and_then(|v| v.rsplit(',').next())
     {
         let last = last.trim();
@@ -191,8 +187,8 @@ fn repeated(name: &str) -> ApiError {
 }
 
 /// Capture mode: keep what the provider sent, once per code, for Dynamics.
-async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiError> {
-    if matches!(app.config.oauth.capture, CaptureMode::Off) {
+async fn capture(svc: &Callback, state: &str, p: &Params) -> Result<Response, ApiError> {
+    if !svc.capturing {
         return Err(ApiError::bad_request(
             "unknown-state",
             "This state was not issued by this service, and capture mode is off.",
@@ -208,7 +204,7 @@ async fn capture(app: &App, state: &str, p: &Params) -> Result<Response, ApiErro
         error: p.error.as_deref(),
         error_description: p.error_description.as_deref(),
     };
-    let outcome = app.captures.capture(received).await?;
+    let outcome = svc.captures.capture(received).await?;
     let (title, message, tone) = match &p.error {
         Some(error) => (
             "Authorization not granted",

@@ -12,45 +12,45 @@ use serde_json::json;
 use warp::http::StatusCode;
 
 use super::{ApiError, Request, Response, response};
-use crate::app::App;
+use crate::app::services::Health;
 
 /// How long a census of the store is reused: six Dataverse requests each time.
 const CENSUS_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long the store's readiness (a round trip and a schema check) is reused.
 pub const READINESS_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
+pub async fn handle(svc: &Health, req: Request) -> Result<Response, ApiError> {
     // A bearer token must be a valid back-office one; only the home tenant's is an operator.
     let operator = match req.header(warp::http::header::AUTHORIZATION) {
-        Some(_) => super::back_office::caller(app, &req).await?.home,
+        Some(_) => super::back_office::caller(svc.verifier.as_ref(), &req).await?.home,
         None => false,
     };
     let mut body = json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-        "started_at": crate::support::time::rfc3339(app.started_at),
-        "under_functions_host": app.config.listen.under_host,
+        "uptime_seconds": svc.started.elapsed().as_secs(),
+        "started_at": crate::support::time::rfc3339(svc.started_at),
+        "under_functions_host": svc.under_host,
     });
     if !operator {
         return Ok(response::json(StatusCode::OK, &body));
     }
-    let store = store_readiness(app).await;
+    let store = store_readiness(svc).await;
     let store_ready = store["ready"].as_bool().unwrap_or(false);
-    let back_office = match &app.back_office {
+    let back_office = match &svc.verifier {
         Some(v) => json!({ "configured": true, "issuer": v.issuer(), "signing_keys_loaded": v.keys_loaded() }),
         None => json!({ "configured": false }),
     };
     body["status"] = json!(if store_ready { "ok" } else { "degraded" });
     body["dependencies"] = json!({
         "store": store,
-        "providers": { "ready": true, "count": app.connections.catalog().len() },
-        "secrets": { "source": app.secrets.describe() },
-        "encryption": encryption(app).await,
+        "providers": { "ready": true, "count": svc.organisations.home().catalog().len() },
+        "secrets": { "source": svc.secrets.describe() },
+        "encryption": encryption(svc).await,
         "back_office_auth": back_office,
     });
-    body["connections"] = counters(app).await;
-    if let Some(run) = app.last_timer_run() {
+    body["connections"] = counters(svc).await;
+    if let Some(run) = svc.timer.last() {
         body["timer"] = json!({
             "last_run_at": crate::support::time::rfc3339(run.at),
             "last_run_ms": run.ms,
@@ -65,9 +65,9 @@ pub async fn handle(app: &App, req: Request) -> Result<Response, ApiError> {
 
 /// Whether the store answers and has its tables (and keys): checked at most once per
 /// [`READINESS_FOR`], by one caller while the others wait for its answer.
-async fn store_readiness(app: &App) -> serde_json::Value {
-    let store = app.connections.store();
-    let checked = app
+async fn store_readiness(svc: &Health) -> serde_json::Value {
+    let store = svc.organisations.home().store();
+    let checked = svc
         .readiness
         .get_or_try_insert_with(&(), || async {
             let checked = match store.ping().await {
@@ -88,12 +88,14 @@ async fn store_readiness(app: &App) -> serde_json::Value {
 }
 
 /// Counts over the store (cached for [`CENSUS_FOR`]) and this instance's refreshes.
-async fn counters(app: &App) -> serde_json::Value {
-    let (granted, failed) = app.connections.refreshes_last_hour();
+async fn counters(svc: &Health) -> serde_json::Value {
+    let (granted, failed) = svc.organisations.home().refreshes_last_hour();
     let now = crate::support::time::now();
-    let census = match app.census.get(&()) {
+    let census = match svc.census.get(&()) {
         Some(c) => Ok(c),
-        None => app.connections.store().census(now).await.inspect(|c| app.census.insert((), c.clone(), CENSUS_FOR)),
+        None => {
+            svc.organisations.home().store().census(now).await.inspect(|c| svc.census.insert((), c.clone(), CENSUS_FOR))
+        }
     };
     let mut v = match census {
         Ok(c) => json!({
@@ -113,11 +115,11 @@ async fn counters(app: &App) -> serde_json::Value {
 /// `handler reseal` run elsewhere shows within a minute), and in each customer
 /// organisation as this instance's last key-rotation pass found. An older key may be
 /// removed once no count names it (`handler reseal` checks every organisation).
-async fn encryption(app: &App) -> serde_json::Value {
-    let current = app.keys.current_id();
+async fn encryption(svc: &Health) -> serde_json::Value {
+    let current = svc.keys.current_id();
     let mut e = json!({ "current_key_id": current });
-    let store = app.connections.store();
-    let counted = app
+    let store = svc.organisations.home().store();
+    let counted = svc
         .sealed_keys
         .get_or_try_insert_with(&(), || async { store.sealed_key_counts().await.map(|c| (c, CENSUS_FOR)) })
         .await;
@@ -130,7 +132,7 @@ async fn encryption(app: &App) -> serde_json::Value {
         Err(err) => e["records_under_older_keys"] = json!({ "error": err.to_string() }),
     }
     let mut tenants = serde_json::Map::new();
-    for (id, connections) in app.known_tenant_scopes() {
+    for (id, connections) in svc.organisations.known() {
         if let Some(r) = connections.last_reseal().filter(|r| r.current_key == current) {
             tenants.insert(id, json!(r.remaining));
         }

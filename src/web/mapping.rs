@@ -138,23 +138,26 @@ fn sealed_unreadable(e: crate::support::crypto::CryptoError) -> ApiError {
 
 /// A part of the API that stays closed until it is configured: 503 with what to set.
 pub fn configured<T>(part: Option<&T>, closed: Closed) -> Result<&T, ApiError> {
-    part.ok_or_else(|| {
-        let (code, detail) = match closed {
-            Closed::BackOffice => (
-                "api-not-configured",
-                "The back-office API is closed: set AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ALLOWED_CLIENT_IDS (or AUTH_ALLOWED_ROLES).",
-            ),
-            Closed::Portal => (
-                "portal-not-configured",
-                "The portal API is closed: set PORTAL_URL and PORTAL_CLIENT_ID (Power Pages) or PORTAL_OIDC_ISSUER.",
-            ),
-            Closed::Tenants => (
-                "tenants-not-configured",
-                "This deployment serves one organisation: set MULTITENANT_APP_ID (and its credential) to serve others.",
-            ),
-        };
-        ApiError::unavailable(code, detail, None)
-    })
+    part.ok_or_else(|| closed_error(closed))
+}
+
+/// The 503 a closed part of the API answers, saying what to set.
+pub fn closed_error(closed: Closed) -> ApiError {
+    let (code, detail) = match closed {
+        Closed::BackOffice => (
+            "api-not-configured",
+            "The back-office API is closed: set AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ALLOWED_CLIENT_IDS (or AUTH_ALLOWED_ROLES).",
+        ),
+        Closed::Portal => (
+            "portal-not-configured",
+            "The portal API is closed: set PORTAL_URL and PORTAL_CLIENT_ID (Power Pages) or PORTAL_OIDC_ISSUER.",
+        ),
+        Closed::Tenants => (
+            "tenants-not-configured",
+            "This deployment serves one organisation: set MULTITENANT_APP_ID (and its credential) to serve others.",
+        ),
+    };
+    ApiError::unavailable(code, detail, None)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,9 +167,9 @@ pub enum Closed {
     Tenants,
 }
 
-impl From<crate::app::ScopeError> for ApiError {
-    fn from(e: crate::app::ScopeError) -> ApiError {
-        use crate::app::ScopeError;
+impl From<crate::domain::tenants::scope::ScopeError> for ApiError {
+    fn from(e: crate::domain::tenants::scope::ScopeError) -> ApiError {
+        use crate::domain::tenants::scope::ScopeError;
         match e {
             e @ (ScopeError::NotOnboarded { .. } | ScopeError::Unknown(_)) => {
                 ApiError::new(warp::http::StatusCode::FORBIDDEN, "tenant-not-onboarded", e.to_string())

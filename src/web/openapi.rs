@@ -9,11 +9,9 @@ use warp::http::StatusCode;
 
 use super::response::{self, Response};
 use super::routes::{Op, ROUTES, Route, Visibility};
-use crate::app::App;
 
 /// The document for the deployment's public address.
-pub fn serve(app: &App) -> Response {
-    let url = &app.config.redirect_uri;
+pub fn serve(url: &url::Url) -> Response {
     let host = match url.port() {
         Some(p) => format!("{}:{p}", url.host_str().unwrap_or("localhost")),
         None => url.host_str().unwrap_or("localhost").to_string(),

@@ -10,28 +10,28 @@ use warp::http::{Method, StatusCode, header};
 
 use super::mapping::{Closed, configured};
 use super::views::{ConnectBody, ConnectionView, PortalStarted, Started};
-use super::{ApiError, Request, Response, binding, cors, proxy, response};
-use crate::app::App;
+use super::{ApiError, Request, Response, cors, proxy, response};
+use crate::app::services::PortalApi;
 use crate::domain::connections::{ConnectionError, NewConnection, PortalFlow};
 use crate::domain::portal::identity::PortalUser;
 use crate::domain::portal::{self, Contact, Portal};
 use crate::domain::{Connection, ListFilter};
 
-async fn user<'a>(app: &'a App, req: &Request) -> Result<(&'a Portal, PortalUser), ApiError> {
-    let portal = configured(app.portal.as_ref(), Closed::Portal)?;
+async fn user<'a>(svc: &'a PortalApi, req: &Request) -> Result<(&'a Portal, PortalUser), ApiError> {
+    let portal = configured(svc.portal.as_ref(), Closed::Portal)?;
     Ok((portal, portal.user(req.header(header::AUTHORIZATION)).await?))
 }
 
 /// The connection, if it exists and belongs to this contact; 404 otherwise.
-async fn own(app: &App, u: &PortalUser, id: &str) -> Result<Connection, ApiError> {
-    portal::own(&app.connections, u, id)
+async fn own(svc: &PortalApi, u: &PortalUser, id: &str) -> Result<Connection, ApiError> {
+    portal::own(svc.organisations.home(), u, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("You have no connection {id:?}.")))
 }
 
 /// `GET /api/portal/me`: the contact.
-pub async fn me(app: &App, req: Request) -> Result<Response, ApiError> {
-    let (portal, u) = user(app, &req).await?;
+pub async fn me(svc: &PortalApi, req: Request) -> Result<Response, ApiError> {
+    let (portal, u) = user(svc, &req).await?;
     let body = match portal.contact(&u).await? {
         Contact::FromToken(u) => {
             json!({ "contact_id": u.contact_id, "name": u.name, "email": u.email, "source": "token" })
@@ -49,16 +49,17 @@ pub async fn me(app: &App, req: Request) -> Result<Response, ApiError> {
 }
 
 /// `GET /api/portal/connections` (the contact's) and `POST` (connect a provider).
-pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let (_, u) = user(app, &req).await?;
+pub async fn connections(svc: &PortalApi, mut req: Request) -> Result<Response, ApiError> {
+    let (_, u) = user(svc, &req).await?;
     if req.method == Method::POST {
         let body: ConnectBody = req.json().await?;
-        let provider = app.connections.catalog().get(&body.provider).filter(|p| p.portal.enabled).ok_or_else(|| {
-            ApiError::bad_request(
-                "unknown-provider",
-                format!("Provider {:?} is not available to portal users.", body.provider),
-            )
-        })?;
+        let provider =
+            svc.organisations.home().catalog().get(&body.provider).filter(|p| p.portal.enabled).ok_or_else(|| {
+                ApiError::bad_request(
+                    "unknown-provider",
+                    format!("Provider {:?} is not available to portal users.", body.provider),
+                )
+            })?;
         let binding = body.binding.to_ascii_lowercase();
         if binding.len() != 64 || !binding.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ApiError::bad_request(
@@ -67,8 +68,7 @@ pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiErr
             ));
         }
         let id = portal::connection_id(&u, &provider.name);
-        let opener =
-            req.header(header::ORIGIN).filter(|o| cors::is_listed(&app.config.portal.origins, o)).map(str::to_string);
+        let opener = req.header(header::ORIGIN).filter(|o| cors::is_listed(&svc.origins, o)).map(str::to_string);
         let flow = PortalFlow { opener_origin: opener, binding: Some(binding) };
         let start = NewConnection {
             provider: provider.name.clone(),
@@ -77,28 +77,28 @@ pub async fn connections(app: &App, mut req: Request) -> Result<Response, ApiErr
             portal: flow.clone(),
             ..Default::default()
         };
-        let started = match app.connections.start(start).await {
+        let started = match svc.organisations.home().start(start).await {
             Err(ConnectionError::Exists(_)) => {
-                own(app, &u, &id).await?;
-                app.connections.reconnect(&id, None, flow).await?
+                own(svc, &u, &id).await?;
+                svc.organisations.home().reconnect(&id, None, flow).await?
             }
             other => other?,
         };
-        let body = PortalStarted { started: Started::from(&started), bind_url: binding::page_url(app) };
+        let body = PortalStarted { started: Started::from(&started), bind_url: svc.bind_url.to_string() };
         return Ok(response::json(StatusCode::CREATED, &body));
     }
     let filter = ListFilter { owner: Some(portal::owner(&u)), limit: 200, ..Default::default() };
-    let list = app.connections.list(&filter).await?;
+    let list = svc.organisations.home().list(&filter).await?;
     let views: Vec<ConnectionView> = list.iter().map(ConnectionView::from).collect();
     Ok(response::json(StatusCode::OK, &json!({ "connections": views })))
 }
 
 /// `GET /api/portal/connections/{id}` (status) and `DELETE` (disconnect).
-pub async fn connection(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, u) = user(app, &req).await?;
-    let conn = own(app, &u, id).await?;
+pub async fn connection(svc: &PortalApi, req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, u) = user(svc, &req).await?;
+    let conn = own(svc, &u, id).await?;
     if req.method == Method::DELETE {
-        app.connections.delete(id, false).await?;
+        svc.organisations.home().delete(id, false).await?;
         return Ok(response::json(StatusCode::OK, &json!({ "connection_id": id, "deleted": true })));
     }
     Ok(response::json(StatusCode::OK, &ConnectionView::from(&conn)))
@@ -106,20 +106,21 @@ pub async fn connection(app: &App, req: Request, id: &str) -> Result<Response, A
 
 /// `/api/portal/connections/{id}/proxy/{*path}`: the provider's API, for the listed
 /// methods and paths only.
-pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, u) = user(app, &req).await?;
+pub async fn proxy(svc: &PortalApi, mut req: Request, id: &str) -> Result<Response, ApiError> {
+    let (_, u) = user(svc, &req).await?;
     // Whose it is, from the token cache when the token is there (no store read); the
     // token is asked for only once ownership is settled, so nothing about another
     // contact's connection (not even that it needs re-authorization) is revealed.
-    let mine = match app.connections.cached_owner(id) {
+    let mine = match svc.organisations.home().cached_owner(id) {
         Some(owner) => owner.is_some_and(|o| o.eq_ignore_ascii_case(&portal::owner(&u))),
-        None => portal::own(&app.connections, &u, id).await?.is_some(),
+        None => portal::own(svc.organisations.home(), &u, id).await?.is_some(),
     };
     if !mine {
         return Err(ApiError::not_found(format!("You have no connection {id:?}.")));
     }
-    let token = app.connections.access_token(id, false).await?;
-    let (provider, target) = proxy::target(app, &token, id, &req)?;
+    let token = svc.organisations.home().access_token(id, false).await?;
+    let home = svc.organisations.home();
+    let (provider, target) = proxy::target(home.catalog(), &token, id, &req)?;
     let base_path = provider.api_base_url.as_ref().map(|b| b.path()).unwrap_or("/");
     let relative = target.path().strip_prefix(base_path).unwrap_or("");
     if !provider.portal.allows(req.method.as_str(), relative) {
@@ -128,5 +129,5 @@ pub async fn proxy(app: &App, mut req: Request, id: &str) -> Result<Response, Ap
             req.method, provider.name
         )));
     }
-    proxy::send_with_token(app, &app.connections, &provider, id, token, target, &mut req).await
+    proxy::send_with_token(&svc.http, home, &provider, id, token, target, &mut req).await
 }

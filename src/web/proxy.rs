@@ -6,7 +6,6 @@ use bytes::Bytes;
 use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::{ApiError, Request, Response};
-use crate::app::App;
 use crate::domain::connections::CachedToken;
 use crate::domain::oauth::catalog::Provider;
 use crate::support::outbound;
@@ -72,12 +71,12 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 
 /// The connection's provider and the provider URL a proxy request is for.
 pub fn target(
-    app: &App,
+    catalog: &crate::domain::oauth::catalog::Catalog,
     token: &CachedToken,
     id: &str,
     req: &Request,
 ) -> Result<(std::sync::Arc<Provider>, url::Url), ApiError> {
-    let provider = app.connections.catalog().get(&token.provider).ok_or_else(|| {
+    let provider = catalog.get(&token.provider).ok_or_else(|| {
         ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", token.provider))
     })?;
     let base = provider.api_base_url.as_ref().ok_or_else(|| {
@@ -145,7 +144,7 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
 /// it is there: a proxied call then reads no store); on 401, forces one refresh and
 /// retries once (the token may have been revoked early).
 pub async fn send_with_token(
-    app: &App,
+    http: &reqwest::Client,
     connections: &crate::domain::connections::Connections,
     provider: &Provider,
     id: &str,
@@ -157,7 +156,7 @@ pub async fn send_with_token(
     let (method, headers) = (req.method.clone(), &req.headers);
     let mut retried = false;
     loop {
-        let mut out = app.http.request(method.clone(), target.clone()).body(body.clone());
+        let mut out = http.request(method.clone(), target.clone()).body(body.clone());
         let hop_by_hop = connection_listed(headers);
         for (name, value) in headers {
             let name_str = name.as_str();

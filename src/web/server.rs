@@ -1,41 +1,55 @@
-//! The HTTP server: hyper serves each connection, one service turns each request into a
-//! [`Request`], and [`super::router`] sends it to the code that owns the route.
+//! The HTTP server: the route table's warp filters ([`super::filters`]) served through
+//! `warp::service` on hyper-util's connection loop, and the one path every request takes
+//! through them ([`handle`]).
 //!
-//! Routing is done here rather than with a tree of warp filters so that an unknown
-//! route is always 404, a known route with the wrong method is always 405 with `Allow`,
-//! and each request produces exactly one log line with its route template, status and
-//! duration (never its query string, which can carry an authorization code).
+//! The loop is hyper-util's rather than warp's own because a server facing the internet
+//! needs what warp's does not set: a deadline for a request's headers, so half-sent
+//! requests do not hold connections open; client hang-ups and malformed requests logged
+//! as debug rather than errors (the host counts every stderr line as one); the peer's
+//! address on every request; and a graceful shutdown.
 //!
-//! hyper is driven directly (warp supplies the reply types) for what a server facing the
-//! internet needs and warp's own loop does not set: a deadline for a request's headers,
-//! so half-sent requests do not hold connections open; client hang-ups and malformed
-//! requests logged as debug rather than errors (the host counts every stderr line as one);
-//! and the peer's address on every request.
+//! Every request produces exactly one log line with its route template, status and
+//! duration (never its query string, which can carry an authorization code); an unknown
+//! route is `404`, a known route with the wrong method `405` with `Allow`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use warp::Filter;
 use warp::http::Method;
 
 use super::error::Audience;
-use super::request::{BodyStream, Request};
+use super::filters::{self, Matched, Peer};
+use super::request::Request;
 use super::response::Response;
 use super::{cors, router};
-use crate::app::App;
+use crate::app::services::Services;
 use crate::support::outbound::timing;
+
+/// The warp filter every request goes through: the request taken apart, the route it
+/// matches, and [`handle`].
+pub fn filter(services: Arc<Services>) -> warp::filters::BoxedFilter<(Response,)> {
+    let limits = Arc::new(services.server.limits.clone());
+    filters::request(limits)
+        .and(filters::routes())
+        .then(move |req: Request, matched: Option<Matched>| {
+            let services = services.clone();
+            async move { handle(&services, req, matched).await }
+        })
+        .boxed()
+}
 
 /// Serves until `shutdown` completes, then lets open requests finish.
 pub async fn serve(
-    app: Arc<App>,
+    services: Arc<Services>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let header_timeout = services.server.limits.header_read_timeout;
+    let routes = warp::service(filter(services));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -51,12 +65,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let app_for_conn = app.clone();
-        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let app = app_for_conn.clone();
-            async move { Ok::<_, Infallible>(handle(&app, from_hyper(&app, req, remote)).await) }
+        let routes = routes.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer(remote));
+            let mut routes = routes.clone();
+            async move { tower_service::Service::call(&mut routes, req).await }
         });
-        let header_timeout = app.config.limits.header_read_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -72,25 +86,13 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// Our [`Request`] from hyper's: the path as received (still percent-encoded), the raw
-/// query, the headers, the peer, and the body as a stream read later under the limits.
-fn from_hyper(app: &App, req: hyper::Request<hyper::body::Incoming>, remote: SocketAddr) -> Request {
-    let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    let query = parts.uri.query().filter(|q| !q.is_empty()).map(str::to_string);
-    let stream: BodyStream = Box::pin(body.into_data_stream().map(|chunk| chunk.map_err(Into::into)));
-    let mut req = Request::new(parts.method, path, query, parts.headers, stream, &app.config.limits);
-    req.remote = Some(remote);
-    req
-}
-
 /// Handles one request end to end inside its span, including its log line.
 ///
 /// The span is the request as Application Insights shows it (kind server): it continues
 /// the caller's `traceparent` (in proxying mode the host's own, so the host's request and
 /// ours are one operation) and carries the host's invocation id. Its route and status are
 /// filled in by [`log_line`], which every path through here ends with.
-pub async fn handle(app: &App, req: Request) -> Response {
+pub async fn handle(s: &Services, req: Request, matched: Option<Matched>) -> Response {
     use tracing::Instrument;
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -108,10 +110,10 @@ pub async fn handle(app: &App, req: Request) -> Response {
     );
     // A malformed or absent `traceparent` starts a new trace: nothing to refuse.
     let _ = span.set_parent(crate::support::trace_context::incoming(&req.headers));
-    handle_in_span(app, req, invocation).instrument(span).await
+    handle_in_span(s, req, matched, invocation).instrument(span).await
 }
 
-async fn handle_in_span(app: &App, req: Request, invocation: Option<String>) -> Response {
+async fn handle_in_span(s: &Services, req: Request, matched: Option<Matched>, invocation: Option<String>) -> Response {
     let started = Instant::now();
     let method = req.method.clone();
     let path = req.path.clone();
@@ -120,7 +122,7 @@ async fn handle_in_span(app: &App, req: Request, invocation: Option<String>) -> 
     let _place = if req.headers.contains_key(warp::http::header::AUTHORIZATION) {
         None
     } else {
-        match app.anonymous.try_acquire() {
+        match s.server.anonymous.try_acquire() {
             Ok(place) => Some(place),
             Err(_) => {
                 let err = super::ApiError::unavailable(
@@ -135,10 +137,10 @@ async fn handle_in_span(app: &App, req: Request, invocation: Option<String>) -> 
     // The portal API is called across origins: CORS first, when this layer answers it.
     let portal = path == "/api/portal" || path.starts_with("/api/portal/");
     let mut allowed_origin = None;
-    if portal && app.config.portal.handler_cors {
+    if portal && let Some(origins) = &s.server.portal_cors {
         let requested = req.header(warp::http::header::ACCESS_CONTROL_REQUEST_METHOD).map(str::to_string);
         let origin = req.headers.get(warp::http::header::ORIGIN);
-        match cors::check(&app.config.portal.origins, &method, origin, requested.as_deref()) {
+        match cors::check(origins, &method, origin, requested.as_deref()) {
             cors::Verdict::NoOrigin => {}
             cors::Verdict::Allowed(origin) => allowed_origin = Some(origin),
             cors::Verdict::Preflight(resp) => return log_line(started, &method, "(preflight)", resp, invocation),
@@ -149,7 +151,7 @@ async fn handle_in_span(app: &App, req: Request, invocation: Option<String>) -> 
             }
         }
     }
-    let ((route, audience, result), upstream_nanos) = timing::measure(router::dispatch(app, req)).await;
+    let ((route, audience, result), upstream_nanos) = timing::measure(router::dispatch(s, req, matched)).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {

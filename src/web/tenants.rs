@@ -5,10 +5,11 @@ use serde::{Deserialize, Serialize};
 use warp::http::{Method, StatusCode};
 
 use super::html::{self, Tone};
-use super::mapping::{Closed, configured};
+use super::mapping::{Closed, closed_error, configured};
 use super::{ApiError, Request, Response, back_office, response};
-use crate::app::App;
+use crate::app::services::TenantsApi;
 use crate::domain::Tenant;
+use crate::domain::tenants::onboarding::SetupError;
 use crate::domain::tenants::{ConsentAnswer, ConsentOutcome, ConsentRefusal, Tenants};
 
 #[derive(Debug, Deserialize)]
@@ -49,13 +50,13 @@ impl<'a> From<&'a Tenant> for TenantView<'a> {
     }
 }
 
-fn tenants(app: &App) -> Result<&Tenants, ApiError> {
-    configured(app.tenants.as_ref(), Closed::Tenants)
+fn tenants(svc: &TenantsApi) -> Result<&Tenants, ApiError> {
+    configured(svc.organisations.tenants().map(|t| t.as_ref()), Closed::Tenants)
 }
 
 /// Only the deployment's own tenant manages tenants: a customer's callers are refused.
-async fn operator(app: &App, req: &Request) -> Result<Option<String>, ApiError> {
-    let who = back_office::caller(app, req).await?;
+async fn operator(svc: &TenantsApi, req: &Request) -> Result<Option<String>, ApiError> {
+    let who = back_office::caller(svc.verifier.as_ref(), req).await?;
     if !who.home {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -67,9 +68,9 @@ async fn operator(app: &App, req: &Request) -> Result<Option<String>, ApiError> 
 }
 
 /// `GET /api/tenants` (list) and `POST /api/tenants` (start onboarding: the link).
-pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    let tenants = tenants(app)?;
-    let who = operator(app, &req).await?;
+pub async fn collection(svc: &TenantsApi, mut req: Request) -> Result<Response, ApiError> {
+    let tenants = tenants(svc)?;
+    let who = operator(svc, &req).await?;
     if req.method == Method::POST {
         let body: StartTenant = req.json().await?;
         let org_url = body
@@ -92,12 +93,12 @@ pub async fn collection(app: &App, mut req: Request) -> Result<Response, ApiErro
 }
 
 /// `GET` and `DELETE /api/tenants/{id}`.
-pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    let tenants = tenants(app)?;
-    operator(app, &req).await?;
+pub async fn item(svc: &TenantsApi, req: Request, id: &str) -> Result<Response, ApiError> {
+    let tenants = tenants(svc)?;
+    operator(svc, &req).await?;
     if req.method == Method::DELETE {
         tenants.delete(id).await?;
-        app.tenant_changed(id);
+        svc.organisations.changed(id);
         return Ok(response::empty(StatusCode::NO_CONTENT));
     }
     let t = tenants.get(id).await?;
@@ -107,27 +108,29 @@ pub async fn item(app: &App, req: Request, id: &str) -> Result<Response, ApiErro
 /// `POST /api/tenants/{id}/check`: whether the customer's organisation lets the app in
 /// (its application user answers `WhoAmI`) and has the product's tables; `onboarded` when
 /// both hold, else the tenant's `status_detail` says what is missing.
-pub async fn check(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    tenants(app)?;
-    operator(app, &req).await?;
-    let t = app.check_tenant(id).await?;
+pub async fn check(svc: &TenantsApi, req: Request, id: &str) -> Result<Response, ApiError> {
+    tenants(svc)?;
+    operator(svc, &req).await?;
+    let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;
+    let t = tenants(svc)?.check(access, id).await?;
+    svc.changed(&t);
     Ok(response::json(StatusCode::OK, &TenantView::from(&t)))
 }
 
 /// `POST /api/tenants/{id}/onboard`: a new link for the customer's administrator to sign
 /// in and have their environment set up (once consent is confirmed).
-pub async fn onboard_link(app: &App, req: Request, id: &str) -> Result<Response, ApiError> {
-    let tenants = tenants(app)?;
-    operator(app, &req).await?;
+pub async fn onboard_link(svc: &TenantsApi, req: Request, id: &str) -> Result<Response, ApiError> {
+    let tenants = tenants(svc)?;
+    operator(svc, &req).await?;
     let link = tenants.onboarding_link(id).await?;
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "onboarding_url": link.as_str() })))
 }
 
 /// `GET /api/oauth/onboard`: the administrator's sign-in comes back; find the
 /// environment, set the product up in it, check it with the app's own token.
-pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
+pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiError> {
     use crate::domain::tenants::signin::{SignInAnswer, SignInError};
-    let tenants = tenants(app)?;
+    let tenants = tenants(svc)?;
     let mut answer = SignInAnswer::default();
     for (k, v) in req.query_pairs() {
         let slot = match k.as_str() {
@@ -193,7 +196,14 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
         ));
     };
     let org = chosen.api_url.clone();
-    match app.onboard_organisation(&signed_in, &org).await {
+    let url = crate::support::config::parse_service_url(&org)
+        .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("The Discovery Service named {org}: {e}")))?;
+    let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;
+    let onboarded = tenants.onboard(access, &signed_in, &url).await;
+    if let Ok((_, t)) = &onboarded {
+        svc.changed(t);
+    }
+    match onboarded {
         Ok((report, t)) => {
             let done = t.status == crate::domain::TenantStatus::Onboarded;
             let title = if done { "Your environment is set up" } else { "Set up, but not ready yet" };
@@ -209,7 +219,7 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
             let status = if done { StatusCode::OK } else { StatusCode::ACCEPTED };
             Ok(html::page_with_link(status, title, &message, tone, &report.lines, None))
         }
-        Err(crate::app::OnboardError::Dataverse(e)) if e.status() == Some(403) => Ok(html::page(
+        Err(SetupError::Refused(e)) => Ok(html::page(
             StatusCode::FORBIDDEN,
             "Not allowed in this environment",
             &format!(
@@ -227,8 +237,8 @@ pub async fn onboard(app: &App, req: Request) -> Result<Response, ApiError> {
 const ANSWER_NAMES: [&str; 6] = ["admin_consent", "tenant", "scope", "state", "error", "error_description"];
 
 /// `GET /api/oauth/consent`: where Entra sends the administrator after admin consent.
-pub async fn consent(app: &App, req: Request) -> Result<Response, ApiError> {
-    let tenants = tenants(app)?;
+pub async fn consent(svc: &TenantsApi, req: Request) -> Result<Response, ApiError> {
+    let tenants = tenants(svc)?;
     let mut answer = ConsentAnswer::default();
     for (k, v) in req.query_pairs() {
         let slot = match k.as_str() {
@@ -261,7 +271,7 @@ pub async fn consent(app: &App, req: Request) -> Result<Response, ApiError> {
         ConsentOutcome::Consented(t) | ConsentOutcome::Declined { tenant: t, .. } => &t.id,
         ConsentOutcome::Unconfirmed { tenant: t, .. } => &t.id,
     };
-    app.tenant_changed(changed);
+    svc.organisations.changed(changed);
     Ok(match outcome {
         ConsentOutcome::Consented(t) => {
             // The next step in the same browser: sign in to set the environment up.

@@ -15,7 +15,7 @@ use warp::http::StatusCode;
 
 use super::request::parse_json;
 use super::{ApiError, Request, Response, response};
-use crate::app::App;
+use crate::app::services::{Timer, TimerRun};
 
 /// The invocation payload the host sends.
 #[derive(Debug, Default, Deserialize)]
@@ -82,8 +82,8 @@ pub fn unwrap_double_encoded(v: &Value) -> Value {
 }
 
 /// `POST /refresh`: runs the refresh timer's work and reports it in `Logs`.
-pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
-    if !may_invoke(app.config.listen.under_host, req.remote) {
+pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError> {
+    if !may_invoke(svc.under_host, req.remote) {
         return Err(ApiError::forbidden("The timer is invoked by the Functions host, or from this machine only."));
     }
     let body = req.body_bytes().await?;
@@ -100,18 +100,18 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
         logs.push("The timer is past due; running now.".to_string());
     }
     let started = std::time::Instant::now();
-    let report = crate::domain::sweep::run(&app.connections, Some(&app.captures), next_run).await;
+    let report = crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run).await;
     let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
     logs.extend(report.lines());
     // Each onboarded customer's organisation, a few at a time: each has its own
     // service-protection budget, so they do not slow one another.
-    match app.tenant_scopes().await {
+    match svc.organisations.onboarded().await {
         Ok(scopes) => {
             let runs: Vec<_> = futures_util::stream::iter(scopes)
                 .map(|(tenant, connections)| async move {
                     (tenant, crate::domain::sweep::run(&connections, None, next_run).await)
                 })
-                .buffer_unordered(TENANTS_AT_ONCE)
+                .buffer_unordered(crate::domain::tenants::scope::TENANTS_AT_ONCE)
                 .collect()
                 .await;
             for (tenant, r) in runs {
@@ -124,7 +124,7 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
         Err(e) => logs.push(format!("could not list the onboarded tenants: {e}")),
     }
     crate::clients::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
-    app.record_timer_run(crate::app::TimerRun {
+    svc.record.record(TimerRun {
         at: crate::support::time::now(),
         ms: started.elapsed().as_millis() as u64,
         refreshed,
@@ -137,9 +137,6 @@ pub async fn invoke(app: &App, mut req: Request) -> Result<Response, ApiError> {
     let result = InvocationResult { outputs: serde_json::Map::new(), logs, return_value: Value::Null };
     Ok(response::json(StatusCode::OK, &result))
 }
-
-/// Customer organisations swept at once by one timer run.
-const TENANTS_AT_ONCE: usize = 4;
 
 /// Under the host only the host can reach us (it binds us to 127.0.0.1); standalone, the
 /// handler may listen on other addresses, and the timer answers this machine only.

@@ -9,6 +9,7 @@
 //! a capped, jittered backoff; a write is retried only where repeating it is harmless.
 //! Errors name the table, the operation and Dataverse's own message.
 
+pub mod organisations;
 pub mod provision;
 pub mod setup;
 

@@ -8,17 +8,19 @@
 //! the answer is not trusted (anyone can type that redirect): consent counts once a
 //! client-credential token of the app has actually been had from that tenant.
 
+pub mod onboarding;
+pub mod scope;
 pub mod signin;
 
 use std::sync::Arc;
 
 use url::Url;
 
+use crate::clients::entra::{TenantCredentials, TenantTokenError};
 use crate::domain::{Store, StoreError, Tenant, TenantStatus, Version};
 use crate::support::config::{TenancyConfig, is_guid};
 use crate::support::crypto::{Keyring, StateError};
 use crate::support::time::Clock;
-use crate::clients::entra::{TenantCredentials, TenantTokenError};
 
 /// How long an admin-consent link stays valid: an administrator may need a while to
 /// find the right account.
@@ -94,19 +96,10 @@ impl Tenants {
         keys: Arc<Keyring>,
         clock: Arc<dyn Clock>,
         cfg: TenancyConfig,
-        credentials: TenantCredentials,
+        credentials: Arc<TenantCredentials>,
         http: reqwest::Client,
     ) -> Tenants {
-        Tenants { store, keys, clock, cfg, credentials: Arc::new(credentials), http }
-    }
-
-    /// The token source of a customer organisation, from its tenant.
-    pub fn org_token(&self, tenant: &str, org_url: &str) -> crate::clients::entra::OrgToken {
-        crate::clients::entra::OrgToken {
-            credentials: self.credentials.clone(),
-            tenant: tenant.to_string(),
-            scope: format!("{}/.default", org_url.trim_end_matches('/')),
-        }
+        Tenants { store, keys, clock, cfg, credentials, http }
     }
 
     /// Records what the organisation check found: onboarded, or what is still missing.
@@ -321,6 +314,23 @@ impl Tenants {
 
     pub async fn get(&self, id: &str) -> Result<Tenant, TenantError> {
         self.store.get_tenant(&id.to_ascii_lowercase()).await?.ok_or_else(|| TenantError::NotFound(id.to_string()))
+    }
+
+    /// Links this deployment signed that are still open (customer administrators' consent
+    /// and set-up links), said in one line: each is signed with the key current when it
+    /// was issued and fails once that key is removed, so an older key stays listed until
+    /// the last one expires. (Authorization links are counted with the records: their
+    /// pending part is sealed with the same key.)
+    pub async fn open_links(&self) -> Option<String> {
+        let tenants = self.list().await.ok()?;
+        let now = self.clock.now();
+        let open: Vec<i64> = tenants.iter().filter_map(|t| t.state_expires_at).filter(|&at| at > now).collect();
+        let until = open.iter().max()?;
+        Some(format!(
+            "links: {} consent or set-up link(s) still open, the last until {}: each is signed with the key that was current when it was issued, so keep older keys listed until then (or issue new links)",
+            open.len(),
+            crate::support::time::rfc3339(*until)
+        ))
     }
 
     pub async fn list(&self) -> Result<Vec<Tenant>, TenantError> {

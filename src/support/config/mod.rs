@@ -56,6 +56,9 @@ pub struct Config {
     pub azure_credential: CredentialConfig,
     /// When set, `handler provision` may run against it even with the SQLite store.
     pub dataverse: Option<DataverseConfig>,
+    /// The product's tables in any Dataverse organisation (ours, and customers'):
+    /// their prefix and the requests sent to one organisation at once.
+    pub tables: DataverseTables,
     pub providers_file: PathBuf,
     /// Set explicitly (then a missing file is an error) or the default (then it is not).
     pub providers_file_required: bool,
@@ -102,6 +105,36 @@ pub struct Listen {
 pub enum StoreConfig {
     Sqlite { path: PathBuf },
     Dataverse(DataverseConfig),
+}
+
+/// The product's tables wherever they are, and how hard one organisation is pushed:
+/// read whether or not `DATAVERSE_URL` is set (a multi-tenant deployment with the SQLite
+/// store still reaches customers' organisations).
+#[derive(Debug, Clone)]
+pub struct DataverseTables {
+    /// Publisher prefix of the tables (`dc` gives `dc_connection`).
+    pub prefix: String,
+    /// Requests this instance sends one organisation at once, at most.
+    pub max_concurrency: usize,
+}
+
+impl DataverseTables {
+    fn from_settings(s: &Settings) -> Result<DataverseTables, ConfigError> {
+        let prefix = s.get("DATAVERSE_PREFIX").unwrap_or("dc").to_string();
+        if prefix.is_empty() || prefix.len() > 8 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(ConfigError::new("DATAVERSE_PREFIX", "must be the publisher's 1-8 letter or digit prefix"));
+        }
+        let max_concurrency = match s.parse("DATAVERSE_MAX_CONCURRENCY", 16usize, "a number")? {
+            n @ 1..=52 => n,
+            _ => {
+                return Err(ConfigError::new(
+                    "DATAVERSE_MAX_CONCURRENCY",
+                    "must be 1-52 (Dataverse allows 52 concurrent requests per application user)",
+                ));
+            }
+        };
+        Ok(DataverseTables { prefix, max_concurrency })
+    }
 }
 
 /// Where and how to reach Dataverse.
@@ -294,7 +327,8 @@ impl Config {
         let listen = Listen::from_settings(s)?;
         let redirect_uri = redirect_uri(s, &listen)?;
         let tenancy = TenancyConfig::from_settings(s, &redirect_uri)?;
-        let dataverse = DataverseConfig::from_settings(s)?;
+        let tables = DataverseTables::from_settings(s)?;
+        let dataverse = DataverseConfig::from_settings(s, &tables)?;
         let store = StoreConfig::from_settings(s, dataverse.as_ref())?;
         let secrets = SecretsConfig::from_settings(s, &store)?;
         Ok(Config {
@@ -321,6 +355,7 @@ impl Config {
             listen,
             store,
             dataverse,
+            tables,
             secrets,
         })
     }
@@ -368,28 +403,16 @@ fn redirect_uri(s: &Settings, listen: &Listen) -> Result<Url, ConfigError> {
 }
 
 impl DataverseConfig {
-    fn from_settings(s: &Settings) -> Result<Option<DataverseConfig>, ConfigError> {
+    fn from_settings(s: &Settings, tables: &DataverseTables) -> Result<Option<DataverseConfig>, ConfigError> {
         let Some(url) = s.url("DATAVERSE_URL")? else {
             return Ok(None);
         };
-        let prefix = s.get("DATAVERSE_PREFIX").unwrap_or("dc").to_string();
-        if prefix.is_empty() || prefix.len() > 8 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(ConfigError::new("DATAVERSE_PREFIX", "must be the publisher's 1-8 letter or digit prefix"));
-        }
         Ok(Some(DataverseConfig {
             url,
-            prefix,
+            prefix: tables.prefix.clone(),
             solution: s.get("DATAVERSE_SOLUTION").map(str::to_string),
             credential: CredentialConfig::from_settings(s, "DATAVERSE")?,
-            max_concurrency: match s.parse("DATAVERSE_MAX_CONCURRENCY", 16usize, "a number")? {
-                n @ 1..=52 => n,
-                _ => {
-                    return Err(ConfigError::new(
-                        "DATAVERSE_MAX_CONCURRENCY",
-                        "must be 1-52 (Dataverse allows 52 concurrent requests per application user)",
-                    ));
-                }
-            },
+            max_concurrency: tables.max_concurrency,
         }))
     }
 }
