@@ -4,7 +4,7 @@
 //! and the page learns the result from the callback page's postMessage; an authorization
 //! link opened in another browser is refused; a foreign opener hears nothing.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use support::HandlerBuilder;

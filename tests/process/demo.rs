@@ -1,7 +1,7 @@
 //! `scripts/demo`, the README's "Try it": run headless (the provider's control plays the
 //! person), it must end with an active connection, a token and a proxied call.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! Regression tests for what an outside security review and an end-to-end fuzz run found
 //! (issue [2/7]). Each test names the fault it pins down; each failed before its fix.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! the proxy allow-list, and CORS answered by the handler. (What only a browser decides
 //! is in portal_browser.rs.)
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{Value, json};

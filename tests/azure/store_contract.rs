@@ -3,7 +3,7 @@
 //! code relies on (versions that conflict, single-use states, captures kept once, the
 //! timer's scans) must hold the same way in both.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

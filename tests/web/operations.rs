@@ -2,7 +2,7 @@
 //! the end (`handler reseal`) under a refresh storm, and importing a connection from
 //! another token keeper.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! managed identity, and nothing secret leaves. The ingestion endpoint is the double in
 //! tests/peers/azure.mjs with local authentication disabled, as the Bicep sets it.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! and it describes exactly what the router serves: every described operation is routed,
 //! and every path answers any other method with `405` and an `Allow` of the described ones.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -6,7 +6,7 @@
 //! Every test ends by checking that none of the secrets it saw (codes, states, tokens,
 //! the client secret, the encryption key) reached the handler's logs.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! `tests/run` builds the package first; run alone, this test builds it (in its own
 //! target folder, so it does not wait on the build lock of the running `cargo test`).
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;

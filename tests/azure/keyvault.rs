@@ -3,7 +3,7 @@
 //! answering the first request with the 401 challenge, and the App Service identity
 //! endpoint. The handler's settings hold no secret at all.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! (client secret at the Entra double over TLS); when F&O is down, nothing is lost and
 //! the timer delivers it later.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{Value, json};

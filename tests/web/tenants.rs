@@ -2,7 +2,7 @@
 //! forged), confirmation by a federated-credential token from the customer's tenant, and
 //! off-boarding. Entra and the managed identity are the doubles in tests/peers/azure.mjs.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{Value, json};

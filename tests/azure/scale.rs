@@ -2,7 +2,7 @@
 //! everything due in one run. (The figures themselves
 //! are in `scripts/bench`.)
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! and readiness, proxied HTTP (host.json's mode) and the legacy forwarding mode, the timer payload protocol, configuration errors,
 //! the error model, and the function.json layout the host discovers.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! (test CA in `SSL_CERT_FILE`), the OAuth flow against oidc-provider, and `handler
 //! provision` creating the tables first.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
