@@ -110,6 +110,8 @@ pub struct RacingStore {
     /// Reads and writes of single connections that reached the store.
     pub gets: AtomicI64,
     pub updates: AtomicI64,
+    /// Reads of tenant records.
+    pub tenant_gets: AtomicI64,
     pub before_update: Mutex<Option<Hook>>,
     /// Updates still served before every further one answers "unavailable"; negative
     /// for never.
@@ -192,6 +194,7 @@ impl Store for RacingStore {
         self.inner.purge_expectations(now).await
     }
     async fn get_tenant(&self, id: &str) -> StoreResult<Option<crate::domain::Tenant>> {
+        self.tenant_gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get_tenant(id).await
     }
     async fn list_tenants(&self) -> StoreResult<Vec<crate::domain::Tenant>> {
@@ -229,6 +232,7 @@ pub fn fixture() -> Fx {
         inner: sqlite.clone(),
         gets: AtomicI64::new(0),
         updates: AtomicI64::new(0),
+        tenant_gets: AtomicI64::new(0),
         before_update: Mutex::new(None),
         updates_before_outage: AtomicI64::new(-1),
     });

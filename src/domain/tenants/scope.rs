@@ -226,3 +226,78 @@ impl Tenancy {
         self.served.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::clients::entra::TenantCredentials;
+    use crate::clients::secrets::SettingsSecrets;
+    use crate::domain::Store;
+    use crate::domain::connections::testing::fixture;
+    use crate::domain::tenants::onboarding::{OrgCheck, SetupError, SetupReport};
+    use crate::support::config::{AppCredential, Settings, TenancyConfig};
+
+    struct NoOrganisations;
+
+    #[async_trait]
+    impl OrganisationAccess for NoOrganisations {
+        fn store_for(&self, _: &crate::domain::Tenant) -> Result<Arc<dyn Store>, String> {
+            Err("not in this test".into())
+        }
+        async fn check(&self, _: &crate::domain::Tenant) -> OrgCheck {
+            OrgCheck::Failed("not in this test".into())
+        }
+        async fn set_up(&self, _: &url::Url, _: SecretString, _: &str) -> Result<SetupReport, SetupError> {
+            Err(SetupError::NotMultiTenant)
+        }
+    }
+
+    /// Tokens of a tenant that is not served (unknown here, or not onboarded) cost one
+    /// read of its record per interval, however many calls, concurrent or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_tenants_are_answered_from_memory() {
+        let fx = fixture();
+        let url = |s: &str| url::Url::parse(s).unwrap();
+        let cfg = TenancyConfig {
+            app_id: "6a7b8c9d-0e1f-4a2b-9c3d-4e5f6a7b8c9d".into(),
+            credential: AppCredential::ClientSecret { secret_name: "app-secret".into() },
+            authority: url("https://login.microsoftonline.com"),
+            consent_scope: "https://graph.microsoft.com/.default".into(),
+            consent_redirect_uri: url("https://dc.example/api/oauth/consent"),
+            onboard_redirect_uri: url("https://dc.example/api/oauth/onboard"),
+            discovery_url: url("https://globaldisco.crm.dynamics.com"),
+            recheck: Duration::from_secs(60),
+        };
+        let secrets = SettingsSecrets::new(Settings::from_map([("APP_SECRET".to_string(), "s".to_string())].into()));
+        let credentials = Arc::new(TenantCredentials::new(&cfg, &secrets).await.unwrap());
+        let store: Arc<dyn Store> = fx.racing.clone();
+        let tenants =
+            Arc::new(Tenants::new(store, fx.keys.clone(), fx.clock.clone(), cfg, credentials, reqwest::Client::new()));
+        let (pending, _) = tenants.start("cccccccc-3333-4333-8333-cccccccccccc", None, None).await.unwrap();
+        let orgs =
+            Organisations::multi(Arc::new(fx.conns), tenants, Arc::new(NoOrganisations), Duration::from_secs(60));
+        let before = fx.racing.tenant_gets.load(Ordering::SeqCst);
+        let unknown = "dddddddd-4444-4444-8444-dddddddddddd";
+        let calls = (0..30).map(|_| orgs.for_caller(false, Some(unknown)));
+        for r in futures_util::future::join_all(calls).await {
+            assert!(matches!(r, Err(ScopeError::Unknown(_))), "{:?}", r.err());
+        }
+        for _ in 0..30 {
+            let r = orgs.for_caller(false, Some(&pending.id)).await;
+            assert!(matches!(r, Err(ScopeError::NotOnboarded { status: "consent_pending", .. })), "{:?}", r.err());
+        }
+        let reads = fx.racing.tenant_gets.load(Ordering::SeqCst) - before;
+        assert_eq!(reads, 2, "one read per refused tenant, not one per call");
+        // A change made here forgets the refusal: the next call reads the record again.
+        orgs.changed(&pending.id);
+        let _ = orgs.for_caller(false, Some(&pending.id)).await;
+        assert_eq!(fx.racing.tenant_gets.load(Ordering::SeqCst) - before, 3);
+    }
+}
