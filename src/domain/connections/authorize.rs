@@ -8,20 +8,17 @@
 //! the code is spent and the tokens exist nowhere else.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+use super::unsaved::{Unsaved, Withdrawal, withdraw};
 use super::{ConnectionError, Connections, InvalidInput};
 use crate::clients::provider::authorization_url;
 use crate::domain::oauth::catalog::Provider;
-use crate::domain::oauth::{
-    AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenEndpoint, TokenHint, TokenSet,
-};
-use crate::domain::{Connection, PendingAuth, Status, Store, StoreError};
+use crate::domain::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenSet};
+use crate::domain::{Connection, PendingAuth, Status, StoreError};
 use crate::support::crypto::{self, VerifiedState};
-use crate::support::time::Clock;
 
 const MAX_ID_LEN: usize = 128;
 
@@ -280,6 +277,54 @@ impl Connections {
         provider_error: Option<(&ErrorCode, Option<&str>)>,
         presented_binding: Option<&str>,
     ) -> Result<Completed, CallbackFailure> {
+        let (conn, provider, secret) = self.pending_for(verified, iss, presented_binding).await?;
+        if provider_error.is_none() && code.is_none() {
+            return Err(CallbackFailure::MissingCode);
+        }
+        let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
+        let done = |return_url| Completed {
+            connection_id: conn.id.clone(),
+            provider: provider.display_name.clone(),
+            return_url,
+            opener_origin: secret.opener_origin.clone(),
+        };
+        let consumed = self.consume(&conn).await?;
+        if let Some((error, description)) = provider_error {
+            let detail = match description {
+                Some(d) => format!("The provider returned {error}: {d}"),
+                None => format!("The provider returned {error}."),
+            };
+            self.record_failure(&consumed, &detail).await;
+            return Err(CallbackFailure::ProviderError {
+                error: error.clone(),
+                description: description.map(str::to_string),
+                completed: done(return_url),
+            });
+        }
+        let Some(code) = code else {
+            return Err(CallbackFailure::MissingCode);
+        };
+        let grant = CodeGrant { code, verifier: secret.verifier.as_ref(), redirect_uri: &self.deps.redirect_uri };
+        let tokens = match self.deps.endpoint.exchange_code(&provider, grant, self.deps.clock.now()).await {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                self.record_failure(&consumed, &format!("The code exchange failed: {e}")).await;
+                return Err(CallbackFailure::Exchange { error: e, completed: done(return_url) });
+            }
+        };
+        self.keep_tokens(consumed, provider.clone(), tokens).await?;
+        Ok(done(return_url))
+    }
+
+    /// The pending authorization a verified state names, with every check that can refuse
+    /// it before anything is spent: its connection, its time, the provider's issuer
+    /// (RFC 9207), and, for a portal flow, the browser that started it.
+    async fn pending_for(
+        &self,
+        verified: &VerifiedState,
+        iss: Option<&str>,
+        presented_binding: Option<&str>,
+    ) -> Result<(Connection, Arc<Provider>, PendingSecret), CallbackFailure> {
         let conn = self
             .deps
             .store
@@ -290,13 +335,12 @@ impl Connections {
         if !verified.is_for(&conn.id) {
             return Err(CallbackFailure::StateForOtherConnection);
         }
-        let t = self.deps.clock.now();
         let pending = conn.pending.clone().ok_or(CallbackFailure::StateUsed)?;
-        if pending.expires_at <= t {
+        if pending.expires_at <= self.deps.clock.now() {
             return Err(CallbackFailure::StateExpired);
         }
         let provider =
-            self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?.clone();
+            self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?;
         // RFC 9207: when the provider declares its issuer, the response must carry it.
         if let Some(expected) = provider.issuer.as_deref() {
             match iss {
@@ -304,9 +348,6 @@ impl Connections {
                 Some(got) => return Err(CallbackFailure::WrongIssuer { expected: expected.into(), got: got.into() }),
                 None => return Err(CallbackFailure::MissingIssuer { expected: expected.into() }),
             }
-        }
-        if provider_error.is_none() && code.is_none() {
-            return Err(CallbackFailure::MissingCode);
         }
         let secret: PendingSecret = self
             .deps
@@ -326,54 +367,34 @@ impl Connections {
                 Some(_) => {}
             }
         }
-        let return_url = secret.return_url.as_deref().and_then(|u| self.validate_return_url(u).ok());
-        let opener_origin = secret.opener_origin.clone();
-        let done = |return_url| Completed {
-            connection_id: conn.id.clone(),
-            provider: provider.display_name.clone(),
-            return_url,
-            opener_origin: opener_origin.clone(),
-        };
+        Ok((conn, provider, secret))
+    }
 
-        // Single use: remove the pending authorization before acting on it. A replay,
-        // or a duplicate racing this one, finds the state gone.
+    /// Single use: removes the pending authorization before acting on it. A replay, or a
+    /// duplicate racing this one, finds the state gone.
+    async fn consume(&self, conn: &Connection) -> Result<Connection, CallbackFailure> {
         let mut consumed = conn.clone();
         consumed.pending = None;
-        consumed.updated_at = t;
+        consumed.updated_at = self.deps.clock.now();
         match self.deps.store.update(&consumed, &conn.version).await {
             Ok(v) => consumed.version = v,
             Err(StoreError::Conflict(_)) | Err(StoreError::NotFound(_)) => return Err(CallbackFailure::StateUsed),
             Err(e) => return Err(CallbackFailure::Store(e)),
         }
+        Ok(consumed)
+    }
 
-        if let Some((error, description)) = provider_error {
-            let detail = match description {
-                Some(d) => format!("The provider returned {error}: {d}"),
-                None => format!("The provider returned {error}."),
-            };
-            self.record_failure(&consumed, &detail).await;
-            return Err(CallbackFailure::ProviderError {
-                error: error.clone(),
-                description: description.map(str::to_string),
-                completed: done(return_url),
-            });
-        }
-        let Some(code) = code else {
-            return Err(CallbackFailure::MissingCode);
-        };
-        let grant = CodeGrant { code, verifier: secret.verifier.as_ref(), redirect_uri: &self.deps.redirect_uri };
-        let exchanged = self.deps.endpoint.exchange_code(&provider, grant, t).await;
-        let tokens = match exchanged {
-            Ok(tokens) => tokens,
-            Err(e) => {
-                let detail = format!("The code exchange failed: {e}");
-                self.record_failure(&consumed, &detail).await;
-                return Err(CallbackFailure::Exchange { error: e, completed: done(return_url) });
-            }
-        };
-        // The code is spent; these tokens exist nowhere else. Keep trying to store them.
+    /// The code is spent and these tokens exist nowhere else: stored (retrying the store),
+    /// or withdrawn at the provider and the failure recorded once the store answers.
+    async fn keep_tokens(
+        &self,
+        consumed: Connection,
+        provider: Arc<Provider>,
+        tokens: TokenSet,
+    ) -> Result<(), CallbackFailure> {
+        let id = consumed.id.clone();
         let stored = self
-            .update(&conn.id, Some(consumed), |c| {
+            .update(&id, Some(consumed), |c| {
                 super::refresh::apply_tokens(c, &tokens, &self.deps.keys, self.deps.clock.now())
             })
             .await;
@@ -381,10 +402,10 @@ impl Connections {
             Ok(c) => {
                 self.cache.put(&c.id, super::CachedToken::for_connection(&c, &tokens, self.deps.clock.now_millis()));
                 tracing::info!(connection = %c.id, provider = %provider.name, "connection authorized");
-                Ok(done(return_url))
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(connection = %conn.id, error = %e, "tokens were obtained but could not be stored; the person must authorize again");
+                tracing::error!(connection = %id, error = %e, "tokens were obtained but could not be stored; the person must authorize again");
                 let withdrawal = withdraw(self.deps.endpoint.as_ref(), &provider, &tokens).await;
                 let revoked = withdrawal == Withdrawal::Revoked;
                 let unsaved = Unsaved {
@@ -393,7 +414,7 @@ impl Connections {
                     endpoint: self.deps.endpoint.clone(),
                     provider,
                     tokens,
-                    id: conn.id.clone(),
+                    id,
                     why: e.to_string(),
                 };
                 tokio::spawn(unsaved.settle(withdrawal));
@@ -444,126 +465,6 @@ impl Connections {
             .await;
         if let Err(e) = result {
             tracing::warn!(connection = %conn.id, error = %e, "could not record the authorization failure");
-        }
-    }
-}
-
-/// How long, and how often, a failure that could not be written is tried again; and how
-/// a revocation that failed is retried meanwhile.
-const RECORD_FOR: Duration = Duration::from_secs(600);
-const RECORD_EVERY: Duration = Duration::from_secs(5);
-const REVOKE_RETRY: crate::support::outbound::Backoff =
-    crate::support::outbound::Backoff::new(Duration::from_secs(2), Duration::from_secs(60)).jittered();
-
-/// What became of revoking a grant we could not keep.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Withdrawal {
-    Revoked,
-    /// The provider has no revocation endpoint: the grant may still be alive there.
-    NoEndpoint,
-    /// The provider refused or could not be reached; the error as said.
-    Failed(String),
-}
-
-impl Withdrawal {
-    fn said(&self) -> String {
-        match self {
-            Withdrawal::Revoked => "the grant was revoked at the provider.".into(),
-            Withdrawal::NoEndpoint => {
-                "the provider has no revocation endpoint, so the grant may still be alive there.".into()
-            }
-            Withdrawal::Failed(e) => format!(
-                "revoking the grant at the provider failed ({e}), so it may still be alive there: remove the app's access in the provider's account settings."
-            ),
-        }
-    }
-}
-
-/// Revokes a grant we could not keep (RFC 7009): the refresh token, which ends it, or the
-/// access token when there is none. Once.
-async fn withdraw(endpoint: &dyn TokenEndpoint, provider: &Provider, tokens: &TokenSet) -> Withdrawal {
-    if provider.revocation_url.is_none() {
-        return Withdrawal::NoEndpoint;
-    }
-    let (token, hint) = match &tokens.refresh_token {
-        Some(rt) => (rt, TokenHint::RefreshToken),
-        None => (&tokens.access_token, TokenHint::AccessToken),
-    };
-    match endpoint.revoke(provider, token, hint).await {
-        Ok(()) => Withdrawal::Revoked,
-        Err(e) => {
-            tracing::warn!(provider = %provider.name, error = %e, "the unsaved grant could not be revoked");
-            Withdrawal::Failed(e.to_string())
-        }
-    }
-}
-
-/// A grant whose tokens could not be stored, settled in the background: its revocation
-/// retried with back-off while it fails (a provider answering `503` once must not leave
-/// the grant alive), and what happened written truthfully on the connection once the
-/// store answers again. Both give up after [`RECORD_FOR`], saying so in the log.
-struct Unsaved {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    endpoint: Arc<dyn TokenEndpoint>,
-    provider: Arc<Provider>,
-    tokens: TokenSet,
-    id: String,
-    /// Why the store refused the tokens.
-    why: String,
-}
-
-impl Unsaved {
-    async fn settle(self, mut withdrawal: Withdrawal) {
-        let give_up = self.clock.now_millis() + RECORD_FOR.as_millis() as i64;
-        let (mut recorded, mut attempt) = (false, 0);
-        while self.clock.now_millis() < give_up {
-            let failed = matches!(withdrawal, Withdrawal::Failed(_));
-            if !failed && recorded {
-                return;
-            }
-            attempt += 1;
-            self.clock.sleep(if failed { REVOKE_RETRY.wait(attempt, None) } else { RECORD_EVERY }).await;
-            if failed {
-                withdrawal = withdraw(self.endpoint.as_ref(), &self.provider, &self.tokens).await;
-                if withdrawal == Withdrawal::Revoked {
-                    tracing::info!(connection = %self.id, "the unsaved grant was revoked at the provider on a later try");
-                    recorded = false;
-                }
-            }
-            if !recorded {
-                recorded = self.record(&withdrawal).await;
-            }
-        }
-        if matches!(withdrawal, Withdrawal::Failed(_)) {
-            tracing::error!(connection = %self.id, provider = %self.provider.name, "the unsaved grant could not be revoked; it may still be alive at the provider");
-        }
-        if !recorded {
-            tracing::warn!(connection = %self.id, "the store stayed unavailable; the failed authorization was not recorded");
-        }
-    }
-
-    /// Writes what happened on the connection; true once written (or the record is gone).
-    async fn record(&self, withdrawal: &Withdrawal) -> bool {
-        let detail = format!(
-            "The provider granted access, but the tokens could not be stored ({}); {} Authorize again.",
-            self.why,
-            withdrawal.said()
-        );
-        let Ok(Some(mut c)) = self.store.get(&self.id).await else { return false };
-        let expected = c.version.clone();
-        if c.tokens.is_none() {
-            c.status = Status::Failed;
-        }
-        c.status_detail = Some(detail);
-        c.updated_at = self.clock.now();
-        match self.store.update(&c, &expected).await {
-            Ok(_) => {
-                tracing::info!(connection = %self.id, "the failed authorization is recorded on the connection");
-                true
-            }
-            Err(StoreError::NotFound(_)) => true,
-            Err(_) => false,
         }
     }
 }

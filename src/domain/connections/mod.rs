@@ -24,6 +24,7 @@ pub mod refresh;
 pub mod reseal;
 #[cfg(test)]
 pub(crate) mod testing;
+mod unsaved;
 
 use std::sync::Arc;
 use std::time::Duration;
