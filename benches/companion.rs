@@ -652,7 +652,7 @@ async fn run() -> String {
 /// Median time of the timer's due query over `n` active connections that are not due.
 async fn sqlite_due_query(n: usize) -> (usize, f64) {
     use dynamics_companion::clients::store::sqlite::SqliteStore;
-    use dynamics_companion::domain::{Due, Store};
+    use dynamics_companion::domain::{ConnectionStore, Due};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("due.db")).unwrap();
     let now = 1_800_000_000;

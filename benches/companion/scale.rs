@@ -13,7 +13,7 @@ use dynamics_companion::clients::azure::StaticToken;
 use dynamics_companion::clients::dataverse::Dataverse;
 use dynamics_companion::clients::dataverse::provision::Schema;
 use dynamics_companion::clients::store::dataverse::DataverseStore;
-use dynamics_companion::domain::{Connection, Status, Store};
+use dynamics_companion::domain::{Connection, ConnectionStore, Status};
 use futures_util::StreamExt;
 use reqwest::Method;
 use secrecy::SecretString;
@@ -37,7 +37,7 @@ pub fn other_instance(dataverse_url: &str) -> DataverseStore {
     DataverseStore::new(Arc::new(dv), Schema::new("dc"))
 }
 
-pub async fn insert_all(store: &dyn Store, rows: Vec<Connection>) {
+pub async fn insert_all(store: &dyn ConnectionStore, rows: Vec<Connection>) {
     futures_util::stream::iter(rows)
         .map(|c| async move { store.insert(&c).await.expect("seed a connection") })
         .buffer_unordered(16)

@@ -73,7 +73,7 @@ impl App {
             return;
         }
         let home = self.organisations.home().clone();
-        let store = home.store().clone();
+        let store = self.feed.clone();
         let mut cursor: Option<String> = None;
         loop {
             match store.connection_changes(cursor.as_deref()).await {

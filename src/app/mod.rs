@@ -32,7 +32,7 @@ use crate::domain::portal::Portal;
 use crate::domain::portal::identity::PortalVerifier;
 use crate::domain::tenants::Tenants;
 use crate::domain::tenants::scope::Organisations;
-use crate::domain::{Store, StoreError};
+use crate::domain::{ChangeFeed, Store, StoreError};
 use crate::support::cache::Cache;
 use crate::support::config::{CaptureMode, Config, ConfigError, Settings, StoreConfig};
 use crate::support::crypto::Keyring;
@@ -52,6 +52,8 @@ pub struct App {
     verifier: Option<Arc<BearerVerifier>>,
     /// Dataverse with our S2S identity, when `DATAVERSE_URL` is set (warmed at start).
     dataverse: Option<Arc<Dataverse>>,
+    /// The own store's change feed (other instances' writes).
+    feed: Arc<dyn ChangeFeed>,
     services: Arc<Services>,
 }
 
@@ -79,6 +81,7 @@ struct Parts {
     organisations: Arc<Organisations>,
     captures: Arc<Captures>,
     verifier: Option<Arc<BearerVerifier>>,
+    feed: Arc<dyn ChangeFeed>,
 }
 
 impl App {
@@ -93,6 +96,7 @@ impl App {
             organisations: parts.organisations,
             verifier: parts.verifier,
             dataverse: parts.dataverse,
+            feed: parts.feed,
             services,
             config,
         })
@@ -154,7 +158,7 @@ impl App {
             let v = BearerVerifier::new(b, http.clone());
             Arc::new(if config.tenancy.is_some() { v.accepting_other_tenants() } else { v })
         });
-        Ok(Parts { keys, secrets, http, dataverse, organisations, captures, verifier })
+        Ok(Parts { keys, secrets, http, dataverse, organisations, captures, verifier, feed: store })
     }
 
     async fn captures(
@@ -179,7 +183,15 @@ impl App {
                 "CAPTURE_STATES=any: every callback with a state this service did not issue is kept; anyone can add captures"
             );
         }
-        Ok(Captures { store: store.clone(), keys: keys.clone(), clock: clock.clone(), policy, state_key, fno })
+        Ok(Captures {
+            store: store.clone(),
+            expectations: store.clone(),
+            keys: keys.clone(),
+            clock: clock.clone(),
+            policy,
+            state_key,
+            fno,
+        })
     }
 
     /// The organisations served: our own, and (multi-tenant) each onboarded customer's.

@@ -33,7 +33,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::clients::fno::{Delivery, Fno, FnoError};
 use crate::domain::oauth::AuthorizationCode;
-use crate::domain::{Capture, Store, StoreError};
+use crate::domain::{Capture, CaptureStore, ExpectationStore, StoreError};
 use crate::support::config::CapturePolicy;
 use crate::support::crypto::{self, CryptoError, Keyring, SignedStateError};
 use crate::support::outbound::Backoff;
@@ -80,7 +80,9 @@ const REDELIVERY: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_
 
 /// Capture mode's parts, wired by the app.
 pub struct Captures {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn CaptureStore>,
+    /// The states Dynamics registered.
+    pub expectations: Arc<dyn ExpectationStore>,
     pub keys: Arc<Keyring>,
     pub clock: Arc<dyn Clock>,
     pub policy: CapturePolicy,
@@ -116,7 +118,7 @@ impl Captures {
             return Err(CaptureError::InvalidState(format!("expires_in must be 1-{MAX_EXPECTATION_SECS} seconds")));
         }
         let until = self.clock.now() + expires_in as i64;
-        self.store.expect_state(&crypto::sha256_hex(state), until).await?;
+        self.expectations.expect_state(&crypto::sha256_hex(state), until).await?;
         Ok(until)
     }
 
@@ -132,7 +134,7 @@ impl Captures {
                 },
             );
         }
-        match self.store.expected_until(&crypto::sha256_hex(state)).await? {
+        match self.expectations.expected_until(&crypto::sha256_hex(state)).await? {
             Some(until) if until > self.clock.now() => Ok(()),
             Some(_) => Err(CaptureError::Expired),
             None if self.policy.any_state => Ok(()),
@@ -229,7 +231,7 @@ impl Captures {
 
     /// Deletes registrations whose time is up; returns how many.
     pub async fn purge_expectations(&self) -> Result<u64, StoreError> {
-        self.store.purge_expectations(self.clock.now()).await
+        self.expectations.purge_expectations(self.clock.now()).await
     }
 
     /// Whether captures are delivered to Finance & Operations.
@@ -315,7 +317,7 @@ impl Captures {
 
 /// Delivers captures this instance holds a claim on, and records how it went.
 struct Courier {
-    store: Arc<dyn Store>,
+    store: Arc<dyn CaptureStore>,
     clock: Arc<dyn Clock>,
     fno: Arc<Fno>,
 }

@@ -14,6 +14,7 @@
 pub mod captures;
 pub mod connections;
 pub mod ids;
+pub mod model;
 pub mod oauth;
 pub mod portal;
 pub mod store;
@@ -21,5 +22,6 @@ pub mod sweep;
 pub mod tenant;
 pub mod tenants;
 
+pub use model::*;
 pub use store::*;
 pub use tenant::{Tenant, TenantStatus};

@@ -1,6 +1,8 @@
-//! Where connections and captures live.
+//! The store's ports: one small trait per kind of record ([`ConnectionStore`],
+//! [`ChangeFeed`], [`CaptureStore`], [`ExpectationStore`], [`TenantStore`]), each taken
+//! by the rules that use it, and implemented by `clients::store`.
 //!
-//! Every store offers the same operations with the same concurrency rule: each
+//! Every store offers them with the same concurrency rule: each
 //! connection carries an opaque [`Version`] (a version counter in SQLite, the ETag in
 //! Dataverse), and an update names the version it read. An update against a changed
 //! record fails with [`StoreError::Conflict`] instead of overwriting it. That one rule
@@ -11,137 +13,9 @@
 
 use async_trait::async_trait;
 
+use super::model::{Capture, Connection, Status, Version};
 use super::tenant::Tenant;
-use serde::{Deserialize, Serialize};
-
-/// The store's concurrency token for one connection record.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Version(pub String);
-
-/// Where a connection stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Created; the user has not completed the authorization yet.
-    Pending,
-    /// Tokens are stored and refreshable.
-    Active,
-    /// The provider refused the refresh token (`invalid_grant`): a person must reconnect.
-    NeedsReauth,
-    /// The authorization failed (the provider sent an error, or the code exchange failed).
-    Failed,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Active => "active",
-            Status::NeedsReauth => "needs_reauth",
-            Status::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        Some(match s {
-            "pending" => Status::Pending,
-            "active" => Status::Active,
-            "needs_reauth" => Status::NeedsReauth,
-            "failed" => Status::Failed,
-            _ => return None,
-        })
-    }
-}
-
-/// An authorization the user has been sent to and has not finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingAuth {
-    /// SHA-256 of the `state` (the state itself is never stored).
-    pub state_hash: String,
-    /// Sealed JSON: the PKCE verifier and the validated `return_url`.
-    pub sealed: String,
-    pub expires_at: i64,
-}
-
-/// A connection's claim on the right to refresh its tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub owner: String,
-    /// Unix milliseconds after which the lease is abandoned.
-    pub until_ms: i64,
-}
-
-/// One OAuth connection: a provider, an owner, and (once authorized) sealed tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Connection {
-    pub id: String,
-    pub provider: String,
-    pub owner: Option<String>,
-    pub scopes: Vec<String>,
-    pub status: Status,
-    /// The provider's message for the last failure, for people to read.
-    pub status_detail: Option<String>,
-    /// Sealed token set (see `oauth::TokenSet`).
-    pub tokens: Option<String>,
-    pub access_expires_at: Option<i64>,
-    pub has_refresh_token: bool,
-    pub pending: Option<PendingAuth>,
-    pub lease: Option<Lease>,
-    /// Consecutive transient refresh failures, and when the next try is allowed.
-    pub failures: u32,
-    pub next_attempt_at: Option<i64>,
-    pub created_at: i64,
-    pub updated_at: i64,
-    pub refreshed_at: Option<i64>,
-    pub version: Version,
-}
-
-impl Connection {
-    /// A record not stored yet, created at `now`: no tokens, no pending authorization, no
-    /// lease, no failures. Callers set what their kind of record adds.
-    pub fn new(id: &str, provider: &str, owner: Option<String>, scopes: Vec<String>, status: Status, now: i64) -> Self {
-        Connection {
-            id: id.into(),
-            provider: provider.into(),
-            owner,
-            scopes,
-            status,
-            status_detail: None,
-            tokens: None,
-            access_expires_at: None,
-            has_refresh_token: false,
-            pending: None,
-            lease: None,
-            failures: 0,
-            next_attempt_at: None,
-            created_at: now,
-            updated_at: now,
-            refreshed_at: None,
-            version: Version::default(),
-        }
-    }
-}
-
-/// What an OAuth redirect delivered for a `state` we did not issue (capture mode).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Capture {
-    /// De-duplication key: a fingerprint of the code (or of state + error).
-    pub key: String,
-    pub state: String,
-    /// Sealed authorization code.
-    pub code: Option<String>,
-    pub iss: Option<String>,
-    pub error: Option<String>,
-    pub error_description: Option<String>,
-    pub received_at: i64,
-    /// When it reached its destination (the store itself, or Finance & Operations).
-    pub delivered_at: Option<i64>,
-    /// Until when (Unix ms) nobody else may deliver it: an instance's claim while it
-    /// delivers, or after a failed delivery the earliest next attempt (`Retry-After`).
-    pub claim_until_ms: Option<i64>,
-    /// Deliveries tried and failed so far.
-    pub attempts: u32,
-}
+use serde::Serialize;
 
 /// What the timer asks for: active connections with a refresh token that expire before
 /// `before`, or that were last refreshed before `idle_before` (keep-alive), leaving out
@@ -195,8 +69,9 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Connections: the records the refresh lease and the callback rely on.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait ConnectionStore: Send + Sync + 'static {
     /// A short name for logs and health (`sqlite`, `dataverse`).
     fn kind(&self) -> &'static str;
 
@@ -235,6 +110,43 @@ pub trait Store: Send + Sync + 'static {
     /// Connections whose pending authorization expired before `now`.
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>>;
 
+    /// How many sealed values (token sets and pending authorizations) each key id seals,
+    /// read from the store itself: what decides whether a key may be removed. The default
+    /// pages through every connection; a store that can count in place does so.
+    async fn sealed_key_counts(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = self.list(&ListFilter { limit: 500, after: after.clone(), ..Default::default() }).await?;
+            after = page.last().map(|c| (c.created_at, c.id.clone()));
+            for c in &page {
+                let sealed = [c.tokens.as_deref(), c.pending.as_ref().map(|p| p.sealed.as_str())];
+                for id in sealed.into_iter().flatten().filter_map(crate::support::crypto::Keyring::sealed_with) {
+                    *counts.entry(id.to_string()).or_default() += 1;
+                }
+            }
+            if page.len() < 500 {
+                return Ok(counts);
+            }
+        }
+    }
+}
+
+/// What other instances change in the connections: followed so cached tokens stay true.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
+    /// The connections other instances changed (or deleted) since `cursor`, and the cursor
+    /// to ask with next time; `cursor` `None` starts following now. `Ok(None)`: this store
+    /// cannot tell.
+    async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
+        let _ = cursor;
+        Ok(None)
+    }
+}
+
+/// Captures (capture mode): once per key, claimed for delivery.
+#[async_trait]
+pub trait CaptureStore: Send + Sync + 'static {
     /// Stores a capture unless one with the same key exists; true when it was new. The
     /// key is unique in the store (SQLite's primary key, Dataverse's alternate key), so two
     /// callers inserting one key at once get one `true`.
@@ -260,7 +172,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes delivered captures received before `before`; returns how many.
     async fn purge_captures(&self, before: i64) -> StoreResult<u64>;
+}
 
+/// The capture-mode states Dynamics registered (by their hash).
+#[async_trait]
+pub trait ExpectationStore: Send + Sync + 'static {
     /// Registers a capture-mode state (by its hash) as expected until `expires_at`.
     async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()>;
 
@@ -269,9 +185,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expectations that ended before `now`, at most a batch; returns how many.
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64>;
+}
 
-    // ----- customer tenants (multi-tenant deployments) -----
-
+/// Customer tenants (multi-tenant deployments): only in the deployment's own store.
+#[async_trait]
+pub trait TenantStore: Send + Sync + 'static {
     async fn get_tenant(&self, id: &str) -> StoreResult<Option<Tenant>>;
     /// Every tenant, by id (a deployment serves tens to thousands, never millions).
     async fn list_tenants(&self) -> StoreResult<Vec<Tenant>>;
@@ -281,36 +199,13 @@ pub trait Store: Send + Sync + 'static {
     async fn update_tenant(&self, t: &Tenant, expected: &Version) -> StoreResult<Version>;
     /// Whether there was a record to delete.
     async fn delete_tenant(&self, id: &str) -> StoreResult<bool>;
-
-    /// How many sealed values (token sets and pending authorizations) each key id seals,
-    /// read from the store itself: what decides whether a key may be removed. The default
-    /// pages through every connection; a store that can count in place does so.
-    async fn sealed_key_counts(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
-        let mut counts = std::collections::BTreeMap::new();
-        let mut after = None;
-        loop {
-            let page = self.list(&ListFilter { limit: 500, after: after.clone(), ..Default::default() }).await?;
-            after = page.last().map(|c| (c.created_at, c.id.clone()));
-            for c in &page {
-                let sealed = [c.tokens.as_deref(), c.pending.as_ref().map(|p| p.sealed.as_str())];
-                for id in sealed.into_iter().flatten().filter_map(crate::support::crypto::Keyring::sealed_with) {
-                    *counts.entry(id.to_string()).or_default() += 1;
-                }
-            }
-            if page.len() < 500 {
-                return Ok(counts);
-            }
-        }
-    }
-
-    /// The connections other instances changed (or deleted) since `cursor`, and the cursor
-    /// to ask with next time; `cursor` `None` starts following now. `Ok(None)`: this store
-    /// cannot tell.
-    async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
-        let _ = cursor;
-        Ok(None)
-    }
 }
+
+/// The deployment's own store: everything. A customer's organisation is reached only
+/// as a [`ConnectionStore`] (it holds connections, and nothing else of ours).
+pub trait Store: ConnectionStore + ChangeFeed + CaptureStore + ExpectationStore + TenantStore {}
+
+impl<T: ConnectionStore + ChangeFeed + CaptureStore + ExpectationStore + TenantStore> Store for T {}
 
 /// Counts for operators (`/api/health`): nothing that names a connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

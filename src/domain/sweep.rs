@@ -194,6 +194,7 @@ mod tests {
         fx.seed_as("later", "at-0", Some("rt-0"), T0, T0 + 7200).await;
         let captures = Captures {
             store: fx.racing.clone(),
+            expectations: fx.racing.clone(),
             keys: fx.keys.clone(),
             clock: fx.clock.clone(),
             policy: CapturePolicy { any_state: false, state_key_secret: None, max_pending: 10 },

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::store::Version;
+use super::model::Version;
 
 /// How far a customer tenant's onboarding got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

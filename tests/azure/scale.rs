@@ -45,7 +45,7 @@ async fn the_connection_list_pages_with_an_opaque_next_link() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_timer_run_pages_through_everything_due() {
     use dynamics_companion::clients::store::sqlite::SqliteStore;
-    use dynamics_companion::domain::Store;
+    use dynamics_companion::domain::ConnectionStore;
     use dynamics_companion::support::crypto::Keyring;
     use support::seed::{GrantingEndpoint, connection, now};
 

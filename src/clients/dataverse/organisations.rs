@@ -16,7 +16,7 @@ use crate::clients::azure::StaticToken;
 use crate::clients::entra::{OrgToken, TenantCredentials};
 use crate::clients::store::dataverse::DataverseStore;
 use crate::domain::tenants::onboarding::{OrgCheck, OrganisationAccess, SetupError, SetupReport};
-use crate::domain::{Store, Tenant};
+use crate::domain::{ConnectionStore, Tenant};
 
 pub struct DataverseOrganisations {
     pub http: reqwest::Client,
@@ -42,7 +42,7 @@ impl DataverseOrganisations {
 
 #[async_trait]
 impl OrganisationAccess for DataverseOrganisations {
-    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn Store>, String> {
+    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, String> {
         Ok(Arc::new(DataverseStore::new(self.dataverse(tenant)?, self.schema.clone())))
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::domain::connections::testing::{Answer, fixture};
 use crate::domain::connections::{CallbackFailure, NewConnection};
 use crate::domain::oauth::{AuthorizationCode, TokenHint};
-use crate::domain::{Status, Store};
+use crate::domain::{ConnectionStore, Status};
 use crate::support::time::Clock;
 
 #[tokio::test]

@@ -33,7 +33,7 @@ use url::Url;
 
 use crate::domain::oauth::catalog::{Catalog, Provider};
 use crate::domain::oauth::{ErrorCode, OAuthError, TokenEndpoint, TokenHint, TokenSet};
-use crate::domain::{Changes, Connection, ListFilter, Status, Store, StoreError};
+use crate::domain::{Changes, Connection, ConnectionStore, ListFilter, Status, StoreError};
 use crate::support::config::OAuthConfig;
 use crate::support::crypto::{self, CryptoError, Keyring};
 use crate::support::outbound::Backoff;
@@ -99,7 +99,7 @@ impl From<ConnectionError> for Abandon {
 /// What the connection rules depend on, built once by the app (or by a test).
 #[derive(Clone)]
 pub struct Deps {
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn ConnectionStore>,
     pub keys: Arc<Keyring>,
     pub catalog: Arc<Catalog>,
     pub endpoint: Arc<dyn TokenEndpoint>,
@@ -169,7 +169,7 @@ impl Connections {
         (self.refreshes_ok.total(t), self.refreshes_failed.total(t))
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn ConnectionStore> {
         &self.deps.store
     }
 

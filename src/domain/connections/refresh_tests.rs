@@ -11,7 +11,7 @@ use super::{REFRESH_BACKOFF, apply_tokens};
 use crate::domain::connections::ConnectionError;
 use crate::domain::connections::testing::{Answer, Fx, ID, T0, fixture, tokens};
 use crate::domain::oauth::{ErrorCode, OAuthError};
-use crate::domain::{Connection, Lease, Status, Store};
+use crate::domain::{Connection, ConnectionStore, Lease, Status};
 use crate::support::time::Clock;
 
 fn secret(s: &Option<SecretString>) -> Option<String> {

@@ -18,7 +18,10 @@ use super::{ConnectionError, Connections, Deps};
 use crate::clients::store::sqlite::SqliteStore;
 use crate::domain::oauth::catalog::{Catalog, Provider};
 use crate::domain::oauth::{CodeGrant, OAuthError, TokenEndpoint, TokenHint, TokenSet};
-use crate::domain::{Capture, Connection, Due, ListFilter, Status, Store, StoreError, StoreResult, Version};
+use crate::domain::{
+    Capture, CaptureStore, ChangeFeed, Connection, ConnectionStore, Due, ExpectationStore, ListFilter, Status,
+    StoreError, StoreResult, TenantStore, Version,
+};
 use crate::support::config::{CaptureMode, CapturePolicy, OAuthConfig};
 use crate::support::crypto::Keyring;
 use crate::support::time::ManualClock;
@@ -119,26 +122,32 @@ pub struct RacingStore {
 }
 
 #[async_trait]
-impl Store for RacingStore {
+impl ConnectionStore for RacingStore {
     fn kind(&self) -> &'static str {
         "racing-sqlite"
     }
+
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await
     }
+
     async fn census(&self, now: i64) -> StoreResult<crate::domain::Census> {
         self.inner.census(now).await
     }
+
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id).await
     }
+
     async fn find_by_state(&self, h: &str) -> StoreResult<Option<Connection>> {
         self.inner.find_by_state(h).await
     }
+
     async fn insert(&self, c: &Connection) -> StoreResult<Version> {
         self.inner.insert(c).await
     }
+
     async fn update(&self, c: &Connection, expected: &Version) -> StoreResult<Version> {
         self.updates.fetch_add(1, Ordering::SeqCst);
         if self.updates_before_outage.fetch_sub(1, Ordering::SeqCst) == 0 {
@@ -151,58 +160,88 @@ impl Store for RacingStore {
         }
         self.inner.update(c, expected).await
     }
+
     async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()> {
         self.inner.delete(id, expected).await
     }
+
     async fn list(&self, f: &ListFilter) -> StoreResult<Vec<Connection>> {
         self.inner.list(f).await
     }
+
     async fn due_for_refresh(&self, due: &Due) -> StoreResult<Vec<Connection>> {
         self.inner.due_for_refresh(due).await
     }
+
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.inner.expired_pending(now, limit).await
     }
+}
+
+#[async_trait]
+impl ChangeFeed for RacingStore {}
+
+#[async_trait]
+impl CaptureStore for RacingStore {
     async fn insert_capture(&self, c: &Capture) -> StoreResult<bool> {
         self.inner.insert_capture(c).await
     }
+
     async fn captures_by_state(&self, s: &str) -> StoreResult<Vec<Capture>> {
         self.inner.captures_by_state(s).await
     }
+
     async fn undelivered_captures(&self, limit: usize, ready: Option<i64>) -> StoreResult<Vec<Capture>> {
         self.inner.undelivered_captures(limit, ready).await
     }
+
     async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
         self.inner.claim_capture(key, now_ms, until_ms).await
     }
+
     async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
         self.inner.release_capture(key, not_before_ms, attempts).await
     }
+
     async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
         self.inner.mark_capture_delivered(key, at).await
     }
+
     async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
         self.inner.purge_captures(before).await
     }
+}
+
+#[async_trait]
+impl ExpectationStore for RacingStore {
     async fn expect_state(&self, h: &str, until: i64) -> StoreResult<()> {
         self.inner.expect_state(h, until).await
     }
+
     async fn expected_until(&self, h: &str) -> StoreResult<Option<i64>> {
         self.inner.expected_until(h).await
     }
+
     async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
         self.inner.purge_expectations(now).await
     }
+}
+
+#[async_trait]
+impl TenantStore for RacingStore {
     async fn get_tenant(&self, id: &str) -> StoreResult<Option<crate::domain::Tenant>> {
         self.tenant_gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get_tenant(id).await
     }
+
     async fn list_tenants(&self) -> StoreResult<Vec<crate::domain::Tenant>> {
         self.inner.list_tenants().await
     }
+
     async fn insert_tenant(&self, t: &crate::domain::Tenant) -> StoreResult<crate::domain::Version> {
         self.inner.insert_tenant(t).await
     }
+
     async fn update_tenant(
         &self,
         t: &crate::domain::Tenant,
@@ -210,6 +249,7 @@ impl Store for RacingStore {
     ) -> StoreResult<crate::domain::Version> {
         self.inner.update_tenant(t, expected).await
     }
+
     async fn delete_tenant(&self, id: &str) -> StoreResult<bool> {
         self.inner.delete_tenant(id).await
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::domain::oauth::catalog::Provider;
 use crate::domain::oauth::{TokenEndpoint, TokenHint, TokenSet};
-use crate::domain::{Status, Store, StoreError};
+use crate::domain::{ConnectionStore, Status, StoreError};
 use crate::support::time::Clock;
 
 /// How long, and how often, a failure that could not be written is tried again; and how
@@ -66,7 +66,7 @@ pub(super) async fn withdraw(endpoint: &dyn TokenEndpoint, provider: &Provider, 
 /// the grant alive), and what happened written truthfully on the connection once the
 /// store answers again. Both give up after [`RECORD_FOR`], saying so in the log.
 pub(super) struct Unsaved {
-    pub(super) store: Arc<dyn Store>,
+    pub(super) store: Arc<dyn ConnectionStore>,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) endpoint: Arc<dyn TokenEndpoint>,
     pub(super) provider: Arc<Provider>,

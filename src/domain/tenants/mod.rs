@@ -17,7 +17,7 @@ use std::sync::Arc;
 use url::Url;
 
 use crate::clients::entra::{TenantCredentials, TenantTokenError};
-use crate::domain::{Store, StoreError, Tenant, TenantStatus, Version};
+use crate::domain::{StoreError, Tenant, TenantStatus, TenantStore, Version};
 use crate::support::config::{TenancyConfig, is_guid};
 use crate::support::crypto::{Keyring, StateError};
 use crate::support::time::Clock;
@@ -80,7 +80,7 @@ pub enum ConsentRefusal {
 }
 
 pub struct Tenants {
-    store: Arc<dyn Store>,
+    store: Arc<dyn TenantStore>,
     keys: Arc<Keyring>,
     clock: Arc<dyn Clock>,
     cfg: TenancyConfig,
@@ -92,7 +92,7 @@ pub struct Tenants {
 
 impl Tenants {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn TenantStore>,
         keys: Arc<Keyring>,
         clock: Arc<dyn Clock>,
         cfg: TenancyConfig,

@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::{TenantError, Tenants};
-use crate::domain::{Store, Tenant, TenantStatus};
+use crate::domain::{ConnectionStore, Tenant, TenantStatus};
 
 /// What a check of an organisation found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub enum SetupError {
 pub trait OrganisationAccess: Send + Sync {
     /// The store in the tenant's organisation, reached with the app's token from that
     /// tenant (made once per organisation and kept by the caller).
-    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn Store>, String>;
+    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, String>;
 
     /// Checks the organisation with the app's own token.
     async fn check(&self, tenant: &Tenant) -> OrgCheck;

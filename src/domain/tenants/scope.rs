@@ -239,7 +239,6 @@ mod tests {
     use super::*;
     use crate::clients::entra::TenantCredentials;
     use crate::clients::secrets::SettingsSecrets;
-    use crate::domain::Store;
     use crate::domain::connections::testing::fixture;
     use crate::domain::tenants::onboarding::{OrgCheck, SetupError, SetupReport};
     use crate::support::config::{AppCredential, Settings, TenancyConfig};
@@ -248,7 +247,7 @@ mod tests {
 
     #[async_trait]
     impl OrganisationAccess for NoOrganisations {
-        fn store_for(&self, _: &crate::domain::Tenant) -> Result<Arc<dyn Store>, String> {
+        fn store_for(&self, _: &crate::domain::Tenant) -> Result<Arc<dyn crate::domain::ConnectionStore>, String> {
             Err("not in this test".into())
         }
         async fn check(&self, _: &crate::domain::Tenant) -> OrgCheck {
@@ -277,7 +276,7 @@ mod tests {
         };
         let secrets = SettingsSecrets::new(Settings::from_map([("APP_SECRET".to_string(), "s".to_string())].into()));
         let credentials = Arc::new(TenantCredentials::new(&cfg, &secrets).await.unwrap());
-        let store: Arc<dyn Store> = fx.racing.clone();
+        let store: Arc<dyn crate::domain::TenantStore> = fx.racing.clone();
         let tenants =
             Arc::new(Tenants::new(store, fx.keys.clone(), fx.clock.clone(), cfg, credentials, reqwest::Client::new()));
         let (pending, _) = tenants.start("cccccccc-3333-4333-8333-cccccccccccc", None, None).await.unwrap();

@@ -6,7 +6,9 @@
 //! environment wins over the file. A missing or malformed setting is a [`ConfigError`]
 //! that names the setting, so start-up can stop with one readable line.
 
+mod callers;
 mod credential;
+mod limits;
 mod settings;
 mod telemetry;
 mod tenancy;
@@ -17,7 +19,9 @@ use std::time::Duration;
 
 use url::Url;
 
+pub use callers::{BackOfficeAuth, ContactLookup, IssuerConfig, PortalConfig, PortalOidcConfig, PowerPagesConfig};
 pub use credential::CredentialConfig;
+pub use limits::Limits;
 pub use settings::{Settings, is_loopback, parse_service_url};
 pub use telemetry::{IngestionAuth, TelemetryConfig};
 pub use tenancy::{AppCredential, TenancyConfig, is_guid};
@@ -161,35 +165,6 @@ impl StoreConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest request body accepted, chunked or not.
-    pub max_body_bytes: usize,
-    /// Largest single OAuth callback parameter (`code`, `state`, ...).
-    pub max_param_bytes: usize,
-    /// How long a connection may take to send a request's headers.
-    pub header_read_timeout: Duration,
-    /// How long a request's body may take to arrive.
-    pub body_read_timeout: Duration,
-    /// Requests without an `Authorization` header served at once; past it, 503.
-    pub max_anonymous_requests: usize,
-    /// Callback hits one client address may make per minute (and in one burst).
-    pub callbacks_per_minute: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_body_bytes: 1024 * 1024,
-            max_param_bytes: 8 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(30),
-            max_anonymous_requests: 64,
-            callbacks_per_minute: 300,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureMode {
     /// States we did not issue are rejected.
@@ -243,70 +218,6 @@ pub struct OAuthConfig {
     pub store_retry: Duration,
     /// How often an instance asks the store what other instances changed; zero: never.
     pub change_feed: Duration,
-}
-
-/// An OIDC issuer of bearer tokens we accept: the back office's (Entra ID) and the
-/// portal's (B2C, Entra External ID) are configured alike.
-#[derive(Debug, Clone)]
-pub struct IssuerConfig {
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    /// Explicit JWKS URL; otherwise found through OpenID discovery on the issuer.
-    pub jwks_url: Option<Url>,
-}
-
-#[derive(Debug, Clone)]
-pub struct BackOfficeAuth {
-    pub issuer: IssuerConfig,
-    pub allowed_client_ids: Vec<String>,
-    pub allowed_roles: Vec<String>,
-}
-
-/// The portal companion: who the portal users are, and which origins call us.
-#[derive(Debug, Clone, Default)]
-pub struct PortalConfig {
-    pub power_pages: Option<PowerPagesConfig>,
-    pub oidc: Option<PortalOidcConfig>,
-    /// Origins (`https://host[:port]`) whose pages may call the portal API and receive
-    /// the connect popup's result.
-    pub origins: Vec<url::Origin>,
-    /// Whether this handler answers CORS (off where the platform does: Azure's CORS list).
-    pub handler_cors: bool,
-}
-
-impl PortalConfig {
-    pub fn enabled(&self) -> bool {
-        self.power_pages.is_some() || self.oidc.is_some()
-    }
-}
-
-/// A Power Pages site issuing implicit-grant tokens.
-#[derive(Debug, Clone)]
-pub struct PowerPagesConfig {
-    /// `https://contoso.powerappsportals.com`
-    pub url: Url,
-    /// The token's `iss`: the site's host name, without scheme.
-    pub host: String,
-    /// The registered client id (`ImplicitGrantFlow/RegisteredClientId`): the token's `aud`.
-    pub client_id: String,
-}
-
-/// An OIDC issuer for portal users (Azure AD B2C, Entra External ID).
-#[derive(Debug, Clone)]
-pub struct PortalOidcConfig {
-    pub issuer: IssuerConfig,
-    /// The claim whose value is the user's Dataverse contact id.
-    pub contact_claim: String,
-    /// Without that claim: a claim to find the contact by (`PORTAL_OIDC_LOOKUP_CLAIM`),
-    /// after the portal's external identity records.
-    pub lookup: Option<ContactLookup>,
-}
-
-/// Find a contact whose `column` equals the token's `claim` (`email` → `emailaddress1`).
-#[derive(Debug, Clone)]
-pub struct ContactLookup {
-    pub claim: String,
-    pub column: String,
 }
 
 #[derive(Debug, Clone)]
@@ -430,31 +341,6 @@ impl StoreConfig {
     }
 }
 
-impl Limits {
-    fn from_settings(s: &Settings) -> Result<Limits, ConfigError> {
-        let d = Limits::default();
-        let limits = Limits {
-            max_body_bytes: s.parse("MAX_BODY_BYTES", d.max_body_bytes, "a number of bytes")?,
-            max_param_bytes: s.parse("MAX_PARAM_BYTES", d.max_param_bytes, "a number of bytes")?,
-            header_read_timeout: s.seconds("HEADER_READ_TIMEOUT_SECONDS", d.header_read_timeout.as_secs())?,
-            body_read_timeout: s.seconds("BODY_READ_TIMEOUT_SECONDS", d.body_read_timeout.as_secs())?,
-            max_anonymous_requests: s.parse("MAX_ANONYMOUS_REQUESTS", d.max_anonymous_requests, "a number")?,
-            callbacks_per_minute: s.parse("CALLBACK_RATE_PER_MINUTE", d.callbacks_per_minute, "a number")?,
-        };
-        for (setting, zero) in [
-            ("HEADER_READ_TIMEOUT_SECONDS", limits.header_read_timeout.is_zero()),
-            ("BODY_READ_TIMEOUT_SECONDS", limits.body_read_timeout.is_zero()),
-            ("MAX_ANONYMOUS_REQUESTS", limits.max_anonymous_requests == 0),
-            ("CALLBACK_RATE_PER_MINUTE", limits.callbacks_per_minute == 0),
-        ] {
-            if zero {
-                return Err(ConfigError::new(setting, "must be at least 1"));
-            }
-        }
-        Ok(limits)
-    }
-}
-
 impl CaptureMode {
     fn from_settings(s: &Settings) -> Result<CaptureMode, ConfigError> {
         match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
@@ -548,102 +434,6 @@ impl OAuthConfig {
             ));
         }
         Ok(oauth)
-    }
-}
-
-impl IssuerConfig {
-    /// `{ISSUER}`, `{AUDIENCE}` (required with it) and `{JWKS}`: `None` when the issuer
-    /// setting is unset.
-    fn from_settings(s: &Settings, issuer: &str, audience: &str, jwks: &str) -> Result<Option<Self>, ConfigError> {
-        let Some(value) = s.get(issuer) else {
-            return Ok(None);
-        };
-        parse_service_url(value).map_err(|p| ConfigError::new(issuer, p))?;
-        let audiences = s.list(audience);
-        if audiences.is_empty() {
-            return Err(ConfigError::new(audience, format!("is required when {issuer} is set")));
-        }
-        Ok(Some(IssuerConfig { issuer: value.to_string(), audiences, jwks_url: s.url(jwks)? }))
-    }
-}
-
-impl BackOfficeAuth {
-    fn from_settings(s: &Settings) -> Result<Option<BackOfficeAuth>, ConfigError> {
-        let Some(issuer) = IssuerConfig::from_settings(s, "AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_JWKS_URL")? else {
-            return Ok(None);
-        };
-        let allowed_client_ids = s.list("AUTH_ALLOWED_CLIENT_IDS");
-        let allowed_roles = s.list("AUTH_ALLOWED_ROLES");
-        if allowed_client_ids.is_empty() && allowed_roles.is_empty() {
-            return Err(ConfigError::new(
-                "AUTH_ALLOWED_CLIENT_IDS",
-                "set it or AUTH_ALLOWED_ROLES: without an allow-list any application of the tenant could read tokens",
-            ));
-        }
-        Ok(Some(BackOfficeAuth { issuer, allowed_client_ids, allowed_roles }))
-    }
-}
-
-impl PortalConfig {
-    fn from_settings(s: &Settings) -> Result<PortalConfig, ConfigError> {
-        let power_pages = PowerPagesConfig::from_settings(s)?;
-        let oidc =
-            IssuerConfig::from_settings(s, "PORTAL_OIDC_ISSUER", "PORTAL_OIDC_AUDIENCE", "PORTAL_OIDC_JWKS_URL")?.map(
-                |issuer| PortalOidcConfig {
-                    issuer,
-                    contact_claim: s.get("PORTAL_OIDC_CONTACT_CLAIM").unwrap_or("contactid").to_string(),
-                    lookup: s.get("PORTAL_OIDC_LOOKUP_CLAIM").map(|claim| ContactLookup {
-                        claim: claim.to_string(),
-                        column: s
-                            .get("PORTAL_OIDC_LOOKUP_COLUMN")
-                            .unwrap_or(if claim == "email" || claim == "emails" { "emailaddress1" } else { claim })
-                            .to_string(),
-                    }),
-                },
-            );
-        if let Some(l) = oidc.as_ref().and_then(|o| o.lookup.as_ref())
-            && (l.column.is_empty()
-                || !l.column.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
-        {
-            return Err(ConfigError::new(
-                "PORTAL_OIDC_LOOKUP_COLUMN",
-                "must be a contact column's logical name (emailaddress1)",
-            ));
-        }
-        let mut origins = s.origins("PORTAL_ORIGINS")?;
-        if let Some(pp) = &power_pages
-            && !origins.contains(&pp.url.origin())
-        {
-            origins.push(pp.url.origin());
-        }
-        let handler_cors = match s.get("CORS_LAYER").unwrap_or("handler").to_ascii_lowercase().as_str() {
-            "handler" => true,
-            "platform" => false,
-            other => {
-                return Err(ConfigError::new(
-                    "CORS_LAYER",
-                    format!("expected \"handler\" or \"platform\", got {other:?}"),
-                ));
-            }
-        };
-        Ok(PortalConfig { power_pages, oidc, origins, handler_cors })
-    }
-}
-
-impl PowerPagesConfig {
-    fn from_settings(s: &Settings) -> Result<Option<PowerPagesConfig>, ConfigError> {
-        let Some(url) = s.url("PORTAL_URL")? else {
-            return Ok(None);
-        };
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let client_id = s.require("PORTAL_CLIENT_ID")?.to_string();
-        if client_id.len() > 36 || !client_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(ConfigError::new(
-                "PORTAL_CLIENT_ID",
-                "must be the registered client id: at most 36 letters, digits or '-'",
-            ));
-        }
-        Ok(Some(PowerPagesConfig { url, host, client_id }))
     }
 }
 

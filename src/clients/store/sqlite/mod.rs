@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
 use crate::domain::{
-    Capture, Census, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult,
-    Tenant, TenantStatus, Version,
+    Census, ChangeFeed, Changes, Connection, ConnectionStore, Due, Lease, ListFilter, PendingAuth, Status, StoreError,
+    StoreResult, Version,
 };
 
 const SCHEMA: &str = r#"
@@ -109,6 +109,9 @@ const COLUMNS: &str = "id, provider, owner, scopes, status, status_detail, token
 has_refresh_token, state_hash, pending_sealed, state_expires_at, lease_owner, lease_until_ms, failures, \
 next_attempt_at, created_at, updated_at, refreshed_at, version";
 
+mod captures;
+mod tenants;
+
 pub struct SqliteStore {
     conn: Arc<Mutex<rusqlite::Connection>>,
     path: PathBuf,
@@ -138,7 +141,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` with the connection on the blocking pool.
-    async fn with<T, F>(&self, f: F) -> StoreResult<T>
+    pub(super) async fn with<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -185,58 +188,7 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-const TENANT_COLUMNS: &str = "id, org_url, status, status_detail, state_hash, state_expires_at, started_by, \
-consented_at, onboarded_at, created_at, updated_at, version";
-
-type TenantParams = (
-    String,
-    Option<String>,
-    &'static str,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-    i64,
-);
-
-fn tenant_params(t: &Tenant) -> TenantParams {
-    (
-        t.id.clone(),
-        t.org_url.clone(),
-        t.status.as_str(),
-        t.status_detail.clone(),
-        t.state_hash.clone(),
-        t.state_expires_at,
-        t.started_by.clone(),
-        t.consented_at,
-        t.onboarded_at,
-        t.created_at,
-        t.updated_at,
-    )
-}
-
-fn tenant_from_row(row: &Row<'_>) -> rusqlite::Result<Tenant> {
-    let status: String = row.get(2)?;
-    Ok(Tenant {
-        id: row.get(0)?,
-        org_url: row.get(1)?,
-        status: TenantStatus::parse(&status).unwrap_or(TenantStatus::Failed),
-        status_detail: row.get(3)?,
-        state_hash: row.get(4)?,
-        state_expires_at: row.get(5)?,
-        started_by: row.get(6)?,
-        consented_at: row.get(7)?,
-        onboarded_at: row.get(8)?,
-        created_at: row.get(9)?,
-        updated_at: row.get(10)?,
-        version: Version(row.get::<_, i64>(11)?.to_string()),
-    })
-}
-
-fn map_err(e: rusqlite::Error) -> StoreError {
+pub(super) fn map_err(e: rusqlite::Error) -> StoreError {
     match &e {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
@@ -283,24 +235,6 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Connection> {
     })
 }
 
-fn capture_from_row(row: &Row<'_>) -> rusqlite::Result<Capture> {
-    Ok(Capture {
-        key: row.get(0)?,
-        state: row.get(1)?,
-        code: row.get(2)?,
-        iss: row.get(3)?,
-        error: row.get(4)?,
-        error_description: row.get(5)?,
-        received_at: row.get(6)?,
-        delivered_at: row.get(7)?,
-        claim_until_ms: row.get(8)?,
-        attempts: row.get::<_, i64>(9)?.clamp(0, u32::MAX as i64) as u32,
-    })
-}
-
-const CAPTURE_COLUMNS: &str =
-    "key, state, code, iss, error, error_description, received_at, delivered_at, claim_until_ms, attempts";
-
 /// The column values of a connection, in `COLUMNS` order minus `version`.
 fn values(c: &Connection) -> Vec<rusqlite::types::Value> {
     use rusqlite::types::Value as V;
@@ -329,12 +263,12 @@ fn values(c: &Connection) -> Vec<rusqlite::types::Value> {
     ]
 }
 
-fn parse_version(v: &Version) -> i64 {
+pub(super) fn parse_version(v: &Version) -> i64 {
     v.0.parse().unwrap_or(-1)
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl ConnectionStore for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
     }
@@ -457,191 +391,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_capture(&self, cap: &Capture) -> StoreResult<bool> {
-        let cap = cap.clone();
-        self.with(move |c| {
-            let n = c
-                .prepare_cached(
-                    "INSERT INTO captures (key, state, code, iss, error, error_description, received_at, delivered_at, \
-                     claim_until_ms, attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (key) DO NOTHING",
-                )?
-                .execute(params![
-                    cap.key,
-                    cap.state,
-                    cap.code,
-                    cap.iss,
-                    cap.error,
-                    cap.error_description,
-                    cap.received_at,
-                    cap.delivered_at,
-                    cap.claim_until_ms,
-                    cap.attempts
-                ])?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>> {
-        let state = state.to_string();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {CAPTURE_COLUMNS} FROM captures WHERE state = ?1 ORDER BY received_at"
-            ))?;
-            let rows = stmt.query_map([state], capture_from_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn undelivered_captures(&self, limit: usize, ready_at_ms: Option<i64>) -> StoreResult<Vec<Capture>> {
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {CAPTURE_COLUMNS} FROM captures WHERE delivered_at IS NULL \
-                 AND (?2 IS NULL OR claim_until_ms IS NULL OR claim_until_ms <= ?2) ORDER BY received_at LIMIT ?1"
-            ))?;
-            let rows = stmt.query_map(params![limit as i64, ready_at_ms], capture_from_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
-        let key = key.to_string();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE captures SET claim_until_ms = ?3 WHERE key = ?1 AND delivered_at IS NULL \
-                 AND (claim_until_ms IS NULL OR claim_until_ms <= ?2)",
-                params![key, now_ms, until_ms],
-            )
-            .map(|n| n == 1)
-        })
-        .await
-    }
-
-    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
-        let key = key.to_string();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE captures SET claim_until_ms = ?2, attempts = ?3 WHERE key = ?1 AND delivered_at IS NULL",
-                params![key, not_before_ms, attempts],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
-        let key = key.to_string();
-        self.with(move |c| {
-            c.execute("UPDATE captures SET delivered_at = ?2, claim_until_ms = NULL WHERE key = ?1", params![key, at])
-                .map(|_| ())
-        })
-        .await
-    }
-
-    async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
-        self.with(move |c| {
-            c.execute("DELETE FROM captures WHERE received_at < ?1 AND delivered_at IS NOT NULL", [before])
-                .map(|n| n as u64)
-        })
-        .await
-    }
-
-    async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()> {
-        let key = state_hash.to_string();
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO expectations (key, expires_at) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
-                params![key, expires_at],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    async fn expected_until(&self, state_hash: &str) -> StoreResult<Option<i64>> {
-        let key = state_hash.to_string();
-        self.with(move |c| {
-            c.prepare_cached("SELECT expires_at FROM expectations WHERE key = ?1")?
-                .query_row([key], |r| r.get(0))
-                .optional()
-        })
-        .await
-    }
-
-    async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
-        self.with(move |c| c.execute("DELETE FROM expectations WHERE expires_at < ?1", [now]).map(|n| n as u64)).await
-    }
-
-    async fn get_tenant(&self, id: &str) -> StoreResult<Option<Tenant>> {
-        let id = id.to_string();
-        self.with(move |c| {
-            c.prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"))?
-                .query_row([id], tenant_from_row)
-                .optional()
-        })
-        .await
-    }
-
-    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"))?;
-            let rows = stmt.query_map([], tenant_from_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn insert_tenant(&self, t: &Tenant) -> StoreResult<Version> {
-        let t = t.clone();
-        let id = t.id.clone();
-        let inserted = self
-            .with(move |c| {
-                c.prepare_cached(&format!(
-                    "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1)"
-                ))?
-                .execute(tenant_params(&t))
-            })
-            .await;
-        match inserted {
-            Ok(_) => Ok(Version("1".into())),
-            Err(StoreError::Conflict(_)) => Err(StoreError::Conflict(format!("tenant {id:?} already exists"))),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn update_tenant(&self, t: &Tenant, expected: &Version) -> StoreResult<Version> {
-        let t = t.clone();
-        let id = t.id.clone();
-        let expected = parse_version(expected);
-        let (changed, exists) = self
-            .with(move |c| {
-                let p = tenant_params(&t);
-                let n = c
-                    .prepare_cached(
-                        "UPDATE tenants SET org_url = ?2, status = ?3, status_detail = ?4, state_hash = ?5, \
-                         state_expires_at = ?6, started_by = ?7, consented_at = ?8, onboarded_at = ?9, \
-                         created_at = ?10, updated_at = ?11, version = ?12 + 1 WHERE id = ?1 AND version = ?12",
-                    )?
-                    .execute(params![p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, p.10, expected])?;
-                let exists = n == 1 || c.prepare_cached("SELECT 1 FROM tenants WHERE id = ?1")?.exists([&t.id])?;
-                Ok((n, exists))
-            })
-            .await?;
-        match (changed, exists) {
-            (1, _) => Ok(Version((expected + 1).to_string())),
-            (_, true) => Err(StoreError::Conflict(format!("tenant {id:?}"))),
-            (_, false) => Err(StoreError::NotFound(format!("tenant {id:?}"))),
-        }
-    }
-
-    async fn delete_tenant(&self, id: &str) -> StoreResult<bool> {
-        let id = id.to_string();
-        self.with(move |c| c.execute("DELETE FROM tenants WHERE id = ?1", [id]).map(|n| n == 1)).await
-    }
-
     /// SQLite cannot say which rows another process changed, only that one did:
     /// `PRAGMA data_version` moves when another connection commits (our own writes update
     /// our cache directly).
@@ -685,7 +434,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl ChangeFeed for SqliteStore {
     async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
         let version: i64 = self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0))).await?;
         let now = version.to_string();

@@ -12,8 +12,8 @@ use serde_json::{Map, Value, json};
 
 use crate::clients::dataverse::provision::{CAPTURES, CONNECTIONS, EXPECTATIONS, Schema, TENANTS, verify};
 use crate::domain::{
-    Capture, Census, Changes, Connection, Due, Lease, ListFilter, PendingAuth, Status, Store, StoreError, StoreResult,
-    Tenant, TenantStatus, Version,
+    Census, ChangeFeed, Changes, Connection, ConnectionStore, Due, Lease, ListFilter, PendingAuth, Status, StoreError,
+    StoreResult, Version,
 };
 use crate::support::cache::Cache;
 
@@ -21,22 +21,25 @@ const SCHEMA_OK_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 const SCHEMA_MISSING_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::clients::dataverse::{Condition, Dataverse, DataverseError, Key, Record, literal};
 
+mod captures;
+mod tenants;
+
 pub struct DataverseStore {
-    dv: Arc<Dataverse>,
-    schema: Schema,
-    connections: String,
-    captures: String,
-    expectations: String,
-    tenants: String,
-    key: String,
-    connection_columns: Vec<String>,
-    capture_columns: Vec<String>,
-    tenant_columns: Vec<String>,
+    pub(super) dv: Arc<Dataverse>,
+    pub(super) schema: Schema,
+    pub(super) connections: String,
+    pub(super) captures: String,
+    pub(super) expectations: String,
+    pub(super) tenants: String,
+    pub(super) key: String,
+    pub(super) connection_columns: Vec<String>,
+    pub(super) capture_columns: Vec<String>,
+    pub(super) tenant_columns: Vec<String>,
     /// The last answer of [`verify`]: whether the tables and keys exist.
-    schema_checked: Cache<(), Result<(), String>>,
+    pub(super) schema_checked: Cache<(), Result<(), String>>,
     /// Connection names by primary id, as the change feed saw them: deletions come back
     /// by primary id only.
-    feed_names: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    pub(super) feed_names: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl DataverseStore {
@@ -80,11 +83,11 @@ impl DataverseStore {
         Ok(deleted)
     }
 
-    fn c(&self, name: &str) -> String {
+    pub(super) fn c(&self, name: &str) -> String {
         self.schema.column(name)
     }
 
-    fn select(cols: &[String]) -> Vec<&str> {
+    pub(super) fn select(cols: &[String]) -> Vec<&str> {
         cols.iter().map(String::as_str).collect()
     }
 
@@ -159,56 +162,6 @@ impl DataverseStore {
         }
     }
 
-    fn capture_from(&self, r: Record) -> Capture {
-        let s = |n: &str| r.str(&self.c(n)).map(str::to_string);
-        Capture {
-            key: s("name").unwrap_or_default(),
-            state: s("state").unwrap_or_default(),
-            code: s("code"),
-            iss: s("iss"),
-            error: s("error"),
-            error_description: s("errordescription"),
-            received_at: r.i64(&self.c("receivedat")).unwrap_or(0),
-            delivered_at: r.i64(&self.c("deliveredat")),
-            claim_until_ms: r.i64(&self.c("claimuntilms")),
-            attempts: r.i64(&self.c("attempts")).unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
-        }
-    }
-
-    fn tenant_fields(&self, t: &Tenant) -> Value {
-        json!({
-            self.c("orgurl"): t.org_url,
-            self.c("status"): t.status.as_str(),
-            self.c("statusdetail"): t.status_detail,
-            self.c("statehash"): t.state_hash,
-            self.c("stateexpiresat"): t.state_expires_at,
-            self.c("startedby"): t.started_by,
-            self.c("consentedat"): t.consented_at,
-            self.c("onboardedat"): t.onboarded_at,
-            self.c("createdat"): t.created_at,
-            self.c("updatedat"): t.updated_at,
-        })
-    }
-
-    fn tenant_from(&self, r: Record) -> Tenant {
-        let s = |n: &str| r.str(&self.c(n)).map(str::to_string);
-        let i = |n: &str| r.i64(&self.c(n));
-        Tenant {
-            id: s("name").unwrap_or_default(),
-            org_url: s("orgurl"),
-            status: s("status").and_then(|v| TenantStatus::parse(&v)).unwrap_or(TenantStatus::Failed),
-            status_detail: s("statusdetail"),
-            state_hash: s("statehash"),
-            state_expires_at: i("stateexpiresat"),
-            started_by: s("startedby"),
-            consented_at: i("consentedat"),
-            onboarded_at: i("onboardedat"),
-            created_at: i("createdat").unwrap_or(0),
-            updated_at: i("updatedat").unwrap_or(0),
-            version: Version(r.etag),
-        }
-    }
-
     async fn query_connections(
         &self,
         filter: &str,
@@ -224,7 +177,7 @@ impl DataverseStore {
     }
 }
 
-fn map_err(e: DataverseError) -> StoreError {
+pub(super) fn map_err(e: DataverseError) -> StoreError {
     match e.status() {
         _ if e.is_transient() => StoreError::Unavailable(e.to_string()),
         Some(412) => StoreError::Conflict(e.to_string()),
@@ -234,7 +187,7 @@ fn map_err(e: DataverseError) -> StoreError {
 }
 
 #[async_trait]
-impl Store for DataverseStore {
+impl ConnectionStore for DataverseStore {
     fn kind(&self) -> &'static str {
         "dataverse"
     }
@@ -358,195 +311,6 @@ impl Store for DataverseStore {
         self.query_connections(&filter, None, limit).await
     }
 
-    async fn insert_capture(&self, cap: &Capture) -> StoreResult<bool> {
-        let fields = json!({
-            self.c("state"): cap.state,
-            self.c("code"): cap.code,
-            self.c("iss"): cap.iss,
-            self.c("error"): cap.error,
-            self.c("errordescription"): cap.error_description,
-            self.c("receivedat"): cap.received_at,
-            self.c("deliveredat"): cap.delivered_at,
-            self.c("claimuntilms"): cap.claim_until_ms,
-            self.c("attempts"): cap.attempts,
-        });
-        match self
-            .dv
-            .write(&self.captures, &Key::Alternate(&self.key, &cap.key), &fields, Condition::NotExists, &[&self.key])
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(412) => Ok(false),
-            Err(e) => Err(map_err(e)),
-        }
-    }
-
-    async fn captures_by_state(&self, state: &str) -> StoreResult<Vec<Capture>> {
-        let filter = format!("{} eq {}", self.c("state"), literal(state));
-        let order = format!("{} asc", self.c("receivedat"));
-        let rows = self
-            .dv
-            .query(&self.captures, &filter, &Self::select(&self.capture_columns), Some(&order), 100)
-            .await
-            .map_err(map_err)?;
-        // States are case-sensitive; Dataverse's `eq` is not.
-        Ok(rows.into_iter().map(|r| self.capture_from(r)).filter(|c| c.state == state).collect())
-    }
-
-    async fn undelivered_captures(&self, limit: usize, ready_at_ms: Option<i64>) -> StoreResult<Vec<Capture>> {
-        let mut filter = format!("{} eq null", self.c("deliveredat"));
-        if let Some(at) = ready_at_ms {
-            let claim = self.c("claimuntilms");
-            filter = format!("{filter} and ({claim} eq null or {claim} le {at})");
-        }
-        let order = format!("{} asc", self.c("receivedat"));
-        let rows = self
-            .dv
-            .query(&self.captures, &filter, &Self::select(&self.capture_columns), Some(&order), limit)
-            .await
-            .map_err(map_err)?;
-        Ok(rows.into_iter().map(|r| self.capture_from(r)).collect())
-    }
-
-    async fn claim_capture(&self, key: &str, now_ms: i64, until_ms: i64) -> StoreResult<bool> {
-        // Read the row with its ETag, then write the claim only over that version: of any
-        // number of instances claiming at once, one write matches and the others get 412.
-        let cols = [self.key.clone(), self.c("deliveredat"), self.c("claimuntilms")];
-        let Some(rec) = self
-            .dv
-            .get(&self.captures, &Key::Alternate(&self.key, key), &Self::select(&cols))
-            .await
-            .map_err(map_err)?
-        else {
-            return Ok(false);
-        };
-        let free = rec.i64(&self.c("deliveredat")).is_none()
-            && rec.i64(&self.c("claimuntilms")).is_none_or(|until| until <= now_ms);
-        if !free {
-            return Ok(false);
-        }
-        let fields = json!({ self.c("claimuntilms"): until_ms });
-        match self
-            .dv
-            .write(
-                &self.captures,
-                &Key::Alternate(&self.key, key),
-                &fields,
-                Condition::Version(&rec.etag),
-                &[&self.key],
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(e.status(), Some(412) | Some(404)) => Ok(false),
-            Err(e) => Err(map_err(e)),
-        }
-    }
-
-    async fn release_capture(&self, key: &str, not_before_ms: i64, attempts: u32) -> StoreResult<()> {
-        let fields = json!({ self.c("claimuntilms"): not_before_ms, self.c("attempts"): attempts });
-        self.dv
-            .write(&self.captures, &Key::Alternate(&self.key, key), &fields, Condition::Exists, &[&self.key])
-            .await
-            .map(|_| ())
-            .map_err(map_err)
-    }
-
-    async fn mark_capture_delivered(&self, key: &str, at: i64) -> StoreResult<()> {
-        let fields = json!({ self.c("deliveredat"): at, self.c("claimuntilms"): Value::Null });
-        self.dv
-            .write(&self.captures, &Key::Alternate(&self.key, key), &fields, Condition::Exists, &[&self.key])
-            .await
-            .map(|_| ())
-            .map_err(map_err)
-    }
-
-    async fn purge_captures(&self, before: i64) -> StoreResult<u64> {
-        let filter = format!("{} lt {before} and {} ne null", self.c("receivedat"), self.c("deliveredat"));
-        self.delete_where(&self.captures, &filter).await
-    }
-
-    async fn expect_state(&self, state_hash: &str, expires_at: i64) -> StoreResult<()> {
-        let fields = json!({ self.c("expiresat"): expires_at });
-        self.dv
-            .write(&self.expectations, &Key::Alternate(&self.key, state_hash), &fields, Condition::None, &[&self.key])
-            .await
-            .map(|_| ())
-            .map_err(map_err)
-    }
-
-    async fn expected_until(&self, state_hash: &str) -> StoreResult<Option<i64>> {
-        let expires = self.c("expiresat");
-        let rec = self
-            .dv
-            .get(&self.expectations, &Key::Alternate(&self.key, state_hash), &[self.key.as_str(), expires.as_str()])
-            .await
-            .map_err(map_err)?;
-        Ok(rec.and_then(|r| r.i64(&expires)))
-    }
-
-    async fn purge_expectations(&self, now: i64) -> StoreResult<u64> {
-        let filter = format!("{} lt {now}", self.c("expiresat"));
-        self.delete_where(&self.expectations, &filter).await
-    }
-
-    /// Six small requests (a count per status, the back-off count, the oldest refresh);
-    /// the caller caches the answer.
-    async fn get_tenant(&self, id: &str) -> StoreResult<Option<Tenant>> {
-        let rec = self
-            .dv
-            .get(&self.tenants, &Key::Alternate(&self.key, id), &Self::select(&self.tenant_columns))
-            .await
-            .map_err(map_err)?;
-        Ok(rec.map(|r| self.tenant_from(r)))
-    }
-
-    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
-        let rows = self
-            .dv
-            .query(&self.tenants, "", &Self::select(&self.tenant_columns), Some(&self.key), 5000)
-            .await
-            .map_err(map_err)?;
-        Ok(rows.into_iter().map(|r| self.tenant_from(r)).collect())
-    }
-
-    async fn insert_tenant(&self, t: &Tenant) -> StoreResult<Version> {
-        let rec = self
-            .dv
-            .write(
-                &self.tenants,
-                &Key::Alternate(&self.key, &t.id),
-                &self.tenant_fields(t),
-                Condition::NotExists,
-                &[&self.key],
-            )
-            .await
-            .map_err(|e| match map_err(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("tenant {:?} already exists", t.id)),
-                other => other,
-            })?;
-        Ok(Version(rec.etag))
-    }
-
-    async fn update_tenant(&self, t: &Tenant, expected: &Version) -> StoreResult<Version> {
-        let rec = self
-            .dv
-            .write(
-                &self.tenants,
-                &Key::Alternate(&self.key, &t.id),
-                &self.tenant_fields(t),
-                Condition::Version(&expected.0),
-                &[&self.key],
-            )
-            .await
-            .map_err(map_err)?;
-        Ok(Version(rec.etag))
-    }
-
-    async fn delete_tenant(&self, id: &str) -> StoreResult<bool> {
-        self.dv.delete(&self.tenants, &Key::Alternate(&self.key, id), None).await.map_err(map_err)
-    }
-
     async fn census(&self, now: i64) -> StoreResult<Census> {
         const CAP: u64 = 5000;
         let status = self.c("status");
@@ -576,7 +340,10 @@ impl Store for DataverseStore {
         }
         Ok(census)
     }
+}
 
+#[async_trait]
+impl ChangeFeed for DataverseStore {
     async fn connection_changes(&self, cursor: Option<&str>) -> StoreResult<Option<(Changes, String)>> {
         let id_col = self.schema.primary_id(&CONNECTIONS);
         let delta = self.dv.changes(&self.connections, &[&self.key, &id_col], cursor).await.map_err(map_err)?;
