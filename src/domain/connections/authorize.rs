@@ -13,14 +13,13 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::unsaved::{Unsaved, Withdrawal, withdraw};
+use super::validate::{validate_id, validate_owner, validate_scopes};
 use super::{ConnectionError, Connections, InvalidInput};
 use crate::clients::provider::authorization_url;
 use crate::domain::oauth::catalog::Provider;
 use crate::domain::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenSet};
 use crate::domain::{Connection, PendingAuth, Status, StoreError};
 use crate::support::crypto::{self, VerifiedState};
-
-const MAX_ID_LEN: usize = 128;
 
 /// What a caller asks for when starting a connection.
 #[derive(Debug, Default, Clone)]
@@ -471,53 +470,6 @@ impl Connections {
 
 pub(super) fn pending_aad(id: &str) -> String {
     format!("connection:{id}:pending")
-}
-
-fn validate_owner(owner: Option<&str>) -> Result<(), ConnectionError> {
-    match owner {
-        Some(o) if o.is_empty() || o.len() > 200 || o.chars().any(char::is_control) => {
-            Err(ConnectionError::Invalid(InvalidInput::Owner, "owner must be 1-200 printable characters.".into()))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn validate_id(id: &str) -> Result<String, ConnectionError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(id.to_string())
-    } else {
-        Err(ConnectionError::Invalid(
-            InvalidInput::ConnectionId,
-            format!(
-                "connection_id must be 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit."
-            ),
-        ))
-    }
-}
-
-fn validate_scopes(scopes: Vec<String>, provider: &Provider) -> Result<Vec<String>, ConnectionError> {
-    if scopes.len() > 50 {
-        return Err(ConnectionError::Invalid(InvalidInput::Scopes, "At most 50 scopes may be requested.".into()));
-    }
-    for s in &scopes {
-        if s.is_empty()
-            || s.len() > 200
-            || s.chars().any(|c| c.is_whitespace() || c.is_control())
-            || s.contains(provider.scope_separator.as_str())
-        {
-            return Err(ConnectionError::Invalid(
-                InvalidInput::Scopes,
-                format!(
-                    "Scope {s:?} is not valid: scopes are 1-200 characters without spaces or the provider's separator."
-                ),
-            ));
-        }
-    }
-    Ok(scopes)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod reseal;
 #[cfg(test)]
 pub(crate) mod testing;
 mod unsaved;
+mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
