@@ -71,9 +71,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             config.listen.addr
         )),
     );
-
-    let catalog = Catalog::load(&config.providers_file, config.providers_file_required);
-    let catalog = match catalog {
+    let catalog = match Catalog::load(&config.providers_file, config.providers_file_required) {
         Ok(c) => {
             report
                 .add("provider catalog", Ok(format!("{} provider(s) in {}", c.len(), config.providers_file.display())));
@@ -84,7 +82,6 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             Catalog::default()
         }
     };
-
     // Where secrets come from, chosen as the running app chooses.
     let http = match app::build::http_client(&config) {
         Ok(h) => h,
@@ -93,7 +90,17 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             return report;
         }
     };
-    let secrets: Arc<dyn SecretSource> = match app::build::secret_source(&config, settings.clone()).await {
+    let secrets = secret_source(&mut report, &config, settings).await;
+    named_secrets(&mut report, &config, &catalog, secrets.as_ref()).await;
+    let dataverse = dataverse(&mut report, &config, secrets.as_ref(), &http).await;
+    fno(&mut report, &config, secrets.as_ref()).await;
+    issuer(&mut report, &config, &http).await;
+    store(&mut report, &config, dataverse.as_ref()).await;
+    report
+}
+
+async fn secret_source(report: &mut Report, config: &Config, settings: Settings) -> Arc<dyn SecretSource> {
+    match app::build::secret_source(config, settings.clone()).await {
         Ok(source) => {
             report.add(
                 "secrets source",
@@ -108,9 +115,11 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             report.add("secrets source", Err(e.to_string()));
             Arc::new(SettingsSecrets::new(settings))
         }
-    };
+    }
+}
 
-    // Every secret the configuration names.
+/// Every secret the configuration names.
+async fn named_secrets(report: &mut Report, config: &Config, catalog: &Catalog, secrets: &dyn SecretSource) {
     let keys_name = config.secrets.token_keys_secret.clone();
     match secrets.get(&keys_name).await {
         Ok(spec) => {
@@ -126,7 +135,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
         }
     }
     let mut names: Vec<String> = catalog.secret_names().into_iter().map(str::to_string).collect();
-    for cred in credentials(&config).into_iter().flatten() {
+    for cred in credentials(config).into_iter().flatten() {
         if let CredentialConfig::ClientSecret { secret_name, .. } = cred {
             names.push(secret_name.clone());
         }
@@ -137,44 +146,53 @@ pub async fn run(settings: Settings, config: Config) -> Report {
         let r = secrets.get(&name).await.map(|_| "present".to_string()).map_err(|e| e.to_string());
         report.add(format!("secret {name}"), r);
     }
+}
 
-    // A token for every Azure resource, and a call that proves it is accepted.
-    let mut dataverse = None;
-    if let Some(dv) = config.dataverse.clone() {
-        let cred = dv.credential.as_ref().unwrap_or(&config.azure_credential);
-        match app::build::resource_token(dv.credential.as_ref(), &config, secrets.as_ref(), &dv.url).await {
-            Ok(tokens) => {
-                let got = tokens.token().await;
-                let ok = report.add(
-                    format!("token for Dataverse {}", dv.url),
-                    got.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string()),
-                );
-                if ok {
-                    let client = Dataverse::new(&dv.url, http.clone(), tokens, dv.solution.clone());
-                    let who = client.who_am_i().await.map(|v| {
-                        format!("application user {}", v.get("UserId").and_then(|u| u.as_str()).unwrap_or("?"))
-                    });
-                    if report.add("Dataverse WhoAmI", who.map_err(|e| e.to_string())) {
-                        dataverse = Some((client, dv.prefix.clone()));
-                    }
-                }
-            }
-            Err(e) => {
-                report.add(format!("token for Dataverse {}", dv.url), Err(e.to_string()));
-            }
+/// A Dataverse token and a `WhoAmI` that proves it is accepted; the client when it is.
+async fn dataverse(
+    report: &mut Report,
+    config: &Config,
+    secrets: &dyn SecretSource,
+    http: &reqwest::Client,
+) -> Option<(Dataverse, String)> {
+    let dv = config.dataverse.clone()?;
+    let cred = dv.credential.as_ref().unwrap_or(&config.azure_credential);
+    let tokens = match app::build::resource_token(dv.credential.as_ref(), config, secrets, &dv.url).await {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            report.add(format!("token for Dataverse {}", dv.url), Err(e.to_string()));
+            return None;
         }
+    };
+    let got = tokens.token().await;
+    let ok = report.add(
+        format!("token for Dataverse {}", dv.url),
+        got.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string()),
+    );
+    if !ok {
+        return None;
     }
-    if let CaptureMode::Fno(f) = &config.oauth.capture {
-        let cred = f.credential.as_ref().unwrap_or(&config.azure_credential);
-        let result = match app::build::resource_token(f.credential.as_ref(), &config, secrets.as_ref(), &f.url).await {
-            Ok(tokens) => {
-                tokens.token().await.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        report.add(format!("token for F&O {}", f.url), result);
-    }
+    let client = Dataverse::new(&dv.url, http.clone(), tokens, dv.solution.clone());
+    let who = client
+        .who_am_i()
+        .await
+        .map(|v| format!("application user {}", v.get("UserId").and_then(|u| u.as_str()).unwrap_or("?")));
+    report.add("Dataverse WhoAmI", who.map_err(|e| e.to_string())).then_some((client, dv.prefix.clone()))
+}
 
+async fn fno(report: &mut Report, config: &Config, secrets: &dyn SecretSource) {
+    let CaptureMode::Fno(f) = &config.oauth.capture else { return };
+    let cred = f.credential.as_ref().unwrap_or(&config.azure_credential);
+    let result = match app::build::resource_token(f.credential.as_ref(), config, secrets, &f.url).await {
+        Ok(tokens) => {
+            tokens.token().await.map(|_| format!("acquired with {}", cred.describe())).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    report.add(format!("token for F&O {}", f.url), result);
+}
+
+async fn issuer(report: &mut Report, config: &Config, http: &reqwest::Client) {
     if let Some(auth) = &config.back_office {
         let verifier = BearerVerifier::new(auth.clone(), http.clone());
         report.add(
@@ -184,7 +202,9 @@ pub async fn run(settings: Settings, config: Config) -> Report {
     } else {
         report.add("back-office issuer", Ok("not configured: the back-office API is closed".into()));
     }
+}
 
+async fn store(report: &mut Report, config: &Config, dataverse: Option<&(Dataverse, String)>) {
     match &config.store {
         StoreConfig::Sqlite { path } => {
             let opened = crate::clients::store::sqlite::SqliteStore::open(path)
@@ -193,7 +213,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             report.add("store (SQLite)", opened);
         }
         StoreConfig::Dataverse(_) => {
-            let verdict = match &dataverse {
+            let verdict = match dataverse {
                 None => Err("not checked: Dataverse did not accept the identity above".to_string()),
                 Some((client, prefix)) => {
                     let schema = crate::clients::dataverse::provision::Schema::new(prefix);
@@ -207,7 +227,6 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             report.add("store (Dataverse)", verdict);
         }
     }
-    report
 }
 
 fn credentials(config: &Config) -> Vec<Option<&CredentialConfig>> {

@@ -73,14 +73,43 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
     let t = clock.now();
     let margin = cfg.refresh_margin.as_secs() as i64;
     let next = next_run.unwrap_or(t + cfg.timer_lookahead.as_secs() as i64).clamp(t, t + MAX_LOOKAHEAD_SECS);
-    let horizon = next + margin;
-    let catalog = connections.catalog();
-    let keepalive = catalog.min_keepalive();
-    let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
     // Page through what is due until nothing is left or the run's time is spent: a share
     // of the time until the next run, so runs do not pile up.
     let budget_ms = (next.saturating_sub(t).saturating_mul(1000) / 2).clamp(MIN_BUDGET_MS, MAX_BUDGET_MS);
-    let deadline = clock.now_millis() + budget_ms;
+    refresh_due(connections, t, next + margin, clock.now_millis() + budget_ms, &mut report).await;
+    match connections.store().expired_pending(t, BATCH).await {
+        Ok(expired) => {
+            for c in expired {
+                let id = c.id.clone();
+                if connections.update(&id, Some(c), |c| c.pending = None).await.is_ok() {
+                    report.expired_states += 1;
+                }
+            }
+        }
+        Err(e) => report.errors.push(format!("could not list expired authorizations: {e}")),
+    }
+    if let Some(captures) = captures {
+        // The deliveries' own share of the run: a quarter of its budget, 5-60 s.
+        let deadline = clock.now_millis() + (budget_ms / 4).clamp(5_000, 60_000);
+        sweep_captures(captures, t - cfg.capture_retention.as_secs() as i64, deadline, &mut report).await;
+    }
+    let settled = connections.last_reseal().is_some_and(|r| r.done() && r.current_key == connections.current_key());
+    if !settled {
+        match connections.reseal(RESEAL_BATCH).await {
+            Ok(r) => report.reseal = Some(r),
+            Err(e) => report.errors.push(format!("could not seal records again with the current key: {e}")),
+        }
+    }
+    report
+}
+
+/// Refreshes what expires before `horizon` (and keeps idle refresh tokens alive), page
+/// by page, until nothing is left or `deadline` (Unix ms) has passed.
+async fn refresh_due(connections: &Connections, t: i64, horizon: i64, deadline: i64, report: &mut SweepReport) {
+    let clock = connections.clock();
+    let catalog = connections.catalog();
+    let keepalive = catalog.min_keepalive();
+    let idle_before = keepalive.map(|k| t - k.as_secs() as i64).unwrap_or(i64::MIN);
     let mut seen = std::collections::HashSet::new();
     loop {
         let due = Due { before: horizon, idle_before, ready_at: t, limit: BATCH };
@@ -128,30 +157,6 @@ pub async fn run(connections: &Connections, captures: Option<&Captures>, next_ru
             break;
         }
     }
-    match connections.store().expired_pending(t, BATCH).await {
-        Ok(expired) => {
-            for c in expired {
-                let id = c.id.clone();
-                if connections.update(&id, Some(c), |c| c.pending = None).await.is_ok() {
-                    report.expired_states += 1;
-                }
-            }
-        }
-        Err(e) => report.errors.push(format!("could not list expired authorizations: {e}")),
-    }
-    if let Some(captures) = captures {
-        // The deliveries' own share of the run: a quarter of its budget, 5-60 s.
-        let deadline = clock.now_millis() + (budget_ms / 4).clamp(5_000, 60_000);
-        sweep_captures(captures, t - cfg.capture_retention.as_secs() as i64, deadline, &mut report).await;
-    }
-    let settled = connections.last_reseal().is_some_and(|r| r.done() && r.current_key == connections.current_key());
-    if !settled {
-        match connections.reseal(RESEAL_BATCH).await {
-            Ok(r) => report.reseal = Some(r),
-            Err(e) => report.errors.push(format!("could not seal records again with the current key: {e}")),
-        }
-    }
-    report
 }
 
 /// Capture mode's share of a run: deliver what waits for F&O, purge what is old.

@@ -305,28 +305,7 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
         }
         CallbackFailure::Crypto => ApiError::internal("the pending authorization could not be decrypted"),
         CallbackFailure::ProviderError { error, description, completed } => {
-            if let Some(mut url) = completed.return_url {
-                url.query_pairs_mut()
-                    .append_pair("connection_id", &completed.connection_id)
-                    .append_pair("status", "failed")
-                    .append_pair("error", error.as_str());
-                return Ok(response::redirect(url.as_str()));
-            }
-            let script = notify_opener(&completed, "failed", Some(error.as_str()));
-            let mut resp = html::page_with_script(
-                StatusCode::BAD_REQUEST,
-                "Authorization not granted",
-                &format!(
-                    "{} returned {error}{}. The connection {} was not authorized.",
-                    completed.provider,
-                    in_parentheses(&description),
-                    completed.connection_id
-                ),
-                Tone::Error,
-                script.as_deref(),
-            );
-            resp.headers_mut().insert("x-problem-type", header::HeaderValue::from_static("provider-error"));
-            return Ok(resp);
+            return Ok(provider_refused(&error, description, completed));
         }
         CallbackFailure::Exchange { error, completed } => {
             let detail = format!("{} did not accept the authorization code: {error}", completed.provider);
@@ -347,6 +326,33 @@ fn failure_response(failure: CallbackFailure) -> Result<Response, ApiError> {
         ),
         CallbackFailure::Store(e) => e.into(),
     })
+}
+
+/// The person's answer when the provider refused (`error` on the callback): back to the
+/// return URL, or a page that also tells a portal opener.
+fn provider_refused(error: &ErrorCode, description: Option<String>, completed: Completed) -> Response {
+    if let Some(mut url) = completed.return_url {
+        url.query_pairs_mut()
+            .append_pair("connection_id", &completed.connection_id)
+            .append_pair("status", "failed")
+            .append_pair("error", error.as_str());
+        return response::redirect(url.as_str());
+    }
+    let script = notify_opener(&completed, "failed", Some(error.as_str()));
+    let mut resp = html::page_with_script(
+        StatusCode::BAD_REQUEST,
+        "Authorization not granted",
+        &format!(
+            "{} returned {error}{}. The connection {} was not authorized.",
+            completed.provider,
+            in_parentheses(&description),
+            completed.connection_id
+        ),
+        Tone::Error,
+        script.as_deref(),
+    );
+    resp.headers_mut().insert("x-problem-type", header::HeaderValue::from_static("provider-error"));
+    resp
 }
 
 fn in_parentheses(description: &Option<String>) -> String {

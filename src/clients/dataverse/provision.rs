@@ -279,123 +279,168 @@ pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -
     for t in TABLES {
         let logical = schema.table(&t);
         let def = format!("EntityDefinitions(LogicalName='{logical}')");
-        let existing = dv
-            .raw(
-                Method::GET,
-                &format!("{def}?$select=LogicalName,EntitySetName,ChangeTrackingEnabled"),
-                None,
-                "read table",
-            )
-            .await?;
-        match existing {
-            // A table made by a version before the change feed: turn tracking on (it cannot
-            // be turned off again, which is what the feed needs anyway).
-            Some(e) if t.track_changes && e.get("ChangeTrackingEnabled") != Some(&Value::Bool(true)) => {
-                let Some(mut full) = dv.raw(Method::GET, &def, None, "read table").await? else {
-                    return Err(DataverseError::Service {
-                        table: logical.clone(),
-                        operation: "read table",
-                        status: 404,
-                        code: String::new(),
-                        message: "the table vanished while provisioning".into(),
-                    });
-                };
-                if let Some(m) = full.as_object_mut() {
-                    m.retain(|k, _| !k.starts_with("@odata"));
-                    m.insert("ChangeTrackingEnabled".into(), Value::Bool(true));
-                }
-                dv.raw(Method::PUT, &def, Some(&full), "turn on change tracking").await?;
-                report.did(format!("table {logical}: exists; change tracking turned on"));
-            }
-            Some(_) => report.saw(format!("table {logical}: exists")),
-            None => {
-                dv.raw(Method::POST, "EntityDefinitions", Some(&table_body(schema, &t)), "create table").await?;
-                report.did(format!("table {logical}: created (entity set {})", schema.entity_set(&t)));
-            }
-        }
-
-        let attrs = dv.raw(Method::GET, &format!("{def}/Attributes?$select=LogicalName"), None, "read columns").await?;
-        let have: Vec<String> = attrs
-            .as_ref()
-            .and_then(|v| v.get("value"))
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter().filter_map(|x| x.get("LogicalName").and_then(Value::as_str).map(str::to_string)).collect()
-            })
-            .unwrap_or_default();
-        let mut created = Vec::new();
-        for c in t.columns {
-            let name = schema.column(c.name);
-            if !have.contains(&name) {
-                dv.raw(Method::POST, &format!("{def}/Attributes"), Some(&attribute(schema, c)), "create column")
-                    .await?;
-                created.push(name);
-            }
-        }
-        if created.is_empty() {
-            report.saw(format!("table {logical}: all {} columns exist", t.columns.len()));
-        } else {
-            report.did(format!("table {logical}: created columns {}", created.join(", ")));
-        }
-
-        let key_name = schema.key_name(&t);
-        let keys_path = format!("{def}/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus");
-        let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
-        let has_key = key_status(keys.as_ref(), &key_name).is_some();
-        if has_key {
-            report.saw(format!("table {logical}: key {key_name} exists"));
-        } else {
-            let body = json!({
-                "SchemaName": key_name,
-                "DisplayName": label("Key"),
-                "KeyAttributes": [schema.column("name")],
-            });
-            dv.raw(Method::POST, &format!("{def}/Keys"), Some(&body), "create key").await?;
-            report.did(format!("table {logical}: created key {key_name} on {}", schema.column("name")));
-        }
-        // Wait for the index (also after an earlier run that stopped before it was active).
-        let deadline = tokio::time::Instant::now() + key_timeout;
-        let mut announced = false;
-        loop {
-            let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
-            match key_status(keys.as_ref(), &key_name).as_deref() {
-                Some("Active") => break,
-                Some("Failed") => {
-                    return Err(DataverseError::Service {
-                        table: logical.clone(),
-                        operation: "create key",
-                        status: 500,
-                        code: String::new(),
-                        message: format!(
-                            "the index of key {key_name} failed to build; reactivate it (ReactivateEntityKey) and run provision again"
-                        ),
-                    });
-                }
-                status => {
-                    if !announced {
-                        report.saw(format!(
-                            "table {logical}: waiting for key {key_name} to become active ({})",
-                            status.unwrap_or("unknown")
-                        ));
-                        announced = true;
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(DataverseError::Unreachable {
-                            table: logical.clone(),
-                            operation: "create key",
-                            reason: format!(
-                                "key {key_name} was not active after {} s; run provision again later",
-                                key_timeout.as_secs()
-                            ),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        provision_table(dv, schema, &t, &mut report).await?;
+        provision_columns(dv, schema, &t, &mut report).await?;
+        let key_name = provision_key(dv, schema, &t, &mut report).await?;
+        wait_for_key(dv, &logical, &def, &key_name, key_timeout, &mut report).await?;
         report.saw(format!("table {logical}: key {key_name} is active"));
     }
     Ok(report)
+}
+
+/// The table, created when missing; change tracking turned on where the table needs it.
+async fn provision_table(
+    dv: &Dataverse,
+    schema: &Schema,
+    t: &Table,
+    report: &mut Report,
+) -> Result<(), DataverseError> {
+    let logical = schema.table(&t);
+    let def = format!("EntityDefinitions(LogicalName='{logical}')");
+    let existing = dv
+        .raw(Method::GET, &format!("{def}?$select=LogicalName,EntitySetName,ChangeTrackingEnabled"), None, "read table")
+        .await?;
+    match existing {
+        // A table made by a version before the change feed: turn tracking on (it cannot
+        // be turned off again, which is what the feed needs anyway).
+        Some(e) if t.track_changes && e.get("ChangeTrackingEnabled") != Some(&Value::Bool(true)) => {
+            let Some(mut full) = dv.raw(Method::GET, &def, None, "read table").await? else {
+                return Err(DataverseError::Service {
+                    table: logical.clone(),
+                    operation: "read table",
+                    status: 404,
+                    code: String::new(),
+                    message: "the table vanished while provisioning".into(),
+                });
+            };
+            if let Some(m) = full.as_object_mut() {
+                m.retain(|k, _| !k.starts_with("@odata"));
+                m.insert("ChangeTrackingEnabled".into(), Value::Bool(true));
+            }
+            dv.raw(Method::PUT, &def, Some(&full), "turn on change tracking").await?;
+            report.did(format!("table {logical}: exists; change tracking turned on"));
+        }
+        Some(_) => report.saw(format!("table {logical}: exists")),
+        None => {
+            dv.raw(Method::POST, "EntityDefinitions", Some(&table_body(schema, t)), "create table").await?;
+            report.did(format!("table {logical}: created (entity set {})", schema.entity_set(&t)));
+        }
+    }
+
+    Ok(())
+}
+
+/// The table's columns, each created when missing.
+async fn provision_columns(
+    dv: &Dataverse,
+    schema: &Schema,
+    t: &Table,
+    report: &mut Report,
+) -> Result<(), DataverseError> {
+    let logical = schema.table(t);
+    let def = format!("EntityDefinitions(LogicalName='{logical}')");
+    let attrs = dv.raw(Method::GET, &format!("{def}/Attributes?$select=LogicalName"), None, "read columns").await?;
+    let have: Vec<String> = attrs
+        .as_ref()
+        .and_then(|v| v.get("value"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|x| x.get("LogicalName").and_then(Value::as_str).map(str::to_string)).collect())
+        .unwrap_or_default();
+    let mut created = Vec::new();
+    for c in t.columns {
+        let name = schema.column(c.name);
+        if !have.contains(&name) {
+            dv.raw(Method::POST, &format!("{def}/Attributes"), Some(&attribute(schema, c)), "create column").await?;
+            created.push(name);
+        }
+    }
+    if created.is_empty() {
+        report.saw(format!("table {logical}: all {} columns exist", t.columns.len()));
+    } else {
+        report.did(format!("table {logical}: created columns {}", created.join(", ")));
+    }
+
+    Ok(())
+}
+
+/// The alternate key on the name column, created when missing; its name.
+async fn provision_key(
+    dv: &Dataverse,
+    schema: &Schema,
+    t: &Table,
+    report: &mut Report,
+) -> Result<String, DataverseError> {
+    let logical = schema.table(t);
+    let def = format!("EntityDefinitions(LogicalName='{logical}')");
+    let key_name = schema.key_name(t);
+    let keys_path = format!("{def}/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus");
+    let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
+    let has_key = key_status(keys.as_ref(), &key_name).is_some();
+    if has_key {
+        report.saw(format!("table {logical}: key {key_name} exists"));
+    } else {
+        let body = json!({
+            "SchemaName": key_name,
+            "DisplayName": label("Key"),
+            "KeyAttributes": [schema.column("name")],
+        });
+        dv.raw(Method::POST, &format!("{def}/Keys"), Some(&body), "create key").await?;
+        report.did(format!("table {logical}: created key {key_name} on {}", schema.column("name")));
+    }
+    Ok(key_name)
+}
+
+/// Waits for a key's index to become active (also after an earlier run that stopped
+/// before it was).
+async fn wait_for_key(
+    dv: &Dataverse,
+    logical: &str,
+    def: &str,
+    key_name: &str,
+    key_timeout: Duration,
+    report: &mut Report,
+) -> Result<(), DataverseError> {
+    let keys_path = format!("{def}/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus");
+    let deadline = tokio::time::Instant::now() + key_timeout;
+    let mut announced = false;
+    loop {
+        let keys = dv.raw(Method::GET, &keys_path, None, "read keys").await?;
+        match key_status(keys.as_ref(), &key_name).as_deref() {
+            Some("Active") => break,
+            Some("Failed") => {
+                return Err(DataverseError::Service {
+                    table: logical.to_string(),
+                    operation: "create key",
+                    status: 500,
+                    code: String::new(),
+                    message: format!(
+                        "the index of key {key_name} failed to build; reactivate it (ReactivateEntityKey) and run provision again"
+                    ),
+                });
+            }
+            status => {
+                if !announced {
+                    report.saw(format!(
+                        "table {logical}: waiting for key {key_name} to become active ({})",
+                        status.unwrap_or("unknown")
+                    ));
+                    announced = true;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(DataverseError::Unreachable {
+                        table: logical.to_string(),
+                        operation: "create key",
+                        reason: format!(
+                            "key {key_name} was not active after {} s; run provision again later",
+                            key_timeout.as_secs()
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether the tables and their alternate keys exist and are active: one metadata read

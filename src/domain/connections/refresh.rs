@@ -142,6 +142,9 @@ impl Connections {
                 self.cache.put(id, current.clone());
                 return Ok(current);
             }
+            if let Some(answer) = backing_off(&conn, tokens.expires_at, t, want, &current) {
+                return answer;
+            }
             let Some(refresh_token) = tokens.refresh_token.clone() else {
                 if tokens.expires_at > t {
                     // Nothing to refresh with; the token is still good for a while.
@@ -151,19 +154,6 @@ impl Connections {
                     .mark_needs_reauth(conn, "the access token expired and the provider issued no refresh token")
                     .await);
             };
-            if let Some(next) = conn.next_attempt_at
-                && want.accepts_still_valid()
-                && next > t
-            {
-                // Backing off after a transient failure: serve what is still valid.
-                if tokens.expires_at > t {
-                    return Ok(current);
-                }
-                return Err(ConnectionError::Backoff {
-                    detail: conn.status_detail.clone().unwrap_or_else(|| "an earlier refresh failed".into()),
-                    retry_after: next.saturating_sub(t).max(0) as u64,
-                });
-            }
             if let Some(lease) = &conn.lease
                 && lease.owner != self.instance
                 && lease.until_ms > self.deps.clock.now_millis()
@@ -318,6 +308,26 @@ pub(crate) fn apply_tokens(c: &mut Connection, tokens: &TokenSet, keys: &Keyring
     c.failures = 0;
     c.next_attempt_at = None;
     c.refreshed_at = Some(t);
+}
+
+/// While a connection backs off after a transient failure (and the caller accepts a
+/// still-valid token), the answer without a refresh: what is still valid, or when to
+/// come back.
+fn backing_off(
+    conn: &Connection,
+    expires_at: i64,
+    t: i64,
+    want: Want,
+    current: &CachedToken,
+) -> Option<Result<CachedToken, ConnectionError>> {
+    let next = conn.next_attempt_at.filter(|&next| want.accepts_still_valid() && next > t)?;
+    if expires_at > t {
+        return Some(Ok(current.clone()));
+    }
+    Some(Err(ConnectionError::Backoff {
+        detail: conn.status_detail.clone().unwrap_or_else(|| "an earlier refresh failed".into()),
+        retry_after: next.saturating_sub(t).max(0) as u64,
+    }))
 }
 
 #[cfg(test)]
