@@ -59,9 +59,13 @@ pub async fn dataverse_client(
     http: reqwest::Client,
 ) -> Result<Arc<Dataverse>, StartupError> {
     let credential = dv.credential.as_ref().unwrap_or(&config.azure_credential);
-    tracing::info!(url = %dv.url, "Dataverse: authenticating with {}", credential.describe());
-    let tokens = resource_token(dv.credential.as_ref(), config, secrets, &dv.url).await?;
-    Ok(Arc::new(Dataverse::new(&dv.url, http, tokens, dv.solution.clone()).with_concurrency(dv.max_concurrency)))
+    // Either of the organisation's URLs may be set: the token is for the environment, the
+    // requests go to its Web API host.
+    let org = crate::domain::ids::OrgUrl::parse(dv.url.as_str()).map_err(|e| ConfigError::new("DATAVERSE_URL", e))?;
+    tracing::info!(url = %org, "Dataverse: authenticating with {}", credential.describe());
+    let resource = Url::parse(org.as_str()).map_err(|e| ConfigError::new("DATAVERSE_URL", e.to_string()))?;
+    let tokens = resource_token(dv.credential.as_ref(), config, secrets, &resource).await?;
+    Ok(Arc::new(Dataverse::new(&org.api(), http, tokens, dv.solution.clone()).with_concurrency(dv.max_concurrency)))
 }
 
 /// The Finance & Operations capture target with the configured identity.

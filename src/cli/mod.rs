@@ -264,7 +264,12 @@ fn onboard(org: &str, app_id: Option<String>) -> ExitCode {
     if !crate::support::config::is_guid(&app_id) {
         return fail(format!("--app-id {app_id:?} must be the app's client id (a GUID)"));
     }
-    let url = match crate::support::config::parse_service_url(org) {
+    // Either form the Discovery Service lists (Url or ApiUrl) names the organisation.
+    let org = match crate::domain::ids::OrgUrl::parse(org) {
+        Ok(o) => o,
+        Err(e) => return fail(format!("--org: {e}")),
+    };
+    let url = match url::Url::parse(org.as_str()) {
         Ok(u) => u,
         Err(e) => return fail(format!("--org: {e}")),
     };
@@ -280,7 +285,7 @@ fn onboard(org: &str, app_id: Option<String>) -> ExitCode {
             Err(e) => return fail(e),
         };
         let prefix = config.tables.prefix.as_str();
-        let dv = crate::clients::dataverse::Dataverse::new(&url, http, tokens, None);
+        let dv = crate::clients::dataverse::Dataverse::new(&org.api(), http, tokens, None);
         println!("Setting up {url} for app {app_id}");
         match crate::clients::dataverse::setup::onboard(&dv, &crate::clients::dataverse::provision::Schema::new(prefix), &app_id).await {
             Ok(report) => {
@@ -328,6 +333,7 @@ fn provision(key_timeout_seconds: u64) -> ExitCode {
         match crate::clients::dataverse::provision::provision(
             &client,
             &schema,
+            &crate::clients::dataverse::provision::TABLES,
             std::time::Duration::from_secs(key_timeout_seconds),
         )
         .await

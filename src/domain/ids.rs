@@ -90,3 +90,94 @@ mod tests {
         assert!(TenantId::parse("contoso.onmicrosoft.com").is_err());
     }
 }
+
+/// A Dataverse organisation's URL in its one canonical form: the environment URL
+/// (`https://org.crm.dynamics.com`), scheme and host in lower case, no path.
+///
+/// The Global Discovery Service lists each environment with two URLs: `Url`
+/// (`https://org.crm.dynamics.com`, the environment) and `ApiUrl`
+/// (`https://org.api.crm.dynamics.com`, where its Web API answers; Microsoft: "Use the
+/// ApiUrl to connect to Dataverse"). Either form may be given wherever an organisation is
+/// named; both parse to the same `OrgUrl`. A token is asked for the environment
+/// (`{environment}/.default`, as Microsoft's server-to-server samples do, and valid for
+/// both hosts); Web API calls go to [`OrgUrl::api`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OrgUrl(url::Url);
+
+impl OrgUrl {
+    /// Parses either form; `https` only (plain `http` only on a loopback address, for
+    /// local work and tests).
+    pub fn parse(text: &str) -> Result<OrgUrl, String> {
+        let mut url = crate::support::config::parse_service_url(text.trim())?;
+        if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
+            return Err(format!("must be the organisation's URL without a path, like https://org.crm.dynamics.com (got {text:?})"));
+        }
+        if let Some(host) = url.host_str().map(str::to_ascii_lowercase) {
+            let labels: Vec<&str> = host.split('.').collect();
+            // `org.api.crm4.dynamics.com` → `org.crm4.dynamics.com` (any cloud's domain).
+            let host = if labels.len() > 3 && labels[1] == "api" {
+                std::iter::once(labels[0]).chain(labels[2..].iter().copied()).collect::<Vec<_>>().join(".")
+            } else {
+                host
+            };
+            url.set_host(Some(&host)).map_err(|e| format!("is not a valid host ({e}): {text:?}"))?;
+        }
+        url.set_path("");
+        Ok(OrgUrl(url))
+    }
+
+    /// The environment URL, without a trailing slash (`https://org.crm.dynamics.com`).
+    pub fn as_str(&self) -> &str {
+        self.0.as_str().trim_end_matches('/')
+    }
+
+    /// Where the Web API answers: the `ApiUrl` form (`https://org.api.crm.dynamics.com`)
+    /// for a Dataverse host, the URL itself for any other (a local double).
+    pub fn api(&self) -> url::Url {
+        let mut api = self.0.clone();
+        if let Some(host) = self.0.host_str() {
+            let labels: Vec<&str> = host.split('.').collect();
+            if labels.len() >= 4 && labels[labels.len() - 2] == "dynamics" || host.ends_with(".microsoftdynamics.us") {
+                let mut with_api = vec![labels[0], "api"];
+                with_api.extend(&labels[1..]);
+                let _ = api.set_host(Some(&with_api.join(".")));
+            }
+        }
+        api
+    }
+
+    /// The scope of a token for this organisation (`https://org.crm.dynamics.com/.default`).
+    pub fn scope(&self) -> String {
+        format!("{}/.default", self.as_str())
+    }
+}
+
+impl std::fmt::Display for OrgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod org_tests {
+    use super::OrgUrl;
+
+    #[test]
+    fn both_forms_of_an_organisation_are_one() {
+        let env = OrgUrl::parse("https://Org1.crm.dynamics.com/").unwrap();
+        let api = OrgUrl::parse("https://org1.api.crm.dynamics.com").unwrap();
+        assert_eq!(env, api);
+        assert_eq!(env.as_str(), "https://org1.crm.dynamics.com");
+        assert_eq!(env.api().as_str(), "https://org1.api.crm.dynamics.com/");
+        assert_eq!(env.scope(), "https://org1.crm.dynamics.com/.default");
+        let emea = OrgUrl::parse("https://contoso.api.crm4.dynamics.com").unwrap();
+        assert_eq!(emea.as_str(), "https://contoso.crm4.dynamics.com");
+        assert_eq!(emea.api().host_str(), Some("contoso.api.crm4.dynamics.com"));
+        let gcc = OrgUrl::parse("https://contoso.api.crm9.dynamics.com").unwrap();
+        assert_eq!(gcc.as_str(), "https://contoso.crm9.dynamics.com");
+        let local = OrgUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!((local.as_str(), local.api().as_str()), ("http://127.0.0.1:8080", "http://127.0.0.1:8080/"));
+        assert!(OrgUrl::parse("http://org1.crm.dynamics.com").is_err(), "https only");
+        assert!(OrgUrl::parse("https://org1.crm.dynamics.com/main.aspx").is_err(), "no path");
+    }
+}

@@ -9,6 +9,7 @@ use super::mapping::{Closed, closed_error, configured};
 use super::{ApiError, Request, Response, back_office, response};
 use crate::app::services::TenantsApi;
 use crate::domain::Tenant;
+use crate::domain::ids::OrgUrl;
 use crate::domain::tenants::onboarding::SetupError;
 use crate::domain::tenants::{ConsentAnswer, ConsentOutcome, ConsentRefusal, Tenants};
 
@@ -76,10 +77,7 @@ pub async fn collection(svc: &TenantsApi, mut req: Request) -> Result<Response, 
         let org_url = body
             .org_url
             .as_deref()
-            .map(|u| {
-                crate::support::config::parse_service_url(u)
-                    .map_err(|p| ApiError::bad_request("invalid-org-url", format!("org_url: {p}")))
-            })
+            .map(|u| OrgUrl::parse(u).map_err(|p| ApiError::bad_request("invalid-org-url", format!("org_url {p}"))))
             .transpose()?;
         let (t, link) = tenants.start(&body.tenant_id, org_url, who).await?;
         return Ok(response::json(
@@ -167,9 +165,9 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
         .discover(&signed_in)
         .await
         .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("Nothing was changed: {e}.")))?;
-    let same = |a: &str, b: &str| a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'));
-    let chosen = match &signed_in.tenant.org_url {
-        Some(org) => instances.iter().find(|i| same(&i.api_url, org)),
+    let named = signed_in.tenant.org_url.as_deref().and_then(|o| OrgUrl::parse(o).ok());
+    let chosen = match &named {
+        Some(org) => instances.iter().find(|i| i.is(org)),
         None => match instances.iter().filter(|i| i.is_user_sys_admin != Some(false)).collect::<Vec<_>>().as_slice() {
             [one] => Some(*one),
             _ => None,
@@ -195,9 +193,10 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
             None,
         ));
     };
-    let org = chosen.api_url.clone();
-    let url = crate::support::config::parse_service_url(&org)
-        .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("The Discovery Service named {org}: {e}")))?;
+    let url = chosen.org().ok_or_else(|| {
+        ApiError::bad_gateway("discovery-failed", format!("The Discovery Service named {:?}, not an organisation URL.", chosen.api_url))
+    })?;
+    let org = url.to_string();
     let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;
     let onboarded = tenants.onboard(access, &signed_in, &url).await;
     if let Ok((_, t)) = &onboarded {

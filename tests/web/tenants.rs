@@ -213,7 +213,7 @@ async fn bad_requests_are_clear_and_a_single_tenant_deployment_has_no_tenants_ap
 /// tokens as Dataverse does; without the app's application user until `add_application_user`.
 async fn organisation() -> support::dataverse::DataverseDouble {
     use dynamics_companion::clients::dataverse::Dataverse;
-    use dynamics_companion::clients::dataverse::provision::{Schema, provision};
+    use dynamics_companion::clients::dataverse::provision::{CORE_TABLES, Schema, provision};
     let dv = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
     let client = Dataverse::new(
         &url::Url::parse(&dv.url).unwrap(),
@@ -221,7 +221,7 @@ async fn organisation() -> support::dataverse::DataverseDouble {
         std::sync::Arc::new(dynamics_companion::clients::azure::StaticToken("admin".to_string().into())),
         None,
     );
-    provision(&client, &Schema::new("dc"), std::time::Duration::from_secs(30)).await.unwrap();
+    provision(&client, &Schema::new("dc"), &CORE_TABLES, std::time::Duration::from_secs(30)).await.unwrap();
     dv.enforce_application_users(true).await;
     dv
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use url::Url;
+use crate::domain::ids::OrgUrl;
 
 use super::provision::{Schema, verify};
 use super::{Dataverse, DataverseError};
@@ -28,15 +28,13 @@ pub struct DataverseOrganisations {
 
 impl DataverseOrganisations {
     /// A client for the tenant's organisation with the app's token from that tenant.
+    /// Its token is for the environment (`{Url}/.default`), its requests go to the Web
+    /// API's host (`ApiUrl`): see [`OrgUrl`].
     fn dataverse(&self, t: &Tenant) -> Result<Arc<Dataverse>, String> {
-        let org = t.org_url.as_deref().ok_or("no org_url was given")?;
-        let url = crate::support::config::parse_service_url(org)?;
-        let tokens = Arc::new(OrgToken {
-            credentials: self.credentials.clone(),
-            tenant: t.id.clone(),
-            scope: format!("{}/.default", org.trim_end_matches('/')),
-        });
-        Ok(Arc::new(Dataverse::new(&url, self.http.clone(), tokens, None).with_concurrency(self.max_concurrency)))
+        let org = OrgUrl::parse(t.org_url.as_deref().ok_or("no org_url was given")?)?;
+        let tokens =
+            Arc::new(OrgToken { credentials: self.credentials.clone(), tenant: t.id.clone(), scope: org.scope() });
+        Ok(Arc::new(Dataverse::new(&org.api(), self.http.clone(), tokens, None).with_concurrency(self.max_concurrency)))
     }
 }
 
@@ -62,8 +60,8 @@ impl OrganisationAccess for DataverseOrganisations {
         }
     }
 
-    async fn set_up(&self, org: &Url, admin_token: SecretString, app_id: &str) -> Result<SetupReport, SetupError> {
-        let dv = Dataverse::new(org, self.http.clone(), Arc::new(StaticToken(admin_token)), None);
+    async fn set_up(&self, org: &OrgUrl, admin_token: SecretString, app_id: &str) -> Result<SetupReport, SetupError> {
+        let dv = Dataverse::new(&org.api(), self.http.clone(), Arc::new(StaticToken(admin_token)), None);
         let report = super::setup::onboard(&dv, &self.schema, app_id).await.map_err(|e| match e.status() {
             Some(403) => SetupError::Refused(e.to_string()),
             _ => SetupError::Organisation(e.to_string()),

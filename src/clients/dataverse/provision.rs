@@ -273,10 +273,17 @@ impl Report {
     }
 }
 
-/// Creates whatever is missing and waits for the alternate keys to become active.
-pub async fn provision(dv: &Dataverse, schema: &Schema, key_timeout: Duration) -> Result<Report, DataverseError> {
+/// Creates whatever of `tables` is missing and waits for their alternate keys: the
+/// deployment's own store gets [`TABLES`] (with the tenants table), a customer's
+/// organisation [`CORE_TABLES`] only.
+pub async fn provision(
+    dv: &Dataverse,
+    schema: &Schema,
+    tables: &[Table],
+    key_timeout: Duration,
+) -> Result<Report, DataverseError> {
     let mut report = Report::default();
-    for t in TABLES {
+    for t in tables.iter().copied() {
         let logical = schema.table(&t);
         let def = format!("EntityDefinitions(LogicalName='{logical}')");
         provision_table(dv, schema, &t, &mut report).await?;

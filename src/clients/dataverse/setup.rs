@@ -25,7 +25,9 @@ pub const ROLE_NAME: &str = "Dynamics Companion";
 
 /// Runs every step; returns what was done and what was already there.
 pub async fn onboard(dv: &Dataverse, schema: &Schema, app_id: &str) -> Result<Report, DataverseError> {
-    let mut report = provision(dv, schema, Duration::from_secs(600)).await?;
+    // A customer's organisation holds connections, captures and expectations, never the
+    // tenants table (only the deployment's own store has tenants).
+    let mut report = provision(dv, schema, &CORE_TABLES, Duration::from_secs(600)).await?;
     let bu = root_business_unit(dv).await?;
     let role = match find_role(dv, &bu).await? {
         Some(id) => {

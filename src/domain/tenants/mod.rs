@@ -152,7 +152,7 @@ impl Tenants {
     pub async fn start(
         &self,
         tenant_id: &str,
-        org_url: Option<Url>,
+        org_url: Option<crate::domain::ids::OrgUrl>,
         started_by: Option<String>,
     ) -> Result<(Tenant, Url), TenantError> {
         if !is_guid(tenant_id) {
@@ -165,7 +165,7 @@ impl Tenants {
         let expires_at = now + CONSENT_LINK_SECONDS;
         let state = self.keys.issue_state(&tag(&id), expires_at);
         let state_hash = crate::support::crypto::sha256_hex(&state);
-        let org_url = org_url.map(|u| u.as_str().trim_end_matches('/').to_string());
+        let org_url = org_url.map(|u| u.to_string());
         loop {
             let existing = self.store.get_tenant(&id).await?;
             let mut t = existing.clone().unwrap_or_else(|| Tenant {

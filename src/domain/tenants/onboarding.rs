@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use url::Url;
 
 use super::{TenantError, Tenants};
+use crate::domain::ids::OrgUrl;
 use crate::domain::{ConnectionStore, Tenant, TenantStatus};
 
 /// What a check of an organisation found.
@@ -67,7 +67,7 @@ pub trait OrganisationAccess: Send + Sync {
 
     /// Creates what is missing (tables, the product's role with its privileges, the
     /// application user and its role) with an administrator's token, used once.
-    async fn set_up(&self, org: &Url, admin_token: SecretString, app_id: &str) -> Result<SetupReport, SetupError>;
+    async fn set_up(&self, org: &OrgUrl, admin_token: SecretString, app_id: &str) -> Result<SetupReport, SetupError>;
 }
 
 impl Tenants {
@@ -101,7 +101,7 @@ impl Tenants {
         &self,
         access: &dyn OrganisationAccess,
         signed_in: &super::signin::Delegated,
-        org: &Url,
+        org: &OrgUrl,
     ) -> Result<(SetupReport, Tenant), SetupError> {
         let token = self
             .org_token_for_admin(signed_in, org.as_str())

@@ -54,6 +54,10 @@ pub enum SignInError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Instance {
+    /// The environment URL (`https://org.crm.dynamics.com`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Where its Web API answers (`https://org.api.crm.dynamics.com`).
     pub api_url: String,
     #[serde(default)]
     pub friendly_name: Option<String>,
@@ -61,6 +65,20 @@ pub struct Instance {
     pub tenant_id: Option<String>,
     #[serde(default)]
     pub is_user_sys_admin: Option<bool>,
+}
+
+impl Instance {
+    /// The organisation, from whichever of its two URLs parses.
+    pub fn org(&self) -> Option<crate::domain::ids::OrgUrl> {
+        let url = self.url.as_deref().and_then(|u| crate::domain::ids::OrgUrl::parse(u).ok());
+        url.or_else(|| crate::domain::ids::OrgUrl::parse(&self.api_url).ok())
+    }
+
+    /// Whether this environment is `org`, by either of its URLs.
+    pub fn is(&self, org: &crate::domain::ids::OrgUrl) -> bool {
+        let by = |u: &str| crate::domain::ids::OrgUrl::parse(u).is_ok_and(|o| &o == org);
+        self.url.as_deref().is_some_and(by) || by(&self.api_url)
+    }
 }
 
 /// The administrator's delegated tokens, for this onboarding only.
@@ -172,7 +190,7 @@ impl Tenants {
     pub async fn discover(&self, d: &Delegated) -> Result<Vec<Instance>, SignInError> {
         let mut url = self.cfg.discovery_url.clone();
         url.set_path("/api/discovery/v2.0/Instances");
-        url.set_query(Some("$select=ApiUrl,FriendlyName,TenantId,IsUserSysAdmin"));
+        url.set_query(Some("$select=Url,ApiUrl,FriendlyName,TenantId,IsUserSysAdmin"));
         let resp = outbound::upstream(outbound::send(self.http.get(url).bearer_auth(d.discovery.expose_secret())))
             .await
             .map_err(|e| SignInError::Discovery(outbound::error_text(e)))?;
