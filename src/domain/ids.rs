@@ -110,7 +110,9 @@ impl OrgUrl {
     pub fn parse(text: &str) -> Result<OrgUrl, String> {
         let mut url = crate::support::config::parse_service_url(text.trim())?;
         if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
-            return Err(format!("must be the organisation's URL without a path, like https://org.crm.dynamics.com (got {text:?})"));
+            return Err(format!(
+                "must be the organisation's URL without a path, like https://org.crm.dynamics.com (got {text:?})"
+            ));
         }
         if let Some(host) = url.host_str().map(str::to_ascii_lowercase) {
             let labels: Vec<&str> = host.split('.').collect();

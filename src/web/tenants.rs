@@ -194,7 +194,10 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
         ));
     };
     let url = chosen.org().ok_or_else(|| {
-        ApiError::bad_gateway("discovery-failed", format!("The Discovery Service named {:?}, not an organisation URL.", chosen.api_url))
+        ApiError::bad_gateway(
+            "discovery-failed",
+            format!("The Discovery Service named {:?}, not an organisation URL.", chosen.api_url),
+        )
     })?;
     let org = url.to_string();
     let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;

@@ -279,7 +279,9 @@ async fn dataverse_store(double: &DataverseDouble) -> (Arc<Dataverse>, Arc<dyn S
     let token = Arc::new(StaticToken(SecretString::from("test-s2s-token".to_string())));
     let dv = Arc::new(Dataverse::new(&url, reqwest::Client::new(), token, None));
     let schema = Schema::new("dc");
-    provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30)).await.unwrap();
+    provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30))
+        .await
+        .unwrap();
     let store: Arc<dyn Store> = Arc::new(DataverseStore::new(dv.clone(), schema));
     (dv, store)
 }
@@ -364,11 +366,17 @@ async fn provision_creates_everything_once() {
     let token = Arc::new(StaticToken(SecretString::from("t".to_string())));
     let dv = Dataverse::new(&url, reqwest::Client::new(), token, Some("DynamicsCompanion".into()));
     let schema = Schema::new("dc");
-    let first = provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30)).await.unwrap();
+    let first =
+        provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30))
+            .await
+            .unwrap();
     assert!(first.changes >= 6, "{:?}", first.lines);
     let writes = double.stats().await["metadata_writes"].as_u64().unwrap();
     assert!(writes > 0);
-    let second = provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30)).await.unwrap();
+    let second =
+        provision(&dv, &schema, &dynamics_companion::clients::dataverse::provision::TABLES, Duration::from_secs(30))
+            .await
+            .unwrap();
     assert_eq!(second.changes, 0, "{:?}", second.lines);
     assert_eq!(double.stats().await["metadata_writes"].as_u64().unwrap(), writes, "the second run wrote nothing");
     let tables = double.rows("dc_connections").await;

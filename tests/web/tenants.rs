@@ -395,12 +395,27 @@ fn link_in(page: &str) -> String {
     page[at..at + end].replace("&amp;", "&")
 }
 
+/// The README's three ways to name the organisation on the link: not at all (the only
+/// environment the administrator reaches), its environment URL, or its Web API URL. The
+/// Discovery Service lists each environment with both (`Url`, `ApiUrl`); here the
+/// organisation double answers on both of its names (`localhost` and `127.0.0.1`).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_administrators_sign_in_sets_the_environment_up_once() {
+    let cases: [fn(&str, &str) -> Option<String>; 3] =
+        [|_, _| None, |url, _| Some(url.to_string()), |_, api| Some(api.to_string())];
+    for named in cases {
+        onboard_by_link(named).await;
+    }
+}
+
+async fn onboard_by_link(named: fn(&str, &str) -> Option<String>) {
     // An empty organisation that checks tokens as Dataverse does.
     let org = support::dataverse::DataverseDouble::with_config(json!({ "key_activation_ms": 20 }));
     org.enforce_application_users(true).await;
-    let azure = doubles_with(json!({ "instances": { TENANT_A: [{ "ApiUrl": org.url, "FriendlyName": "Contoso" }] } }));
+    let api_url = org.url.trim_end_matches('/').to_string();
+    let env_url = api_url.replace("127.0.0.1", "localhost");
+    let instance = json!({ "Url": env_url, "ApiUrl": api_url, "FriendlyName": "Contoso" });
+    let azure = doubles_with(json!({ "instances": { TENANT_A: [instance] } }));
     let issuer = Issuer::start().await;
     let mut b = HandlerBuilder::new()
         .env("PUBLIC_BASE_URL", PUBLIC)
@@ -418,7 +433,17 @@ async fn the_administrators_sign_in_sets_the_environment_up_once() {
     let operator = issuer.token();
 
     // One link for the administrator: consent, then the page's link to sign in.
-    let link = start(&h, &operator, TENANT_A).await;
+    let r = h
+        .json(
+            Method::POST,
+            "/api/tenants",
+            Some(&operator),
+            &json!({ "tenant_id": TENANT_A, "org_url": named(&env_url, &api_url) }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["tenant"]["org_url"].as_str(), named(&env_url, &api_url).as_deref());
+    let link = r.json()["consent_url"].as_str().unwrap().to_string();
     let consented = h.get(&at_entra(&azure, &link).await, &[("Accept", "text/html")]).await;
     consented.assert_html(200);
     let sign_in = link_in(&consented.body);
@@ -433,9 +458,10 @@ async fn the_administrators_sign_in_sets_the_environment_up_once() {
     assert!(done.body.contains("is set up"), "{}", done.body);
     let t = tenant(&h, &operator, TENANT_A).await.json();
     assert_eq!(t["status"], "onboarded", "{t}");
-    assert_eq!(t["org_url"], org.url.trim_end_matches('/'));
+    assert_eq!(t["org_url"], env_url, "the environment URL is kept");
     let tables = org.tables().await;
     assert!(tables["dc_connection"].is_object(), "the tables were created");
+    assert!(tables.get("dc_tenant").is_none(), "a customer's organisation has no tenants table: {tables}");
     let roles = org.rows("roles").await;
     let role = roles.iter().find(|r| r["name"] == "Dynamics Companion").expect("the role was created");
     let users = org.rows("systemusers").await;

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
+use crate::domain::ids::OrgUrl;
 use async_trait::async_trait;
 use secrecy::SecretString;
-use crate::domain::ids::OrgUrl;
 
 use super::provision::{Schema, verify};
 use super::{Dataverse, DataverseError};

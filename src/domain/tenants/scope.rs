@@ -253,7 +253,12 @@ mod tests {
         async fn check(&self, _: &crate::domain::Tenant) -> OrgCheck {
             OrgCheck::Failed("not in this test".into())
         }
-        async fn set_up(&self, _: &crate::domain::ids::OrgUrl, _: SecretString, _: &str) -> Result<SetupReport, SetupError> {
+        async fn set_up(
+            &self,
+            _: &crate::domain::ids::OrgUrl,
+            _: SecretString,
+            _: &str,
+        ) -> Result<SetupReport, SetupError> {
             Err(SetupError::NotMultiTenant)
         }
     }
