@@ -115,7 +115,7 @@ pub struct Services {
 }
 
 /// What the last timer run in this process did (for `/api/health`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TimerRun {
     /// Unix seconds.
     pub at: i64,
@@ -123,6 +123,9 @@ pub struct TimerRun {
     pub refreshed: usize,
     pub needs_reauth: usize,
     pub failed: usize,
+    /// Customer organisations whose sweep met an error, with its first line: where an
+    /// organisation that refuses the app shows to the operator.
+    pub tenants_failing: std::collections::BTreeMap<String, String>,
 }
 
 /// The last timer run, shared by the timer (which writes it) and health (which reads it).
@@ -135,7 +138,7 @@ impl TimerRecord {
     }
 
     pub fn last(&self) -> Option<TimerRun> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

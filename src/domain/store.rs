@@ -59,6 +59,10 @@ pub enum StoreError {
     /// The store's tables are not there (yet): `handler provision` creates them.
     #[error("the store's tables are not provisioned: {0}; run `handler provision`")]
     NotProvisioned(String),
+    /// The organisation refuses the app (its application user is missing, disabled or
+    /// without a role): the organisation's state, not ours. Its code and message.
+    #[error("the organisation refuses the app ({0})")]
+    Refused(String),
 }
 
 impl StoreError {

@@ -20,6 +20,10 @@ pub enum TenantStatus {
     Onboarded,
     /// Consent was refused or could not be confirmed; `status_detail` says why.
     Failed,
+    /// Onboarded once, but the last check found the organisation refusing the app or
+    /// without the product's tables: not served until a check passes again;
+    /// `status_detail` says why and what to do.
+    Suspended,
 }
 
 impl TenantStatus {
@@ -29,6 +33,7 @@ impl TenantStatus {
             TenantStatus::Consented => "consented",
             TenantStatus::Onboarded => "onboarded",
             TenantStatus::Failed => "failed",
+            TenantStatus::Suspended => "suspended",
         }
     }
 
@@ -38,6 +43,7 @@ impl TenantStatus {
             "consented" => TenantStatus::Consented,
             "onboarded" => TenantStatus::Onboarded,
             "failed" => TenantStatus::Failed,
+            "suspended" => TenantStatus::Suspended,
             _ => return None,
         })
     }

@@ -57,6 +57,7 @@ pub async fn handle(svc: &Health, req: Request) -> Result<Response, ApiError> {
             "refreshed": run.refreshed,
             "needs_reauth": run.needs_reauth,
             "failed": run.failed,
+            "tenants_failing": run.tenants_failing,
         });
     }
     let status = if store_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

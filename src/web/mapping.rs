@@ -55,6 +55,13 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(m) => {
                 ApiError::unavailable("store-unavailable", format!("The store is unavailable: {m}"), Some(5))
             }
+            StoreError::Refused(why) => ApiError::unavailable(
+                "organisation-refuses-app",
+                format!(
+                    "The Dynamics 365 organisation refuses this app ({why}). An administrator of the organisation enables (or adds) the app's application user with the product's security role; the operator then checks it with POST /api/tenants/{{id}}/check."
+                ),
+                Some(60),
+            ),
             other => ApiError::internal(other),
         }
     }
@@ -174,6 +181,7 @@ impl From<crate::domain::tenants::scope::ScopeError> for ApiError {
             e @ (ScopeError::NotOnboarded { .. } | ScopeError::Unknown(_)) => {
                 ApiError::new(warp::http::StatusCode::FORBIDDEN, "tenant-not-onboarded", e.to_string())
             }
+            e @ ScopeError::Suspended { .. } => ApiError::unavailable("tenant-suspended", e.to_string(), Some(60)),
             e @ ScopeError::Org { .. } => ApiError::unavailable("organisation-unavailable", e.to_string(), Some(30)),
             ScopeError::Store(e) => e.into(),
         }

@@ -102,6 +102,7 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
     let started = std::time::Instant::now();
     let report = crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run).await;
     let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
+    let mut tenants_failing = std::collections::BTreeMap::new();
     logs.extend(report.lines());
     // Each onboarded customer's organisation, a few at a time: each has its own
     // service-protection budget, so they do not slow one another.
@@ -115,6 +116,9 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
                 .collect()
                 .await;
             for (tenant, r) in runs {
+                if let Some(first) = r.errors.first() {
+                    tenants_failing.insert(tenant.clone(), first.clone());
+                }
                 refreshed += r.refreshed;
                 needs_reauth += r.needs_reauth;
                 failed += r.failed;
@@ -130,6 +134,7 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
         refreshed,
         needs_reauth,
         failed,
+        tenants_failing,
     });
     for line in &logs {
         tracing::info!(target: "timer", "{line}");

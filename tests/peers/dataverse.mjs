@@ -1521,7 +1521,16 @@ async function handleApi(req, res, m, url) {
     }
     if (claims.appid && !claims.scp) {
       const su = tables.get('systemuser');
-      const user = [...su.rows.values()].find((r) => String(r.values.applicationid || '').toLowerCase() === String(claims.appid).toLowerCase() && r.values.isdisabled !== true);
+      const user = [...su.rows.values()].find((r) => String(r.values.applicationid || '').toLowerCase() === String(claims.appid).toLowerCase());
+      // A disabled application user is refused with its own code (Dataverse's error
+      // reference: 0x80040225, "The specified user is either disabled or is not a member
+      // of any business unit").
+      if (user && user.values.isdisabled === true) {
+        stats.disabled_users = (stats.disabled_users || 0) + 1;
+        req.resume();
+        sendError(ctx, new DvError(403, '0x80040225', `The specified user(Id = ${user.id}) is disabled. Consider enabling this user.`));
+        return;
+      }
       if (!user) {
         stats.not_members = (stats.not_members || 0) + 1;
         req.resume();
@@ -2695,6 +2704,16 @@ async function handleControl(req, res, url) {
         const ctx = { userId: config.user_id };
         const ids = [];
         for (const rowBody of b.rows) {
+          // A row naming an existing primary id changes that row (an administrator's edit).
+          const pid = typeof rowBody[t.primaryId] === 'string' ? rowBody[t.primaryId].toLowerCase() : null;
+          if (pid && t.rows.has(pid)) {
+            const row = t.rows.get(pid);
+            for (const [k, v] of Object.entries(rowBody)) if (k !== t.primaryId && !k.startsWith('@')) row.values[k] = v;
+            row.version = nextVersion();
+            row.values.versionnumber = row.version;
+            ids.push(pid);
+            continue;
+          }
           try {
             const { changes, id } = parseWriteBody(t, rowBody);
             ids.push(createRow(t, changes, id, ctx).id);

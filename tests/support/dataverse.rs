@@ -77,6 +77,16 @@ impl DataverseDouble {
         self.control(Method::POST, "tables/systemusers", Some(json!({ "rows": [row] }))).await;
     }
 
+    /// Disables (or enables again) an Entra app's application user, as an administrator would.
+    pub async fn set_application_user_disabled(&self, app_id: &str, disabled: bool) {
+        let users = self.rows("systemusers").await;
+        for u in users.iter().filter(|u| u["applicationid"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(app_id))) {
+            let mut row = u.clone();
+            row["isdisabled"] = json!(disabled);
+            self.control(Method::POST, "tables/systemusers", Some(json!({ "rows": [row] }))).await;
+        }
+    }
+
     pub async fn set_accepted_tokens(&self, tokens: &[String]) {
         self.control(Method::POST, "config", Some(json!({ "accepted_tokens": tokens }))).await;
     }

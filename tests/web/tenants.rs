@@ -353,6 +353,33 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     assert!(rb.1 < ra.1, "B did not wait for A's pause: A {:?}, B {:?}", ra.1, rb.1);
     assert_eq!(org_a.stats().await["faults_by_status"]["429"], 1);
 
+    // A's administrator disables the app's application user: A's callers get a 503 that
+    // names the cause and the fix (never a 500), the timer reports A in health, a check
+    // suspends A, and once the user is enabled again a check serves A again.
+    org_a.set_application_user_disabled(APP, true).await;
+    let r = h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &force).await;
+    r.assert_problem(503, "organisation-refuses-app");
+    assert!(r.body.contains("0x80040225") && r.body.contains("/check"), "{}", r.body);
+    assert!(!r.body.contains("eyJ"), "no token in the problem: {}", r.body);
+    let run = h.invoke_timer(&support::timer_payload(false)).await;
+    assert_eq!(run.status, 200, "{}", run.body);
+    let health = h.json(Method::GET, "/api/health", Some(&operator), &Value::Null).await.json();
+    let failing = health["timer"]["tenants_failing"][TENANT_A].as_str().unwrap_or_else(|| panic!("{health}"));
+    assert!(failing.contains("0x80040225"), "{health}");
+    assert!(health["timer"]["tenants_failing"].get(TENANT_B).is_none(), "B is fine: {health}");
+    let check = h.json(Method::POST, &format!("/api/tenants/{TENANT_A}/check"), Some(&operator), &json!({})).await;
+    assert_eq!(check.json()["status"], "suspended", "{}", check.body);
+    assert!(check.json()["status_detail"].as_str().unwrap().contains("0x80040225"), "{}", check.body);
+    let r = get(&caller_a, "erp-a").await;
+    r.assert_problem(503, "tenant-suspended");
+    assert!(r.body.contains("0x80040225"), "{}", r.body);
+    assert_eq!(get(&caller_b, "erp-b").await.status, 200, "B is served throughout");
+    org_a.set_application_user_disabled(APP, false).await;
+    let check = h.json(Method::POST, &format!("/api/tenants/{TENANT_A}/check"), Some(&operator), &json!({})).await;
+    assert_eq!(check.json()["status"], "onboarded", "{}", check.body);
+    assert!(check.json()["status_detail"].is_null(), "{}", check.body);
+    assert_eq!(get(&caller_a, "erp-a").await.status, 200);
+
     // Key rotation covers every organisation: with k2 first, `handler reseal` seals A's and
     // B's rows again in their own organisations, and then k1 can go.
     let k1 = h.env["TOKEN_ENCRYPTION_KEYS"].clone();

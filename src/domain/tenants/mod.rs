@@ -79,6 +79,15 @@ pub enum ConsentRefusal {
     Store(#[from] StoreError),
 }
 
+/// What a failed organisation check found, for the tenant's record.
+#[derive(Debug, Clone)]
+pub struct CheckFailure {
+    pub detail: String,
+    /// The organisation's own state stops the app (refused, no tables): a served tenant
+    /// is suspended. Not so when it merely could not be reached.
+    pub suspends: bool,
+}
+
 pub struct Tenants {
     store: Arc<dyn TenantStore>,
     keys: Arc<Keyring>,
@@ -102,8 +111,11 @@ impl Tenants {
         Tenants { store, keys, clock, cfg, credentials, http }
     }
 
-    /// Records what the organisation check found: onboarded, or what is still missing.
-    pub async fn record_check(&self, id: &str, outcome: Result<(), String>) -> Result<Tenant, TenantError> {
+    /// Records what the organisation check found: onboarded, or what is missing. A
+    /// tenant that was served and whose organisation now refuses the app, or lacks the
+    /// tables, is suspended (its callers refused, naming why) until a check passes; a
+    /// check that could not reach the organisation changes only the detail.
+    pub async fn record_check(&self, id: &str, outcome: Result<(), CheckFailure>) -> Result<Tenant, TenantError> {
         let now = self.clock.now();
         self.modify(id, |t| {
             match &outcome {
@@ -112,7 +124,12 @@ impl Tenants {
                     t.status_detail = None;
                     t.onboarded_at = t.onboarded_at.or(Some(now));
                 }
-                Err(missing) => t.status_detail = Some(missing.clone()),
+                Err(failure) => {
+                    if failure.suspends && t.status == TenantStatus::Onboarded {
+                        t.status = TenantStatus::Suspended;
+                    }
+                    t.status_detail = Some(failure.detail.clone());
+                }
             }
             Ok(())
         })

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use secrecy::SecretString;
 
-use super::{TenantError, Tenants};
+use super::{CheckFailure, TenantError, Tenants};
 use crate::domain::ids::OrgUrl;
 use crate::domain::{ConnectionStore, Tenant, TenantStatus};
 
@@ -80,16 +80,21 @@ impl Tenants {
                 "tenant {id} has not consented yet: send its administrator the link"
             )));
         }
+        let failure = |detail: String, suspends| Err(CheckFailure { detail, suspends });
         let outcome = match access.check(&t).await {
             OrgCheck::Ready => Ok(()),
-            OrgCheck::MissingTables(missing) => Err(format!(
-                "the organisation does not have the product's tables yet ({missing}): run `handler provision` against it"
-            )),
-            OrgCheck::Refused { code, message } => Err(format!(
-                "the organisation refuses the app ({code}: {message}): an administrator adds the application user for app {} with the product's security role",
-                self.config().app_id
-            )),
-            OrgCheck::Failed(e) => Err(e),
+            OrgCheck::MissingTables(missing) => failure(
+                format!("the organisation does not have the product's tables yet ({missing}): open a new set-up link, or run `handler onboard --org` against it"),
+                true,
+            ),
+            OrgCheck::Refused { code, message } => failure(
+                format!(
+                    "the organisation refuses the app ({code}: {message}): an administrator enables (or adds) the application user for app {} with the product's security role, then POST /api/tenants/{id}/check",
+                    self.config().app_id
+                ),
+                true,
+            ),
+            OrgCheck::Failed(e) => failure(format!("the organisation could not be checked: {e}"), false),
         };
         self.record_check(id, outcome).await
     }

@@ -27,6 +27,9 @@ pub enum ScopeError {
     NotOnboarded { tenant: String, status: &'static str },
     #[error("tenant {0} is not served by this deployment")]
     Unknown(String),
+    /// Onboarded once; its organisation now refuses the app or lacks the tables.
+    #[error("tenant {tenant} is suspended: {detail}")]
+    Suspended { tenant: String, detail: Arc<str> },
     #[error("tenant {tenant}'s organisation cannot be reached: {reason}")]
     Org { tenant: String, reason: String },
     #[error(transparent)]
@@ -41,10 +44,11 @@ const REFUSED_TENANTS: usize = 1024;
 pub const TENANTS_AT_ONCE: usize = 4;
 
 /// Why a tenant's callers were refused, remembered for a while.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Refusal {
     Unknown,
     NotOnboarded(&'static str),
+    Suspended(Arc<str>),
 }
 
 impl Refusal {
@@ -52,6 +56,7 @@ impl Refusal {
         match self {
             Refusal::Unknown => ScopeError::Unknown(tenant.to_string()),
             Refusal::NotOnboarded(status) => ScopeError::NotOnboarded { tenant: tenant.to_string(), status },
+            Refusal::Suspended(detail) => ScopeError::Suspended { tenant: tenant.to_string(), detail },
         }
     }
 }
@@ -151,11 +156,14 @@ impl Organisations {
                 }
                 let refused = |r: Refusal| {
                     t.served().remove(&id);
-                    t.refused.insert(id.clone(), r, t.recheck.min(REFUSAL_FOR));
+                    t.refused.insert(id.clone(), r.clone(), t.recheck.min(REFUSAL_FOR));
                     Err(Ok(r))
                 };
                 match t.tenants.get(id.as_str()).await {
                     Ok(rec) if rec.status == TenantStatus::Onboarded => Ok(rec),
+                    Ok(rec) if rec.status == TenantStatus::Suspended => refused(Refusal::Suspended(
+                        rec.status_detail.as_deref().unwrap_or("its organisation refuses the app").into(),
+                    )),
                     Ok(rec) => refused(Refusal::NotOnboarded(rec.status.as_str())),
                     Err(TenantError::NotFound(_)) => refused(Refusal::Unknown),
                     Err(e) => Err(Err(e)),

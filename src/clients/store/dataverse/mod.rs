@@ -182,6 +182,12 @@ pub(super) fn map_err(e: DataverseError) -> StoreError {
         _ if e.is_transient() => StoreError::Unavailable(e.to_string()),
         Some(412) => StoreError::Conflict(e.to_string()),
         Some(404) => StoreError::NotFound(e.to_string()),
+        // 0x80072560 "not a member", 0x80040225 "disabled", 0x80042f09 "no roles": the
+        // organisation's application user, not a fault of ours.
+        Some(403) => StoreError::Refused(match &e {
+            DataverseError::Service { code, message, .. } => format!("{code}: {message}"),
+            other => other.to_string(),
+        }),
         _ => StoreError::Other(e.to_string()),
     }
 }
