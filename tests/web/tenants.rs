@@ -238,6 +238,7 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
         .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
         .env("REFRESH_MARGIN_SECONDS", "300")
         .env("MULTITENANT_RECHECK_SECONDS", "1")
+        .env("DATAVERSE_MAX_CONCURRENCY", "4")
         .env("PUBLIC_BASE_URL", PUBLIC)
         .env("MULTITENANT_APP_ID", APP)
         .env("MULTITENANT_MI_CLIENT_ID", UAMI)
@@ -295,6 +296,18 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
     assert_eq!(get(&operator, "erp-a").await.status, 404, "the deployment's own store does not have it either");
     let token = h.json(Method::POST, "/api/connections/erp-a/token", Some(&caller_a), &json!({})).await;
     assert_eq!(token.status, 200, "{}", token.body);
+
+    // DATAVERSE_MAX_CONCURRENCY holds for a customer's organisation too (the deployment's
+    // own store is SQLite here): 24 callers at once, each read answered after 40 ms.
+    org_a.reset().await;
+    org_a.faults(json!({ "rate": 0.0, "delay_ms": 40 })).await;
+    let ids: Vec<String> = (0..24).map(|i| format!("missing-{i}")).collect();
+    let reads: Vec<_> = futures_util::future::join_all(ids.iter().map(|id| get(&caller_a, id))).await;
+    assert!(reads.iter().all(|r| r.status == 404), "{:?}", reads.iter().map(|r| r.status).collect::<Vec<_>>());
+    let stats = org_a.stats().await;
+    let peak = stats["peak_in_flight"].as_u64().unwrap();
+    assert_eq!(peak, 4, "4 in flight at most, and the limit reached: {stats}");
+    org_a.faults(json!({ "rate": 0.0 })).await;
 
     // The operator asks A's administrator to consent again, who cancels: A stays served,
     // and the refusal is on its record.
