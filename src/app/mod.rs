@@ -205,7 +205,7 @@ impl App {
         clock: &Arc<dyn Clock>,
     ) -> Result<Organisations, StartupError> {
         let Some(t) = &config.tenancy else { return Ok(Organisations::single(home)) };
-        let credentials = Arc::new(TenantCredentials::new(t, secrets.as_ref()).await?);
+        let credentials = Arc::new(TenantCredentials::new(t, secrets.as_ref(), http.clone()).await?);
         let tenants = Arc::new(Tenants::new(
             store.clone(),
             keys.clone(),

@@ -1,24 +1,23 @@
 //! The multi-tenant app's tokens from each customer's tenant.
 //!
-//! azure_identity caches tokens per credential, keyed only by scope, and takes no tenant
-//! per call; so there is one credential per customer tenant, made on first use and kept.
-//! With a managed identity, each is a `ClientAssertionCredential` whose assertion is the
-//! one shared managed-identity token for `api://AzureADTokenExchange` (the identity is a
-//! federated credential of the app: no secret anywhere); with a secret, a
-//! `ClientSecretCredential` per tenant.
+//! A client-credential grant at each customer tenant's token endpoint, the app proving
+//! itself with the managed identity's token for `api://AzureADTokenExchange` (the
+//! identity is a federated credential of the app: no secret anywhere), a certificate's
+//! signed assertion, or a secret. Tokens are kept per tenant and scope.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use azure_core::credentials::{Secret, TokenCredential};
-use azure_core::http::ClientMethodOptions;
-use azure_identity::{ClientAssertion, ClientAssertionCredential, ClientSecretCredential};
+use azure_core::credentials::TokenCredential;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clients::secrets::{SecretError, SecretSource};
+use crate::support::cache::Cache;
 use crate::support::config::{AppCredential, TenancyConfig};
 use crate::support::outbound;
+
+/// Customer tenants' tokens kept at once (a tenant has one or two scopes).
+const TOKENS_KEPT: usize = 4096;
 
 /// The audience of a managed-identity token used as a federated credential (global cloud).
 const TOKEN_EXCHANGE_SCOPE: &str = "api://AzureADTokenExchange/.default";
@@ -37,18 +36,6 @@ impl TenantTokenError {
     /// propagated): worth a short retry right after consent.
     pub fn is_missing_consent(&self) -> bool {
         matches!(self.code, Some(700016 | 7000229))
-    }
-}
-
-#[derive(Debug)]
-struct ManagedIdentityAssertion {
-    identity: Arc<dyn TokenCredential>,
-}
-
-#[async_trait]
-impl ClientAssertion for ManagedIdentityAssertion {
-    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
-        Ok(self.identity.get_token(&[TOKEN_EXCHANGE_SCOPE], None).await?.token.secret().to_string())
     }
 }
 
@@ -101,28 +88,9 @@ impl Certificate {
     }
 }
 
-#[derive(Debug)]
-struct CertificateAssertion {
-    certificate: Arc<Certificate>,
-    client_id: String,
-    token_url: String,
-}
-
 impl std::fmt::Debug for Certificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Certificate").field("x5t", &self.x5t).finish_non_exhaustive()
-    }
-}
-
-#[async_trait]
-impl ClientAssertion for CertificateAssertion {
-    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
-        self.certificate.assertion(&self.client_id, &self.token_url).map_err(|e| {
-            azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                format!("the client assertion could not be signed: {e}"),
-            )
-        })
     }
 }
 
@@ -130,11 +98,16 @@ pub struct TenantCredentials {
     app_id: String,
     authority: url::Url,
     proof: Proof,
-    by_tenant: Mutex<HashMap<String, Arc<dyn TokenCredential>>>,
+    http: reqwest::Client,
+    tokens: Cache<(String, String), SecretString>,
 }
 
 impl TenantCredentials {
-    pub async fn new(cfg: &TenancyConfig, secrets: &dyn SecretSource) -> Result<TenantCredentials, SecretError> {
+    pub async fn new(
+        cfg: &TenancyConfig,
+        secrets: &dyn SecretSource,
+        http: reqwest::Client,
+    ) -> Result<TenantCredentials, SecretError> {
         let proof = match &cfg.credential {
             AppCredential::ManagedIdentity { client_id } => {
                 let identity = crate::clients::azure::managed_identity(Some(client_id.clone()))
@@ -153,7 +126,8 @@ impl TenantCredentials {
             app_id: cfg.app_id.clone(),
             authority: cfg.authority.clone(),
             proof,
-            by_tenant: Mutex::new(HashMap::new()),
+            http,
+            tokens: Cache::new(TOKENS_KEPT),
         })
     }
 
@@ -162,61 +136,47 @@ impl TenantCredentials {
         format!("{}/{tenant}/oauth2/v2.0/token", self.authority.as_str().trim_end_matches('/'))
     }
 
-    fn credential(&self, tenant: &str) -> Result<Arc<dyn TokenCredential>, TenantTokenError> {
-        let mut map = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(tenant) {
-            return Ok(c.clone());
-        }
-        let setup = |e: azure_core::Error| TenantTokenError {
-            code: None,
-            message: format!(
-                "the credential for tenant {tenant} could not be set up: {}",
-                outbound::one_line(&e.to_string())
-            ),
-        };
-        let credential: Arc<dyn TokenCredential> = match &self.proof {
-            Proof::ManagedIdentity(identity) => ClientAssertionCredential::new(
-                tenant.to_string(),
-                self.app_id.clone(),
-                ManagedIdentityAssertion { identity: identity.clone() },
-                None,
-            )
-            .map_err(setup)?,
-            Proof::Secret(secret) => ClientSecretCredential::new(
-                tenant,
-                self.app_id.clone(),
-                Secret::new(secret.expose_secret().to_string()),
-                None,
-            )
-            .map_err(setup)?,
-            Proof::Certificate(certificate) => ClientAssertionCredential::new(
-                tenant.to_string(),
-                self.app_id.clone(),
-                CertificateAssertion {
-                    certificate: certificate.clone(),
-                    client_id: self.app_id.clone(),
-                    token_url: self.token_url(tenant),
-                },
-                None,
-            )
-            .map_err(setup)?,
-        };
-        map.insert(tenant.to_string(), credential.clone());
-        Ok(credential)
-    }
-
-    /// A client-credential token of the app from `tenant` for `scope` (`{org}/.default`).
+    /// A client-credential token of the app from `tenant` for `scope` (`{org}/.default`),
+    /// kept until five minutes before it expires; one request per tenant and scope at a time.
+    ///
+    /// The request is made here rather than through azure_identity's credentials: those
+    /// (1.0 and 1.1) read Entra's error body into a borrowed `&str`, which fails on the
+    /// `\r\n` every real `error_description` carries ("AADSTS7000229: …\r\nTrace ID: …"),
+    /// so Entra's code and words were lost exactly when they matter. The protocol is
+    /// Microsoft identity platform's client-credentials grant (POST
+    /// `{authority}/{tenant}/oauth2/v2.0/token`, `grant_type=client_credentials`, the
+    /// app's secret or a client assertion); its error body is
+    /// `{error, error_description, error_codes: [..]}`.
     pub async fn token(&self, tenant: &str, scope: &str) -> Result<SecretString, TenantTokenError> {
-        let credential = self.credential(tenant)?;
-        match outbound::upstream(credential.get_token(&[scope], None)).await {
-            Ok(t) => Ok(SecretString::from(t.token.secret().to_string())),
-            Err(e) => {
-                let text = outbound::one_line(&e.to_string());
-                Err(TenantTokenError { code: aadsts_code(&text), message: text })
-            }
-        }
+        let key = (tenant.to_ascii_lowercase(), scope.to_string());
+        self.tokens
+            .get_or_try_insert_with(&key, || async {
+                let (token, lifetime) = self.request(tenant, scope).await?;
+                let keep = lifetime.saturating_sub(std::time::Duration::from_secs(300));
+                Ok((token, keep.max(std::time::Duration::from_secs(1))))
+            })
+            .await
     }
 
+    async fn request(&self, tenant: &str, scope: &str) -> Result<(SecretString, std::time::Duration), TenantTokenError> {
+        let mut form: Vec<(&str, String)> = vec![
+            ("client_id", self.app_id.clone()),
+            ("scope", scope.to_string()),
+            ("grant_type", "client_credentials".into()),
+        ];
+        form.extend(self.client_auth(tenant).await?);
+        let sent = outbound::upstream(self.http.post(self.token_url(tenant)).form(&form).send()).await;
+        let response = sent.map_err(|e| TenantTokenError {
+            code: None,
+            message: format!("Entra's token endpoint could not be reached: {}", outbound::error_text(e)),
+        })?;
+        let status = response.status();
+        let body = outbound::upstream(response.bytes()).await.map_err(|e| TenantTokenError {
+            code: None,
+            message: format!("Entra's answer could not be read: {}", outbound::error_text(e)),
+        })?;
+        entra_answer(status.as_u16(), &body)
+    }
     /// How the app authenticates itself at a customer tenant's token endpoint in a grant
     /// of its own making (the administrator's sign-in): the form fields to add.
     pub async fn client_auth(&self, tenant: &str) -> Result<Vec<(&'static str, String)>, TenantTokenError> {
@@ -247,9 +207,10 @@ impl TenantCredentials {
         }
     }
 
-    /// The cached credential for an off-boarded tenant goes with it.
+    /// The tokens kept for an off-boarded tenant go with it.
     pub fn forget(&self, tenant: &str) {
-        self.by_tenant.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
+        let tenant = tenant.to_ascii_lowercase();
+        self.tokens.remove_where(|(t, _)| *t == tenant);
     }
 }
 
@@ -271,6 +232,50 @@ impl crate::clients::azure::TokenSource for OrgToken {
     }
 }
 
+/// Entra's answer to a token request: the token and how long it lives, or Entra's code
+/// and description (its first line; the rest is trace and correlation ids), whatever
+/// the body's shape.
+fn entra_answer(status: u16, body: &[u8]) -> Result<(SecretString, std::time::Duration), TenantTokenError> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Answer {
+        access_token: Option<String>,
+        expires_in: Option<serde_json::Value>,
+        error: Option<String>,
+        error_description: Option<String>,
+        error_codes: Vec<u32>,
+    }
+    let parsed: Option<Answer> = serde_json::from_slice(body).ok();
+    if (200..300).contains(&status) {
+        if let Some(Answer { access_token: Some(token), expires_in, .. }) = parsed {
+            // Entra sends a number; some proxies and older endpoints a string.
+            let secs = match expires_in {
+                Some(serde_json::Value::Number(n)) => n.as_u64(),
+                Some(serde_json::Value::String(s)) => s.parse().ok(),
+                _ => None,
+            };
+            return Ok((SecretString::from(token), std::time::Duration::from_secs(secs.unwrap_or(3600))));
+        }
+        return Err(TenantTokenError { code: None, message: format!("Entra answered {status} without an access_token") });
+    }
+    match parsed {
+        Some(a) if a.error.is_some() || a.error_description.is_some() => {
+            let description = a.error_description.unwrap_or_default();
+            let first = outbound::one_line(description.lines().next().unwrap_or_default());
+            let code = a.error_codes.first().copied().or_else(|| aadsts_code(&description));
+            let error = a.error.unwrap_or_else(|| "error".into());
+            Err(TenantTokenError { code, message: format!("Entra answered {status} {error}: {first}") })
+        }
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(160)]).into_owned();
+            Err(TenantTokenError {
+                code: aadsts_code(&text),
+                message: format!("Entra answered {status}, not with its JSON error: {}", outbound::one_line(&text)),
+            })
+        }
+    }
+}
+
 /// The first `AADSTSnnnn` in Entra's message (for diagnosis and the propagation retry;
 /// Entra's codes are stable, its wording is not).
 fn aadsts_code(text: &str) -> Option<u32> {
@@ -286,5 +291,23 @@ mod tests {
         let m = "ClientAssertionCredential authentication failed. AADSTS7000229: The client application x is missing service principal";
         assert_eq!(super::aadsts_code(m), Some(7000229));
         assert_eq!(super::aadsts_code("connection refused"), None);
+    }
+
+    /// Entra's real error body: its description carries `\r\n` and trace lines.
+    #[test]
+    fn keeps_entras_code_and_first_line() {
+        let body = br#"{"error":"invalid_client","error_description":"AADSTS7000229: The client application x is missing service principal in the tenant t.\r\nTrace ID: 1\r\nCorrelation ID: 2\r\nTimestamp: 2026-12-03 08:00:00Z","error_codes":[7000229],"timestamp":"2026-12-03 08:00:00Z"}"#;
+        let e = super::entra_answer(401, body).unwrap_err();
+        assert_eq!(e.code, Some(7000229));
+        assert!(e.is_missing_consent());
+        assert_eq!(
+            e.message,
+            "Entra answered 401 invalid_client: AADSTS7000229: The client application x is missing service principal in the tenant t."
+        );
+        let e = super::entra_answer(502, b"<html>Bad gateway</html>").unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (None, "Entra answered 502, not with its JSON error: <html>Bad gateway</html>"));
+        let (_, life) = super::entra_answer(200, br#"{"access_token":"t","expires_in":"3599","token_type":"Bearer"}"#).unwrap();
+        assert_eq!(life.as_secs(), 3599);
+        assert!(super::entra_answer(200, b"{}").is_err());
     }
 }

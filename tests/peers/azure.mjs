@@ -44,7 +44,7 @@ const KNOWN_KEYS = new Set([
   'vault_host', 'login_host', 'extra_hostnames', 'tenant_id', 'challenge_authority', 'secrets',
   'identity_header', 'system_assigned', 'user_assigned_client_ids', 'user_assigned', 'token_ttl_seconds',
   'entra_clients', 'tenants', 'accept_any_assertion', 'ports', 'tls_dir', 'ingestion', 'multitenant_apps',
-  'admins', 'instances',
+  'admins', 'instances', 'service_principal_delay_ms',
 ]);
 for (const k of Object.keys(raw)) if (!KNOWN_KEYS.has(k)) fail(`unknown config field ${JSON.stringify(k)}`);
 
@@ -66,6 +66,10 @@ const config = {
   identity_header: str(raw.identity_header, 'dctest-identity-header', 'identity_header'),
   token_ttl_seconds: raw.token_ttl_seconds === undefined ? 3600 : raw.token_ttl_seconds,
   accept_any_assertion: raw.accept_any_assertion === true,
+  // Entra creates the app's service principal in a customer tenant on consent, and it
+  // replicates for a while: until then that tenant's token endpoint answers AADSTS7000229
+  // ("Troubleshoot consent": a client-credential request right after consent can fail).
+  service_principal_delay_ms: Number.isInteger(raw.service_principal_delay_ms) ? raw.service_principal_delay_ms : 0,
   tenants: Array.isArray(raw.tenants) ? raw.tenants.map(String) : [],
   ports: raw.ports && typeof raw.ports === 'object' ? raw.ports : {},
   tls_dir: raw.tls_dir === undefined ? undefined : str(raw.tls_dir, undefined, 'tls_dir'),
@@ -689,7 +693,7 @@ async function entra(req, res) {
   const clientId = form.get('client_id') || basicId;
   if (!clientId) return entraError(req, res, 400, 'invalid_request', 900144, "The request body must contain the following parameter: 'client_id'.");
   bump(stats.entra.requests_by_client, clientId);
-  const client = entraClients.find((c) => c.client_id === clientId && c.tenant.toLowerCase() === tenant.toLowerCase());
+  const client = entraClients.find((c) => c.client_id === clientId && c.tenant.toLowerCase() === tenant.toLowerCase() && !(c.ready_at > Date.now()));
   if (!client && multitenantApps.some((a) => a.client_id === clientId)) {
     return entraError(req, res, 401, 'invalid_client', 7000229, `The client application ${clientId} is missing service principal in the tenant ${tenant}. See instructions here: https://go.microsoft.com/fwlink/?linkid=2225119`);
   }
@@ -943,7 +947,7 @@ async function adminConsent(req, res, url, tenant) {
     target.searchParams.set('error_description', 'AADSTS65004: User declined to consent to access the app.\r\nTrace ID: ' + guid());
   } else {
     if (!entraClients.some((c) => c.client_id === app.client_id && c.tenant.toLowerCase() === tenant.toLowerCase())) {
-      entraClients.push({ tenant, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, certificates: app.certificates, object_id: guidFrom(`sp-${tenant}-${app.client_id}`) });
+      entraClients.push({ tenant, client_id: app.client_id, client_secret: app.client_secret, federated: app.federated, certificates: app.certificates, object_id: guidFrom(`sp-${tenant}-${app.client_id}`), ready_at: Date.now() + config.service_principal_delay_ms });
     }
     target.searchParams.set('tenant', tenant);
     target.searchParams.set('scope', q.get('scope'));

@@ -26,9 +26,20 @@ use crate::support::time::Clock;
 /// find the right account.
 const CONSENT_LINK_SECONDS: i64 = 24 * 3600;
 
-/// Retries of the verifying token right after consent: the app's service principal can
-/// take a moment to appear in the tenant (AADSTS700016, 7000229).
-const PROPAGATION_TRIES: u32 = 4;
+/// The waits between tries of the verifying token right after consent, as far as
+/// `MULTITENANT_CONSENT_WAIT_SECONDS` (30 s by default) reaches.
+/// Entra creates the app's service principal in the customer's tenant on consent, and
+/// it takes a while to replicate; until it has, a client-credential request answers
+/// AADSTS7000229 (no service principal) or AADSTS700016 (app not found in the
+/// directory). Microsoft's consent guidance asks callers to wait and retry rather than
+/// fail the consent.
+const PROPAGATION_WAITS: [std::time::Duration; 5] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(4),
+    std::time::Duration::from_secs(8),
+    std::time::Duration::from_secs(15),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
@@ -270,14 +281,19 @@ impl Tenants {
             Some(org) => format!("{org}/.default"),
             None => self.cfg.consent_scope.clone(),
         };
-        let mut attempt = 0;
+        let mut budget = self.cfg.consent_wait;
+        let mut waits = PROPAGATION_WAITS.iter().map_while(|w| {
+            let wait = (*w).min(budget);
+            budget -= wait;
+            (!wait.is_zero()).then_some(wait)
+        });
         let verdict = loop {
-            attempt += 1;
             match self.credentials.token(&found.id, &scope).await {
                 Ok(_) => break Ok(()),
-                Err(e) if e.is_missing_consent() && attempt < PROPAGATION_TRIES => {
-                    tokio::time::sleep(std::time::Duration::from_millis(500 * u64::from(attempt))).await;
-                }
+                Err(e) if e.is_missing_consent() => match waits.next() {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => break Err(e),
+                },
                 Err(e) => break Err(e),
             }
         };

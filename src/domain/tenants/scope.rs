@@ -286,9 +286,10 @@ mod tests {
             onboard_redirect_uri: url("https://dc.example/api/oauth/onboard"),
             discovery_url: url("https://globaldisco.crm.dynamics.com"),
             recheck: Duration::from_secs(60),
+            consent_wait: Duration::from_secs(0),
         };
         let secrets = SettingsSecrets::new(Settings::from_map([("APP_SECRET".to_string(), "s".to_string())].into()));
-        let credentials = Arc::new(TenantCredentials::new(&cfg, &secrets).await.unwrap());
+        let credentials = Arc::new(TenantCredentials::new(&cfg, &secrets, reqwest::Client::new()).await.unwrap());
         let store: Arc<dyn crate::domain::TenantStore> = fx.racing.clone();
         let tenants =
             Arc::new(Tenants::new(store, fx.keys.clone(), fx.clock.clone(), cfg, credentials, reqwest::Client::new()));

@@ -31,6 +31,9 @@ pub struct TenancyConfig {
     /// How long an instance serves a customer tenant before reading its record again: an
     /// off-boarding on another instance takes effect here within it.
     pub recheck: std::time::Duration,
+    /// How long a consent's confirming token is retried while Entra replicates the app's
+    /// service principal into the customer's tenant (AADSTS7000229 / 700016).
+    pub consent_wait: std::time::Duration,
 }
 
 /// How the multi-tenant app proves itself to each customer's tenant.
@@ -100,6 +103,7 @@ impl TenancyConfig {
             .map_err(|e| ConfigError::new("MULTITENANT_DISCOVERY_URL", e.to_string()))?;
         Ok(Some(TenancyConfig {
             recheck: s.seconds("MULTITENANT_RECHECK_SECONDS", 60)?,
+            consent_wait: s.seconds("MULTITENANT_CONSENT_WAIT_SECONDS", 30)?,
             onboard_redirect_uri,
             discovery_url,
             app_id: app_id.to_ascii_lowercase(),
