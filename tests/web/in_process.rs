@@ -167,3 +167,67 @@ async fn cors_is_answered_for_portal_origins_only() {
     assert_eq!(status, 403);
     assert!(headers.get("access-control-allow-origin").is_none());
 }
+
+/// Issue [3/7]: an API registration left at `accessTokenAcceptedVersion` null receives
+/// Entra v1.0 access tokens (`iss` `https://sts.windows.net/{tid}/`, `appid`, `aud` the
+/// App ID URI); one set to 2 receives v2.0 tokens (`iss`
+/// `https://login.microsoftonline.com/{tid}/v2.0`, `azp`, `aud` the client id). Both are
+/// signed with the tenant's same keys. Both of the configured tenant are accepted with
+/// the same audience list and allow-list; the attacker's variations are not.
+#[tokio::test]
+async fn entra_v1_and_v2_tokens_of_the_configured_tenant_are_both_accepted() {
+    const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const OTHER: &str = "0d9c1e4b-5a77-4b2f-9f0e-3c1d2e3f4a5b";
+    const API_CLIENT: &str = "aaaabbbb-0000-1111-2222-ccccddddeeee";
+    let issuer = Issuer::start().await;
+    let v2_issuer = format!("https://login.microsoftonline.com/{TID}/v2.0");
+    let settings = [
+        ("AUTH_ISSUER", v2_issuer.clone()),
+        ("AUTH_JWKS_URL", format!("{}/discovery/v2.0/keys", issuer.url)),
+        ("AUTH_AUDIENCE", format!("{API_CLIENT},{}", crate::support::issuer::AUDIENCE)),
+        ("AUTH_ALLOWED_CLIENT_IDS", crate::support::issuer::CLIENT_ID.into()),
+    ];
+    let app = spawn_app(&settings).await;
+    let client = crate::support::issuer::CLIENT_ID;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let v2 = serde_json::json!({ "iss": v2_issuer, "aud": API_CLIENT, "azp": client, "sub": client, "tid": TID,
+        "ver": "2.0", "iat": now, "nbf": now - 5, "exp": now + 3600 });
+    let v1 = serde_json::json!({ "iss": format!("https://sts.windows.net/{TID}/"), "aud": crate::support::issuer::AUDIENCE,
+        "appid": client, "sub": client, "tid": TID, "ver": "1.0", "iat": now, "nbf": now - 5, "exp": now + 3600 });
+    let call = |claims: Value| {
+        let token = issuer.sign(&claims);
+        let app = &app;
+        async move {
+            let (status, _, body) =
+                app.send(Method::GET, "/api/connections", &[("Authorization", &format!("Bearer {token}"))], None).await;
+            (status, body)
+        }
+    };
+    assert_eq!(call(v2.clone()).await.0, 200, "v2.0");
+    assert_eq!(call(v1.clone()).await.0, 200, "v1.0");
+    let with = |base: &Value, k: &str, v: Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    // Another tenant's tokens, in either form (a single-tenant deployment): 401.
+    for (claims, what) in [
+        (with(&with(&v1, "iss", format!("https://sts.windows.net/{OTHER}/").into()), "tid", OTHER.into()), "v1 other tenant"),
+        (
+            with(&with(&v2, "iss", format!("https://login.microsoftonline.com/{OTHER}/v2.0").into()), "tid", OTHER.into()),
+            "v2 other tenant",
+        ),
+        (with(&v1, "iss", format!("https://sts.windows.net/{TID}").into()), "v1 issuer without its slash"),
+        (with(&v1, "iss", format!("https://sts.windows.net.evil.example/{TID}/").into()), "look-alike host"),
+        (with(&v1, "iss", format!("https://sts.chinacloudapi.cn/{TID}/").into()), "another cloud's v1 issuer"),
+        (with(&v1, "iss", format!("https://login.microsoftonline.com/{TID}/").into()), "the v2 host in v1 form"),
+        (with(&v1, "aud", "api://someone-else".into()), "another audience"),
+    ] {
+        let (status, body) = call(claims).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(problem(&body)["type"], "urn:dynamics-companion:problem:unauthorized", "{what}: {body}");
+    }
+    // The allow-list reads `appid` as it reads `azp`.
+    let (status, body) = call(with(&v1, "appid", "99999999-0000-0000-0000-000000000000".into())).await;
+    assert_eq!(status, 403, "{body}");
+}

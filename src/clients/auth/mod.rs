@@ -66,54 +66,93 @@ pub struct BearerVerifier {
     validation: Validation,
     keys: IssuerKeys,
     verified: VerifiedTokens<Caller>,
-    /// `AUTH_ISSUER` split around its tenant segment, when tokens of other tenants are
-    /// accepted: `https://login.microsoftonline.com/` and `/v2.0`.
-    tenant_issuer: Option<(String, String)>,
+    /// `AUTH_ISSUER`'s tenant and the forms of its issuer around a tenant id (for Entra,
+    /// v2.0 and v1.0: see [`issuer_forms`]).
+    entra: Option<TenantIssuers>,
+    /// Tokens of other Entra tenants are accepted too (a multi-tenant deployment).
+    other_tenants: bool,
+}
+
+/// An issuer split around its tenant segment: `https://sts.windows.net/` and `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IssuerForm {
+    before: String,
+    after: String,
+}
+
+impl IssuerForm {
+    /// The tenant id `iss` names in this form, if it is this form.
+    fn tenant_of<'a>(&self, iss: &'a str) -> Option<&'a str> {
+        let tid = iss.strip_prefix(self.before.as_str())?.strip_suffix(self.after.as_str())?;
+        crate::support::config::is_guid(tid).then_some(tid)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TenantIssuers {
+    home_tenant: String,
+    forms: Vec<IssuerForm>,
+}
+
+/// The forms of `AUTH_ISSUER` around its tenant segment (its first path segment), with
+/// that tenant: the issuer as configured and, for an Entra v2.0 issuer
+/// (`https://{login host}/{tenant}/v2.0`), the same tenant's v1.0 issuer. Entra issues
+/// v1.0 access tokens to an API whose registration leaves `accessTokenAcceptedVersion`
+/// unset (or 1), and v2.0 ones when it is 2; both are signed with the same keys. Their
+/// `iss` per cloud (Entra's "Access token claims reference"; Microsoft Q&A 1190472, "What
+/// are the token issuers for the sovereign cloud"): v2.0 `https://{login host}/{tid}/v2.0`;
+/// v1.0 `https://sts.windows.net/{tid}/` in the global and US Government clouds and
+/// `https://sts.chinacloudapi.cn/{tid}/` in the one operated by 21Vianet.
+fn issuer_forms(issuer: &str) -> Option<TenantIssuers> {
+    let url = url::Url::parse(issuer).ok()?;
+    let tenant = url.path_segments()?.next().filter(|s| !s.is_empty())?.to_string();
+    let at = issuer.find(&format!("/{tenant}"))?;
+    let configured = IssuerForm { before: issuer[..=at].to_string(), after: issuer[at + 1 + tenant.len()..].to_string() };
+    let v1 = match url.host_str().map(str::to_ascii_lowercase).as_deref() {
+        _ if configured.after != "/v2.0" || !crate::support::config::is_guid(&tenant) => None,
+        Some("login.microsoftonline.com" | "login.microsoftonline.us") => Some("https://sts.windows.net/"),
+        Some("login.chinacloudapi.cn" | "login.partner.microsoftonline.cn") => Some("https://sts.chinacloudapi.cn/"),
+        _ => None,
+    };
+    let mut forms = vec![configured];
+    forms.extend(v1.map(|before| IssuerForm { before: before.into(), after: "/".into() }));
+    Some(TenantIssuers { home_tenant: tenant, forms })
 }
 
 impl BearerVerifier {
     pub fn new(cfg: BackOfficeAuth, http: reqwest::Client) -> BearerVerifier {
-        let validation = rs256_validation(Some(&cfg.issuer.issuer), &cfg.issuer.audiences, LEEWAY_SECS);
+        let entra = issuer_forms(&cfg.issuer.issuer);
+        // `iss` is checked here against each form (jsonwebtoken takes one exact issuer);
+        // with an issuer of no tenant segment, jsonwebtoken checks it.
+        let issuer = if entra.is_some() { None } else { Some(cfg.issuer.issuer.as_str()) };
+        let validation = rs256_validation(issuer, &cfg.issuer.audiences, LEEWAY_SECS);
         let keys = IssuerKeys::new(&cfg.issuer.issuer, cfg.issuer.jwks_url.clone(), http);
-        BearerVerifier { cfg, validation, keys, verified: VerifiedTokens::new(), tenant_issuer: None }
+        BearerVerifier { cfg, validation, keys, verified: VerifiedTokens::new(), entra, other_tenants: false }
     }
 
     /// Also accepts tokens issued in other Entra tenants, for a multi-tenant deployment
-    /// whose customers call it: the issuer must be `AUTH_ISSUER` with the token's own
-    /// `tid` in place of the tenant segment (Entra signs every tenant's tokens with the
-    /// same keys, so `AUTH_ISSUER`'s key set serves). Which tenants may reach what is the
+    /// whose customers call it: the issuer must be one of `AUTH_ISSUER`'s forms (v2.0 or
+    /// v1.0) naming the token's own `tid` (Entra signs every tenant's tokens with the same
+    /// keys, so `AUTH_ISSUER`'s key set serves). Which tenants may reach what is the
     /// caller's business, from [`Caller::tenant`].
     pub fn accepting_other_tenants(mut self) -> BearerVerifier {
-        if let Ok(url) = url::Url::parse(&self.cfg.issuer.issuer)
-            && let Some(first) = url.path_segments().and_then(|mut s| s.next()).filter(|s| !s.is_empty())
-        {
-            let iss = &self.cfg.issuer.issuer;
-            if let Some(at) = iss.find(&format!("/{first}")) {
-                self.tenant_issuer = Some((iss[..at + 1].to_string(), iss[at + 1 + first.len()..].to_string()));
-                let mut validation = self.validation.clone();
-                validation.iss = None;
-                self.validation = validation;
-            }
-        }
+        self.other_tenants = self.entra.is_some();
         self
     }
 
-    /// Whether `iss` is one this verifier accepts for a token naming tenant `tid`.
-    fn issuer_accepted(&self, iss: Option<&str>, tid: Option<&str>) -> bool {
-        let Some(iss) = iss else { return false };
+    /// Whether `iss` is one this verifier accepts for a token naming tenant `tid`, and
+    /// whether it is the deployment's own tenant.
+    fn issuer_accepted(&self, iss: Option<&str>, tid: Option<&str>) -> Option<bool> {
+        let iss = iss?;
         if iss == self.cfg.issuer.issuer {
-            return true;
+            return Some(true);
         }
-        match (&self.tenant_issuer, tid) {
-            (Some((before, after)), Some(tid)) => {
-                crate::support::config::is_guid(tid)
-                    && iss.len() == before.len() + tid.len() + after.len()
-                    && iss.starts_with(before.as_str())
-                    && iss.ends_with(after.as_str())
-                    && &iss[before.len()..before.len() + tid.len()] == tid
-            }
-            _ => false,
+        let entra = self.entra.as_ref()?;
+        let named = entra.forms.iter().find_map(|f| f.tenant_of(iss))?;
+        if named.eq_ignore_ascii_case(&entra.home_tenant) {
+            return Some(true);
         }
+        (self.other_tenants && tid.is_some_and(|t| t.eq_ignore_ascii_case(named))).then_some(false)
     }
 
     pub fn issuer(&self) -> &str {
@@ -142,13 +181,17 @@ impl BearerVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| rejection(&e, &self.cfg.issuer.issuer))?
             .claims;
-        if self.tenant_issuer.is_some() && !self.issuer_accepted(claims.iss.as_deref(), claims.tid.as_deref()) {
-            return Err(AuthError::Unauthenticated(format!(
-                "The bearer token was issued by {}, which is neither {} nor that issuer for the token's own tenant.",
-                claims.iss.as_deref().unwrap_or("no issuer"),
-                self.cfg.issuer.issuer
-            )));
-        }
+        let home = match self.issuer_accepted(claims.iss.as_deref(), claims.tid.as_deref()) {
+            Some(home) => home,
+            None => {
+                let others = if self.other_tenants { " or an onboarded customer's" } else { "" };
+                return Err(AuthError::Unauthenticated(format!(
+                    "The bearer token was issued by {}, which is not {} (in its v2.0 or v1.0 form){others}.",
+                    claims.iss.as_deref().unwrap_or("no issuer"),
+                    self.cfg.issuer.issuer
+                )));
+            }
+        };
         let client_id = claims.azp.or(claims.appid).or(claims.client_id);
         let by_client = client_id.as_ref().is_some_and(|c| self.cfg.allowed_client_ids.iter().any(|a| a == c));
         let by_role = claims.roles.iter().any(|r| self.cfg.allowed_roles.contains(r));
@@ -158,7 +201,6 @@ impl BearerVerifier {
                 client_id.as_deref().unwrap_or("no client id")
             )));
         }
-        let home = self.tenant_issuer.is_none() || claims.iss.as_deref() == Some(self.cfg.issuer.issuer.as_str());
         let caller = Caller { client_id, subject: claims.sub, roles: claims.roles, tenant: claims.tid, home };
         self.verified.put(token, caller.clone(), claims.exp);
         Ok(caller)
@@ -177,4 +219,47 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, AuthError> {
         return Err(AuthError::Unauthenticated("The Authorization header must use the Bearer scheme.".into()));
     }
     Ok(token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::support::config::IssuerConfig;
+
+    const HOME: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const CUSTOMER: &str = "0d9c1e4b-5a77-4b2f-9f0e-3c1d2e3f4a5b";
+
+    fn verifier(issuer: &str) -> BearerVerifier {
+        let cfg = BackOfficeAuth {
+            issuer: IssuerConfig { issuer: issuer.into(), audiences: vec!["api://dc".into()], jwks_url: None },
+            allowed_client_ids: vec![],
+            allowed_roles: vec![],
+        };
+        BearerVerifier::new(cfg, reqwest::Client::new())
+    }
+
+    /// A multi-tenant deployment accepts a customer's v1.0 and v2.0 tokens whose issuer
+    /// names the token's own `tid`; home is only the configured tenant's.
+    #[test]
+    fn customers_tokens_in_either_version_name_their_own_tenant() {
+        let v = verifier(&format!("https://login.microsoftonline.com/{HOME}/v2.0")).accepting_other_tenants();
+        let v1 = format!("https://sts.windows.net/{CUSTOMER}/");
+        let v2 = format!("https://login.microsoftonline.com/{CUSTOMER}/v2.0");
+        assert_eq!(v.issuer_accepted(Some(&v1), Some(CUSTOMER)), Some(false));
+        assert_eq!(v.issuer_accepted(Some(&v2), Some(CUSTOMER)), Some(false));
+        assert_eq!(v.issuer_accepted(Some(&v1), Some(HOME)), None, "the issuer and tid disagree");
+        assert_eq!(v.issuer_accepted(Some(&format!("https://sts.windows.net/{HOME}/")), Some(HOME)), Some(true));
+        assert_eq!(v.issuer_accepted(Some("https://sts.windows.net/not-a-guid/"), Some("not-a-guid")), None);
+        assert_eq!(v.issuer_accepted(None, Some(CUSTOMER)), None);
+        // Single-tenant: the customer's tokens are not accepted in either version.
+        let single = verifier(&format!("https://login.microsoftonline.com/{HOME}/v2.0"));
+        assert_eq!(single.issuer_accepted(Some(&v1), Some(CUSTOMER)), None);
+        // Another cloud's v1.0 issuer follows its v2.0 host.
+        let china = verifier(&format!("https://login.chinacloudapi.cn/{HOME}/v2.0"));
+        assert_eq!(china.issuer_accepted(Some(&format!("https://sts.chinacloudapi.cn/{HOME}/")), None), Some(true));
+        assert_eq!(china.issuer_accepted(Some(&format!("https://sts.windows.net/{HOME}/")), None), None);
+        // An issuer that is not Entra's v2.0 gets no v1.0 form.
+        let other = verifier(&format!("https://issuer.example/{HOME}/"));
+        assert_eq!(other.issuer_accepted(Some(&format!("https://sts.windows.net/{HOME}/")), None), None);
+    }
 }
