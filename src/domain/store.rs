@@ -59,6 +59,10 @@ pub enum StoreError {
     /// The store's tables are not there (yet): `handler provision` creates them.
     #[error("the store's tables are not provisioned: {0}; run `handler provision`")]
     NotProvisioned(String),
+    /// The store asked us to wait (Dataverse's service protection) longer than a request
+    /// waits: try again after `retry_after`.
+    #[error("the store is busy: {detail}")]
+    Busy { detail: String, retry_after: std::time::Duration },
     /// The organisation refuses the app (its application user is missing, disabled or
     /// without a role): the organisation's state, not ours. Its code and message.
     #[error("the organisation refuses the app ({0})")]
@@ -67,7 +71,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Busy { .. })
     }
 }
 

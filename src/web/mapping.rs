@@ -55,6 +55,11 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(m) => {
                 ApiError::unavailable("store-unavailable", format!("The store is unavailable: {m}"), Some(5))
             }
+            StoreError::Busy { detail, retry_after } => ApiError::unavailable(
+                "store-throttled",
+                format!("The store paused this app's requests (Dataverse's service-protection limits): {detail}. Try again after the Retry-After."),
+                Some(retry_after.as_secs().max(1)),
+            ),
             StoreError::Refused(why) => ApiError::unavailable(
                 "organisation-refuses-app",
                 format!(

@@ -359,6 +359,56 @@ async fn a_429_pauses_every_request_of_the_client() {
     assert_eq!(stats["requests"], 11, "the throttled one twice, the others once: {stats}");
 }
 
+/// Issue [3b/7]: requests already queued for a place when a 429 arrives wait out its
+/// pause too; a pause longer than a request waits (10 s) is said at once (`Busy` with the
+/// time left, a 503 with `Retry-After` to an HTTP caller) and nothing reaches Dataverse
+/// during it, for a `Retry-After` beyond the old 30 s cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_wait_out_a_pause_and_a_long_one_is_said_at_once() {
+    let double = DataverseDouble::start();
+    dataverse_store(&double).await; // provisioned
+    let url = url::Url::parse(&double.url).unwrap();
+    let token = Arc::new(StaticToken(SecretString::from("test-s2s-token".to_string())));
+    let dv = Arc::new(Dataverse::new(&url, reqwest::Client::new(), token, None).with_concurrency(2));
+    let store: Arc<dyn Store> = Arc::new(DataverseStore::new(dv.clone(), Schema::new("dc")));
+    double.reset().await;
+    double.faults(serde_json::json!({ "rate": 1.0, "statuses": [429], "retry_after_seconds": 3, "count": 1, "delay_ms": 200 })).await;
+    let started = std::time::Instant::now();
+    let reads = (0..10).map(|i| {
+        let store = store.clone();
+        async move {
+            store.get(&format!("queued-{i}")).await.unwrap();
+            started.elapsed()
+        }
+    });
+    let watcher = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        double.stats().await["requests"].as_u64().unwrap()
+    };
+    let (took, sent_during_pause) = tokio::join!(futures_util::future::join_all(reads), watcher);
+    assert!(sent_during_pause <= 3, "{sent_during_pause} requests went out while paused (2 in flight when the 429 came)");
+    let late = took.iter().filter(|t| **t >= Duration::from_millis(3000)).count();
+    assert!(late >= 7, "the queued ones waited out the 3 s pause: {took:?}");
+    assert_eq!(double.stats().await["requests"], 11, "the throttled one twice, the others once");
+
+    // Retry-After: 120, beyond any request's patience: said at once, nothing sent.
+    double.reset().await;
+    double.faults(serde_json::json!({ "rate": 1.0, "statuses": [429], "retry_after_seconds": 120, "count": 1 })).await;
+    let t = std::time::Instant::now();
+    let first = store.get("first").await;
+    assert!(
+        matches!(&first, Err(dynamics_companion::domain::StoreError::Busy { retry_after, .. })
+            if *retry_after > Duration::from_secs(110) && *retry_after <= Duration::from_secs(120)),
+        "{first:?}"
+    );
+    for i in 0..5 {
+        let r = store.get(&format!("during-{i}")).await;
+        assert!(matches!(r, Err(dynamics_companion::domain::StoreError::Busy { .. })), "{r:?}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(double.stats().await["requests"], 1, "only the one that drew the 429");
+}
+
 #[tokio::test]
 async fn provision_creates_everything_once() {
     let double = DataverseDouble::start();

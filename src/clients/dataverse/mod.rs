@@ -34,6 +34,9 @@ pub use types::{Condition, DataverseError, Delta, Key, Record};
 /// 30 s, and are jittered so instances throttled together do not return together.
 const MAX_ATTEMPTS: u32 = 10;
 const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30)).jittered();
+/// The longest a request waits out a service-protection pause; past it the caller is told
+/// how long the pause lasts (an HTTP caller gets a 503 with `Retry-After`).
+const MAX_WAIT: Duration = Duration::from_secs(10);
 /// Well under the 52 concurrent requests Dataverse allows an application user, leaving
 /// room for the other instances of the app that share it.
 pub const DEFAULT_CONCURRENCY: usize = 16;
@@ -340,7 +343,12 @@ impl Dataverse {
             if let Body::Json(v) = &body {
                 req = req.header(header::CONTENT_TYPE, "application/json; charset=utf-8").json(v);
             }
-            let pass = outbound::upstream(self.gate.enter()).await;
+            let pass = match outbound::upstream(self.gate.enter(MAX_WAIT)).await {
+                Ok(pass) => pass,
+                Err(retry_after) => {
+                    return Err(DataverseError::Throttled { table: table.into(), operation, retry_after });
+                }
+            };
             self.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = outbound::upstream(outbound::send(req)).await;
             let (wait, error) = match outcome {
@@ -349,11 +357,25 @@ impl Dataverse {
                     let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
                     let retry_after = outbound::retry_after(resp.headers());
                     let bytes = outbound::upstream(resp.bytes()).await.unwrap_or_default();
-                    drop(pass);
+                    let mut retry_after = retry_after;
                     if status == StatusCode::TOO_MANY_REQUESTS {
-                        // Service protection is per client: everyone waits, not only us.
-                        self.gate.pause(retry_after.unwrap_or_else(|| RETRY.delay(attempt)).min(RETRY.max));
+                        // Service protection is per client: everyone waits, not only us, and
+                        // the pause is set before this place is given back.
+                        let asked = retry_after.unwrap_or_else(|| RETRY.delay(attempt));
+                        let paused = self.gate.pause(asked);
+                        if paused < asked {
+                            tracing::warn!(
+                                table,
+                                operation,
+                                retry_after_s = asked.as_secs(),
+                                "Dataverse asked for a pause of {} s; pausing {} s",
+                                asked.as_secs(),
+                                paused.as_secs()
+                            );
+                        }
+                        retry_after = Some(paused);
                     }
+                    drop(pass);
                     if status.is_success() {
                         let json = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
                         return Ok((status, etag, json));
@@ -373,7 +395,11 @@ impl Dataverse {
             if !retry || attempt >= MAX_ATTEMPTS {
                 return Err(error);
             }
-            let delay = RETRY.wait(attempt, wait);
+            // A pause longer than a request waits: said now, not after the wait.
+            if let Some(left) = self.gate.paused_for().filter(|left| *left > MAX_WAIT) {
+                return Err(DataverseError::Throttled { table: table.into(), operation, retry_after: left });
+            }
+            let delay = RETRY.wait(attempt, wait).min(MAX_WAIT);
             tracing::debug!(
                 table,
                 operation,

@@ -17,6 +17,10 @@ pub enum DataverseError {
     /// No token for Dataverse.
     #[error("no Dataverse access token: {0}")]
     Token(IdentityError),
+    /// Dataverse's service protection paused this client (a `429`'s `Retry-After`) for
+    /// longer than this request waits.
+    #[error("Dataverse {operation} on {table} waits out a service-protection pause ({} s left)", retry_after.as_secs().max(1))]
+    Throttled { table: String, operation: &'static str, retry_after: std::time::Duration },
 }
 
 fn code_suffix(code: &str) -> String {
@@ -35,7 +39,7 @@ impl DataverseError {
     pub fn is_transient(&self) -> bool {
         match self {
             DataverseError::Service { status, .. } => matches!(status, 429 | 502 | 503 | 504),
-            DataverseError::Unreachable { .. } | DataverseError::Token(_) => true,
+            DataverseError::Unreachable { .. } | DataverseError::Token(_) | DataverseError::Throttled { .. } => true,
         }
     }
 }

@@ -4,7 +4,16 @@
 //!
 //! Dataverse's service protection counts per application user and web server: 52
 //! concurrent requests, and a 429 means the whole client is over a limit, so a burst must
-//! queue here rather than draw more 429s, and the pause must hold for everyone.
+//! queue here rather than draw more 429s, and the pause must hold for everyone: a request
+//! that was already queued for a place when the pause began waits it out too (the pause is
+//! checked again once it has its place), and the request that drew the 429 sets the pause
+//! before it gives its place back.
+//!
+//! Dataverse's `Retry-After` is in seconds with no documented upper bound (its windows are
+//! 300 s long: "Service protection API limits", Microsoft Learn), so a pause is honoured
+//! as sent up to [`MAX_PAUSE`]. A caller that would have to wait longer than it is willing
+//! to is told how long instead ([`Gate::enter`]'s `Err`), so an HTTP caller can get a 503
+//! with `Retry-After` rather than a request that hangs for minutes.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +21,9 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
+
+/// The longest pause honoured: Dataverse's service-protection window.
+pub const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 pub struct Gate {
     permits: Semaphore,
@@ -55,28 +67,46 @@ impl Gate {
         self.peak.load(Ordering::SeqCst)
     }
 
-    /// Waits out any pause, then for a place.
-    pub async fn enter(&self) -> Pass<'_> {
-        loop {
-            let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-            match until {
-                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
-                _ => break,
-            }
-        }
-        let permit = self.permits.acquire().await.ok();
-        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        Pass { gate: self, _permit: permit }
+    /// How much longer the current pause lasts, if one does.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
-    /// Holds every caller back for `d` (the upstream's `Retry-After`).
-    pub fn pause(&self, d: Duration) {
+    /// Waits out any pause, then for a place, then (the pause may have begun while it
+    /// queued) out any pause again, without holding its place. A pause longer than
+    /// `max_wait` is not waited for: `Err` says how long it still lasts.
+    pub async fn enter(&self, max_wait: Duration) -> Result<Pass<'_>, Duration> {
+        loop {
+            if let Some(left) = self.paused_for() {
+                if left > max_wait {
+                    return Err(left);
+                }
+                tokio::time::sleep(left).await;
+                continue;
+            }
+            let permit = self.permits.acquire().await.ok();
+            if self.paused_for().is_some() {
+                drop(permit);
+                continue;
+            }
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            return Ok(Pass { gate: self, _permit: permit });
+        }
+    }
+
+    /// Holds every caller back for `d` (the upstream's `Retry-After`), at most
+    /// [`MAX_PAUSE`]; returns the pause applied.
+    pub fn pause(&self, d: Duration) -> Duration {
+        let d = d.min(MAX_PAUSE);
         let until = Instant::now() + d;
         let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|p| p < until) {
             *paused = Some(until);
         }
+        d
     }
 }
 
@@ -92,7 +122,7 @@ mod tests {
             .map(|_| {
                 let gate = gate.clone();
                 tokio::spawn(async move {
-                    let _pass = gate.enter().await;
+                    let _pass = gate.enter(Duration::MAX).await;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 })
             })
@@ -106,16 +136,49 @@ mod tests {
     #[tokio::test]
     async fn a_pause_holds_every_caller() {
         let gate = Gate::new(4);
+        let wait = Duration::from_secs(10);
         gate.pause(Duration::from_millis(200));
         let t = std::time::Instant::now();
-        drop(gate.enter().await);
-        drop(gate.enter().await);
+        drop(gate.enter(wait).await);
+        drop(gate.enter(wait).await);
         assert!(t.elapsed() >= Duration::from_millis(190), "{:?}", t.elapsed());
         // A shorter pause does not cut a longer one short.
         gate.pause(Duration::from_millis(300));
         gate.pause(Duration::from_millis(10));
         let t = std::time::Instant::now();
-        drop(gate.enter().await);
+        drop(gate.enter(wait).await);
         assert!(t.elapsed() >= Duration::from_millis(290), "{:?}", t.elapsed());
+    }
+
+    /// A request queued for a place when the pause begins waits it out too.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_waits_out_a_pause_that_began_while_it_queued() {
+        let gate = Arc::new(Gate::new(1));
+        let holder = gate.enter(Duration::MAX).await.unwrap();
+        let queued = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _pass = gate.enter(Duration::from_secs(100)).await.unwrap();
+                Instant::now()
+            })
+        };
+        tokio::task::yield_now().await;
+        let paused_at = Instant::now();
+        // The holder drew a 429: it pauses, then gives its place back.
+        gate.pause(Duration::from_secs(90));
+        drop(holder);
+        let entered = queued.await.unwrap();
+        assert!(entered - paused_at >= Duration::from_secs(90), "{:?}", entered - paused_at);
+    }
+
+    /// A pause longer than the caller will wait is said, not waited; it is capped at 300 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_pause_is_said_not_waited() {
+        let gate = Gate::new(2);
+        assert_eq!(gate.pause(Duration::from_secs(3600)), MAX_PAUSE);
+        let left = gate.enter(Duration::from_secs(10)).await.err().unwrap();
+        assert!(left > Duration::from_secs(299) && left <= MAX_PAUSE, "{left:?}");
+        tokio::time::advance(Duration::from_secs(295)).await;
+        assert!(gate.enter(Duration::from_secs(10)).await.is_ok(), "5 s left: waited");
     }
 }

@@ -178,6 +178,9 @@ impl DataverseStore {
 }
 
 pub(super) fn map_err(e: DataverseError) -> StoreError {
+    if let DataverseError::Throttled { retry_after, .. } = &e {
+        return StoreError::Busy { retry_after: *retry_after, detail: e.to_string() };
+    }
     match e.status() {
         _ if e.is_transient() => StoreError::Unavailable(e.to_string()),
         Some(412) => StoreError::Conflict(e.to_string()),
