@@ -8,11 +8,27 @@ use std::time::Instant;
 use secrecy::ExposeSecret;
 
 use super::{App, build};
+use crate::support::outbound::Backoff;
 use crate::domain::Changes;
 
 /// How long a cached token is trusted while the change feed runs: the refresh margin
 /// decides long before this.
 const FEED_TRUST: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Retries of a feed whose requests fail (the store unreachable, throttled): 1 s
+/// doubling to a minute.
+const FEED_RETRY_DOWN: Backoff = Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+/// Retries of a feed the store refuses (change tracking off): five intervals, doubling
+/// to 15 minutes (25 s, 50 s, ... with the default 5 s interval).
+fn feed_retry_unavailable(every: std::time::Duration) -> Backoff {
+    Backoff::new(every * 5, std::time::Duration::from_secs(900))
+}
+
+/// How long one answer of the feed vouches for the cache: two intervals and one feed
+/// request's timeout. Past it, an instance serves a connection deleted elsewhere for at
+/// most `TOKEN_CACHE_SECONDS` more.
+pub fn feed_bound(every: std::time::Duration, request_timeout: std::time::Duration) -> std::time::Duration {
+    every * 2 + request_timeout
+}
 
 impl App {
     /// Starts what runs beside the server: the prefetch (the issuer's keys, the Dataverse
@@ -64,22 +80,39 @@ impl App {
 
     /// Follows what other instances change in the store (`CHANGE_FEED_SECONDS`): one
     /// request per interval whatever the number of connections, and every cached token
-    /// another instance changed or deleted is dropped. While it runs, a cached token is
-    /// trusted until it is due; when the feed breaks, for `TOKEN_CACHE_SECONDS` again and
-    /// everything cached is dropped, since changes may have been missed.
+    /// another instance changed or deleted is dropped. While the feed answers, a cached
+    /// token is trusted until it is due; once it has not answered for
+    /// [`feed_bound`] (an outage, a request stuck in retries), for `TOKEN_CACHE_SECONDS`.
+    ///
+    /// It never stops for good. An error on a delta link (Dataverse answers an expired
+    /// change-tracking token with `0x80044352`, "perform a full sync", and a link can be
+    /// `410 Gone`) starts a fresh initial sync at once, as Microsoft's change-tracking
+    /// guidance says; an initial sync the store refuses (change tracking off on the
+    /// table) is tried again every few minutes, so turning it on later takes effect
+    /// without a restart; an unreachable store is retried with back-off. `/api/health`
+    /// shows its state.
     pub async fn follow_changes(self: Arc<App>) {
         let every = self.config.oauth.change_feed;
+        let record = self.services.health.feed.clone();
         if every.is_zero() {
             return;
         }
+        let bound = feed_bound(every, self.config.oauth.upstream_timeout);
         let home = self.organisations.home().clone();
         let store = self.feed.clone();
         let mut cursor: Option<String> = None;
+        let mut failures: u32 = 0;
+        record.set("starting", None);
         loop {
-            match store.connection_changes(cursor.as_deref()).await {
-                Ok(None) => return,
+            let fresh = cursor.is_none();
+            let wait = match store.connection_changes(cursor.as_deref()).await {
+                Ok(None) => {
+                    record.set("off", None);
+                    return;
+                }
                 Ok(Some((changes, next))) => {
-                    if cursor.is_none() {
+                    home.feed_answered(bound);
+                    if fresh {
                         home.forget(&Changes::All);
                         home.follow(Some(FEED_TRUST));
                         tracing::info!(every_ms = every.as_millis() as u64, "following the connections' changes");
@@ -87,26 +120,48 @@ impl App {
                         home.forget(&changes);
                     }
                     cursor = Some(next);
+                    failures = 0;
+                    record.set("following", None);
+                    record.update(|s| s.last_answer_at = Some(crate::support::time::now()));
+                    every
                 }
                 Err(e) => {
-                    if cursor.take().is_some() {
+                    failures += 1;
+                    let error = crate::support::logging::clip(&e.to_string(), 300).into_owned();
+                    if !e.is_transient() && !fresh {
+                        // The delta link is refused (expired, gone): a fresh initial sync,
+                        // which forgets everything cached when it answers.
+                        cursor = None;
+                        record.set("restarting", Some(error.clone()));
+                        record.update(|s| s.restarts += 1);
+                        tracing::warn!("the change feed's link was refused ({error}); starting it again with a full sync");
+                        std::time::Duration::ZERO
+                    } else if !e.is_transient() {
+                        // No feed at all: cached tokens are trusted for TOKEN_CACHE_SECONDS.
                         home.follow(None);
-                        home.forget(&Changes::All);
+                        if failures == 1 {
+                            tracing::warn!(
+                                "no change feed ({error}): is change tracking on for the connections table? (`handler provision` turns it on for new tables; in the maker portal: the table's properties, Advanced options, Track changes). Tried again every few minutes; cached tokens are trusted for TOKEN_CACHE_SECONDS meanwhile"
+                            );
+                        }
+                        record.set("unavailable", Some(error));
+                        feed_retry_unavailable(every).delay(failures)
+                    } else {
+                        // The link is kept: when the store answers again, it names what
+                        // changed meanwhile. Until then the cache's trust lapses by itself
+                        // (`feed_bound` after the last answer).
+                        if failures == 1 {
+                            tracing::warn!(
+                                "the change feed failed ({error}); it is retried, and cached tokens are trusted for TOKEN_CACHE_SECONDS once its last answer is {} s old",
+                                bound.as_secs()
+                            );
+                        }
+                        record.set("down", Some(error));
+                        FEED_RETRY_DOWN.delay(failures).max(every)
                     }
-                    if !e.is_transient() {
-                        // Change tracking is off on the table (provisioned by an earlier
-                        // version) or refused: say so once and rely on TOKEN_CACHE_SECONDS.
-                        tracing::warn!(
-                            "no change feed ({e}); turn on change tracking for the connections table (handler provision does for new tables); cached tokens are trusted for TOKEN_CACHE_SECONDS"
-                        );
-                        return;
-                    }
-                    tracing::warn!(
-                        "the change feed failed ({e}); cached tokens are trusted for TOKEN_CACHE_SECONDS until it is back"
-                    );
                 }
-            }
-            tokio::time::sleep(every).await;
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 

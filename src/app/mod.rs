@@ -40,7 +40,7 @@ use crate::support::outbound;
 use crate::support::throttle::Throttle;
 use crate::support::time::{Clock, SystemClock};
 use services::{
-    BackOffice, BindCookies, Callback, Health, PortalApi, Server, Services, TenantsApi, Timer, TimerRecord,
+    BackOffice, BindCookies, Callback, FeedRecord, Health, PortalApi, Server, Services, TenantsApi, Timer, TimerRecord,
 };
 
 pub struct App {
@@ -276,6 +276,7 @@ impl App {
                 started_at: crate::support::time::now(),
                 under_host: config.listen.under_host,
                 timer: record.clone(),
+                feed: Arc::new(FeedRecord::default()),
                 census: Cache::new(1),
                 readiness: Cache::new(1),
                 sealed_keys: Cache::new(1),

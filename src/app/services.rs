@@ -87,6 +87,7 @@ pub struct Health {
     pub started_at: i64,
     pub under_host: bool,
     pub timer: Arc<TimerRecord>,
+    pub feed: Arc<FeedRecord>,
     /// The store's counts, reused for a minute.
     pub census: Cache<(), Census>,
     /// The store's readiness, checked at most once per interval.
@@ -126,6 +127,62 @@ pub struct TimerRun {
     /// Customer organisations whose sweep met an error, with its first line: where an
     /// organisation that refuses the app shows to the operator.
     pub tenants_failing: std::collections::BTreeMap<String, String>,
+}
+
+/// The change feed's state, shared by the feed (which writes it) and health (which reads
+/// it): whether this instance learns what other instances change, and since when.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedState {
+    /// `off` (not configured, or the store needs none), `starting`, `following`,
+    /// `restarting` (its delta link expired: a fresh initial sync), `down` (its requests
+    /// fail; retried with back-off), `unavailable` (the store refuses it, e.g. change
+    /// tracking is off on the table; tried again every few minutes).
+    pub state: &'static str,
+    /// Unix seconds: since when in this state.
+    pub since: i64,
+    /// Unix seconds: the feed's last answer.
+    pub last_answer_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Fresh initial syncs after the first.
+    pub restarts: u32,
+}
+
+#[derive(Debug)]
+pub struct FeedRecord(Mutex<FeedState>);
+
+impl Default for FeedRecord {
+    fn default() -> Self {
+        FeedRecord(Mutex::new(FeedState {
+            state: "off",
+            since: crate::support::time::now(),
+            last_answer_at: None,
+            last_error: None,
+            restarts: 0,
+        }))
+    }
+}
+
+impl FeedRecord {
+    pub fn update(&self, f: impl FnOnce(&mut FeedState)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Moves to `state` (its `since` changes only when the state does).
+    pub fn set(&self, state: &'static str, error: Option<String>) {
+        self.update(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since = crate::support::time::now();
+            }
+            if error.is_some() || state == "following" {
+                s.last_error = error;
+            }
+        });
+    }
+
+    pub fn get(&self) -> FeedState {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// The last timer run, shared by the timer (which writes it) and health (which reads it).

@@ -50,6 +50,7 @@ pub async fn handle(svc: &Health, req: Request) -> Result<Response, ApiError> {
         "back_office_auth": back_office,
     });
     body["connections"] = counters(svc).await;
+    body["change_feed"] = json!(svc.feed.get());
     if let Some(run) = svc.timer.last() {
         body["timer"] = json!({
             "last_run_at": crate::support::time::rfc3339(run.at),

@@ -385,3 +385,89 @@ async fn check_does_not_claim_a_store_check_it_could_not_make() {
     assert!(row.contains("FAIL") && row.contains("not checked"), "{row}");
     assert!(!stdout.contains("checked through WhoAmI"), "{stdout}");
 }
+
+/// Polls the operator's health until the change feed is in `state`; returns it.
+async fn feed_reaches(h: &Handler, operator: &str, state: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let health = h.get("/api/health", &[("Authorization", operator)]).await.json();
+        let feed = health["change_feed"].clone();
+        if feed["state"] == state {
+            return feed;
+        }
+        assert!(Instant::now() < deadline, "the feed did not reach {state}: {feed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Issue [3b/7]: the change feed never stops for good, and while it cannot answer a
+/// cached token is trusted only for a bounded time. A table whose change tracking is
+/// turned on later, a delta link past Dataverse's retention (400 `0x80044352`: run the
+/// initial sync again), and an outage (503) are each recovered from without a restart;
+/// `/api/health` says which state the feed is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_recovers_by_itself_and_staleness_stays_bounded() {
+    let w = World::new(json!({}));
+    w.provision();
+    w.dataverse.set_change_tracking("dc_connections", false).await; // as an older version left it
+    let feed = [("CHANGE_FEED_SECONDS", "1"), ("TOKEN_CACHE_SECONDS", "2"), ("UPSTREAM_TIMEOUT_SECONDS", "2")];
+    let h = w.start(&feed).await;
+    let operator = format!("Bearer {}", w.issuer.token());
+    let state = feed_reaches(&h, &operator, "unavailable", Duration::from_secs(10)).await;
+    assert!(state["last_error"].as_str().unwrap_or("").contains("0x80044352"), "{state}");
+
+    // An administrator turns change tracking on: the feed starts by itself.
+    w.dataverse.set_change_tracking("dc_connections", true).await;
+    feed_reaches(&h, &operator, "following", Duration::from_secs(15)).await;
+
+    // Its delta link expires: a fresh initial sync, at once.
+    w.dataverse.expire_delta_tokens().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let f = feed_reaches(&h, &operator, "following", Duration::from_secs(5)).await;
+        if f["restarts"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restart after the link expired: {f}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.logs.all().contains("starting it again with a full sync"), "{}", h.logs.all());
+
+    // An outage of the table's reads while a connection is deleted outside the product:
+    // the cached token is served at most 2 intervals + the feed's timeout (4 s) after the
+    // feed's last answer plus TOKEN_CACHE_SECONDS (2 s), then the store is asked again.
+    let c = Caller { h: &h, bearer: w.issuer.token() };
+    c.connect(&w.peer, "outside").await;
+    c.token("outside").await;
+    w.dataverse
+        .faults(json!({ "rate": 1.0, "statuses": [503], "retry_after_seconds": 0, "methods": ["GET"], "entity_sets": ["dc_connections"] }))
+        .await;
+    let deleted = Instant::now();
+    let http = reqwest::Client::new();
+    let r = http
+        .delete(format!("{}/api/data/v9.2/dc_connections(dc_name='outside')", w.dataverse.url))
+        .bearer_auth("an-administrators-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+    loop {
+        let r = h.json(Method::POST, "/api/connections/outside/token", Some(&c.bearer), &Value::Null).await;
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "the store cannot be read: {}", r.body);
+            break;
+        }
+        assert!(deleted.elapsed() < Duration::from_secs(8), "the deleted connection was served for {:?}", deleted.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served_for = deleted.elapsed();
+    assert!(h.logs.all().contains("the change feed has not answered in time"), "{}", h.logs.all());
+    feed_reaches(&h, &operator, "down", Duration::from_secs(5)).await;
+
+    // The store answers again: the feed resumes and the deletion is seen.
+    w.dataverse.faults(json!({})).await;
+    feed_reaches(&h, &operator, "following", Duration::from_secs(10)).await;
+    let r = h.json(Method::POST, "/api/connections/outside/token", Some(&c.bearer), &Value::Null).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    eprintln!("a connection deleted during the feed's outage was served for {served_for:?}");
+}

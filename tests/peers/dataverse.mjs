@@ -1878,6 +1878,7 @@ function deleteRecord(ctx, table, keyRaw) {
 // every row and an `@odata.deltaLink` ending in `$deltatoken=<version>!<timestamp>`; a GET on
 // that link returns the rows changed since, and deleted rows as `$deletedEntity` entries by
 // primary id. `$filter`, `$orderby`, `$expand` and `$top` are refused with it.
+let deltaTokensExpiredUpTo = -1;
 function trackChanges(ctx, table, opts, schema, select) {
   if (!table.changeTracking) {
     throw new DvError(400, '0x80044352', `Change tracking is not enabled for the entity ${table.logicalName}.`);
@@ -1890,6 +1891,14 @@ function trackChanges(ctx, table, opts, schema, select) {
     const m = /^(\d+)!/.exec(opts.$deltatoken);
     if (!m) throw new DvError(400, '0x80044353', 'The delta token is not valid.');
     since = Number(m[1]);
+    // Change-tracking data is kept for a retention period; a token older than it is
+    // refused and the client must run the initial sync again ("Use change tracking to
+    // synchronize data with external systems"). POST /__control/expire_delta_tokens
+    // ages every token issued so far past it.
+    if (since <= deltaTokensExpiredUpTo) {
+      stats.expired_delta_tokens = (stats.expired_delta_tokens || 0) + 1;
+      throw new DvError(400, '0x80044352', 'The delta token has expired: its change tracking data is no longer retained. Perform a full sync (a request without the delta token).');
+    }
   }
   const changed = [...table.rows.values()].filter((r) => since === null || r.version > since);
   changed.sort((a, b) => a.version - b.version);
@@ -2668,6 +2677,21 @@ async function handleControl(req, res, url) {
       const b = await readControlJson(req);
       wipe(b && b.metadata === true);
       return controlJson(res, 200, { ok: true });
+    }
+    if (route === 'POST /__control/expire_delta_tokens') {
+      await readControlJson(req);
+      deltaTokensExpiredUpTo = lastVersion;
+      return controlJson(res, 200, { expired_up_to: deltaTokensExpiredUpTo });
+    }
+    const ct = /^\/__control\/tables\/([^/]+)\/change_tracking$/.exec(url.pathname);
+    if (ct && req.method === 'POST') {
+      // Test set-up only: a table as an older version of the product provisioned it, without
+      // change tracking (Dataverse itself cannot turn it off once on).
+      const t = bySet.get(decodeURIComponent(ct[1])) || tables.get(decodeURIComponent(ct[1]));
+      if (!t) return controlJson(res, 404, { error: 'not_found', error_description: `no table or entity set ${ct[1]}` });
+      const b = await readControlJson(req);
+      t.changeTracking = b.enabled === true;
+      return controlJson(res, 200, { change_tracking: t.changeTracking });
     }
     if (route === 'GET /__control/tables') return controlJson(res, 200, { tables: [...tables.values()].map(tableSummary) });
     if (route === 'GET /__control/config') {

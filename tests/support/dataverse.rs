@@ -87,6 +87,17 @@ impl DataverseDouble {
         }
     }
 
+    /// Every delta token issued so far is past Dataverse's change-tracking retention.
+    pub async fn expire_delta_tokens(&self) {
+        self.control(Method::POST, "expire_delta_tokens", Some(json!({}))).await;
+    }
+
+    /// Test set-up: a table without change tracking, as an older version provisioned it.
+    pub async fn set_change_tracking(&self, entity_set: &str, enabled: bool) {
+        self.control(Method::POST, &format!("tables/{entity_set}/change_tracking"), Some(json!({ "enabled": enabled })))
+            .await;
+    }
+
     pub async fn set_accepted_tokens(&self, tokens: &[String]) {
         self.control(Method::POST, "config", Some(json!({ "accepted_tokens": tokens }))).await;
     }

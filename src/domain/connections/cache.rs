@@ -8,8 +8,8 @@
 //! also where callers for one connection take turns ([`TokenCache::exclusive`]): the
 //! in-process half of the refresh single flight.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -64,17 +64,59 @@ pub struct TokenCache {
     /// How long an entry is trusted, in milliseconds: `TOKEN_CACHE_SECONDS`, or much
     /// longer while a change feed tells this instance what others change.
     ttl_ms: AtomicU64,
+    /// `TOKEN_CACHE_SECONDS`: the trust without a change feed that answers.
+    base: Duration,
+    /// While a feed is followed: until when (milliseconds after `epoch`) its last answer
+    /// vouches for the entries. Past it the feed may be missing changes (an outage, a
+    /// request stuck in retries), so entries are trusted for `base` only.
+    vouched_until_ms: AtomicU64,
+    epoch: Instant,
+    /// The lapse has been logged (once per lapse).
+    lapse_said: AtomicBool,
     entries: Cache<String, CachedToken>,
 }
 
 impl TokenCache {
     pub fn new(ttl: Duration) -> TokenCache {
-        TokenCache { ttl_ms: AtomicU64::new(ttl.as_millis() as u64), entries: Cache::new(MAX_ENTRIES) }
+        TokenCache {
+            ttl_ms: AtomicU64::new(ttl.as_millis() as u64),
+            base: ttl,
+            vouched_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            lapse_said: AtomicBool::new(false),
+            entries: Cache::new(MAX_ENTRIES),
+        }
     }
 
     /// Trusts new entries for `ttl` from now on.
     pub fn trust_for(&self, ttl: Duration) {
         self.ttl_ms.store(ttl.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The change feed answered: its answer vouches for the entries for `bound`.
+    pub fn vouch_for(&self, bound: Duration) {
+        let until = (self.epoch.elapsed() + bound).as_millis() as u64;
+        self.vouched_until_ms.store(until, Ordering::SeqCst);
+        self.lapse_said.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether entries get the long trust: no feed is followed (the trust is `base`
+    /// anyway), or the feed answered recently enough.
+    fn vouched(&self) -> bool {
+        if self.ttl_ms.load(Ordering::Relaxed) <= self.base.as_millis() as u64 {
+            return true;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if now <= self.vouched_until_ms.load(Ordering::Relaxed) {
+            return true;
+        }
+        if !self.lapse_said.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the change feed has not answered in time: cached tokens are trusted for TOKEN_CACHE_SECONDS ({} s) until it does",
+                self.base.as_secs()
+            );
+        }
+        false
     }
 
     pub fn clear(&self) {
@@ -83,7 +125,11 @@ impl TokenCache {
 
     /// The cached token, if it is recent and `ok` accepts it.
     pub fn get_satisfying(&self, id: &str, ok: impl FnOnce(&CachedToken) -> bool) -> Option<CachedToken> {
-        self.entries.get_if(key(id).as_ref(), ok)
+        if self.vouched() {
+            return self.entries.get_if(key(id).as_ref(), ok);
+        }
+        let entry = self.entries.get_stale(key(id).as_ref())?;
+        (entry.age <= self.base && ok(&entry.value)).then_some(entry.value)
     }
 
     pub fn put(&self, id: &str, token: CachedToken) {

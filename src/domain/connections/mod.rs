@@ -223,6 +223,12 @@ impl Connections {
         self.cache.trust_for(trusted.unwrap_or(self.deps.cfg.token_cache_ttl));
     }
 
+    /// The change feed answered: cached tokens keep the long trust for `bound` (past it,
+    /// an outage may be hiding changes, and they are trusted for `TOKEN_CACHE_SECONDS`).
+    pub fn feed_answered(&self, bound: Duration) {
+        self.cache.vouch_for(bound);
+    }
+
     // ----- reading ------------------------------------------------------------------
 
     pub async fn get(&self, id: &str) -> Result<Connection, ConnectionError> {
