@@ -517,6 +517,10 @@ function seedBuiltinRows() {
   associations.clear();
   rolePrivileges.clear();
   associations.set(config.user_id, new Set([config.system_administrator_role_id]));
+  // A few of the organisation's own privileges (a real one has hundreds): the reads of
+  // the user, business unit and organisation tables a least-privilege role carries.
+  const priv = tables.get('privilege');
+  for (const name of ['prvReadUser', 'prvReadBusinessUnit', 'prvReadOrganization']) insertRow(priv, newGuid(), { name, accessright: 1 });
 }
 
 const COLUMN_TYPE_ALIASES = {
@@ -1535,6 +1539,14 @@ async function handleApi(req, res, m, url) {
         stats.not_members = (stats.not_members || 0) + 1;
         req.resume();
         sendError(ctx, new DvError(403, '0x80072560', 'The user is not a member of the organization.'));
+        return;
+      }
+      // An application user without any security role is refused every request
+      // (Dataverse's web service error codes: 0x80042F09 UserNotAssignedRoles).
+      if (!(associations.get(user.id)?.size > 0)) {
+        stats.users_without_roles = (stats.users_without_roles || 0) + 1;
+        req.resume();
+        sendError(ctx, new DvError(403, '0x80042F09', `The user (Id = ${user.id}) has not been assigned any roles.`));
         return;
       }
       ctx.userId = user.id;
@@ -2677,6 +2689,21 @@ async function handleControl(req, res, url) {
       const b = await readControlJson(req);
       wipe(b && b.metadata === true);
       return controlJson(res, 200, { ok: true });
+    }
+    const rp = /^\/__control\/roles\/([0-9a-fA-F-]{36})\/privileges$/.exec(url.pathname);
+    if (rp && req.method === 'GET') {
+      const priv = tables.get('privilege');
+      const held = rolePrivileges.get(rp[1].toLowerCase()) || new Map();
+      return controlJson(res, 200, { privileges: [...held].map(([id, depth]) => ({ name: priv.rows.get(id)?.values.name, depth })) });
+    }
+    const ur = /^\/__control\/users\/([0-9a-fA-F-]{36})\/roles$/.exec(url.pathname);
+    if (ur && req.method === 'POST') {
+      // An administrator assigns a role to a user (Power Platform admin center).
+      const b = await readControlJson(req);
+      const set = associations.get(ur[1].toLowerCase()) || new Set();
+      for (const r of b.roles || []) set.add(String(r).toLowerCase());
+      associations.set(ur[1].toLowerCase(), set);
+      return controlJson(res, 200, { roles: [...set] });
     }
     if (route === 'POST /__control/expire_delta_tokens') {
       await readControlJson(req);

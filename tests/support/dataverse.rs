@@ -71,10 +71,35 @@ impl DataverseDouble {
         self.control(Method::POST, "config", Some(json!({ "enforce_application_users": on }))).await;
     }
 
-    /// Adds the application user of an Entra app, as an administrator would.
+    /// Adds the application user of an Entra app with the System Administrator role, as
+    /// an administrator would.
     pub async fn add_application_user(&self, app_id: &str) {
+        let user = self.add_application_user_without_role(app_id).await;
+        self.make_system_administrator(&user).await;
+    }
+
+    /// Gives a user the System Administrator role, as an administrator would.
+    pub async fn make_system_administrator(&self, user_id: &str) {
+        let admin_role = self.control(Method::GET, "config", None).await["system_administrator_role_id"].clone();
+        self.control(Method::POST, &format!("users/{user_id}/roles"), Some(json!({ "roles": [admin_role] }))).await;
+    }
+
+    /// Adds the application user of an Entra app and no role; returns its id.
+    pub async fn add_application_user_without_role(&self, app_id: &str) -> String {
         let row = json!({ "applicationid": app_id, "accessmode": 4, "isdisabled": false });
-        self.control(Method::POST, "tables/systemusers", Some(json!({ "rows": [row] }))).await;
+        let r = self.control(Method::POST, "tables/systemusers", Some(json!({ "rows": [row] }))).await;
+        r["inserted"][0].as_str().expect("the user was added").to_string()
+    }
+
+    /// A role's privileges as `(name, depth)`.
+    pub async fn role_privileges(&self, role_id: &str) -> Vec<(String, String)> {
+        let r = self.control(Method::GET, &format!("roles/{role_id}/privileges"), None).await;
+        r["privileges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["depth"].as_str().unwrap_or("").to_string()))
+            .collect()
     }
 
     /// Disables (or enables again) an Entra app's application user, as an administrator would.

@@ -300,7 +300,13 @@ async fn each_tenants_callers_reach_only_their_own_organisations_connections() {
         assert_eq!(check.status, 200, "{}", check.body);
         assert_eq!(check.json()["status"], "consented", "{}", check.body);
         assert!(check.json()["status_detail"].as_str().unwrap().contains("0x80072560"), "{}", check.body);
-        org.add_application_user(APP).await;
+        // The administrator adds the application user but forgets its role: Dataverse
+        // refuses a user without any role (0x80042F09), and the check says so.
+        let user = org.add_application_user_without_role(APP).await;
+        let check = h.json(Method::POST, &format!("/api/tenants/{tenant}/check"), Some(&operator), &json!({})).await;
+        assert_eq!(check.json()["status"], "consented", "{}", check.body);
+        assert!(check.json()["status_detail"].as_str().unwrap().contains("0x80042F09"), "{}", check.body);
+        org.make_system_administrator(&user).await;
         let check = h.json(Method::POST, &format!("/api/tenants/{tenant}/check"), Some(&operator), &json!({})).await;
         assert_eq!(check.json()["status"], "onboarded", "{}", check.body);
     }
@@ -544,6 +550,22 @@ async fn onboard_by_link(named: fn(&str, &str) -> Option<String>) {
     let stats = org.stats().await;
     assert_eq!(stats["role_privilege_writes"], 1, "{stats}");
     assert!(role["businessunitid"].is_string(), "{role}");
+    // Exactly the product's tables (six verbs each, organisation-wide) and the baseline reads.
+    let mut held = org.role_privileges(role["roleid"].as_str().unwrap()).await;
+    held.sort();
+    let mut want: Vec<(String, String)> = ["dc_Connection", "dc_Capture", "dc_Expectation"]
+        .iter()
+        .flat_map(|t| {
+            ["Create", "Read", "Write", "Delete", "Append", "AppendTo"].map(|v| (format!("prv{v}{t}"), "Global".to_string()))
+        })
+        .chain([
+            ("prvReadOrganization".to_string(), "Global".to_string()),
+            ("prvReadUser".to_string(), "Local".to_string()),
+            ("prvReadBusinessUnit".to_string(), "Local".to_string()),
+        ])
+        .collect();
+    want.sort();
+    assert_eq!(held, want);
 
     // The same again (a new link): nothing is written.
     let writes = |s: &Value| {

@@ -20,6 +20,17 @@ use super::{Dataverse, DataverseError, literal};
 /// The verbs the product uses on its tables; not Assign or Share.
 const VERBS: [&str; 6] = ["Create", "Read", "Write", "Delete", "Append", "AppendTo"];
 
+/// What a least-privilege role carries besides its tables: read on the organisation
+/// (organisation-owned: Global is its only depth), on users and on business units (the
+/// app user's own business unit: Local), as Microsoft's minimum-privilege guidance and
+/// the App Opener role carry them ("Minimum privileges for common tasks",
+/// learn.microsoft.com/power-platform/admin/create-edit-security-role). No Microsoft page
+/// says `WhoAmI` needs more than a role; a user without any role is refused everything
+/// (`0x80042F09`), and these reads keep the app's own user record and organisation
+/// readable, which the platform reads on a caller's behalf.
+pub const BASELINE: [(&str, &str); 3] =
+    [("prvReadOrganization", "Global"), ("prvReadUser", "Local"), ("prvReadBusinessUnit", "Local")];
+
 /// The name of the product's security role.
 pub const ROLE_NAME: &str = "Dynamics Companion";
 
@@ -133,13 +144,14 @@ async fn find_application_user(dv: &Dataverse, app_id: &str) -> Result<Option<St
     Ok(rows(&found).first().and_then(|r| r["systemuserid"].as_str()).map(str::to_string))
 }
 
-/// The privilege names on the product's tables: `prv{Verb}{SchemaName}`, the schema name's
-/// casing (`prvReaddc_Connection`).
-pub fn privilege_names(schema: &Schema) -> Vec<String> {
-    CORE_TABLES
+/// The product role's privileges with their depths: on the product's tables,
+/// `prv{Verb}{SchemaName}` in the schema name's casing (`prvReaddc_Connection`), Global
+/// (the app acts for every user's connections); then [`BASELINE`].
+pub fn privileges(schema: &Schema) -> Vec<(String, &'static str)> {
+    let tables = CORE_TABLES
         .iter()
-        .flat_map(|t| VERBS.iter().map(move |v| format!("prv{v}{}", schema.table_schema_name(t))))
-        .collect()
+        .flat_map(|t| VERBS.iter().map(move |v| (format!("prv{v}{}", schema.table_schema_name(t)), "Global")));
+    tables.chain(BASELINE.iter().map(|(n, d)| (n.to_string(), *d))).collect()
 }
 
 async fn grant_privileges(
@@ -148,18 +160,18 @@ async fn grant_privileges(
     role: &str,
     report: &mut Report,
 ) -> Result<(), DataverseError> {
-    let names = privilege_names(schema);
-    let filter = names.iter().map(|n| format!("name eq {}", literal(n))).collect::<Vec<_>>().join(" or ");
+    let wanted_all = privileges(schema);
+    let filter = wanted_all.iter().map(|(n, _)| format!("name eq {}", literal(n))).collect::<Vec<_>>().join(" or ");
     let found = dv
         .raw(Method::GET, &format!("privileges?$select=privilegeid,name&$filter={filter}"), None, "read privileges")
         .await?
         .unwrap_or(Value::Null);
     let found = rows(&found);
-    if found.len() != names.len() {
-        return Err(missing(
-            "privileges",
-            &format!("expected the {} privileges of the product's tables, found {}", names.len(), found.len()),
-        ));
+    if found.len() != wanted_all.len() {
+        let named: Vec<&str> = found.iter().filter_map(|p| p["name"].as_str()).collect();
+        let absent: Vec<&str> =
+            wanted_all.iter().map(|(n, _)| n.as_str()).filter(|n| !named.iter().any(|f| f.eq_ignore_ascii_case(n))).collect();
+        return Err(missing("privileges", &format!("the organisation has no privilege {}", absent.join(", "))));
     }
     let held = dv
         .raw(Method::GET, &format!("RetrieveRolePrivilegesRole(RoleId={role})"), None, "read role privileges")
@@ -171,14 +183,15 @@ async fn grant_privileges(
         .flatten()
         .filter_map(|p| Some((p["PrivilegeId"].as_str()?.to_ascii_lowercase(), p["Depth"].as_str()?.to_string())))
         .collect();
+    let depth_of = |name: &str| wanted_all.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, d)| *d);
     let wanted: Vec<Value> = found
         .iter()
-        .filter_map(|p| p["privilegeid"].as_str())
-        .filter(|id| !held.iter().any(|(h, depth)| h.eq_ignore_ascii_case(id) && depth == "Global"))
-        .map(|id| json!({ "PrivilegeId": id, "Depth": "Global" }))
+        .filter_map(|p| Some((p["privilegeid"].as_str()?, depth_of(p["name"].as_str()?)?)))
+        .filter(|(id, want)| !held.iter().any(|(h, depth)| h.eq_ignore_ascii_case(id) && depth == want))
+        .map(|(id, depth)| json!({ "PrivilegeId": id, "Depth": depth }))
         .collect();
     if wanted.is_empty() {
-        report.saw(format!("role {ROLE_NAME:?} has its {} privileges", names.len()));
+        report.saw(format!("role {ROLE_NAME:?} has its {} privileges", wanted_all.len()));
         return Ok(());
     }
     let n = wanted.len();
@@ -189,6 +202,6 @@ async fn grant_privileges(
         "add role privileges",
     )
     .await?;
-    report.did(format!("gave role {ROLE_NAME:?} {n} privileges on the product's tables"));
+    report.did(format!("gave role {ROLE_NAME:?} {n} privileges (the product's tables; read on users, business units and the organisation)"));
     Ok(())
 }
