@@ -158,6 +158,17 @@ pub async fn reconnect(svc: &BackOffice, mut req: Request, id: &str) -> Result<R
     Ok(response::json(StatusCode::OK, &Started::from(&started)))
 }
 
+/// `/api/connections/{id}/call/{*path}?query=`: the connector's form of the proxy (the API
+/// path as one URL-encoded parameter, the provider's query as another).
+pub async fn call(svc: &BackOffice, mut req: Request, id: &str, raw_path: &str) -> Result<Response, ApiError> {
+    let (_, connections) = caller_and_connections(svc, &req).await?;
+    let token = connections.access_token(id, false).await?;
+    let provider = proxy::provider_of(connections.catalog(), &token, id)?;
+    let base = proxy::api_base(&provider)?;
+    let target = proxy::call_target(base, raw_path, req.query.as_deref())?;
+    proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req).await
+}
+
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
 pub async fn proxy(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
     let (_, connections) = caller_and_connections(svc, &req).await?;

@@ -65,6 +65,10 @@ fn operation(route: &Route, op: &Op) -> Value {
         let (summary, description) = match name {
             "id" if route.template.starts_with("/api/tenants") => ("Tenant id", "The customer's Entra tenant id."),
             "id" => ("Connection id", "The connection's id."),
+            _ if route.template.contains("/call/") => (
+                "API path",
+                "What follows the provider's api_base_url, e.g. invoices/123; the query string goes in Query.",
+            ),
             _ => ("API path", "The rest of the path, appended to the provider's api_base_url."),
         };
         params.push(json!({

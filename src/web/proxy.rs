@@ -76,17 +76,30 @@ pub fn target(
     id: &str,
     req: &Request,
 ) -> Result<(std::sync::Arc<Provider>, url::Url), ApiError> {
-    let provider = catalog.get(&token.provider).ok_or_else(|| {
+    let provider = provider_of(catalog, token, id)?;
+    let target = proxy_target(api_base(&provider)?, &req.path, req.query.as_deref())?;
+    Ok((provider, target))
+}
+
+/// The connection's provider in the catalog.
+pub fn provider_of(
+    catalog: &crate::domain::oauth::catalog::Catalog,
+    token: &CachedToken,
+    id: &str,
+) -> Result<std::sync::Arc<Provider>, ApiError> {
+    catalog.get(&token.provider).ok_or_else(|| {
         ApiError::internal(format!("connection {id} names provider {} which is not in the catalog", token.provider))
-    })?;
-    let base = provider.api_base_url.as_ref().ok_or_else(|| {
+    })
+}
+
+/// The provider's API base URL, which every proxied call stays under.
+pub fn api_base(provider: &Provider) -> Result<&url::Url, ApiError> {
+    provider.api_base_url.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "no-api-base-url",
             format!("Provider {} has no api_base_url in the catalog; the proxy cannot be used.", provider.name),
         )
-    })?;
-    let target = proxy_target(base, &req.path, req.query.as_deref())?;
-    Ok((provider, target))
+    })
 }
 
 /// Builds the provider URL from the raw (still percent-encoded) path after the route's
@@ -103,12 +116,22 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
         return Err(ApiError::bad_request("invalid-proxy-path", "This is not a proxy path."));
     }
     let rest = &segments[at.min(segments.len())..];
+    let mut url = checked_join(base, rest)?;
+    url.set_query(query);
+    Ok(url)
+}
+
+/// Joins path segments (still percent-encoded) to the provider's API base, refusing
+/// what would leave it or what a server behind it could read differently: dot segments,
+/// encoded separators (`%2F`, `%5C`), `;` path parameters (`..;/`), double encoding
+/// (`%252e`), control characters and empty segments (but a trailing slash).
+fn checked_join(base: &url::Url, rest: &[&str]) -> Result<url::Url, ApiError> {
     let last = rest.len().saturating_sub(1);
     let refused = rest.iter().enumerate().any(|(i, seg)| {
         if seg.is_empty() {
             return i != last; // only a trailing slash may leave a segment empty
         }
-        if seg.contains(';') {
+        if seg.contains(';') || seg.contains('?') || seg.contains('#') {
             return true;
         }
         match percent_encoding::percent_decode_str(seg).decode_utf8() {
@@ -127,7 +150,7 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
         ));
     }
     let rest = rest.join("/");
-    let mut url = base
+    let url = base
         .join(&rest)
         .map_err(|e| ApiError::bad_request("invalid-proxy-path", format!("The proxied path is not valid: {e}.")))?;
     if !url.as_str().starts_with(base.as_str()) {
@@ -136,9 +159,61 @@ pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Res
             "The proxied path leaves the provider's API base URL.",
         ));
     }
-    url.set_query(query);
     Ok(url)
 }
+
+/// The provider URL for the connector's "Call the provider's API"
+/// (`/api/connections/{id}/call/{path}?query=`): the API path is one parameter, which a
+/// custom connector sends URL-encoded (its `x-ms-url-encoding` is `single`: `invoices/123`
+/// arrives as `invoices%2F123`; Microsoft Learn, "OpenAPI extensions for custom
+/// connectors"), so it is decoded once here and then checked as the proxy checks a raw
+/// path: `..` hidden as `%2E%2E` is still refused. The provider's query string is its own
+/// parameter (`query=status%3Dopen` → `?status=open`); a path that carries a `?` instead
+/// is split there, when no `query` parameter is given.
+pub fn call_target(base: &url::Url, raw_tail: &str, request_query: Option<&str>) -> Result<url::Url, ApiError> {
+    let invalid = |detail: &str| ApiError::bad_request("invalid-proxy-path", detail.to_string());
+    let decoded = percent_encoding::percent_decode_str(raw_tail)
+        .decode_utf8()
+        .map_err(|_| invalid("The API path is not UTF-8 once decoded."))?;
+    let given = request_query.and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "query").map(|(_, v)| v.into_owned())
+    });
+    let (path, query) = match decoded.split_once('?') {
+        Some(_) if given.is_some() => {
+            return Err(invalid("Give the provider's query either in the API path (after '?') or in the query parameter, not both."));
+        }
+        Some((path, query)) => (path.to_string(), Some(query.to_string())),
+        None => (decoded.into_owned(), given),
+    };
+    if path.chars().any(|c| c.is_control() || c == '#') || query.as_deref().is_some_and(|q| q.chars().any(|c| c.is_control() || c == '#')) {
+        return Err(invalid("The API path and query may not contain control characters or '#'."));
+    }
+    let path = path.trim_start_matches('/');
+    if path.is_empty() {
+        return Err(invalid("Give the API path: what follows the provider's api_base_url, e.g. invoices/123."));
+    }
+    // The maker's path as a URL path: what is not allowed in one is escaped (a space), what
+    // is (an escape the maker wrote) stays, and is then checked like any raw path.
+    let encoded: String = percent_encoding::utf8_percent_encode(path, PATH_UNSAFE).to_string();
+    let segments: Vec<&str> = encoded.split('/').collect();
+    let mut url = checked_join(base, &segments)?;
+    url.set_query(query.as_deref().filter(|q| !q.is_empty()));
+    Ok(url)
+}
+
+/// What is escaped in a maker's API path: controls, space and what would end or redirect
+/// the path (`?`, `#`) or confuse a server (`"`, `<`, `>`, `` ` ``, `{`, `}`); `%` and `/`
+/// stay (the maker's own escapes, the path's separators).
+const PATH_UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
 
 /// Sends a request to the provider's API with the connection's token (from the cache when
 /// it is there: a proxied call then reads no store); on 401, forces one refresh and

@@ -41,6 +41,10 @@ pub async fn dispatch(s: &Services, req: Request, matched: Option<Matched>) -> O
         "/api/connections/{id}/token" => connections::token(&s.back_office, req, id).await,
         "/api/connections/{id}/reconnect" => connections::reconnect(&s.back_office, req, id).await,
         "/api/connections/{id}/proxy/{*path}" => connections::proxy(&s.back_office, req, id).await,
+        "/api/connections/{id}/call/{*path}" => {
+            let tail = params.get(1).cloned().unwrap_or_default();
+            connections::call(&s.back_office, req, id, &tail).await
+        }
         "/api/captures" => captures::handle(&s.back_office, req).await,
         "/api/tenants" => tenants::collection(&s.tenants, req).await,
         "/api/tenants/{id}" => tenants::item(&s.tenants, req, id).await,

@@ -212,6 +212,67 @@ async fn the_proxy_refuses_paths_a_server_behind_it_could_read_differently() {
     }
 }
 
+/// Issue [4/7]: Power Automate's "Call the provider's API" as the platform sends it. A
+/// custom connector URL-encodes a path parameter (`x-ms-url-encoding: single`), so the API
+/// path `invoices/123` arrives as `invoices%2F123`, and the query is its own parameter,
+/// encoded as any query value. The provider gets `invoices/123?status=open`; `..` hidden
+/// by the encoding is refused after decoding.
+#[tokio::test]
+async fn the_connectors_call_reaches_a_nested_path_with_a_query_and_no_further() {
+    let w = world(Setup::default()).await;
+    w.connect("flow").await;
+    let bearer = format!("Bearer {}", w.bearer);
+    let auth = [("Authorization", bearer.as_str())];
+    // What the connector sends for API path `invoices/123`, Query `status=open&limit=5`.
+    let path = "/api/connections/flow/call/invoices%2F123?query=status%3Dopen%26limit%3D5";
+    let r = w.h.forward(Method::GET, path, &auth, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = r.json();
+    assert!(got["path"].as_str().unwrap().ends_with("/invoices/123"), "{got}");
+    assert_eq!(got["query"], "status=open&limit=5");
+    // The README's old form (the query inside the path) works too; a space is escaped once.
+    let r = w.h.forward(Method::GET, "/api/connections/flow/call/invoices%3Fstatus%3Dopen", &auth, None).await;
+    assert_eq!((r.json()["path"].as_str().unwrap().ends_with("/invoices"), r.json()["query"].as_str()), (true, Some("status=open")));
+    let r = w.h.forward(Method::GET, "/api/connections/flow/call/files%2Fmy%20report.pdf", &auth, None).await;
+    assert!(r.json()["path"].as_str().unwrap().ends_with("/files/my%20report.pdf"), "{}", r.body);
+    // A POST with a body, as the connector's POST action sends it.
+    let r = w
+        .h
+        .forward(
+            Method::POST,
+            "/api/connections/flow/call/invoices?query=draft%3Dtrue",
+            &[("Authorization", &bearer), ("Content-Type", "application/json")],
+            Some(br#"{"amount":12}"#.to_vec()),
+        )
+        .await;
+    assert_eq!((r.json()["method"].as_str(), r.json()["body"].as_str()), (Some("POST"), Some(r#"{"amount":12}"#)));
+    // Traversal and tricks, as a connector would encode them: all refused after decoding.
+    for evil in [
+        "..%2Fadmin",
+        "invoices%2F..%2F..%2Fadmin",
+        "invoices%2F%252e%252e%2Fadmin",
+        "%2E%2E%2Fadmin",
+        "invoices%2F.%2Fx",
+        "a%5Cb",
+        "items%3Bx%3D1",
+        "invoices%2F%2Fdouble",
+        "",
+        "a%0Ab",
+    ] {
+        let r = w.h.forward(Method::GET, &format!("/api/connections/flow/call/{evil}"), &auth, None).await;
+        r.assert_problem(400, "invalid-proxy-path");
+    }
+    let r = w.h.forward(Method::GET, "/api/connections/flow/call/a%3Fx%3D1?query=y%3D2", &auth, None).await;
+    r.assert_problem(400, "invalid-proxy-path");
+    // The Swagger document offers this form to the connector designer.
+    let doc = w.h.get("/api/openapi.json", &[]).await.json();
+    let call = &doc["paths"]["/api/connections/{id}/call/{path}"]["get"];
+    assert_eq!(call["x-ms-visibility"], "important", "{call}");
+    let names: Vec<&str> = call["parameters"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["id", "path", "query"]);
+    assert_eq!(doc["paths"]["/api/connections/{id}/proxy/{path}"]["get"]["x-ms-visibility"], "internal");
+}
+
 #[tokio::test]
 async fn the_providers_cors_headers_cookies_and_hop_by_hop_headers_stay_behind() {
     let w = world(Setup::default()).await;

@@ -38,6 +38,13 @@ const fn query(op: Op, query: &'static [Query]) -> Op {
 
 const PROXY_SUMMARY: &str = "Call the provider's API";
 const PROXY_DESCRIPTION: &str = "Sends the request to the provider's api_base_url plus the rest of this path, with the connection's access token; refreshes and retries once on 401.";
+const RAW_PROXY_SUMMARY: &str = "Call the provider's API (raw path)";
+const CALL_DESCRIPTION: &str = "Sends the request to the provider's api_base_url plus the API path (e.g. invoices/123), with the provider's query string from Query (e.g. status=open), using the connection's access token; refreshes and retries once on 401.";
+const CALL_QUERY: &[Query] = &[Query {
+    name: "query",
+    summary: "Query: the provider's query string, e.g. status=open&limit=10",
+    kind: "string",
+}];
 
 pub const ROUTES: &[Route] = &[
     Route {
@@ -255,11 +262,25 @@ pub const ROUTES: &[Route] = &[
         audience: Audience::Api,
         back_office: true,
         ops: &[
-            important(op("GET", "ProxyGet", PROXY_SUMMARY, PROXY_DESCRIPTION)),
-            body(op("POST", "ProxyPost", PROXY_SUMMARY, PROXY_DESCRIPTION), "Any"),
-            body(op("PUT", "ProxyPut", PROXY_SUMMARY, PROXY_DESCRIPTION), "Any"),
-            body(op("PATCH", "ProxyPatch", PROXY_SUMMARY, PROXY_DESCRIPTION), "Any"),
-            op("DELETE", "ProxyDelete", PROXY_SUMMARY, PROXY_DESCRIPTION),
+            internal(op("GET", "ProxyGet", RAW_PROXY_SUMMARY, PROXY_DESCRIPTION)),
+            internal(body(op("POST", "ProxyPost", RAW_PROXY_SUMMARY, PROXY_DESCRIPTION), "Any")),
+            internal(body(op("PUT", "ProxyPut", RAW_PROXY_SUMMARY, PROXY_DESCRIPTION), "Any")),
+            internal(body(op("PATCH", "ProxyPatch", RAW_PROXY_SUMMARY, PROXY_DESCRIPTION), "Any")),
+            internal(op("DELETE", "ProxyDelete", RAW_PROXY_SUMMARY, PROXY_DESCRIPTION)),
+        ],
+    },
+    // The connector's form of the proxy: a custom connector URL-encodes a path parameter,
+    // so the API path is one parameter, decoded once, and the query its own.
+    Route {
+        template: "/api/connections/{id}/call/{*path}",
+        audience: Audience::Api,
+        back_office: true,
+        ops: &[
+            important(query(op("GET", "CallGet", PROXY_SUMMARY, CALL_DESCRIPTION), CALL_QUERY)),
+            query(body(op("POST", "CallPost", PROXY_SUMMARY, CALL_DESCRIPTION), "Any"), CALL_QUERY),
+            query(body(op("PUT", "CallPut", PROXY_SUMMARY, CALL_DESCRIPTION), "Any"), CALL_QUERY),
+            query(body(op("PATCH", "CallPatch", PROXY_SUMMARY, CALL_DESCRIPTION), "Any"), CALL_QUERY),
+            query(op("DELETE", "CallDelete", PROXY_SUMMARY, CALL_DESCRIPTION), CALL_QUERY),
         ],
     },
     Route {
