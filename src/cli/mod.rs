@@ -55,8 +55,12 @@ pub enum Command {
         app_id: Option<String>,
     },
     /// List the provider presets built in (`preset = "NAME"` in providers.toml), with the
-    /// parameters each needs and the documentation it follows.
-    Providers,
+    /// parameters each needs and the documentation it follows; with NAME, everything that
+    /// preset resolves to (URLs, scopes, client authentication, PKCE, issuer, quirks).
+    Providers {
+        /// One preset to show in full.
+        name: Option<String>,
+    },
     /// Print the API as Swagger 2.0 for a Power Platform custom connector
     /// (connector/apiDefinition.swagger.json), for the given public host.
     Openapi {
@@ -84,10 +88,17 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             ExitCode::SUCCESS
         }
-        Command::Providers => {
+        Command::Providers { name: None } => {
             print!("{}", providers_listing());
             ExitCode::SUCCESS
         }
+        Command::Providers { name: Some(name) } => match crate::domain::oauth::presets::describe(&name) {
+            Some(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            None => fail(format!("there is no preset {name:?}; `handler providers` lists them")),
+        },
         Command::NewKey { id } => {
             println!("{}", crate::support::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -248,7 +259,7 @@ fn providers_listing() -> String {
         if let Some(notes) = &p.notes {
             out.push_str(&format!("{:<16} {notes}\n", ""));
         }
-        out.push_str(&format!("{:<16} {}\n", "", p.docs));
+        out.push_str(&format!("{:<16} {} (checked {})\n", "", p.docs, p.checked));
     }
     out
 }

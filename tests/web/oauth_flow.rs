@@ -617,3 +617,20 @@ async fn the_proxy_refreshes_and_retries_once_when_the_provider_says_401() {
     assert_eq!(w.peer.refresh_grants().await, 2);
     w.assert_logs_clean_without_callback().await;
 }
+
+/// Issue [4/7]: a provider that sends `iss` only sometimes (Google since 2026, not
+/// advertised) is configured with `issuer_required = false`: a callback without `iss`
+/// completes, one with a wrong `iss` is still refused (RFC 9207 §2.4).
+#[tokio::test]
+async fn an_issuer_sent_only_sometimes_is_checked_when_sent() {
+    let w = world(Setup { catalog_extra: "issuer_required = false", ..Default::default() }).await;
+    let started = w.start(json!({ "provider": "test", "connection_id": "sometimes" })).await;
+    let cb = w.consent(started["authorization_url"].as_str().unwrap()).await;
+    let iss = query_param(&format!("{PUBLIC}{cb}"), "iss").unwrap();
+    let evil = w.callback(&cb.replace(&urlencode(&iss), &urlencode("https://evil.example"))).await;
+    evil.assert_html(400);
+    assert_eq!(w.status("sometimes").await["status"], "pending");
+    let no_iss: String = cb.split('&').filter(|p| !p.starts_with("iss=")).collect::<Vec<_>>().join("&");
+    w.callback(&no_iss).await.assert_html(200);
+    assert_eq!(w.status("sometimes").await["status"], "active");
+}

@@ -340,12 +340,16 @@ impl Connections {
         }
         let provider =
             self.provider(&conn.provider).map_err(|_| CallbackFailure::UnknownProvider(conn.provider.clone()))?;
-        // RFC 9207: when the provider declares its issuer, the response must carry it.
+        // RFC 9207: when the provider declares its issuer, an `iss` sent must be it, and
+        // one that always sends it (`issuer_required`) must send it.
         if let Some(expected) = provider.issuer.as_deref() {
             match iss {
                 Some(got) if got == expected => {}
                 Some(got) => return Err(CallbackFailure::WrongIssuer { expected: expected.into(), got: got.into() }),
-                None => return Err(CallbackFailure::MissingIssuer { expected: expected.into() }),
+                None if provider.issuer_required => {
+                    return Err(CallbackFailure::MissingIssuer { expected: expected.into() });
+                }
+                None => {}
             }
         }
         let secret: PendingSecret = self

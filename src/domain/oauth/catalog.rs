@@ -8,6 +8,7 @@
 //! token_url = "https://login.acme.example/oauth2/token"
 //! revocation_url = "https://login.acme.example/oauth2/revoke"   # RFC 7009, optional
 //! issuer = "https://login.acme.example"                           # RFC 9207 `iss` check, optional
+//! issuer_required = false                  # check `iss` only when sent (default: required)
 //! client_id = "dynamics-companion"
 //! client_secret = "acme-client-secret"        # a secret NAME, resolved by the secrets layer
 //! client_auth = "client_secret_basic"         # or "client_secret_post"
@@ -85,6 +86,7 @@ struct ProviderSpec {
     refresh_url: Option<String>,
     revocation_url: Option<String>,
     issuer: Option<String>,
+    issuer_required: Option<bool>,
     client_id: String,
     client_secret: Option<String>,
     client_auth: Option<ClientAuth>,
@@ -161,6 +163,10 @@ pub struct Provider {
     pub refresh_url: Option<Url>,
     pub revocation_url: Option<Url>,
     pub issuer: Option<String>,
+    /// Whether the callback must carry `iss` (RFC 9207 §2.4: required where the provider
+    /// always sends it; otherwise checked when present). Default: required when `issuer`
+    /// is set.
+    pub issuer_required: bool,
     pub client_id: String,
     /// The secret's name; see [`crate::clients::secrets`].
     pub client_secret: Option<String>,
@@ -463,6 +469,7 @@ fn validate_named(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         token_url,
         refresh_url,
         revocation_url,
+        issuer_required: spec.issuer_required.unwrap_or(true),
         issuer: spec.issuer.filter(|s| !s.is_empty()),
         client_id: spec.client_id,
         client_secret: spec.client_secret,

@@ -21,7 +21,7 @@ static PRESETS: LazyLock<Table> = LazyLock::new(|| {
 });
 
 /// The fields a preset has beyond a providers.toml entry's.
-const PRESET_ONLY: [&str; 4] = ["docs", "notes", "params", "hosts"];
+const PRESET_ONLY: [&str; 5] = ["docs", "checked", "notes", "params", "hosts"];
 /// The fields that may hold `{param}` placeholders.
 const URL_FIELDS: [&str; 6] =
     ["authorization_url", "token_url", "refresh_url", "revocation_url", "issuer", "api_base_url"];
@@ -32,6 +32,8 @@ pub struct PresetInfo {
     pub name: String,
     pub display_name: String,
     pub docs: String,
+    /// When the preset was last checked against `docs` (`YYYY-MM-DD`).
+    pub checked: String,
     pub params: Vec<String>,
     pub notes: Option<String>,
 }
@@ -46,6 +48,7 @@ pub fn list() -> Vec<PresetInfo> {
                 name: name.clone(),
                 display_name: s("display_name").unwrap_or_else(|| name.clone()),
                 docs: s("docs").unwrap_or_default(),
+                checked: s("checked").unwrap_or_default(),
                 params: v
                     .get("params")
                     .and_then(Value::as_table)
@@ -55,6 +58,57 @@ pub fn list() -> Vec<PresetInfo> {
             }
         })
         .collect()
+}
+
+/// One preset as `handler providers NAME` prints it: every field with the defaults the
+/// handler applies, `{param}` placeholders left in, each parameter's pattern.
+pub fn describe(name: &str) -> Option<String> {
+    let v = PRESETS.get(name)?.as_table()?;
+    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let list = |k: &str| {
+        v.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+    };
+    let table = |k: &str| {
+        v.get(k).and_then(Value::as_table).map(|t| {
+            t.iter().map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect::<Vec<_>>().join("&")
+        })
+    };
+    let mut out = vec![format!("{name}: {}", s("display_name").unwrap_or_else(|| name.to_string()))];
+    let mut row = |k: &str, v: Option<String>| out.push(format!("  {k:<26} {}", v.unwrap_or_else(|| "-".into())));
+    row("authorization_url", s("authorization_url"));
+    row("authorization_params", table("authorization_params"));
+    row("token_url", s("token_url"));
+    row("token_params", table("token_params"));
+    row("refresh_url", s("refresh_url").or(Some("(token_url)".into())));
+    row("revocation_url", s("revocation_url").or(Some("- (no RFC 7009 revocation)".into())));
+    row("api_base_url", s("api_base_url"));
+    row("scopes", list("scopes"));
+    row("scope_separator", Some(format!("{:?}", s("scope_separator").unwrap_or_else(|| " ".into()))));
+    row("client_auth", Some(s("client_auth").unwrap_or_else(|| "client_secret_basic".into())));
+    row("pkce", Some(v.get("pkce").and_then(Value::as_bool).unwrap_or(true).to_string()));
+    let required = v.get("issuer_required").and_then(Value::as_bool).unwrap_or(true);
+    row(
+        "issuer (RFC 9207 iss)",
+        s("issuer").map(|i| format!("{i} ({})", if required { "required" } else { "checked when sent" })),
+    );
+    row("proxy_headers", list("proxy_headers"));
+    row("hosts", list("hosts").or(Some("(the URLs' own hosts)".into())));
+    if let Some(params) = v.get("params").and_then(Value::as_table) {
+        for (p, spec) in params {
+            let pattern = spec.get("pattern").and_then(Value::as_str).unwrap_or("");
+            row(&format!("param {p}"), Some(format!("pattern {pattern}")));
+        }
+    }
+    if let Some(t) = v.get("token_response").and_then(Value::as_table) {
+        for (k, v) in t {
+            row(&format!("token_response.{k}"), Some(v.to_string()));
+        }
+    }
+    row("refresh_keepalive_seconds", v.get("refresh_keepalive_seconds").map(|n| n.to_string()));
+    row("notes", s("notes"));
+    row("docs", s("docs"));
+    row("checked", s("checked"));
+    Some(out.join("\n") + "\n")
 }
 
 /// A preset entry applied: complete, or waiting for parameters each connection names.
@@ -256,6 +310,8 @@ mod tests {
         assert!(presets.len() >= 20, "{} presets", presets.len());
         for p in &presets {
             assert!(p.docs.starts_with("https://"), "{}: docs {:?}", p.name, p.docs);
+            assert!(p.checked.as_str() >= "2026-12-01" && p.checked.len() == 10, "{}: checked {:?}", p.name, p.checked);
+            assert!(super::describe(&p.name).is_some_and(|d| d.contains(&p.docs)), "{}", p.name);
             let catalog = Catalog::parse(&sample(&p.name)).unwrap_or_else(|e| panic!("{}: {e}", p.name));
             let provider = catalog.get(&p.name).unwrap();
             let mut urls = vec![&provider.authorization_url, &provider.token_url];
@@ -289,6 +345,47 @@ mod tests {
         }
         let err = Catalog::parse("[providers.x]\npreset = \"nope\"\nclient_id = \"c\"\n").unwrap_err();
         assert!(err.contains("no preset \"nope\""), "{err}");
+    }
+
+    /// Issue [4/7]: what the providers document on 2026-12-03.
+    #[test]
+    fn presets_follow_their_providers_2026_changes() {
+        let with = |preset: &str, params: &str| {
+            let text = format!(
+                "[providers.p]\npreset = \"{preset}\"\nclient_id = \"c\"\nclient_secret = \"s\"\nparams = {{ {params} }}\n"
+            );
+            Catalog::parse(&text)
+        };
+        // Salesforce: a sandbox, a Developer Edition and a scratch org's My Domain.
+        for (domain, host) in [
+            ("acme--uat.sandbox", "acme--uat.sandbox.my.salesforce.com"),
+            ("acme-dev-ed.develop", "acme-dev-ed.develop.my.salesforce.com"),
+            ("acme.scratch", "acme.scratch.my.salesforce.com"),
+            ("acme", "acme.my.salesforce.com"),
+        ] {
+            let c = with("salesforce", &format!("my_domain = \"{domain}\"")).unwrap();
+            assert_eq!(c.get("p").unwrap().token_url.host_str(), Some(host));
+        }
+        for evil in ["acme.evil.com", "acme--uat.evil", "acme.sandbox", "a/b"] {
+            assert!(with("salesforce", &format!("my_domain = \"{evil}\"")).is_err(), "{evil}");
+        }
+        // HubSpot's dated token endpoints; Shopify's expiring offline tokens and API version;
+        // Sign for Government on its own preset, not a shard of adobesign.com.
+        let hubspot = Catalog::parse("[providers.h]\npreset = \"hubspot\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        let h = hubspot.get("h").unwrap();
+        assert_eq!(h.token_url.as_str(), "https://api.hubapi.com/oauth/2026-03/token");
+        assert_eq!(h.revocation_url.as_ref().unwrap().as_str(), "https://api.hubapi.com/oauth/2026-03/token/revoke");
+        let shop = with("shopify", "shop = \"acme\"").unwrap();
+        let s = shop.get("p").unwrap();
+        assert_eq!(s.token_params, [("expiring".to_string(), "1".to_string())]);
+        assert!(s.api_base_url.as_ref().unwrap().as_str().ends_with("/admin/api/2026-10/"));
+        assert!(with("adobe-sign", "shard = \"gov1\"").is_err());
+        let gov = Catalog::parse("[providers.g]\npreset = \"adobe-sign-gov\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        assert_eq!(gov.get("g").unwrap().token_url.host_str(), Some("secure.na1.adobesign.us"));
+        // Google's iss is checked when sent, not required.
+        let google = Catalog::parse("[providers.g]\npreset = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        let g = google.get("g").unwrap();
+        assert_eq!((g.issuer.as_deref(), g.issuer_required), (Some("https://accounts.google.com"), false));
     }
 
     #[test]
