@@ -119,6 +119,7 @@ impl Events for WebhookEvents {
         let status = c.to.map(|s| s.as_str()).unwrap_or("deleted");
         self.0.send(Event::status_changed(
             c.connection_id,
+            c.tenant,
             c.provider,
             c.owner,
             c.from.map(|s| s.as_str()),

@@ -375,3 +375,108 @@ async fn health_gives_a_back_office_caller_the_operators_counters() {
     assert_eq!(c["refreshes_last_hour"]["failed"], 1, "{c}");
     assert!(!health.body.contains("fine") && !health.body.contains("broken"), "no connection named");
 }
+
+/// A receiver that answers 503 to events of the connections in `refused`, and to every
+/// event while `down`; it records what it accepted.
+struct Picky {
+    url: String,
+    accepted: Arc<Mutex<Vec<(Value, Instant)>>>,
+    refused: Arc<Mutex<Vec<String>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Picky {
+    async fn start() -> Picky {
+        use warp::Filter;
+        let accepted: Arc<Mutex<Vec<(Value, Instant)>>> = Default::default();
+        let refused: Arc<Mutex<Vec<String>>> = Default::default();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, r, d) = (accepted.clone(), refused.clone(), down.clone());
+        let route = warp::post().and(warp::body::bytes()).map(move |body: bytes::Bytes| {
+            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let id = event["connection_id"].as_str().unwrap_or("").to_string();
+            if d.load(std::sync::atomic::Ordering::SeqCst) || r.lock().unwrap().contains(&id) {
+                return warp::http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            a.lock().unwrap().push((event, Instant::now()));
+            warp::http::StatusCode::OK
+        });
+        let (base, tx) = support::serve(route).await;
+        Picky { url: format!("{base}/hook"), accepted, refused, down, _stop: tx }
+    }
+
+    fn statuses_of(&self, id: &str) -> Vec<String> {
+        let got = self.accepted.lock().unwrap();
+        got.iter().filter(|(e, _)| e["connection_id"] == id).map(|(e, _)| e["status"].as_str().unwrap().to_string()).collect()
+    }
+
+    async fn wait_for(&self, id: &str, status: &str, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((_, at)) = self
+                .accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(e, _)| e["connection_id"] == id && e["status"] == status)
+            {
+                return *at;
+            }
+            assert!(Instant::now() < deadline, "{id} {status} not delivered: {:?}", self.accepted.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Issue [4/7]: an event the receiver keeps refusing holds back only its own connection's
+/// later events (their order is kept), not another connection's; when the receiver comes
+/// back after an outage, what waited arrives within seconds; each event names its tenant
+/// and a sequence that grows per connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_event_does_not_hold_back_the_others() {
+    let receiver = Picky::start().await;
+    let w = world(Setup {
+        env: vec![("WEBHOOK_URL", receiver.url.clone()), ("WEBHOOK_SIGNING_KEY", "k".repeat(32))],
+        ..Default::default()
+    })
+    .await;
+    receiver.refused.lock().unwrap().push("stuck".into());
+    w.connect("stuck").await;
+    let t0 = Instant::now();
+    w.connect("free").await;
+    let at = receiver.wait_for("free", "active", Duration::from_secs(5)).await;
+    assert!(at - t0 < Duration::from_secs(3), "free waited {:?} behind stuck", at - t0);
+    assert!(receiver.statuses_of("stuck").is_empty());
+
+    // stuck's later event waits behind its first (order kept); once the receiver takes
+    // stuck again, both arrive, in order.
+    let r = w.api(Method::DELETE, "/api/connections/stuck?skip_revocation=true", Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    receiver.refused.lock().unwrap().clear();
+    // A success elsewhere wakes the waiting retries: free's deletion is that success.
+    let r = w.api(Method::DELETE, "/api/connections/free?skip_revocation=true", Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    receiver.wait_for("stuck", "deleted", Duration::from_secs(10)).await;
+    assert_eq!(receiver.statuses_of("stuck"), ["active", "deleted"]);
+
+    // An outage of the receiver: events wait; when it is back, they arrive within seconds.
+    receiver.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for id in ["o1", "o2", "o3"] {
+        w.connect(id).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await; // a few failed attempts each
+    receiver.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let back = Instant::now();
+    for id in ["o1", "o2", "o3"] {
+        let at = receiver.wait_for(id, "active", Duration::from_secs(15)).await;
+        assert!(at.saturating_duration_since(back) < Duration::from_secs(10), "{id} arrived {:?} after", at - back);
+    }
+    let got = receiver.accepted.lock().unwrap().clone();
+    for (e, _) in &got {
+        assert!(e.get("tenant").is_some_and(Value::is_null), "the deployment's own connection: {e}");
+        assert!(e["sequence"].as_u64().unwrap() > 0, "{e}");
+    }
+    let seq: Vec<u64> = got.iter().filter(|(e, _)| e["connection_id"] == "stuck").map(|(e, _)| e["sequence"].as_u64().unwrap()).collect();
+    assert!(seq.windows(2).all(|w| w[0] < w[1]), "{seq:?}");
+}

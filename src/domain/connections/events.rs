@@ -11,6 +11,8 @@ use crate::domain::Status;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusChange {
     pub connection_id: String,
+    /// The customer tenant whose organisation keeps it; `None` for the deployment's own.
+    pub tenant: Option<String>,
     pub provider: String,
     pub owner: Option<String>,
     pub from: Option<Status>,

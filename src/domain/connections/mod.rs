@@ -292,6 +292,7 @@ impl Connections {
         crate::clients::telemetry::metrics::status_change("deleted");
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
+            tenant: self.deps.scope.clone(),
             provider: c.provider.clone(),
             owner: c.owner.clone(),
             from: Some(c.status),
@@ -311,6 +312,7 @@ impl Connections {
         crate::clients::telemetry::metrics::status_change(c.status.as_str());
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
+            tenant: self.deps.scope.clone(),
             provider: c.provider.clone(),
             owner: c.owner.clone(),
             from,
