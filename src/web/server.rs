@@ -195,10 +195,15 @@ fn log_line(started: Instant, method: &Method, route: &str, resp: Response, invo
         span.record("otel.status_code", "ERROR");
     }
     match invocation {
-        Some(id) => {
-            tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id)
-        }
-        None => tracing::info!(target: "request", %method, route, status, ms = format_args!("{ms:.2}")),
+        // Every line has a message (JSON logs too): the request in words, then its fields.
+        Some(id) => tracing::info!(
+            target: "request", %method, route, status, ms = format_args!("{ms:.2}"), invocation = %id,
+            "{method} {route} {status} {ms:.2} ms"
+        ),
+        None => tracing::info!(
+            target: "request", %method, route, status, ms = format_args!("{ms:.2}"),
+            "{method} {route} {status} {ms:.2} ms"
+        ),
     }
     resp
 }

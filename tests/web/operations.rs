@@ -15,7 +15,8 @@ use support::flow::{Setup, world};
 
 #[tokio::test]
 async fn json_log_lines_parse_and_carry_no_secret() {
-    let w = world(Setup { env: vec![("LOG_FORMAT", "json".into())], ..Default::default() }).await;
+    let w = world(Setup { env: vec![("LOG_FORMAT", "json".into()), ("LOG_LEVEL", "debug".into())], ..Default::default() })
+        .await;
     w.connect("json-logs").await;
     let token = w.access_token("json-logs").await;
     // The callback's request line has arrived once some line names its route.
@@ -26,6 +27,7 @@ async fn json_log_lines_parse_and_carry_no_secret() {
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "every line has a message: {line}");
         lines += 1;
     }
     assert!(lines > 5, "{logs}");
