@@ -154,6 +154,11 @@ impl App {
         let organisations =
             Arc::new(Self::served_organisations(config, &secrets, &http, home, &store, &keys, &clock).await?);
         // A multi-tenant deployment's customers call with tokens of their own tenants.
+        if config.back_office.as_ref().is_some_and(|b| b.dev_key.is_some()) {
+            tracing::warn!(
+                "back-office API: development tokens (AUTH_ISSUER=dev, `handler dev-token`), for this machine only; set AUTH_ISSUER to your Entra issuer for anything shared"
+            );
+        }
         let verifier = config.back_office.clone().map(|b| {
             let v = BearerVerifier::new(b, http.clone());
             Arc::new(if config.tenancy.is_some() { v.accepting_other_tenants() } else { v })

@@ -68,6 +68,16 @@ pub enum Command {
         #[arg(long, default_value = "contoso-dc.azurewebsites.net")]
         host: String,
     },
+    /// Print a back-office token of the development issuer (AUTH_ISSUER=dev), for trying
+    /// the API on this machine without an Entra tenant.
+    DevToken {
+        /// App roles the token carries, comma-separated.
+        #[arg(long, default_value = "")]
+        roles: String,
+        /// How long it is valid, in minutes (at most a day).
+        #[arg(long, default_value_t = 60)]
+        minutes: i64,
+    },
     /// Print a new token encryption key entry (`id:base64`) for TOKEN_ENCRYPTION_KEYS.
     NewKey {
         /// The key id to write in front of the key.
@@ -99,6 +109,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             None => fail(format!("there is no preset {name:?}; `handler providers` lists them")),
         },
+        Command::DevToken { roles, minutes } => dev_token(&roles, minutes),
         Command::NewKey { id } => {
             println!("{}", crate::support::crypto::Keyring::generate_spec(&id));
             ExitCode::SUCCESS
@@ -242,6 +253,31 @@ fn reseal() -> ExitCode {
         }
         if done { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
+}
+
+fn dev_token(roles: &str, minutes: i64) -> ExitCode {
+    let (settings, config) = match load() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let Some(path) = config.back_office.as_ref().and_then(|b| b.dev_key.clone()) else {
+        return fail(
+            "the handler accepts development tokens only with AUTH_ISSUER=dev (on this machine, PUBLIC_BASE_URL on localhost); set it in local.settings.json or the environment",
+        );
+    };
+    drop(settings);
+    let key = match crate::clients::auth::dev::key(&path) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("the development key {}: {e}", path.display())),
+    };
+    let roles: Vec<String> = roles.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect();
+    match crate::clients::auth::dev::mint(&key, &roles, None, minutes) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 /// The presets as `handler providers` prints them.

@@ -634,3 +634,51 @@ async fn an_issuer_sent_only_sometimes_is_checked_when_sent() {
     w.callback(&no_iss).await.assert_html(200);
     assert_eq!(w.status("sometimes").await["status"], "active");
 }
+
+/// Issue [5/7]: the newcomer's path from the demo to their own `cargo run`, without an
+/// Entra tenant: `AUTH_ISSUER=dev`, a token from `handler dev-token`, a provider entry
+/// from a preset (its URLs pointed at the test provider, the real one being out of reach),
+/// a connection, and a call of the provider's API. The development issuer is refused
+/// anywhere but a loopback PUBLIC_BASE_URL, and accepts its own tokens only.
+#[tokio::test]
+async fn a_newcomer_calls_a_providers_api_with_development_tokens() {
+    use support::oidc::{CLIENT_SECRET, OidcPeer};
+    let peer = OidcPeer::start(CALLBACK, json!({}));
+    let h = HandlerBuilder::new()
+        .file("providers.toml", &peer.catalog("erp", "preset = \"zoom\""))
+        .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+        .env("AUTH_ISSUER", "dev")
+        .start()
+        .await;
+    assert!(h.logs.all().contains("development tokens (AUTH_ISSUER=dev"), "{}", h.logs.all());
+    let (code, out, err) = HandlerBuilder::sharing(&h).args(&["dev-token"]).run_to_exit();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let token = out.trim().to_string();
+    let r = h.json(Method::POST, "/api/connections", Some(&token), &json!({ "provider": "erp", "connection_id": "mine" })).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
+    h.get(location.strip_prefix(PUBLIC).unwrap(), &[("Accept", "text/html")]).await.assert_html(200);
+    let called = h.forward(Method::GET, "/api/connections/mine/call/users%2Fme", &[("Authorization", &format!("Bearer {token}"))], None).await;
+    assert_eq!(called.status, 200, "{}", called.body);
+    assert!(called.json()["path"].as_str().unwrap().ends_with("/users/me"), "{}", called.body);
+
+    // Not a token of this machine's key, or altered, or none: 401.
+    let mut altered = token.clone();
+    altered.pop();
+    altered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    for bad in [altered.as_str(), "not-a-token"] {
+        assert_eq!(h.json(Method::GET, "/api/connections", Some(bad), &Value::Null).await.status, 401, "{bad}");
+    }
+    let other = HandlerBuilder::new().env("AUTH_ISSUER", "dev").args(&["dev-token"]).run_to_exit();
+    assert_eq!(other.0, Some(0), "{}{}", other.1, other.2);
+    let r = h.json(Method::GET, "/api/connections", Some(other.1.trim()), &Value::Null).await;
+    assert_eq!(r.status, 401, "another machine's (app root's) key: {}", r.body);
+
+    // Anywhere but this machine, the handler refuses to start with it, saying why.
+    let (code, out, err) = HandlerBuilder::new()
+        .env("AUTH_ISSUER", "dev")
+        .env("PUBLIC_BASE_URL", "https://contoso-dc.azurewebsites.net")
+        .run_to_exit();
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("AUTH_ISSUER") && err.contains("loopback"), "{err}");
+}

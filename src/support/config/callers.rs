@@ -5,6 +5,14 @@ use url::Url;
 
 use super::{ConfigError, Settings, parse_service_url};
 
+/// The development issuer's names (`AUTH_ISSUER=dev`).
+pub mod dev {
+    pub const ISSUER: &str = "dynamics-companion-dev";
+    pub const AUDIENCE: &str = "dynamics-companion-dev";
+    /// The client id every development token carries (the allow-list's one entry).
+    pub const CLIENT: &str = "dev-client";
+}
+
 /// An OIDC issuer of bearer tokens we accept: the back office's (Entra ID) and the
 /// portal's (B2C, Entra External ID) are configured alike.
 #[derive(Debug, Clone)]
@@ -20,6 +28,9 @@ pub struct BackOfficeAuth {
     pub issuer: IssuerConfig,
     pub allowed_client_ids: Vec<String>,
     pub allowed_roles: Vec<String>,
+    /// `AUTH_ISSUER=dev`: where the development issuer's key is (see
+    /// `crate::clients::auth::dev`).
+    pub dev_key: Option<std::path::PathBuf>,
 }
 
 /// The portal companion: who the portal users are, and which origins call us.
@@ -92,6 +103,9 @@ impl IssuerConfig {
 
 impl BackOfficeAuth {
     pub(super) fn from_settings(s: &Settings) -> Result<Option<BackOfficeAuth>, ConfigError> {
+        if s.get("AUTH_ISSUER") == Some("dev") {
+            return Self::development(s).map(Some);
+        }
         let Some(issuer) = IssuerConfig::from_settings(s, "AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_JWKS_URL")? else {
             return Ok(None);
         };
@@ -103,7 +117,27 @@ impl BackOfficeAuth {
                 "set it or AUTH_ALLOWED_ROLES: without an allow-list any application of the tenant could read tokens",
             ));
         }
-        Ok(Some(BackOfficeAuth { issuer, allowed_client_ids, allowed_roles }))
+        Ok(Some(BackOfficeAuth { issuer, allowed_client_ids, allowed_roles, dev_key: None }))
+    }
+
+    /// `AUTH_ISSUER=dev`: only where `PUBLIC_BASE_URL` is this machine.
+    fn development(s: &Settings) -> Result<BackOfficeAuth, ConfigError> {
+        let public = s.get("PUBLIC_BASE_URL").unwrap_or("http://localhost:7071");
+        let local = url::Url::parse(public).is_ok_and(|u| super::is_loopback(&u));
+        if !local {
+            return Err(ConfigError::new(
+                "AUTH_ISSUER",
+                format!(
+                    "dev is for a developer's own machine: PUBLIC_BASE_URL must be a loopback address (http://localhost:7071), not {public}; set AUTH_ISSUER to your Entra tenant's issuer"
+                ),
+            ));
+        }
+        Ok(BackOfficeAuth {
+            issuer: IssuerConfig { issuer: dev::ISSUER.into(), audiences: vec![dev::AUDIENCE.into()], jwks_url: None },
+            allowed_client_ids: vec![dev::CLIENT.into()],
+            allowed_roles: s.list("AUTH_ALLOWED_ROLES"),
+            dev_key: Some(s.path("AUTH_DEV_KEY_PATH", ".data/dev-issuer.key")),
+        })
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use url::Url;
 
-pub use callers::{BackOfficeAuth, ContactLookup, IssuerConfig, PortalConfig, PortalOidcConfig, PowerPagesConfig};
+pub use callers::{BackOfficeAuth, ContactLookup, IssuerConfig, PortalConfig, PortalOidcConfig, PowerPagesConfig, dev};
 pub use credential::CredentialConfig;
 pub use limits::Limits;
 pub use settings::{Settings, is_loopback, parse_service_url};
