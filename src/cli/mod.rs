@@ -148,6 +148,12 @@ fn serve() -> ExitCode {
     let code = runtime.block_on(async move {
         let listener = match crate::web::bind(config.listen.addr).await {
             Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !config.listen.under_host => {
+                return fail(format!(
+                    "cannot listen on {}: the port is in use (is another `cargo run` or the demo still running?); stop it, or set LOCAL_HTTP_PORT to another port",
+                    config.listen.addr
+                ));
+            }
             Err(e) => return fail(format!("cannot listen on {}: {e}", config.listen.addr)),
         };
         if let Some(file) = &settings.local_settings_file {
