@@ -186,6 +186,7 @@ async fn entra_v1_and_v2_tokens_of_the_configured_tenant_are_both_accepted() {
         ("AUTH_JWKS_URL", format!("{}/discovery/v2.0/keys", issuer.url)),
         ("AUTH_AUDIENCE", format!("{API_CLIENT},{}", crate::support::issuer::AUDIENCE)),
         ("AUTH_ALLOWED_CLIENT_IDS", crate::support::issuer::CLIENT_ID.into()),
+        ("AUTH_ALLOWED_ROLES", "Connections.Use".into()),
     ];
     let app = spawn_app(&settings).await;
     let client = crate::support::issuer::CLIENT_ID;
@@ -230,4 +231,14 @@ async fn entra_v1_and_v2_tokens_of_the_configured_tenant_are_both_accepted() {
     // The allow-list reads `appid` as it reads `azp`.
     let (status, body) = call(with(&v1, "appid", "99999999-0000-0000-0000-000000000000".into())).await;
     assert_eq!(status, 403, "{body}");
+    // A Dataverse plug-in's managed identity (IManagedIdentityService.AcquireToken for
+    // `api://.../.default`): an app-only v1.0 token whose appid is the identity's client id,
+    // not on the client allow-list, holding an app role the API registration assigned it.
+    let plugin = with(
+        &with(&with(&v1, "appid", "5d2c9e1a-7b3f-4c8d-9e0a-1b2c3d4e5f60".into()), "oid", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into()),
+        "roles",
+        serde_json::json!(["Connections.Use"]),
+    );
+    assert_eq!(call(plugin.clone()).await.0, 200, "a plug-in's identity with the role");
+    assert_eq!(call(with(&plugin, "roles", serde_json::json!([]))).await.0, 403, "without it");
 }
