@@ -130,6 +130,8 @@ async fn bad_configuration_stops_start_up_with_one_line() {
         ("TOKEN_ENCRYPTION_KEYS", "k1:too-short"),
         ("AUTH_ISSUER", "https://login.example/tenant/v2.0"),
         ("PROVIDERS_FILE", "missing.toml"),
+        // A word the log filter would read as a target name, silencing everything else.
+        ("LOG_LEVEL", "verbose"),
     ];
     for (setting, value) in cases {
         let (code, stdout, stderr) = HandlerBuilder::new().env(setting, value).run_to_exit();

@@ -235,7 +235,19 @@ fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, Str
         let pattern = specs.iter().find(|(p, _)| p == param).map(|(_, pat)| pat.as_str()).unwrap_or("^$");
         let re = regex::Regex::new(pattern).map_err(|e| format!("preset {preset:?}: bad pattern for {param}: {e}"))?;
         if !re.is_match(value) {
-            return Err(format!("params.{param} {value:?} is not a valid {param} for {preset} (expected {pattern})"));
+            // The preset's words for it when it has some (a NetSuite account id's host form),
+            // then the pattern.
+            let hint = PRESETS
+                .get(preset)
+                .and_then(|p| p.get("params"))
+                .and_then(|p| p.get(param.as_str()))
+                .and_then(|p| p.get("hint"))
+                .and_then(Value::as_str)
+                .map(|h| format!("{h}; "))
+                .unwrap_or_default();
+            return Err(format!(
+                "params.{param} {value:?} is not a valid {param} for {preset} ({hint}expected {pattern})"
+            ));
         }
     }
     Ok(())
@@ -338,6 +350,7 @@ mod tests {
         for (params, needle) in [
             ("account = \"evil.example/x?\"", "not a valid account"),
             ("account = \"a.evil.com#\"", "not a valid account"),
+            ("account = \"1234567_SB1\"", "write 1234567_SB1 as 1234567-sb1"),
             ("account = \"a\", region = \"eu\"", "no parameter \"region\""),
         ] {
             let err = Catalog::parse(&entry(params)).unwrap_err();

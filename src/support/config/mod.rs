@@ -252,7 +252,7 @@ impl Config {
             oauth: OAuthConfig::from_settings(s)?,
             back_office: BackOfficeAuth::from_settings(s)?,
             portal: PortalConfig::from_settings(s)?,
-            log_filter: s.get("LOG_LEVEL").or_else(|| s.get("RUST_LOG")).unwrap_or("info").to_string(),
+            log_filter: log_filter(s)?,
             log_format: match s.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
                 None | Some("text") => crate::support::logging::LogFormat::Text,
                 Some("json") => crate::support::logging::LogFormat::Json,
@@ -463,4 +463,29 @@ impl SecretsConfig {
             },
         })
     }
+}
+
+/// `LOG_LEVEL` (or `RUST_LOG`): a level, or comma-separated `target=level` directives. A bare
+/// word that is not a level (`verbose`) would be read by the filter as a target name and
+/// silence everything else, so it is refused here, naming the levels.
+fn log_filter(s: &Settings) -> Result<String, ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let (name, value) = match (s.get("LOG_LEVEL"), s.get("RUST_LOG")) {
+        (Some(v), _) => ("LOG_LEVEL", v),
+        (None, Some(v)) => ("RUST_LOG", v),
+        (None, None) => return Ok("info".into()),
+    };
+    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::new(
+                name,
+                format!(
+                    "{directive:?} is not a level: use one of {} (or target=level directives, e.g. info,dynamics_companion=debug)",
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(value.to_string())
 }
