@@ -124,7 +124,7 @@ impl TokenSource for ResourceToken {
             .get_or_try_insert_with(&(), || async {
                 let token =
                     outbound::upstream(self.credential.get_token(&[self.scope.as_str()], None)).await.map_err(|e| {
-                        IdentityError::Token { scope: self.scope.clone(), reason: outbound::one_line(&e.to_string()) }
+                        IdentityError::Token { scope: self.scope.clone(), reason: token_failure(&outbound::with_causes(&e)) }
                     })?;
                 let value = SecretString::from(token.token.secret().to_string());
                 let lifetime = token.expires_on.unix_timestamp() - crate::support::time::now();
@@ -133,4 +133,14 @@ impl TokenSource for ResourceToken {
             })
             .await
     }
+}
+
+/// A credential's failure as an operator reads it: the developer tools' long list of
+/// tools not found becomes what to do; anything else is kept, clipped.
+fn token_failure(text: &str) -> String {
+    let no_login = ["az not found", "azd not found", "Please run 'az login'", "not logged in", "azd auth login"];
+    if text.contains("AzureCliCredential") && no_login.iter().any(|m| text.contains(m)) {
+        return "no Azure login on this machine: run `az login` (or `azd auth login`), or set AZURE_CREDENTIAL to managed_identity, client_secret (with AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET_NAME) or workload_identity".into();
+    }
+    crate::support::logging::clip(text, 400).into_owned()
 }

@@ -153,7 +153,7 @@ impl KeyVaultSecrets {
             Ok(Err(e)) if e.http_status().map(u16::from) == Some(404) => {
                 Err(SecretError::Missing { name: name.to_string(), looked_for: format!("Key Vault {}", self.vault) })
             }
-            Ok(Err(e)) => Err(unavailable(one_line(&e.to_string()))),
+            Ok(Err(e)) => Err(unavailable(outbound::with_causes(&e))),
             Err(_) => Err(unavailable(format!("Key Vault did not answer within {} s", FETCH_TIMEOUT.as_secs()))),
         }
     }

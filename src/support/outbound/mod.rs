@@ -96,9 +96,44 @@ pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// An error with its causes, on one line: `retry policy expired: error sending request:
+/// dns error: failed to lookup address`, where the outer error alone says only the first
+/// part. A cause already contained in the text so far is not repeated.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = one_line(&e.to_string());
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = one_line(&cause.to_string());
+        if !c.is_empty() && !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_are_said_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("retry policy expired")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("dns error: failed to lookup address"));
+        assert_eq!(with_causes(&e), "retry policy expired: dns error: failed to lookup address");
+    }
 
     #[test]
     fn retry_after_reads_delta_seconds_only() {
