@@ -117,6 +117,7 @@ async fn the_packaged_handler_is_static_and_runs_from_a_read_only_folder() {
     let file = Command::new("file").arg(&handler).output().expect("file is installed");
     let file = String::from_utf8_lossy(&file.stdout).to_string();
     assert!(file.contains("statically linked") || file.contains("static-pie linked"), "{file}");
+    assert!(file.contains(", stripped"), "the package's handler carries no symbols: {file}");
 
     // Read-only, as the mounted package is (for root, the handler runs as nobody).
     let lock = |writable: bool| {
