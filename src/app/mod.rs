@@ -40,7 +40,7 @@ use crate::support::outbound;
 use crate::support::throttle::Throttle;
 use crate::support::time::{Clock, SystemClock};
 use services::{
-    BackOffice, BindCookies, Callback, FeedRecord, Health, PortalApi, Server, Services, TenantsApi, Timer, TimerRecord,
+    Agents, BackOffice, BindCookies, Callback, FeedRecord, Health, PortalApi, Server, Services, TenantsApi, Timer, TimerRecord,
 };
 
 pub struct App {
@@ -238,7 +238,20 @@ impl App {
         bind_url.set_path("/api/oauth/bind");
         bind_url.set_query(None);
         let record = Arc::new(TimerRecord::default());
+        let mut resource = config.redirect_uri.clone();
+        resource.set_path("/api/mcp");
+        resource.set_query(None);
         Services {
+            agents: Agents {
+                verifier: p.verifier.clone(),
+                organisations: p.organisations.clone(),
+                http: p.http.clone(),
+                metadata_url: format!("{resource}/.well-known/oauth-protected-resource"),
+                resource,
+                allowed_roles: config.mcp.allowed_roles.clone(),
+                scopes: config.mcp.scopes.clone(),
+                in_flight: Default::default(),
+            },
             server: Server {
                 limits: config.limits.clone(),
                 anonymous: tokio::sync::Semaphore::new(config.limits.max_anonymous_requests),

@@ -38,6 +38,46 @@ pub struct BackOffice {
     pub http: reqwest::Client,
 }
 
+/// `/api/mcp`: AI agents over the Model Context Protocol.
+pub struct Agents {
+    pub verifier: Option<Arc<BearerVerifier>>,
+    pub organisations: Arc<Organisations>,
+    pub http: reqwest::Client,
+    /// `{PUBLIC_BASE_URL}/api/mcp`: the protected resource.
+    pub resource: Url,
+    /// Where its RFC 9728 metadata is served (named by every `401`).
+    pub metadata_url: String,
+    /// `MCP_ALLOWED_ROLES`: when set, a caller needs one of them (else `403`).
+    pub allowed_roles: Vec<String>,
+    /// The scopes the metadata advertises (`MCP_SCOPES`).
+    pub scopes: Vec<String>,
+    /// Tool calls in flight per caller, at most [`Agents::CALLS_PER_CALLER`].
+    pub in_flight: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Agents {
+    pub const CALLS_PER_CALLER: usize = 4;
+
+    /// A browser page may call only from the deployment's own origin.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        Url::parse(origin).is_ok_and(|o| o.origin() == self.resource.origin())
+    }
+
+    /// The caller's place for one tool call, or `None` when it has its share in flight.
+    pub fn place(&self, caller: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() > 10_000 {
+                map.retain(|_, s| s.available_permits() < Self::CALLS_PER_CALLER);
+            }
+            map.entry(caller.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(Self::CALLS_PER_CALLER)))
+                .clone()
+        };
+        sem.try_acquire_owned().ok()
+    }
+}
+
 /// `/api/oauth/callback` and `/api/oauth/bind`: a person's browser.
 pub struct Callback {
     pub keys: Arc<Keyring>,
@@ -106,6 +146,7 @@ pub struct Timer {
 
 /// Every audience's service.
 pub struct Services {
+    pub agents: Agents,
     pub server: Server,
     pub back_office: BackOffice,
     pub callback: Callback,

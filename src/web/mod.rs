@@ -21,6 +21,7 @@ pub mod filters;
 pub mod health;
 pub mod html;
 mod mapping;
+pub mod mcp;
 pub mod openapi;
 pub mod portal;
 pub mod proxy;

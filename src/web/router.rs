@@ -46,6 +46,10 @@ pub async fn dispatch(s: &Services, req: Request, matched: Option<Matched>) -> O
             connections::call(&s.back_office, req, id, &tail).await
         }
         "/api/captures" => captures::handle(&s.back_office, req).await,
+        "/api/mcp" => super::mcp::handle(&s.agents, req).await,
+        "/api/mcp/.well-known/oauth-protected-resource" | "/.well-known/oauth-protected-resource/api/mcp" => {
+            Ok(super::mcp::metadata(&s.agents))
+        }
         "/api/tenants" => tenants::collection(&s.tenants, req).await,
         "/api/tenants/{id}" => tenants::item(&s.tenants, req, id).await,
         "/api/tenants/{id}/onboard" => tenants::onboard_link(&s.tenants, req, id).await,

@@ -10,6 +10,7 @@ mod support;
 mod fno_capture;
 mod hardening;
 mod in_process;
+mod mcp;
 mod oauth_flow;
 mod openapi;
 mod operations;

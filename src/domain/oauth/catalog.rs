@@ -106,9 +106,29 @@ struct ProviderSpec {
     refresh_keepalive_seconds: Option<u64>,
     #[serde(default)]
     portal: Option<PortalAccess>,
+    #[serde(default)]
+    agents: Option<AgentAccess>,
     /// Request headers, besides the standard ones, that the proxy passes to this API.
     #[serde(default)]
     proxy_headers: Vec<String>,
+}
+
+/// Which AI agents (MCP callers) may use this provider's connections: by the caller's
+/// client id (`azp`/`appid`) or by an app role it holds. Without it, none may.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAccess {
+    #[serde(default)]
+    pub callers: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl AgentAccess {
+    pub fn allows(&self, client_id: Option<&str>, roles: &[String]) -> bool {
+        client_id.is_some_and(|c| self.callers.iter().any(|a| a.eq_ignore_ascii_case(c)))
+            || roles.iter().any(|r| self.roles.contains(r))
+    }
 }
 
 /// What portal users may do with a provider: connect their own account, and call the
@@ -180,6 +200,8 @@ pub struct Provider {
     pub token_response: TokenResponseQuirks,
     pub refresh_keepalive: Option<Duration>,
     pub portal: PortalAccess,
+    /// Which agents may use this provider's connections over MCP (`None`: none).
+    pub agents: Option<AgentAccess>,
     /// Extra request headers the proxy passes on (lower case).
     pub proxy_headers: Vec<String>,
 }
@@ -483,6 +505,7 @@ fn validate_named(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
         token_response: spec.token_response,
         refresh_keepalive: spec.refresh_keepalive_seconds.map(Duration::from_secs),
         portal: spec.portal.unwrap_or_default(),
+        agents: spec.agents,
         proxy_headers,
     })
 }

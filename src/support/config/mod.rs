@@ -70,6 +70,9 @@ pub struct Config {
     pub oauth: OAuthConfig,
     /// The back-office API's bearer-token issuer; `None` leaves that API closed.
     pub back_office: Option<BackOfficeAuth>,
+    /// `/api/mcp`: who may use it beyond the back-office checks, and the scopes its
+    /// metadata advertises.
+    pub mcp: McpConfig,
     pub portal: PortalConfig,
     pub secrets: SecretsConfig,
     pub log_filter: String,
@@ -80,6 +83,15 @@ pub struct Config {
     pub telemetry: Option<TelemetryConfig>,
     /// Serving other organisations (`MULTITENANT_APP_ID`); `None`: single-tenant.
     pub tenancy: Option<TenancyConfig>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct McpConfig {
+    /// `MCP_ALLOWED_ROLES`: a caller needs one of these app roles (none: any back-office caller).
+    pub allowed_roles: Vec<String>,
+    /// `MCP_SCOPES`: `scopes_supported` in the protected-resource metadata
+    /// (`api://dynamics-companion/.default`).
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +263,7 @@ impl Config {
             limits: Limits::from_settings(s)?,
             oauth: OAuthConfig::from_settings(s)?,
             back_office: BackOfficeAuth::from_settings(s)?,
+            mcp: McpConfig { allowed_roles: s.list("MCP_ALLOWED_ROLES"), scopes: s.list("MCP_SCOPES") },
             portal: PortalConfig::from_settings(s)?,
             log_filter: log_filter(s)?,
             log_format: match s.get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {

@@ -284,6 +284,39 @@ pub const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        template: "/api/mcp",
+        audience: Audience::Api,
+        back_office: true,
+        ops: &[internal(op(
+            "POST",
+            "Mcp",
+            "MCP",
+            "The Model Context Protocol (Streamable HTTP, stateless): the kept connections as tools for AI agents.",
+        ))],
+    },
+    Route {
+        template: "/api/mcp/.well-known/oauth-protected-resource",
+        audience: Audience::Api,
+        back_office: false,
+        ops: &[internal(op(
+            "GET",
+            "McpResourceMetadata",
+            "MCP resource metadata",
+            "RFC 9728 protected-resource metadata of /api/mcp: its authorization server.",
+        ))],
+    },
+    Route {
+        template: "/.well-known/oauth-protected-resource/api/mcp",
+        audience: Audience::Api,
+        back_office: false,
+        ops: &[internal(op(
+            "GET",
+            "McpResourceMetadataWellKnown",
+            "MCP resource metadata",
+            "The same, at RFC 9728's own path (when the handler is reached directly).",
+        ))],
+    },
+    Route {
         template: "/api/captures",
         audience: Audience::Api,
         back_office: true,
