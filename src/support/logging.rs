@@ -34,7 +34,11 @@ pub enum LogFormat {
 /// `export` is the telemetry layer ([`crate::clients::telemetry::Telemetry::layer`]) when
 /// Application Insights export is on; the console lines are written either way.
 pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = with_directives(
+        EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")),
+        // The audit record whatever the level; its Application Insights twin never here.
+        &["audit=info", "appinsights_event=off"],
+    );
     let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let console = match format {
         LogFormat::Text => console.with_target(false).with_filter(filter).boxed(),
@@ -43,6 +47,16 @@ pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Regist
         }
     };
     let _ = tracing_subscriber::registry().with(export).with(console).try_init();
+}
+
+/// `filter` with `directives` added (each a valid directive).
+pub fn with_directives(mut filter: EnvFilter, directives: &[&str]) -> EnvFilter {
+    for d in directives {
+        if let Ok(d) = d.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
 }
 
 /// Names whose values are secret wherever they appear in a line.

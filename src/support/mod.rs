@@ -1,5 +1,6 @@
 //! Leaves every layer may use: nothing here imports from above.
 
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod counters;

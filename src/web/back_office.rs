@@ -13,6 +13,7 @@ use crate::app::services::BackOffice;
 use std::sync::Arc;
 
 use crate::clients::auth::{BearerVerifier, Caller};
+use crate::support::audit::{self, Action};
 use crate::domain::connections::ConnectionError;
 use crate::domain::connections::Connections;
 use crate::domain::{ListFilter, Status};
@@ -24,6 +25,17 @@ pub(super) async fn caller(
 ) -> Result<Caller, ApiError> {
     let verifier = configured(verifier, Closed::BackOffice)?;
     Ok(verifier.verify(req.header(header::AUTHORIZATION)).await?)
+}
+
+/// The caller as the audit record names it.
+pub(super) fn actor(who: &Caller) -> audit::Actor {
+    audit::Actor {
+        tenant: who.tenant.clone(),
+        app_id: who.client_id.clone(),
+        object_id: who.subject.clone(),
+        contact: None,
+        kind: "",
+    }
 }
 
 /// The caller and the connections it reaches (its own tenant's, in a multi-tenant
@@ -97,7 +109,8 @@ pub async fn import(svc: &BackOffice, mut req: Request) -> Result<Response, ApiE
     let (who, connections) = caller_and_connections(svc, &req).await?;
     let body: ImportRequest = req.json().await?;
     let imported = connections.import(body.try_into()?).await?;
-    tracing::info!(connection = %imported.connection.id, caller = who.client_id.as_deref().unwrap_or("-"), "import");
+    let c = &imported.connection;
+    audit::record(Action::Import, &c.id, &c.provider, &actor(&who), "ok");
     Ok(response::json(StatusCode::CREATED, &ConnectionView::from(&imported.connection)))
 }
 
@@ -119,10 +132,19 @@ mod cursor {
 
 /// `GET /api/connections/{id}` (status) and `DELETE` (revoke and remove).
 pub async fn item(svc: &BackOffice, req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(svc, &req).await?;
+    let (who, connections) = caller_and_connections(svc, &req).await?;
     if req.method == Method::DELETE {
         let skip = req.query_param("skip_revocation").is_some_and(|v| v == "true");
-        return match connections.delete(id, skip).await {
+        let provider = connections.get(id).await.map(|c| c.provider).unwrap_or_default();
+        let deleted = connections.delete(id, skip).await;
+        let (action, outcome) = match &deleted {
+            Ok(true) => (Action::Revocation, "revoked and deleted"),
+            Ok(false) => (Action::Deletion, "deleted"),
+            Err(ConnectionError::Provider(_)) => (Action::Revocation, "revocation failed; kept"),
+            Err(_) => (Action::Deletion, "refused"),
+        };
+        audit::record(action, id, &provider, &actor(&who), outcome);
+        return match deleted {
             Ok(revoked) => Ok(response::json(
                 StatusCode::OK,
                 &serde_json::json!({ "connection_id": id, "deleted": true, "revoked_at_provider": revoked }),
@@ -142,12 +164,17 @@ pub async fn item(svc: &BackOffice, req: Request, id: &str) -> Result<Response, 
 
 /// `POST /api/connections/{id}/token`: a valid access token.
 pub async fn token(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(svc, &req).await?;
+    let (who, connections) = caller_and_connections(svc, &req).await?;
     let body: Option<TokenRequest> = req.json().await?;
     let force =
         body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
-    let token = connections.access_token(id, force).await?;
-    Ok(response::json_no_store(StatusCode::OK, &TokenResponse::new(id, &token)))
+    let token = audit::acting(actor(&who), connections.access_token(id, force)).await;
+    let (provider, outcome) = match &token {
+        Ok(t) => (t.provider.as_str(), "ok"),
+        Err(_) => ("-", "refused"),
+    };
+    audit::record(Action::TokenHandedOut, id, provider, &actor(&who), outcome);
+    Ok(response::json_no_store(StatusCode::OK, &TokenResponse::new(id, &token?)))
 }
 
 /// `POST /api/connections/{id}/reconnect`: a new authorization URL for a connection.
@@ -161,18 +188,26 @@ pub async fn reconnect(svc: &BackOffice, mut req: Request, id: &str) -> Result<R
 /// `/api/connections/{id}/call/{*path}?query=`: the connector's form of the proxy (the API
 /// path as one URL-encoded parameter, the provider's query as another).
 pub async fn call(svc: &BackOffice, mut req: Request, id: &str, raw_path: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(svc, &req).await?;
-    let token = connections.access_token(id, false).await?;
+    let (who, connections) = caller_and_connections(svc, &req).await?;
+    let token = audit::acting(actor(&who), connections.access_token(id, false)).await?;
     let provider = proxy::provider_of(connections.catalog(), &token, id)?;
     let base = proxy::api_base(&provider)?;
     let target = proxy::call_target(base, raw_path, req.query.as_deref())?;
-    proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req).await
+    let sent =
+        audit::acting(actor(&who), proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req))
+            .await;
+    audit::record(Action::ProxiedCall, id, &provider.name, &actor(&who), &proxy::outcome(&sent));
+    sent
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
 pub async fn proxy(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
-    let (_, connections) = caller_and_connections(svc, &req).await?;
-    let token = connections.access_token(id, false).await?;
+    let (who, connections) = caller_and_connections(svc, &req).await?;
+    let token = audit::acting(actor(&who), connections.access_token(id, false)).await?;
     let (provider, target) = proxy::target(connections.catalog(), &token, id, &req)?;
-    proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req).await
+    let sent =
+        audit::acting(actor(&who), proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req))
+            .await;
+    audit::record(Action::ProxiedCall, id, &provider.name, &actor(&who), &proxy::outcome(&sent));
+    sent
 }

@@ -229,6 +229,15 @@ async fn capture(svc: &Callback, state: &str, p: &Params) -> Result<Response, Ap
 }
 
 fn success(done: Completed) -> Response {
+    // The person's browser completed the authorization: new tokens for this connection.
+    let actor = crate::support::audit::Actor { kind: "callback", ..Default::default() };
+    crate::support::audit::record(
+        crate::support::audit::Action::Authorization,
+        &done.connection_id,
+        &done.provider_name,
+        &actor,
+        "active",
+    );
     if let Some(mut url) = done.return_url {
         url.query_pairs_mut().append_pair("connection_id", &done.connection_id).append_pair("status", "active");
         return response::redirect(url.as_str());

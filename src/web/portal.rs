@@ -129,5 +129,16 @@ pub async fn proxy(svc: &PortalApi, mut req: Request, id: &str) -> Result<Respon
             req.method, provider.name
         )));
     }
-    proxy::send_with_token(&svc.http, home, &provider, id, token, target, &mut req).await
+    let actor = crate::support::audit::Actor {
+        contact: Some(portal::owner(&u)),
+        kind: "portal",
+        ..Default::default()
+    };
+    let sent = crate::support::audit::acting(
+        actor.clone(),
+        proxy::send_with_token(&svc.http, home, &provider, id, token, target, &mut req),
+    )
+    .await;
+    crate::support::audit::record(crate::support::audit::Action::ProxiedCall, id, &provider.name, &actor, &proxy::outcome(&sent));
+    sent
 }

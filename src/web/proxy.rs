@@ -270,6 +270,14 @@ pub async fn send_with_token(
     }
 }
 
+/// A proxied call's outcome for the audit record: the provider's status, or why not.
+pub fn outcome(sent: &Result<Response, ApiError>) -> String {
+    match sent {
+        Ok(r) => format!("provider answered {}", r.status().as_u16()),
+        Err(e) => format!("refused: {}", e.code),
+    }
+}
+
 /// RFC 6750 uses `Bearer`; providers answering `bearer` in `token_type` mean the same.
 fn bearer_scheme(token_type: &str) -> &str {
     if token_type.eq_ignore_ascii_case("bearer") { "Bearer" } else { token_type }

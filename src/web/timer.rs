@@ -100,7 +100,9 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
         logs.push("The timer is past due; running now.".to_string());
     }
     let started = std::time::Instant::now();
-    let report = crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run).await;
+    use crate::support::audit::{Actor, acting};
+    let report =
+        acting(Actor::timer(), crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run)).await;
     let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
     let mut tenants_failing = std::collections::BTreeMap::new();
     logs.extend(report.lines());
@@ -110,7 +112,9 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
         Ok(scopes) => {
             let runs: Vec<_> = futures_util::stream::iter(scopes)
                 .map(|(tenant, connections)| async move {
-                    (tenant, crate::domain::sweep::run(&connections, None, next_run).await)
+                    let run = crate::domain::sweep::run(&connections, None, next_run);
+                    let actor = Actor { tenant: Some(tenant.clone()), ..Actor::timer() };
+                    (tenant, acting(actor, run).await)
                 })
                 .buffer_unordered(crate::domain::tenants::scope::TENANTS_AT_ONCE)
                 .collect()

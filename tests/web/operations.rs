@@ -482,3 +482,74 @@ async fn a_refused_event_does_not_hold_back_the_others() {
     let seq: Vec<u64> = got.iter().filter(|(e, _)| e["connection_id"] == "stuck").map(|(e, _)| e["sequence"].as_u64().unwrap()).collect();
     assert!(seq.windows(2).all(|w| w[0] < w[1]), "{seq:?}");
 }
+
+/// Issue [7/7]: every use of a credential leaves exactly one audit event naming who did
+/// it: the authorization (the callback), a token handed out, a forced refresh (the
+/// caller's), a proxied call, the timer's refresh, an import and a deletion with
+/// revocation. No token in any of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_use_of_a_credential_leaves_one_audit_event() {
+    let w = world(Setup {
+        env: vec![("LOG_FORMAT", "json".into()), ("REFRESH_MARGIN_SECONDS", "300".into())],
+        peer: json!({ "access_token_ttl": 120 }),
+        ..Default::default()
+    })
+    .await;
+    w.connect("audited").await;
+    let r = w.token("audited", false).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = w.token("audited", true).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let bearer = format!("Bearer {}", w.bearer);
+    let proxied = w.h.forward(Method::GET, "/api/connections/audited/proxy/items", &[("Authorization", &bearer)], None).await;
+    assert_eq!(proxied.status, 200, "{}", proxied.body);
+    let timer = w.h.invoke_timer(&support::timer_payload(false)).await;
+    assert_eq!(timer.status, 200, "{}", timer.body);
+    let r = w.api(Method::DELETE, "/api/connections/audited", Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let audit = loop {
+        let lines: Vec<Value> = w
+            .h
+            .logs
+            .all()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "audit")
+            .collect();
+        if lines.iter().any(|v| v["action"] == "revocation") || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let said: Vec<(String, String)> = audit
+        .iter()
+        .map(|v| (v["action"].as_str().unwrap_or("").to_string(), v["actor"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let app = support::issuer::CLIENT_ID;
+    let expect = [
+        ("authorization", "callback"),
+        ("token_handed_out", ""),
+        ("refresh", ""),
+        ("token_handed_out", ""),
+        ("proxied_call", ""),
+        ("refresh", "timer"),
+        ("revocation", ""),
+    ];
+    assert_eq!(said, expect.map(|(a, k)| (a.to_string(), k.to_string())), "{audit:#?}");
+    for v in &audit {
+        assert_eq!(v["connection"], "audited", "{v}");
+        assert_eq!(v["provider"], "test", "{v}");
+        if v["actor"] == "" {
+            assert_eq!(v["app_id"], app, "the caller's app id: {v}");
+        }
+        assert!(v["message"].as_str().unwrap().starts_with("audit: "), "{v}");
+    }
+    let mut secrets = w.peer.issued_tokens().await;
+    secrets.push(w.bearer.clone());
+    let logs = w.h.logs.all();
+    for s in secrets {
+        assert!(!logs.contains(&s), "a secret reached the logs");
+    }
+}

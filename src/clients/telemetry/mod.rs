@@ -97,7 +97,11 @@ impl Telemetry {
     /// The tracing layers that turn spans and events into exported spans and log
     /// records, filtered like the console (`LOG_LEVEL`).
     pub fn layer(&self, filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
-        let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+        use crate::support::logging::with_directives;
+        let base = || EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+        // Audit events as custom events (span events named `ai.custom`), not as traces too.
+        let span_filter = with_directives(base(), &["audit=off", "appinsights_event=info"]);
+        let log_filter = with_directives(base(), &["audit=info", "appinsights_event=off"]);
         // Without source locations, thread names and busy/idle times: they are noise in
         // every envelope, and Application Insights has its own duration.
         let spans = tracing_opentelemetry::layer()
@@ -107,7 +111,7 @@ impl Telemetry {
             .with_tracked_inactivity(false)
             .with_target(false);
         let logs = opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&self.logger);
-        spans.and_then(logs).with_filter(filter).boxed()
+        spans.with_filter(span_filter).and_then(logs.with_filter(log_filter)).boxed()
     }
 
     /// Exports what is buffered and stops. Blocks: call it outside async code.

@@ -92,7 +92,10 @@ struct PendingSecret {
 #[derive(Debug)]
 pub struct Completed {
     pub connection_id: String,
+    /// The provider's display name, for the page.
     pub provider: String,
+    /// Its name in the catalog, for the record.
+    pub provider_name: String,
     pub return_url: Option<Url>,
     /// The portal page that opened the flow in a popup, if any.
     pub opener_origin: Option<String>,
@@ -284,6 +287,7 @@ impl Connections {
         let done = |return_url| Completed {
             connection_id: conn.id.clone(),
             provider: provider.display_name.clone(),
+            provider_name: conn.provider.clone(),
             return_url,
             opener_origin: secret.opener_origin.clone(),
         };

@@ -187,7 +187,17 @@ impl Connections {
                 }
                 Err(e) => return Err(e.into()),
             }
-            return self.refresh_with_lease(leased, tokens, refresh_token, want).await;
+            let provider = leased.provider.clone();
+            let result = self.refresh_with_lease(leased, tokens, refresh_token, want).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(ConnectionError::NeedsReauth { .. }) => "needs_reauth",
+                Err(_) => "failed",
+            };
+            // Who caused it: the caller the web layer named, or the timer.
+            let actor = crate::support::audit::current();
+            crate::support::audit::record(crate::support::audit::Action::Refresh, id, &provider, &actor, outcome);
+            return result;
         }
     }
 

@@ -26,7 +26,19 @@ use crate::clients::auth::Caller;
 use crate::domain::connections::{ConnectionError, Connections};
 use crate::domain::oauth::catalog::Provider;
 use crate::domain::{ListFilter, Status};
+use crate::support::audit::{self, Action};
 use crate::support::outbound;
+
+/// The agent as the audit record names it.
+fn agent(caller: &Caller) -> audit::Actor {
+    audit::Actor {
+        tenant: caller.tenant.clone(),
+        app_id: caller.client_id.clone(),
+        object_id: caller.subject.clone(),
+        contact: None,
+        kind: "agent",
+    }
+}
 
 /// The most of a provider's answer a tool result carries.
 pub const MAX_BODY: usize = 256 * 1024;
@@ -150,17 +162,9 @@ pub async fn call(svc: &Agents, caller: &Caller, params: &Value) -> ToolResult {
         Err(message) => (false, tool_error(&message)),
     };
     let connection = args.get("connection_id").and_then(|v| v.as_str()).unwrap_or("-");
-    tracing::info!(
-        target: "audit",
-        action = "mcp_tool_call",
-        tool = name,
-        connection,
-        tenant = caller.tenant.as_deref().unwrap_or("-"),
-        caller = %who,
-        outcome = if ok { "ok" } else { "refused" },
-        "MCP {name} by {who}: {}",
-        if ok { "ok" } else { "refused" }
-    );
+    let actor = agent(caller);
+    let outcome = if ok { format!("{name}: ok") } else { format!("{name}: refused") };
+    audit::record(Action::McpToolCall, connection, "-", &actor, &outcome);
     Ok(result)
 }
 
@@ -252,7 +256,7 @@ async fn call_provider_api(
     let query = call.query.as_deref().map(|q| format!("query={}", urlencoding(q)));
     let target = crate::web::proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| e.detail)?;
     let method = reqwest::Method::from_bytes(call.method.as_bytes()).map_err(|e| e.to_string())?;
-    let mut token = connections.access_token(&c.id, false).await.map_err(|e| advice(&e))?;
+    let mut token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await.map_err(|e| advice(&e))?;
     let mut retried = false;
     loop {
         let mut out = svc
@@ -268,7 +272,7 @@ async fn call_provider_api(
             .map_err(|e| format!("the provider's API did not answer: {}", outbound::error_text(e)))?;
         if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !retried {
             retried = true;
-            token = connections.access_token(&c.id, true).await.map_err(|e| advice(&e))?;
+            token = audit::acting(agent(caller), connections.access_token(&c.id, true)).await.map_err(|e| advice(&e))?;
             continue;
         }
         let status = resp.status().as_u16();
@@ -280,11 +284,7 @@ async fn call_provider_api(
             Ok(v) if !truncated => v,
             _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
         };
-        tracing::info!(
-            target: "audit", action = "proxied_call", connection = %c.id, provider = %c.provider,
-            tenant = caller.tenant.as_deref().unwrap_or("-"), caller = caller.client_id.as_deref().unwrap_or("-"),
-            status, "{} {} through {} for an agent: {status}", method, call.path, c.id
-        );
+        audit::record(Action::ProxiedCall, &c.id, &c.provider, &agent(caller), &format!("provider answered {status}"));
         return Ok(json!({ "status": status, "content_type": content_type, "body": body, "truncated": truncated }));
     }
 }

@@ -1,0 +1,127 @@
+//! The record of every use of a credential: one audit event per token handed out, proxied
+//! call, MCP tool call, refresh (by a caller or the timer), revocation, import, deletion
+//! and authorization, with who did it. Never a token or a code.
+//!
+//! Each event is a log line of its own kind (`target: "audit"`, a JSON line with
+//! `LOG_FORMAT=json`), and, with Application Insights export on, a custom event named
+//! `DynamicsCompanion.Audit` (a span event named `ai.custom` is what the exporter turns into
+//! one), carrying the request's operation id: `customEvents | where name ==
+//! "DynamicsCompanion.Audit"`.
+
+/// What was done with a connection's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    TokenHandedOut,
+    ProxiedCall,
+    McpToolCall,
+    Refresh,
+    Revocation,
+    Import,
+    Deletion,
+    Authorization,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::TokenHandedOut => "token_handed_out",
+            Action::ProxiedCall => "proxied_call",
+            Action::McpToolCall => "mcp_tool_call",
+            Action::Refresh => "refresh",
+            Action::Revocation => "revocation",
+            Action::Import => "import",
+            Action::Deletion => "deletion",
+            Action::Authorization => "authorization",
+        }
+    }
+}
+
+/// Who did it: a back-office or agent caller (tenant, app id, object id), a portal
+/// contact, a person's browser at the callback, or the timer.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub tenant: Option<String>,
+    pub app_id: Option<String>,
+    pub object_id: Option<String>,
+    pub contact: Option<String>,
+    /// `timer`, `callback`, or empty for a caller with a token.
+    pub kind: &'static str,
+}
+
+impl Actor {
+    pub fn timer() -> Actor {
+        Actor { kind: "timer", ..Default::default() }
+    }
+
+    /// In words, for the log line.
+    fn describe(&self) -> String {
+        match (&self.contact, &self.app_id, self.kind) {
+            (Some(c), _, _) => format!("contact {c}"),
+            (None, Some(a), _) => format!("app {a}"),
+            (None, None, "") => "a caller".into(),
+            (None, None, k) => k.to_string(),
+        }
+    }
+}
+
+/// Records one audit event.
+pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, outcome: &str) {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let (tenant, app, object, contact) = (dash(&actor.tenant), dash(&actor.app_id), dash(&actor.object_id), dash(&actor.contact));
+    let trace_id = current_trace_id();
+    tracing::info!(
+        target: "audit",
+        action = action.as_str(),
+        connection,
+        provider,
+        tenant = %tenant,
+        app_id = %app,
+        object_id = %object,
+        contact = %contact,
+        actor = actor.kind,
+        outcome,
+        trace_id = %trace_id,
+        "audit: {} on {connection} ({provider}) by {}: {outcome}",
+        action.as_str(),
+        actor.describe()
+    );
+    tracing::info!(
+        target: "appinsights_event",
+        action = action.as_str(),
+        ai.customEvent.name = "DynamicsCompanion.Audit",
+        connection,
+        provider,
+        tenant = %tenant,
+        app_id = %app,
+        object_id = %object,
+        contact = %contact,
+        actor = actor.kind,
+        outcome,
+        "ai.custom"
+    );
+}
+
+/// The current span's trace id (`-` without the telemetry layer or a span).
+fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let id = span.span_context().trace_id();
+    if id == opentelemetry::trace::TraceId::INVALID { "-".into() } else { id.to_string() }
+}
+
+tokio::task_local! {
+    static ACTOR: Actor;
+}
+
+/// Runs `f` on behalf of `actor`: what it records deeper down (a refresh it causes)
+/// names that actor.
+pub async fn acting<F: std::future::Future>(actor: Actor, f: F) -> F::Output {
+    ACTOR.scope(actor, f).await
+}
+
+/// Who the current task acts for (empty when nobody said).
+pub fn current() -> Actor {
+    ACTOR.try_with(Actor::clone).unwrap_or_default()
+}
