@@ -38,11 +38,18 @@ use support::{Handler, HandlerBuilder};
 const BASELINE_ENV: &str = "DC_BENCH_BASELINE_PORT";
 /// Milliseconds the baseline waits before answering: an upstream API with latency.
 const BASELINE_DELAY_ENV: &str = "DC_BENCH_BASELINE_DELAY_MS";
+/// The minimal forwarding proxy's port and upstream (the proxy's floor).
+const FORWARDER_ENV: &str = "DC_BENCH_FORWARDER_PORT";
+const FORWARDER_UPSTREAM_ENV: &str = "DC_BENCH_FORWARDER_UPSTREAM";
 const CONCURRENCY: usize = 64;
 const LOAD_SECS: u64 = 5;
 const PUBLIC: &str = "http://localhost:7071";
 
 fn main() {
+    if let (Ok(port), Ok(upstream)) = (std::env::var(FORWARDER_ENV), std::env::var(FORWARDER_UPSTREAM_ENV)) {
+        forwarder(port.parse().expect("a port"), upstream);
+        return;
+    }
     if let Ok(port) = std::env::var(BASELINE_ENV) {
         let delay = std::env::var(BASELINE_DELAY_ENV).ok().and_then(|d| d.parse().ok()).unwrap_or(0);
         baseline(port.parse().expect("a port"), delay);
@@ -71,6 +78,51 @@ fn baseline(port: u16, delay_ms: u64) {
         });
         warp::serve(route).run(([127, 0, 0, 1], port)).await;
     });
+}
+
+/// The minimal forwarding proxy: warp takes the request, one pooled reqwest client sends
+/// it to `upstream` plus the path after `/proxy/` with a fixed `Authorization: Bearer`
+/// header, and the status, content type and body come back. The floor for any
+/// token-injecting proxy on this machine.
+fn forwarder(port: u16, upstream: String) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        use warp::Filter;
+        let client = reqwest::Client::new();
+        let route = warp::path("proxy").and(warp::path::tail()).and(warp::method()).then(
+            move |tail: warp::path::Tail, method: warp::http::Method| {
+                let (client, url) = (client.clone(), format!("{upstream}/{}", tail.as_str()));
+                async move {
+                    let resp = client.request(method, url).header("authorization", "Bearer fixed-token").send().await.unwrap();
+                    let status = resp.status();
+                    let ct = resp.headers().get("content-type").cloned();
+                    let body = resp.bytes().await.unwrap_or_default();
+                    let mut out = warp::http::Response::builder().status(status);
+                    if let Some(ct) = ct {
+                        out = out.header("content-type", ct);
+                    }
+                    out.body(body).unwrap()
+                }
+            },
+        );
+        warp::serve(route).run(([127, 0, 0, 1], port)).await;
+    });
+}
+
+fn start_forwarder(upstream: &str) -> Baseline {
+    let port = support::free_port();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(FORWARDER_ENV, port.to_string())
+        .env(FORWARDER_UPSTREAM_ENV, upstream)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the forwarder did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Baseline { child, url }
 }
 
 struct Baseline {
@@ -566,14 +618,19 @@ async fn run() -> String {
             .await;
         assert_eq!(probe.status, 200, "{}", probe.body);
         let dv_before = w.dataverse.requests().await;
-        let (direct, proxied) = paired_each(
-            (&format!("{}/items", api.url), vec![]),
-            (&format!("{}/api/connections/{id}/proxy/items", h.base), caller.clone()),
-            Method::GET,
-            None,
-            h.pid(),
-        )
-        .await;
+        let forwarder = start_forwarder(&api.url);
+        // Interleaved: direct, the minimal forwarder, ours; the median of each.
+        let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
+            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, vec![], None, None).await);
+            o.push(
+                load(&format!("{}/api/connections/{id}/proxy/items", h.base), Method::GET, caller.clone(), None, Some(h.pid()))
+                    .await,
+            );
+        }
+        drop(forwarder);
+        let (direct, floor, proxied) = (median_load(&d), median_load(&f), median_load(&o));
         if label == "Dataverse" {
             let (calls, requests) = proxy_dv;
             proxy_dv = (calls + w.dataverse.requests().await - dv_before, requests + proxied.requests);
@@ -583,9 +640,18 @@ async fn run() -> String {
             direct.rps, direct.p50, direct.p99, direct.errors
         ));
         r.push_str(&format!(
-            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+            "| a minimal forwarding proxy (warp + one pooled reqwest client, fixed bearer) to it | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | — |\n",
+            floor.rps,
+            floor.rps / direct.rps,
+            floor.p50,
+            floor.p99,
+            floor.errors
+        ));
+        r.push_str(&format!(
+            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} ({:.2} × the forwarder) | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
             proxied.rps,
             proxied.rps / direct.rps,
+            proxied.rps / floor.rps,
             proxied.p50,
             proxied.p99,
             proxied.errors,
