@@ -56,6 +56,10 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if std::env::var("DC_BENCH_ONLY").as_deref() == Ok("audit") {
+        println!("{}", rt.block_on(async { audit_cost(&world().await).await }));
+        return;
+    }
     let report = rt.block_on(run());
     println!("{report}");
     let path = format!("{}/target/bench-report.md", env!("CARGO_MANIFEST_DIR"));
@@ -462,6 +466,50 @@ impl World {
         let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
         location.strip_prefix(PUBLIC).unwrap().to_string()
     }
+}
+
+/// The token endpoint with the audit record on (`LOG_LEVEL=info`, the default: a request
+/// line and an audit line per token handed out) and off (`info,audit=off`: the request
+/// line only), SQLite store, interleaved in one run.
+async fn audit_cost(w: &World) -> String {
+    let far = 1_900_000_000;
+    let start = |level: &'static str| {
+        let b = HandlerBuilder::new()
+            .file("providers.toml", &w.catalog)
+            .env("PUBLIC_BASE_URL", PUBLIC)
+            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+            .env("TOKEN_ENCRYPTION_KEYS", &w.key_spec)
+            .env("LOG_LEVEL", level)
+            .envs(w.issuer.settings());
+        std::fs::create_dir_all(b.root().join(".data")).unwrap();
+        let store = dynamics_companion::clients::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db"))
+            .unwrap();
+        (b, store)
+    };
+    let mut handlers = Vec::new();
+    for level in ["info,audit=off", "info"] {
+        let (b, store) = start(level);
+        scale::insert_all(&store, vec![scale::connection(&w.keys, "fast", "au", far)]).await;
+        drop(store);
+        handlers.push(b.start().await);
+    }
+    let auth = vec![
+        ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
+        ("Content-Type".into(), "application/json".into()),
+    ];
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        for (h, out) in [(&handlers[0], &mut off), (&handlers[1], &mut on)] {
+            let url = format!("{}/api/connections/au/token", h.base);
+            out.push(load(&url, Method::POST, auth.clone(), Some("{}".into()), Some(h.pid())).await);
+        }
+    }
+    let (off, on) = (median_load(&off), median_load(&on));
+    let audited = handlers[1].logs.all().lines().filter(|l| l.contains("token_handed_out")).count();
+    format!(
+        "| audit record | requests/s | ratio | p50 | p99 |\n|---|---|---|---|---|\n| token endpoint, audit off (`LOG_LEVEL=info,audit=off`: request lines only) | {:.0} | 1.00 | {:.2} ms | {:.2} ms |\n| token endpoint, audit on (`LOG_LEVEL=info`, the default: {audited} audit lines too) | {:.0} | {:.2} | {:.2} ms | {:.2} ms |\n",
+        off.rps, off.p50, off.p99, on.rps, on.rps / off.rps, on.p50, on.p99
+    )
 }
 
 fn server_timing(reply: &support::Reply, name: &str) -> f64 {

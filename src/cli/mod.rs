@@ -87,6 +87,12 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    let code = run_command(cli);
+    crate::support::logging::flush();
+    code
+}
+
+fn run_command(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(),
         Command::Provision { key_timeout_seconds } => provision(key_timeout_seconds),
@@ -120,6 +126,7 @@ pub fn run(cli: Cli) -> ExitCode {
 /// Prints a start-up failure as one line and returns a failing exit code. No panic,
 /// no backtrace: the Functions host shows the last stderr lines as the exit reason.
 fn fail(message: impl std::fmt::Display) -> ExitCode {
+    crate::support::logging::flush();
     eprintln!("handler: {message}");
     ExitCode::FAILURE
 }

@@ -64,26 +64,26 @@ impl Actor {
     }
 }
 
-/// Records one audit event.
+/// Records one audit event: a console line (`target: "audit"`) with the fields that are
+/// set, and its Application Insights twin when exporting. Kept lean, since a token handed
+/// out is recorded on every call: the fields a reader needs and no message formatting.
 pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, outcome: &str) {
-    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let (tenant, app, object, contact) = (dash(&actor.tenant), dash(&actor.app_id), dash(&actor.object_id), dash(&actor.contact));
+    let who = actor.describe();
     let trace_id = current_trace_id();
     tracing::info!(
         target: "audit",
         action = action.as_str(),
         connection,
         provider,
-        tenant = %tenant,
-        app_id = %app,
-        object_id = %object,
-        contact = %contact,
+        who = %who,
+        tenant = actor.tenant.as_deref(),
+        app_id = actor.app_id.as_deref(),
+        object_id = actor.object_id.as_deref(),
+        contact = actor.contact.as_deref(),
         actor = actor.kind,
         outcome,
-        trace_id = %trace_id,
-        "audit: {} on {connection} ({provider}) by {}: {outcome}",
-        action.as_str(),
-        actor.describe()
+        trace_id = trace_id.as_deref(),
+        "audit"
     );
     tracing::info!(
         target: "appinsights_event",
@@ -91,24 +91,23 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
         ai.customEvent.name = "DynamicsCompanion.Audit",
         connection,
         provider,
-        tenant = %tenant,
-        app_id = %app,
-        object_id = %object,
-        contact = %contact,
-        actor = actor.kind,
+        who = %who,
+        tenant = actor.tenant.as_deref(),
+        app_id = actor.app_id.as_deref(),
+        contact = actor.contact.as_deref(),
         outcome,
         "ai.custom"
     );
 }
 
-/// The current span's trace id (`-` without the telemetry layer or a span).
-fn current_trace_id() -> String {
+/// The current span's trace id (none without the telemetry layer or a span).
+fn current_trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let context = tracing::Span::current().context();
     let span = context.span();
     let id = span.span_context().trace_id();
-    if id == opentelemetry::trace::TraceId::INVALID { "-".into() } else { id.to_string() }
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
 }
 
 tokio::task_local! {

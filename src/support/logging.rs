@@ -36,8 +36,9 @@ pub enum LogFormat {
 pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
     let filter = with_directives(
         EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")),
-        // The audit record whatever the level; its Application Insights twin never here.
-        &["audit=info", "appinsights_event=off"],
+        // The audit record follows LOG_LEVEL (info by default; `warn,audit=info` keeps it
+        // alone); its Application Insights twin is never a console line.
+        &["appinsights_event=off"],
     );
     let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let console = match format {
@@ -82,8 +83,16 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
     ]
 });
 
+/// One pass over a line that says whether any pattern could apply (most lines: none).
+static ANY: LazyLock<regex::RegexSet> = LazyLock::new(|| {
+    regex::RegexSet::new(PATTERNS.iter().map(|(re, _)| re.as_str())).expect("redaction patterns are valid")
+});
+
 /// Masks secret-looking values in one log line.
 pub fn redact(line: &str) -> std::borrow::Cow<'_, str> {
+    if !ANY.is_match(line) {
+        return std::borrow::Cow::Borrowed(line);
+    }
     let mut out = std::borrow::Cow::Borrowed(line);
     for (re, replacement) in PATTERNS.iter() {
         if re.is_match(&out) {
@@ -131,14 +140,88 @@ impl Drop for LineWriter {
             return;
         }
         let text = String::from_utf8_lossy(&self.buf);
-        let clean = redact(&text);
-        // A closed pipe must not take the process down; the line is lost either way.
-        let _ = if self.to_stderr {
-            io::stderr().lock().write_all(clean.as_bytes())
-        } else {
-            io::stdout().lock().write_all(clean.as_bytes())
-        };
+        let clean = redact(&text).into_owned().into_bytes();
+        sink::write(self.to_stderr, clean);
     }
+}
+
+/// The console lines, written by a thread of their own: a request formats its line and
+/// hands it over, and the writer sends whatever has queued in one write per stream, so a
+/// busy instance pays one system call per batch, not per line. Measured: one audit line
+/// per token request cost 45 % of the token endpoint's throughput written in place.
+/// When the queue is full a line is written in place (slower, never lost); [`flush`]
+/// waits for what is queued (the process calls it before it exits).
+mod sink {
+    use std::io::{self, BufWriter, Write};
+    use std::sync::OnceLock;
+    use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+    use std::time::Duration;
+
+    enum Msg {
+        Line(bool, Vec<u8>),
+        Flush(std::sync::mpsc::Sender<()>),
+    }
+
+    const QUEUE: usize = 16_384;
+    static SINK: OnceLock<Option<SyncSender<Msg>>> = OnceLock::new();
+
+    fn sender() -> Option<&'static SyncSender<Msg>> {
+        SINK.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+            std::thread::Builder::new().name("log-writer".into()).spawn(move || run(rx)).ok().map(|_| tx)
+        })
+        .as_ref()
+    }
+
+    fn run(rx: Receiver<Msg>) {
+        let (mut out, mut err) = (BufWriter::with_capacity(64 * 1024, io::stdout()), BufWriter::new(io::stderr()));
+        let handle = |m: Msg, out: &mut BufWriter<io::Stdout>, err: &mut BufWriter<io::Stderr>| match m {
+            // A closed pipe must not take the process down; the line is lost either way.
+            Msg::Line(true, line) => drop(err.write_all(&line)),
+            Msg::Line(false, line) => drop(out.write_all(&line)),
+            Msg::Flush(ack) => {
+                let _ = (out.flush(), err.flush());
+                let _ = ack.send(());
+            }
+        };
+        while let Ok(m) = rx.recv() {
+            handle(m, &mut out, &mut err);
+            while let Ok(m) = rx.try_recv() {
+                handle(m, &mut out, &mut err);
+            }
+            let _ = (out.flush(), err.flush());
+        }
+    }
+
+    pub fn write(to_stderr: bool, line: Vec<u8>) {
+        let direct = |line: Vec<u8>| {
+            let _ = if to_stderr { io::stderr().lock().write_all(&line) } else { io::stdout().lock().write_all(&line) };
+        };
+        match sender() {
+            Some(tx) => match tx.try_send(Msg::Line(to_stderr, line)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(Msg::Line(_, line)) | TrySendError::Disconnected(Msg::Line(_, line))) => {
+                    direct(line)
+                }
+                Err(_) => {}
+            },
+            None => direct(line),
+        }
+    }
+
+    /// Waits (a second at most) until every queued line is written.
+    pub fn flush() {
+        let Some(tx) = SINK.get().and_then(Option::as_ref) else { return };
+        let (ack, done) = std::sync::mpsc::channel();
+        if tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Waits until every console line queued so far is written (before the process exits).
+pub fn flush() {
+    sink::flush();
 }
 
 #[cfg(test)]

@@ -127,9 +127,36 @@ pub async fn onboard_link(svc: &TenantsApi, req: Request, id: &str) -> Result<Re
 /// `GET /api/oauth/onboard`: the administrator's sign-in comes back; find the
 /// environment, set the product up in it, check it with the app's own token.
 pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiError> {
-    use crate::domain::tenants::signin::{SignInAnswer, SignInError};
     let tenants = tenants(svc)?;
-    let mut answer = SignInAnswer::default();
+    let signed_in = match tenants.signed_in(sign_in_answer(&req)?).await {
+        Ok(d) => d,
+        Err(e) => return sign_in_refused(e),
+    };
+    let instances = tenants
+        .discover(&signed_in)
+        .await
+        .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("Nothing was changed: {e}.")))?;
+    let chosen = match choose_environment(&signed_in, &instances) {
+        Ok(chosen) => chosen,
+        Err(page) => return Ok(page),
+    };
+    let url = chosen.org().ok_or_else(|| {
+        ApiError::bad_gateway(
+            "discovery-failed",
+            format!("The Discovery Service named {:?}, not an organisation URL.", chosen.api_url),
+        )
+    })?;
+    let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;
+    let onboarded = tenants.onboard(access, &signed_in, &url).await;
+    if let Ok((_, t)) = &onboarded {
+        svc.changed(t);
+    }
+    set_up_page(&url.to_string(), onboarded)
+}
+
+/// The sign-in answer's parameters, each at most once.
+fn sign_in_answer(req: &Request) -> Result<crate::domain::tenants::signin::SignInAnswer, ApiError> {
+    let mut answer = crate::domain::tenants::signin::SignInAnswer::default();
     for (k, v) in req.query_pairs() {
         let slot = match k.as_str() {
             "code" => &mut answer.code,
@@ -145,26 +172,33 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
             ));
         }
     }
-    let signed_in = match tenants.signed_in(answer).await {
-        Ok(d) => d,
-        Err(SignInError::Store(e)) => return Err(e.into()),
-        Err(e @ SignInError::Refused { .. }) => {
-            return Ok(html::page(
-                StatusCode::FORBIDDEN,
-                "Sign-in not completed",
-                &format!("{e}. Nothing was changed. Ask your provider for a new link to try again."),
-                Tone::Error,
-            ));
+    Ok(answer)
+}
+
+/// What the administrator sees when the sign-in did not complete.
+fn sign_in_refused(e: crate::domain::tenants::signin::SignInError) -> Result<Response, ApiError> {
+    use crate::domain::tenants::signin::SignInError;
+    match e {
+        SignInError::Store(e) => Err(e.into()),
+        e @ SignInError::Refused { .. } => Ok(html::page(
+            StatusCode::FORBIDDEN,
+            "Sign-in not completed",
+            &format!("{e}. Nothing was changed. Ask your provider for a new link to try again."),
+            Tone::Error,
+        )),
+        e @ (SignInError::Token(_) | SignInError::Discovery(_)) => {
+            Err(ApiError::bad_gateway("sign-in-failed", format!("Nothing was changed: {e}.")))
         }
-        Err(e @ (SignInError::Token(_) | SignInError::Discovery(_))) => {
-            return Err(ApiError::bad_gateway("sign-in-failed", format!("Nothing was changed: {e}.")));
-        }
-        Err(e) => return Err(ApiError::bad_request("invalid-sign-in-answer", format!("Nothing was changed: {e}."))),
-    };
-    let instances = tenants
-        .discover(&signed_in)
-        .await
-        .map_err(|e| ApiError::bad_gateway("discovery-failed", format!("Nothing was changed: {e}.")))?;
+        e => Err(ApiError::bad_request("invalid-sign-in-answer", format!("Nothing was changed: {e}."))),
+    }
+}
+
+/// The environment to set up: the one the tenant names (by either of its URLs), or the
+/// only one the administrator administers; else a page listing them.
+fn choose_environment<'a>(
+    signed_in: &crate::domain::tenants::signin::Delegated,
+    instances: &'a [crate::domain::tenants::signin::Instance],
+) -> Result<&'a crate::domain::tenants::signin::Instance, Response> {
     let named = signed_in.tenant.org_url.as_deref().and_then(|o| OrgUrl::parse(o).ok());
     let chosen = match &named {
         Some(org) => instances.iter().find(|i| i.is(org)),
@@ -173,7 +207,7 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
             _ => None,
         },
     };
-    let Some(chosen) = chosen else {
+    chosen.ok_or_else(|| {
         let items: Vec<String> = instances
             .iter()
             .map(|i| format!("{} ({})", i.friendly_name.as_deref().unwrap_or("unnamed"), i.api_url))
@@ -184,27 +218,15 @@ pub async fn onboard(svc: &TenantsApi, req: Request) -> Result<Response, ApiErro
             ),
             None => "Your account reaches more than one environment (or none). Tell your provider which one to set up; they start again with it. Nothing was changed.".to_string(),
         };
-        return Ok(html::page_with_link(
-            StatusCode::CONFLICT,
-            "Which environment?",
-            &message,
-            Tone::Error,
-            &items,
-            None,
-        ));
-    };
-    let url = chosen.org().ok_or_else(|| {
-        ApiError::bad_gateway(
-            "discovery-failed",
-            format!("The Discovery Service named {:?}, not an organisation URL.", chosen.api_url),
-        )
-    })?;
-    let org = url.to_string();
-    let access = svc.organisations.access().ok_or_else(|| closed_error(Closed::Tenants))?;
-    let onboarded = tenants.onboard(access, &signed_in, &url).await;
-    if let Ok((_, t)) = &onboarded {
-        svc.changed(t);
-    }
+        html::page_with_link(StatusCode::CONFLICT, "Which environment?", &message, Tone::Error, &items, None)
+    })
+}
+
+/// The page that says how the set-up went.
+fn set_up_page(
+    org: &str,
+    onboarded: Result<(crate::domain::tenants::onboarding::SetupReport, Tenant), SetupError>,
+) -> Result<Response, ApiError> {
     match onboarded {
         Ok((report, t)) => {
             let done = t.status == crate::domain::TenantStatus::Onboarded;

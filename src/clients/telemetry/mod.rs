@@ -100,8 +100,8 @@ impl Telemetry {
         use crate::support::logging::with_directives;
         let base = || EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
         // Audit events as custom events (span events named `ai.custom`), not as traces too.
-        let span_filter = with_directives(base(), &["audit=off", "appinsights_event=info"]);
-        let log_filter = with_directives(base(), &["audit=info", "appinsights_event=off"]);
+        let span_filter = with_directives(base(), &["audit=off"]);
+        let log_filter = with_directives(base(), &["appinsights_event=off"]);
         // Without source locations, thread names and busy/idle times: they are noise in
         // every envelope, and Application Insights has its own duration.
         let spans = tracing_opentelemetry::layer()

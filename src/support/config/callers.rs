@@ -28,8 +28,8 @@ pub struct BackOfficeAuth {
     pub issuer: IssuerConfig,
     pub allowed_client_ids: Vec<String>,
     pub allowed_roles: Vec<String>,
-    /// `AUTH_ISSUER=dev`: where the development issuer's key is (see
-    /// `crate::clients::auth::dev`).
+    /// `AUTH_ISSUER=dev`: where the development issuer's key is (the auth client's
+    /// development issuer reads it).
     pub dev_key: Option<std::path::PathBuf>,
 }
 
