@@ -68,6 +68,12 @@ impl Actor {
 /// set, and its Application Insights twin when exporting. Kept lean, since a token handed
 /// out is recorded on every call: the fields a reader needs and no message formatting.
 pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, outcome: &str) {
+    // Nothing is computed for a record nobody keeps (`LOG_LEVEL=warn`, no export).
+    let console = tracing::enabled!(target: "audit", tracing::Level::INFO);
+    let export = tracing::enabled!(target: "appinsights_event", tracing::Level::INFO);
+    if !console && !export {
+        return;
+    }
     let who = actor.describe();
     let trace_id = current_trace_id();
     tracing::info!(

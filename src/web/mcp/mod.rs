@@ -48,7 +48,6 @@ pub fn metadata(svc: &Agents) -> Response {
         "resource": svc.resource.as_str(),
         "bearer_methods_supported": ["header"],
         "resource_name": "Dynamics Companion",
-        "resource_documentation": "https://github.com/dynamics-companion#mcp",
     });
     if let Some(v) = &svc.verifier {
         doc["authorization_servers"] = json!([v.issuer()]);
