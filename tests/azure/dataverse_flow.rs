@@ -159,8 +159,19 @@ async fn the_oauth_flow_with_the_dataverse_store() {
     let h = w.start(&[("REFRESH_MARGIN_SECONDS", "1")]).await;
     let c = Caller { h: &h, bearer: w.issuer.token() };
     let operator = format!("Bearer {}", c.bearer);
-    // A probe without a token costs the store nothing: liveness only.
-    let before = w.dataverse.requests().await;
+    // A probe without a token costs the store nothing: liveness only. The start-up's own
+    // requests (prefetch, the change feed's first sync, the keys-in-use count) come first;
+    // the feed then polls every 5 s, so the probes run inside one quiet second.
+    assert!(h.logs.wait_for_line(|l| l.contains("following the connections' changes")).is_some(), "{}", h.logs.all());
+    let mut before = w.dataverse.requests().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = w.dataverse.requests().await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     for _ in 0..5 {
         let probe = h.get("/api/health", &[]).await;
         assert_eq!(probe.status, 200, "{}", probe.body);
