@@ -68,27 +68,21 @@ impl Actor {
 /// set, and its Application Insights twin when exporting. Kept lean, since a token handed
 /// out is recorded on every call: the fields a reader needs and no message formatting.
 pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, outcome: &str) {
-    // Nothing is computed for a record nobody keeps (`LOG_LEVEL=warn`, no export).
-    let console = tracing::enabled!(target: "audit", tracing::Level::INFO);
-    let export = tracing::enabled!(target: "appinsights_event", tracing::Level::INFO);
-    if !console && !export {
-        return;
-    }
-    let who = actor.describe();
-    let trace_id = current_trace_id();
+    // The field values are computed only for an event some layer keeps (`tracing` builds
+    // them after its enabled check), so a record nobody keeps costs a callsite check.
     tracing::info!(
         target: "audit",
         action = action.as_str(),
         connection,
         provider,
-        who = %who,
+        who = %actor.describe(),
         tenant = actor.tenant.as_deref(),
         app_id = actor.app_id.as_deref(),
         object_id = actor.object_id.as_deref(),
         contact = actor.contact.as_deref(),
         actor = actor.kind,
         outcome,
-        trace_id = trace_id.as_deref(),
+        trace_id = current_trace_id().as_deref(),
         "audit"
     );
     tracing::info!(
@@ -97,7 +91,7 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
         ai.customEvent.name = "DynamicsCompanion.Audit",
         connection,
         provider,
-        who = %who,
+        who = %actor.describe(),
         tenant = actor.tenant.as_deref(),
         app_id = actor.app_id.as_deref(),
         contact = actor.contact.as_deref(),
