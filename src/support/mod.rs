@@ -6,6 +6,7 @@ pub mod config;
 pub mod counters;
 pub mod crypto;
 pub mod logging;
+pub mod metrics;
 pub mod outbound;
 pub mod throttle;
 pub mod time;

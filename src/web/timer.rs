@@ -131,7 +131,7 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
         }
         Err(e) => logs.push(format!("could not list the onboarded tenants: {e}")),
     }
-    crate::clients::telemetry::metrics::timer_run(started.elapsed().as_secs_f64());
+    crate::support::metrics::timer_run(started.elapsed().as_secs_f64());
     svc.record.record(TimerRun {
         at: crate::support::time::now(),
         ms: started.elapsed().as_millis() as u64,

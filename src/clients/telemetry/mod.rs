@@ -7,7 +7,7 @@
 //! `traceparent` and carries the host's invocation id; each outbound call is a child span
 //! ([`crate::support::outbound::send`], the Key Vault policy) that sends its `traceparent` on; every
 //! log event inside them is a trace record of the same operation; and a few counters
-//! ([`metrics`]). The stdout lines stay as they are, for the host's log stream.
+//! (`crate::support::metrics`). The stdout lines stay as they are, for the host's log stream.
 //!
 //! The exporter is `opentelemetry-application-insights` (OpenTelemetry's data model mapped
 //! to Application Insights' envelopes). It has no Microsoft Entra support, so uploads go
@@ -16,7 +16,6 @@
 //! redaction to every string in the payload before it leaves the process.
 
 pub mod ingestion;
-pub mod metrics;
 
 use std::sync::Arc;
 

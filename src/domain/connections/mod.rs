@@ -289,7 +289,7 @@ impl Connections {
         if self.silent(&c.id) {
             return;
         }
-        crate::clients::telemetry::metrics::status_change("deleted");
+        crate::support::metrics::status_change("deleted");
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
             tenant: self.deps.scope.clone(),
@@ -309,7 +309,7 @@ impl Connections {
         }
         let detail =
             matches!(c.status, Status::NeedsReauth | Status::Failed).then(|| c.status_detail.clone()).flatten();
-        crate::clients::telemetry::metrics::status_change(c.status.as_str());
+        crate::support::metrics::status_change(c.status.as_str());
         self.deps.events.status_changed(events::StatusChange {
             connection_id: c.id.clone(),
             tenant: self.deps.scope.clone(),

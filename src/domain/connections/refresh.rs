@@ -225,7 +225,7 @@ impl Connections {
                     })
                     .await;
                 self.refreshes_ok.add(self.deps.clock.now());
-                crate::clients::telemetry::metrics::refresh(true);
+                crate::support::metrics::refresh(true);
                 match stored {
                     Ok(c) => {
                         let token = CachedToken::for_connection(&c, &tokens, self.deps.clock.now_millis());
@@ -243,14 +243,14 @@ impl Connections {
             }
             Err(e) if e.is_invalid_grant() => {
                 self.refreshes_failed.add(self.deps.clock.now());
-                crate::clients::telemetry::metrics::refresh(false);
+                crate::support::metrics::refresh(false);
                 let detail = e.to_string();
                 Err(self.mark_needs_reauth(leased, &detail).await)
             }
             Err(e) => {
                 let t = self.deps.clock.now();
                 self.refreshes_failed.add(t);
-                crate::clients::telemetry::metrics::refresh(false);
+                crate::support::metrics::refresh(false);
                 let failures = leased.failures.saturating_add(1);
                 let backoff = REFRESH_BACKOFF.delay(failures).as_secs() as i64;
                 let detail = e.to_string();

@@ -1,6 +1,6 @@
 //! The few counters exported beside the spans: what an operator charts or alerts on.
 //!
-//! They come from the global meter, which is a no-op until [`super::Telemetry::start`]
+//! They come from the global meter, which is a no-op until the telemetry client's start
 //! sets one, so callers record unconditionally and pay nothing without export.
 
 use std::sync::LazyLock;
