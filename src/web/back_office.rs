@@ -193,11 +193,7 @@ pub async fn call(svc: &BackOffice, mut req: Request, id: &str, raw_path: &str) 
     let provider = proxy::provider_of(connections.catalog(), &token, id)?;
     let base = proxy::api_base(&provider)?;
     let target = proxy::call_target(base, raw_path, req.query.as_deref())?;
-    let sent =
-        audit::acting(actor(&who), proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req))
-            .await;
-    audit::record(Action::ProxiedCall, id, &provider.name, &actor(&who), &proxy::outcome(&sent));
-    sent
+    proxy::send_audited(actor(&who), &svc.http, &connections, &provider, id, token, target, &mut req).await
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
@@ -205,9 +201,5 @@ pub async fn proxy(svc: &BackOffice, mut req: Request, id: &str) -> Result<Respo
     let (who, connections) = caller_and_connections(svc, &req).await?;
     let token = audit::acting(actor(&who), connections.access_token(id, false)).await?;
     let (provider, target) = proxy::target(connections.catalog(), &token, id, &req)?;
-    let sent =
-        audit::acting(actor(&who), proxy::send_with_token(&svc.http, &connections, &provider, id, token, target, &mut req))
-            .await;
-    audit::record(Action::ProxiedCall, id, &provider.name, &actor(&who), &proxy::outcome(&sent));
-    sent
+    proxy::send_audited(actor(&who), &svc.http, &connections, &provider, id, token, target, &mut req).await
 }

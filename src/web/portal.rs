@@ -134,11 +134,5 @@ pub async fn proxy(svc: &PortalApi, mut req: Request, id: &str) -> Result<Respon
         kind: "portal",
         ..Default::default()
     };
-    let sent = crate::support::audit::acting(
-        actor.clone(),
-        proxy::send_with_token(&svc.http, home, &provider, id, token, target, &mut req),
-    )
-    .await;
-    crate::support::audit::record(crate::support::audit::Action::ProxiedCall, id, &provider.name, &actor, &proxy::outcome(&sent));
-    sent
+    proxy::send_audited(actor, &svc.http, home, &provider, id, token, target, &mut req).await
 }

@@ -223,16 +223,15 @@ pub async fn send_with_token(
     connections: &crate::domain::connections::Connections,
     provider: &Provider,
     id: &str,
-    mut token: CachedToken,
+    token: CachedToken,
     target: url::Url,
     req: &mut Request,
 ) -> Result<Response, ApiError> {
     let body: Bytes = req.body_bytes().await?;
     let (method, headers) = (req.method.clone(), &req.headers);
-    let mut retried = false;
-    loop {
+    let hop_by_hop = connection_listed(headers);
+    let request = || {
         let mut out = http.request(method.clone(), target.clone()).body(body.clone());
-        let hop_by_hop = connection_listed(headers);
         for (name, value) in headers {
             let name_str = name.as_str();
             let allowed =
@@ -241,37 +240,86 @@ pub async fn send_with_token(
                 out = out.header(name, value);
             }
         }
-        out = out.header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
-        let resp = outbound::upstream(outbound::send(out)).await.map_err(|e| {
-            ApiError::bad_gateway(
-                "provider-api-unreachable",
-                format!("The provider's API did not answer: {}", outbound::error_text(e)),
-            )
-        })?;
+        out
+    };
+    let (resp, _) = send_authorized(connections, id, token, request).await.map_err(|e| match e {
+        Unanswered::Token(e) => ApiError::from(e),
+        Unanswered::Unreachable(why) => {
+            ApiError::bad_gateway("provider-api-unreachable", format!("The provider's API did not answer: {why}"))
+        }
+    })?;
+    let status = resp.status();
+    let hop_by_hop = connection_listed(resp.headers());
+    let mut passed = HeaderMap::new();
+    for (name, value) in resp.headers() {
+        if forwardable_response_header(name.as_str()) && !hop_by_hop.iter().any(|h| h == name.as_str()) {
+            passed.append(name.clone(), value.clone());
+        }
+    }
+    passed.insert("x-dynamics-companion-proxied", HeaderValue::from_static("1"));
+    // Stream the provider's body through rather than buffering it.
+    let mut streamed = warp::Reply::into_response(warp::reply::stream(resp.bytes_stream()));
+    *streamed.status_mut() = status;
+    *streamed.headers_mut() = passed;
+    Ok(streamed)
+}
+
+/// Why a call with a connection's token got no answer.
+pub enum Unanswered {
+    /// No (fresh) token for the connection.
+    Token(crate::domain::connections::ConnectionError),
+    /// The provider's API did not answer: the reason, without the URL.
+    Unreachable(String),
+}
+
+/// Sends the request `request` makes, with the connection's token; on 401, forces one
+/// refresh and sends it once more (the token may have been revoked early). Returns the
+/// answer and the token it was sent with. The one way the proxy, the connector's call and
+/// the agents' tool reach a provider's API.
+pub async fn send_authorized(
+    connections: &crate::domain::connections::Connections,
+    id: &str,
+    mut token: CachedToken,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<(reqwest::Response, CachedToken), Unanswered> {
+    let mut retried = false;
+    loop {
+        let out = request()
+            .header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
+        let resp = outbound::upstream(outbound::send(out))
+            .await
+            .map_err(|e| Unanswered::Unreachable(outbound::error_text(e)))?;
         if resp.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
-            token = connections.access_token(id, true).await?;
+            token = connections.access_token(id, true).await.map_err(Unanswered::Token)?;
             continue;
         }
-        let status = resp.status();
-        let hop_by_hop = connection_listed(resp.headers());
-        let mut passed = HeaderMap::new();
-        for (name, value) in resp.headers() {
-            if forwardable_response_header(name.as_str()) && !hop_by_hop.iter().any(|h| h == name.as_str()) {
-                passed.append(name.clone(), value.clone());
-            }
-        }
-        passed.insert("x-dynamics-companion-proxied", HeaderValue::from_static("1"));
-        // Stream the provider's body through rather than buffering it.
-        let mut streamed = warp::Reply::into_response(warp::reply::stream(resp.bytes_stream()));
-        *streamed.status_mut() = status;
-        *streamed.headers_mut() = passed;
-        return Ok(streamed);
+        return Ok((resp, token));
     }
 }
 
+/// [`send_with_token`] on behalf of `actor`, leaving its audit record (a refresh the
+/// call causes names the actor too).
+#[allow(clippy::too_many_arguments)]
+pub async fn send_audited(
+    actor: crate::support::audit::Actor,
+    http: &reqwest::Client,
+    connections: &crate::domain::connections::Connections,
+    provider: &Provider,
+    id: &str,
+    token: CachedToken,
+    target: url::Url,
+    req: &mut Request,
+) -> Result<Response, ApiError> {
+    use crate::support::audit;
+    let sent =
+        audit::acting(actor.clone(), send_with_token(http, connections, provider, id, token, target, req)).await;
+    audit::record(audit::Action::ProxiedCall, id, &provider.name, &actor, &outcome(&sent));
+    sent
+}
+
 /// A proxied call's outcome for the audit record: the provider's status, or why not.
-pub fn outcome(sent: &Result<Response, ApiError>) -> String {
+fn outcome(sent: &Result<Response, ApiError>) -> String {
     match sent {
         Ok(r) => format!("provider answered {}", r.status().as_u16()),
         Err(e) => format!("refused: {}", e.code),

@@ -28,6 +28,7 @@ use crate::domain::oauth::catalog::Provider;
 use crate::domain::{ListFilter, Status};
 use crate::support::audit::{self, Action};
 use crate::support::outbound;
+use crate::web::proxy;
 
 /// The agent as the audit record names it.
 fn agent(caller: &Caller) -> audit::Actor {
@@ -252,41 +253,34 @@ async fn call_provider_api(
     call: ApiCall,
 ) -> Result<Value, String> {
     let (c, provider) = usable(connections, caller, id).await?;
-    let base = provider.api_base_url.as_ref().ok_or(format!("provider {:?} has no api_base_url", c.provider))?;
+    let base = proxy::api_base(&provider).map_err(|e| e.detail)?;
     let query = call.query.as_deref().map(|q| format!("query={}", urlencoding(q)));
-    let target = crate::web::proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| e.detail)?;
+    let target = proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| e.detail)?;
     let method = reqwest::Method::from_bytes(call.method.as_bytes()).map_err(|e| e.to_string())?;
-    let mut token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await.map_err(|e| advice(&e))?;
-    let mut retried = false;
-    loop {
-        let mut out = svc
-            .http
-            .request(method.clone(), target.clone())
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, format!("Bearer {}", token.access_token.expose_secret()));
-        if let Some(body) = &call.body {
-            out = out.json(body);
+    let token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await.map_err(|e| advice(&e))?;
+    let request = || {
+        let out = svc.http.request(method.clone(), target.clone()).header(header::ACCEPT, "application/json");
+        match &call.body {
+            Some(body) => out.json(body),
+            None => out,
         }
-        let resp = outbound::upstream(outbound::send(out))
-            .await
-            .map_err(|e| format!("the provider's API did not answer: {}", outbound::error_text(e)))?;
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !retried {
-            retried = true;
-            token = audit::acting(agent(caller), connections.access_token(&c.id, true)).await.map_err(|e| advice(&e))?;
-            continue;
-        }
-        let status = resp.status().as_u16();
-        let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (bytes, truncated) = bounded(resp).await?;
-        // The token never reaches the agent, even when the provider echoes the request.
-        let bytes = redact(bytes, token.access_token.expose_secret().as_bytes());
-        let body = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v) if !truncated => v,
-            _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
-        };
-        audit::record(Action::ProxiedCall, &c.id, &c.provider, &agent(caller), &format!("provider answered {status}"));
-        return Ok(json!({ "status": status, "content_type": content_type, "body": body, "truncated": truncated }));
-    }
+    };
+    let sent = audit::acting(agent(caller), proxy::send_authorized(connections, &c.id, token, request)).await;
+    let (resp, token) = sent.map_err(|e| match e {
+        proxy::Unanswered::Token(e) => advice(&e),
+        proxy::Unanswered::Unreachable(why) => format!("the provider's API did not answer: {why}"),
+    })?;
+    let status = resp.status().as_u16();
+    let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (bytes, truncated) = bounded(resp).await?;
+    // The token never reaches the agent, even when the provider echoes the request.
+    let bytes = redact(bytes, token.access_token.expose_secret().as_bytes());
+    let body = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) if !truncated => v,
+        _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+    };
+    audit::record(Action::ProxiedCall, &c.id, &c.provider, &agent(caller), &format!("provider answered {status}"));
+    Ok(json!({ "status": status, "content_type": content_type, "body": body, "truncated": truncated }))
 }
 
 /// The answer's body, up to [`MAX_BODY`].
