@@ -97,7 +97,8 @@ fn forwarder(port: u16, upstream: String) {
             move |tail: warp::path::Tail, method: warp::http::Method| {
                 let (client, url) = (client.clone(), format!("{upstream}/{}", tail.as_str()));
                 async move {
-                    let resp = client.request(method, url).header("authorization", "Bearer fixed-token").send().await.unwrap();
+                    let resp =
+                        client.request(method, url).header("authorization", "Bearer fixed-token").send().await.unwrap();
                     let status = resp.status();
                     let ct = resp.headers().get("content-type").cloned();
                     let body = resp.bytes().await.unwrap_or_default();
@@ -508,7 +509,13 @@ async fn audit_cost(w: &World) -> String {
     let audited = handlers[1].logs.all().lines().filter(|l| l.contains("token_handed_out")).count();
     format!(
         "| audit record | requests/s | ratio | p50 | p99 |\n|---|---|---|---|---|\n| token endpoint, audit off (`LOG_LEVEL=info,audit=off`: request lines only) | {:.0} | 1.00 | {:.2} ms | {:.2} ms |\n| token endpoint, audit on (`LOG_LEVEL=info`, the default: {audited} audit lines too) | {:.0} | {:.2} | {:.2} ms | {:.2} ms |\n",
-        off.rps, off.p50, off.p99, on.rps, on.rps / off.rps, on.p50, on.p99
+        off.rps,
+        off.p50,
+        off.p99,
+        on.rps,
+        on.rps / off.rps,
+        on.p50,
+        on.p99
     )
 }
 
@@ -673,8 +680,14 @@ async fn run() -> String {
             d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
             f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, vec![], None, None).await);
             o.push(
-                load(&format!("{}/api/connections/{id}/proxy/items", h.base), Method::GET, caller.clone(), None, Some(h.pid()))
-                    .await,
+                load(
+                    &format!("{}/api/connections/{id}/proxy/items", h.base),
+                    Method::GET,
+                    caller.clone(),
+                    None,
+                    Some(h.pid()),
+                )
+                .await,
             );
         }
         drop(forwarder);

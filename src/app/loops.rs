@@ -8,8 +8,8 @@ use std::time::Instant;
 use secrecy::ExposeSecret;
 
 use super::{App, build};
-use crate::support::outbound::Backoff;
 use crate::domain::Changes;
+use crate::support::outbound::Backoff;
 
 /// How long a cached token is trusted while the change feed runs: the refresh margin
 /// decides long before this.
@@ -134,7 +134,9 @@ impl App {
                         cursor = None;
                         record.set("restarting", Some(error.clone()));
                         record.update(|s| s.restarts += 1);
-                        tracing::warn!("the change feed's link was refused ({error}); starting it again with a full sync");
+                        tracing::warn!(
+                            "the change feed's link was refused ({error}); starting it again with a full sync"
+                        );
                         std::time::Duration::ZERO
                     } else if !e.is_transient() {
                         // No feed at all: cached tokens are trusted for TOKEN_CACHE_SECONDS.

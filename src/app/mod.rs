@@ -40,7 +40,8 @@ use crate::support::outbound;
 use crate::support::throttle::Throttle;
 use crate::support::time::{Clock, SystemClock};
 use services::{
-    Agents, BackOffice, BindCookies, Callback, FeedRecord, Health, PortalApi, Server, Services, TenantsApi, Timer, TimerRecord,
+    Agents, BackOffice, BindCookies, Callback, FeedRecord, Health, PortalApi, Server, Services, TenantsApi, Timer,
+    TimerRecord,
 };
 
 pub struct App {

@@ -124,7 +124,10 @@ impl TokenSource for ResourceToken {
             .get_or_try_insert_with(&(), || async {
                 let token =
                     outbound::upstream(self.credential.get_token(&[self.scope.as_str()], None)).await.map_err(|e| {
-                        IdentityError::Token { scope: self.scope.clone(), reason: token_failure(&outbound::with_causes(&e)) }
+                        IdentityError::Token {
+                            scope: self.scope.clone(),
+                            reason: token_failure(&outbound::with_causes(&e)),
+                        }
                     })?;
                 let value = SecretString::from(token.token.secret().to_string());
                 let lifetime = token.expires_on.unix_timestamp() - crate::support::time::now();

@@ -158,7 +158,11 @@ impl TenantCredentials {
             .await
     }
 
-    async fn request(&self, tenant: &str, scope: &str) -> Result<(SecretString, std::time::Duration), TenantTokenError> {
+    async fn request(
+        &self,
+        tenant: &str,
+        scope: &str,
+    ) -> Result<(SecretString, std::time::Duration), TenantTokenError> {
         let mut form: Vec<(&str, String)> = vec![
             ("client_id", self.app_id.clone()),
             ("scope", scope.to_string()),
@@ -256,7 +260,10 @@ fn entra_answer(status: u16, body: &[u8]) -> Result<(SecretString, std::time::Du
             };
             return Ok((SecretString::from(token), std::time::Duration::from_secs(secs.unwrap_or(3600))));
         }
-        return Err(TenantTokenError { code: None, message: format!("Entra answered {status} without an access_token") });
+        return Err(TenantTokenError {
+            code: None,
+            message: format!("Entra answered {status} without an access_token"),
+        });
     }
     match parsed {
         Some(a) if a.error.is_some() || a.error_description.is_some() => {
@@ -305,8 +312,12 @@ mod tests {
             "Entra answered 401 invalid_client: AADSTS7000229: The client application x is missing service principal in the tenant t."
         );
         let e = super::entra_answer(502, b"<html>Bad gateway</html>").unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (None, "Entra answered 502, not with its JSON error: <html>Bad gateway</html>"));
-        let (_, life) = super::entra_answer(200, br#"{"access_token":"t","expires_in":"3599","token_type":"Bearer"}"#).unwrap();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (None, "Entra answered 502, not with its JSON error: <html>Bad gateway</html>")
+        );
+        let (_, life) =
+            super::entra_answer(200, br#"{"access_token":"t","expires_in":"3599","token_type":"Bearer"}"#).unwrap();
         assert_eq!(life.as_secs(), 3599);
         assert!(super::entra_answer(200, b"{}").is_err());
     }

@@ -119,7 +119,16 @@ struct Lanes {
 impl Webhook {
     /// Ready to deliver; lanes are spawned on the current runtime as events come.
     pub fn start(url: Url, key: SecretString, http: reqwest::Client) -> Webhook {
-        Webhook { shared: Arc::new(Shared { http, url, key, places: Semaphore::new(AT_ONCE), lanes: Mutex::default(), recovered: tokio::sync::Notify::new() }) }
+        Webhook {
+            shared: Arc::new(Shared {
+                http,
+                url,
+                key,
+                places: Semaphore::new(AT_ONCE),
+                lanes: Mutex::default(),
+                recovered: tokio::sync::Notify::new(),
+            }),
+        }
     }
 
     pub fn send(&self, mut event: Event) {

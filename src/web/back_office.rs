@@ -13,10 +13,10 @@ use crate::app::services::BackOffice;
 use std::sync::Arc;
 
 use crate::clients::auth::{BearerVerifier, Caller};
-use crate::support::audit::{self, Action};
 use crate::domain::connections::ConnectionError;
 use crate::domain::connections::Connections;
 use crate::domain::{ListFilter, Status};
+use crate::support::audit::{self, Action};
 
 /// Checks the back-office caller's bearer token.
 pub(super) async fn caller(

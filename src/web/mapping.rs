@@ -57,7 +57,9 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Busy { detail, retry_after } => ApiError::unavailable(
                 "store-throttled",
-                format!("The store paused this app's requests (Dataverse's service-protection limits): {detail}. Try again after the Retry-After."),
+                format!(
+                    "The store paused this app's requests (Dataverse's service-protection limits): {detail}. Try again after the Retry-After."
+                ),
                 Some(retry_after.as_secs().max(1)),
             ),
             StoreError::Refused(why) => ApiError::unavailable(

@@ -180,12 +180,16 @@ pub fn call_target(base: &url::Url, raw_tail: &str, request_query: Option<&str>)
     });
     let (path, query) = match decoded.split_once('?') {
         Some(_) if given.is_some() => {
-            return Err(invalid("Give the provider's query either in the API path (after '?') or in the query parameter, not both."));
+            return Err(invalid(
+                "Give the provider's query either in the API path (after '?') or in the query parameter, not both.",
+            ));
         }
         Some((path, query)) => (path.to_string(), Some(query.to_string())),
         None => (decoded.into_owned(), given),
     };
-    if path.chars().any(|c| c.is_control() || c == '#') || query.as_deref().is_some_and(|q| q.chars().any(|c| c.is_control() || c == '#')) {
+    if path.chars().any(|c| c.is_control() || c == '#')
+        || query.as_deref().is_some_and(|q| q.chars().any(|c| c.is_control() || c == '#'))
+    {
         return Err(invalid("The API path and query may not contain control characters or '#'."));
     }
     let path = path.trim_start_matches('/');
@@ -284,8 +288,8 @@ pub async fn send_authorized(
 ) -> Result<(reqwest::Response, CachedToken), Unanswered> {
     let mut retried = false;
     loop {
-        let out = request()
-            .header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
+        let out =
+            request().header(header::AUTHORIZATION, format!("{} {}", bearer_scheme(&token.token_type), token.secret()));
         let resp = outbound::upstream(outbound::send(out))
             .await
             .map_err(|e| Unanswered::Unreachable(outbound::error_text(e)))?;
@@ -312,8 +316,7 @@ pub async fn send_audited(
     req: &mut Request,
 ) -> Result<Response, ApiError> {
     use crate::support::audit;
-    let sent =
-        audit::acting(actor.clone(), send_with_token(http, connections, provider, id, token, target, req)).await;
+    let sent = audit::acting(actor.clone(), send_with_token(http, connections, provider, id, token, target, req)).await;
     audit::record(audit::Action::ProxiedCall, id, &provider.name, &actor, &outcome(&sent));
     sent
 }

@@ -102,7 +102,8 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
     let started = std::time::Instant::now();
     use crate::support::audit::{Actor, acting};
     let report =
-        acting(Actor::timer(), crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run)).await;
+        acting(Actor::timer(), crate::domain::sweep::run(svc.organisations.home(), Some(&svc.captures), next_run))
+            .await;
     let (mut refreshed, mut needs_reauth, mut failed) = (report.refreshed, report.needs_reauth, report.failed);
     let mut tenants_failing = std::collections::BTreeMap::new();
     logs.extend(report.lines());

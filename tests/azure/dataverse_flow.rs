@@ -468,7 +468,11 @@ async fn the_change_feed_recovers_by_itself_and_staleness_stays_bounded() {
             assert_eq!(r.status, 503, "the store cannot be read: {}", r.body);
             break;
         }
-        assert!(deleted.elapsed() < Duration::from_secs(8), "the deleted connection was served for {:?}", deleted.elapsed());
+        assert!(
+            deleted.elapsed() < Duration::from_secs(8),
+            "the deleted connection was served for {:?}",
+            deleted.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let served_for = deleted.elapsed();

@@ -386,7 +386,10 @@ async fn queued_requests_wait_out_a_pause_and_a_long_one_is_said_at_once() {
         double.stats().await["requests"].as_u64().unwrap()
     };
     let (took, sent_during_pause) = tokio::join!(futures_util::future::join_all(reads), watcher);
-    assert!(sent_during_pause <= 3, "{sent_during_pause} requests went out while paused (2 in flight when the 429 came)");
+    assert!(
+        sent_during_pause <= 3,
+        "{sent_during_pause} requests went out while paused (2 in flight when the 429 came)"
+    );
     let late = took.iter().filter(|t| **t >= Duration::from_millis(3000)).count();
     assert!(late >= 7, "the queued ones waited out the 3 s pause: {took:?}");
     assert_eq!(double.stats().await["requests"], 11, "the throttled one twice, the others once");

@@ -351,7 +351,10 @@ fn function_json_files_are_valid_and_routes_do_not_collide() {
         }
     }
     functions.sort();
-    assert_eq!(functions, ["captures", "connections", "health", "mcp", "oauth", "openapi", "portal", "refresh", "tenants"]);
+    assert_eq!(
+        functions,
+        ["captures", "connections", "health", "mcp", "oauth", "openapi", "portal", "refresh", "tenants"]
+    );
     // The host forwards only what a function.json declares: every /api route the router
     // serves is declared, with each of its methods.
     for route in dynamics_companion::web::routes::ROUTES {

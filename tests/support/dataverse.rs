@@ -119,8 +119,12 @@ impl DataverseDouble {
 
     /// Test set-up: a table without change tracking, as an older version provisioned it.
     pub async fn set_change_tracking(&self, entity_set: &str, enabled: bool) {
-        self.control(Method::POST, &format!("tables/{entity_set}/change_tracking"), Some(json!({ "enabled": enabled })))
-            .await;
+        self.control(
+            Method::POST,
+            &format!("tables/{entity_set}/change_tracking"),
+            Some(json!({ "enabled": enabled })),
+        )
+        .await;
     }
 
     pub async fn set_accepted_tokens(&self, tokens: &[String]) {

@@ -232,13 +232,15 @@ async fn the_connectors_call_reaches_a_nested_path_with_a_query_and_no_further()
     assert_eq!(got["query"], "status=open&limit=5");
     // The README's old form (the query inside the path) works too; a space is escaped once.
     let r = w.h.forward(Method::GET, "/api/connections/flow/call/invoices%3Fstatus%3Dopen", &auth, None).await;
-    assert_eq!((r.json()["path"].as_str().unwrap().ends_with("/invoices"), r.json()["query"].as_str()), (true, Some("status=open")));
+    assert_eq!(
+        (r.json()["path"].as_str().unwrap().ends_with("/invoices"), r.json()["query"].as_str()),
+        (true, Some("status=open"))
+    );
     let r = w.h.forward(Method::GET, "/api/connections/flow/call/files%2Fmy%20report.pdf", &auth, None).await;
     assert!(r.json()["path"].as_str().unwrap().ends_with("/files/my%20report.pdf"), "{}", r.body);
     // A POST with a body, as the connector's POST action sends it.
-    let r = w
-        .h
-        .forward(
+    let r =
+        w.h.forward(
             Method::POST,
             "/api/connections/flow/call/invoices?query=draft%3Dtrue",
             &[("Authorization", &bearer), ("Content-Type", "application/json")],

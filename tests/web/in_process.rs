@@ -213,9 +213,16 @@ async fn entra_v1_and_v2_tokens_of_the_configured_tenant_are_both_accepted() {
     };
     // Another tenant's tokens, in either form (a single-tenant deployment): 401.
     for (claims, what) in [
-        (with(&with(&v1, "iss", format!("https://sts.windows.net/{OTHER}/").into()), "tid", OTHER.into()), "v1 other tenant"),
         (
-            with(&with(&v2, "iss", format!("https://login.microsoftonline.com/{OTHER}/v2.0").into()), "tid", OTHER.into()),
+            with(&with(&v1, "iss", format!("https://sts.windows.net/{OTHER}/").into()), "tid", OTHER.into()),
+            "v1 other tenant",
+        ),
+        (
+            with(
+                &with(&v2, "iss", format!("https://login.microsoftonline.com/{OTHER}/v2.0").into()),
+                "tid",
+                OTHER.into(),
+            ),
             "v2 other tenant",
         ),
         (with(&v1, "iss", format!("https://sts.windows.net/{TID}").into()), "v1 issuer without its slash"),
@@ -235,7 +242,11 @@ async fn entra_v1_and_v2_tokens_of_the_configured_tenant_are_both_accepted() {
     // `api://.../.default`): an app-only v1.0 token whose appid is the identity's client id,
     // not on the client allow-list, holding an app role the API registration assigned it.
     let plugin = with(
-        &with(&with(&v1, "appid", "5d2c9e1a-7b3f-4c8d-9e0a-1b2c3d4e5f60".into()), "oid", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into()),
+        &with(
+            &with(&v1, "appid", "5d2c9e1a-7b3f-4c8d-9e0a-1b2c3d4e5f60".into()),
+            "oid",
+            "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into(),
+        ),
         "roles",
         serde_json::json!(["Connections.Use"]),
     );

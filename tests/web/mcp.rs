@@ -25,11 +25,10 @@ async fn setup(extra_env: &[(&str, &str)]) -> Setup {
     let base = b.base_url();
     let peer = OidcPeer::start(&format!("{base}/api/oauth/callback"), json!({}));
     let issuer = Issuer::start().await;
-    let catalog = peer.catalog("test", &format!("agents = {{ roles = [\"{AGENT_ROLE}\"] }}")) + &peer.catalog("private", "");
-    let mut b = b
-        .file("providers.toml", &catalog)
-        .env("PUBLIC_BASE_URL", &base)
-        .env("TEST_PROVIDER_SECRET", CLIENT_SECRET);
+    let catalog =
+        peer.catalog("test", &format!("agents = {{ roles = [\"{AGENT_ROLE}\"] }}")) + &peer.catalog("private", "");
+    let mut b =
+        b.file("providers.toml", &catalog).env("PUBLIC_BASE_URL", &base).env("TEST_PROVIDER_SECRET", CLIENT_SECRET);
     for (k, v) in issuer.settings().into_iter().chain(extra_env.iter().map(|(k, v)| (*k, v.to_string()))) {
         b = b.env(k, v);
     }
@@ -46,7 +45,12 @@ impl Setup {
         let bearer = self.issuer.token();
         let r = self
             .h
-            .json(Method::POST, "/api/connections", Some(&bearer), &json!({ "provider": provider, "connection_id": id }))
+            .json(
+                Method::POST,
+                "/api/connections",
+                Some(&bearer),
+                &json!({ "provider": provider, "connection_id": id }),
+            )
             .await;
         assert_eq!(r.status, 201, "{}", r.body);
         let location = self.peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
@@ -166,7 +170,9 @@ async fn raw_requests_get_the_specifications_answers() {
     assert_eq!(r.status(), 403);
     assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
     // Another tenant's token (a single-tenant deployment): 401.
-    let r = post(Some(s.issuer.token_in_tenant("aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa")), init.clone(), vec![]).await.unwrap();
+    let r = post(Some(s.issuer.token_in_tenant("aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa")), init.clone(), vec![])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let agent = s.agent_token(&[AGENT_ROLE]);
     // An older revision is answered in kind; an unknown one with the latest.
@@ -181,13 +187,29 @@ async fn raw_requests_get_the_specifications_answers() {
     let r = post(Some(agent.clone()), list.clone(), vec![("mcp-protocol-version", "1999-01-01".into())]).await.unwrap();
     assert_eq!(r.status(), 400);
     // A notification: 202, no body. A batch, junk, an unknown method: JSON-RPC errors.
-    let r = post(Some(agent.clone()), json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }), vec![]).await.unwrap();
+    let r = post(Some(agent.clone()), json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }), vec![])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let v: Value = post(Some(agent.clone()), json!([list.clone()]), vec![]).await.unwrap().json().await.unwrap();
     assert_eq!(v["error"]["code"], -32600);
-    let v: Value = post(Some(agent.clone()), json!({ "jsonrpc": "2.0", "id": 3, "method": "resources/list" }), vec![]).await.unwrap().json().await.unwrap();
+    let v: Value = post(Some(agent.clone()), json!({ "jsonrpc": "2.0", "id": 3, "method": "resources/list" }), vec![])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["error"]["code"], -32601);
-    let v: Value = post(Some(agent.clone()), json!({ "jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": { "name": "drop_tables" } }), vec![]).await.unwrap().json().await.unwrap();
+    let v: Value = post(
+        Some(agent.clone()),
+        json!({ "jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": { "name": "drop_tables" } }),
+        vec![],
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(v["error"]["code"], -32602);
     // Another site's page (DNS rebinding): 403. GET (no server stream): 405.
     let r = post(Some(agent.clone()), list.clone(), vec![("origin", "https://evil.example".into())]).await.unwrap();

@@ -654,11 +654,20 @@ async fn a_newcomer_calls_a_providers_api_with_development_tokens() {
     let (code, out, err) = HandlerBuilder::sharing(&h).args(&["dev-token"]).run_to_exit();
     assert_eq!(code, Some(0), "{out}{err}");
     let token = out.trim().to_string();
-    let r = h.json(Method::POST, "/api/connections", Some(&token), &json!({ "provider": "erp", "connection_id": "mine" })).await;
+    let r = h
+        .json(Method::POST, "/api/connections", Some(&token), &json!({ "provider": "erp", "connection_id": "mine" }))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let location = peer.consent(r.json()["authorization_url"].as_str().unwrap(), false).await;
     h.get(location.strip_prefix(PUBLIC).unwrap(), &[("Accept", "text/html")]).await.assert_html(200);
-    let called = h.forward(Method::GET, "/api/connections/mine/call/users%2Fme", &[("Authorization", &format!("Bearer {token}"))], None).await;
+    let called = h
+        .forward(
+            Method::GET,
+            "/api/connections/mine/call/users%2Fme",
+            &[("Authorization", &format!("Bearer {token}"))],
+            None,
+        )
+        .await;
     assert_eq!(called.status, 200, "{}", called.body);
     assert!(called.json()["path"].as_str().unwrap().ends_with("/users/me"), "{}", called.body);
 

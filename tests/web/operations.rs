@@ -15,8 +15,9 @@ use support::flow::{Setup, world};
 
 #[tokio::test]
 async fn json_log_lines_parse_and_carry_no_secret() {
-    let w = world(Setup { env: vec![("LOG_FORMAT", "json".into()), ("LOG_LEVEL", "debug".into())], ..Default::default() })
-        .await;
+    let w =
+        world(Setup { env: vec![("LOG_FORMAT", "json".into()), ("LOG_LEVEL", "debug".into())], ..Default::default() })
+            .await;
     w.connect("json-logs").await;
     let token = w.access_token("json-logs").await;
     // The callback's request line has arrived once some line names its route.
@@ -410,18 +411,17 @@ impl Picky {
 
     fn statuses_of(&self, id: &str) -> Vec<String> {
         let got = self.accepted.lock().unwrap();
-        got.iter().filter(|(e, _)| e["connection_id"] == id).map(|(e, _)| e["status"].as_str().unwrap().to_string()).collect()
+        got.iter()
+            .filter(|(e, _)| e["connection_id"] == id)
+            .map(|(e, _)| e["status"].as_str().unwrap().to_string())
+            .collect()
     }
 
     async fn wait_for(&self, id: &str, status: &str, within: Duration) -> Instant {
         let deadline = Instant::now() + within;
         loop {
-            if let Some((_, at)) = self
-                .accepted
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(e, _)| e["connection_id"] == id && e["status"] == status)
+            if let Some((_, at)) =
+                self.accepted.lock().unwrap().iter().find(|(e, _)| e["connection_id"] == id && e["status"] == status)
             {
                 return *at;
             }
@@ -479,7 +479,11 @@ async fn a_refused_event_does_not_hold_back_the_others() {
         assert!(e.get("tenant").is_some_and(Value::is_null), "the deployment's own connection: {e}");
         assert!(e["sequence"].as_u64().unwrap() > 0, "{e}");
     }
-    let seq: Vec<u64> = got.iter().filter(|(e, _)| e["connection_id"] == "stuck").map(|(e, _)| e["sequence"].as_u64().unwrap()).collect();
+    let seq: Vec<u64> = got
+        .iter()
+        .filter(|(e, _)| e["connection_id"] == "stuck")
+        .map(|(e, _)| e["sequence"].as_u64().unwrap())
+        .collect();
     assert!(seq.windows(2).all(|w| w[0] < w[1]), "{seq:?}");
 }
 
@@ -501,7 +505,8 @@ async fn every_use_of_a_credential_leaves_one_audit_event() {
     let r = w.token("audited", true).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let bearer = format!("Bearer {}", w.bearer);
-    let proxied = w.h.forward(Method::GET, "/api/connections/audited/proxy/items", &[("Authorization", &bearer)], None).await;
+    let proxied =
+        w.h.forward(Method::GET, "/api/connections/audited/proxy/items", &[("Authorization", &bearer)], None).await;
     assert_eq!(proxied.status, 200, "{}", proxied.body);
     let timer = w.h.invoke_timer(&support::timer_payload(false)).await;
     assert_eq!(timer.status, 200, "{}", timer.body);
@@ -510,14 +515,13 @@ async fn every_use_of_a_credential_leaves_one_audit_event() {
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let audit = loop {
-        let lines: Vec<Value> = w
-            .h
-            .logs
-            .all()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"] == "audit")
-            .collect();
+        let lines: Vec<Value> =
+            w.h.logs
+                .all()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v["target"] == "audit")
+                .collect();
         if lines.iter().any(|v| v["action"] == "revocation") || Instant::now() > deadline {
             break lines;
         }

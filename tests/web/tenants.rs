@@ -556,7 +556,8 @@ async fn onboard_by_link(named: fn(&str, &str) -> Option<String>) {
     let mut want: Vec<(String, String)> = ["dc_Connection", "dc_Capture", "dc_Expectation"]
         .iter()
         .flat_map(|t| {
-            ["Create", "Read", "Write", "Delete", "Append", "AppendTo"].map(|v| (format!("prv{v}{t}"), "Global".to_string()))
+            ["Create", "Read", "Write", "Delete", "Append", "AppendTo"]
+                .map(|v| (format!("prv{v}{t}"), "Global".to_string()))
         })
         .chain([
             ("prvReadOrganization".to_string(), "Global".to_string()),

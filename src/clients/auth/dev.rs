@@ -83,7 +83,8 @@ pub fn mint(key: &[u8], roles: &[String], tenant: Option<&str>, minutes: i64) ->
         roles: roles.to_vec(),
         tid: tenant.map(str::to_string),
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key)).map_err(|e| e.to_string())
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key))
+        .map_err(|e| e.to_string())
 }
 
 /// The caller of a development token signed with `key`.
@@ -112,7 +113,10 @@ mod tests {
         let key = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let token = super::mint(key, &["ops".into()], None, 5).unwrap();
         let caller = super::verify(key, &token).unwrap();
-        assert_eq!((caller.client_id.as_deref(), caller.home, caller.roles.as_slice()), (Some(super::CLIENT), true, &["ops".to_string()][..]));
+        assert_eq!(
+            (caller.client_id.as_deref(), caller.home, caller.roles.as_slice()),
+            (Some(super::CLIENT), true, &["ops".to_string()][..])
+        );
         assert!(super::verify(b"another key another key another key another key!", &token).is_err());
     }
 }

@@ -110,7 +110,8 @@ fn issuer_forms(issuer: &str) -> Option<TenantIssuers> {
     let url = url::Url::parse(issuer).ok()?;
     let tenant = url.path_segments()?.next().filter(|s| !s.is_empty())?.to_string();
     let at = issuer.find(&format!("/{tenant}"))?;
-    let configured = IssuerForm { before: issuer[..=at].to_string(), after: issuer[at + 1 + tenant.len()..].to_string() };
+    let configured =
+        IssuerForm { before: issuer[..=at].to_string(), after: issuer[at + 1 + tenant.len()..].to_string() };
     let v1 = match url.host_str().map(str::to_ascii_lowercase).as_deref() {
         _ if configured.after != "/v2.0" || !crate::support::config::is_guid(&tenant) => None,
         Some("login.microsoftonline.com" | "login.microsoftonline.us") => Some("https://sts.windows.net/"),

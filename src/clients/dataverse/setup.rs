@@ -169,8 +169,11 @@ async fn grant_privileges(
     let found = rows(&found);
     if found.len() != wanted_all.len() {
         let named: Vec<&str> = found.iter().filter_map(|p| p["name"].as_str()).collect();
-        let absent: Vec<&str> =
-            wanted_all.iter().map(|(n, _)| n.as_str()).filter(|n| !named.iter().any(|f| f.eq_ignore_ascii_case(n))).collect();
+        let absent: Vec<&str> = wanted_all
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !named.iter().any(|f| f.eq_ignore_ascii_case(n)))
+            .collect();
         return Err(missing("privileges", &format!("the organisation has no privilege {}", absent.join(", "))));
     }
     let held = dv

@@ -70,7 +70,10 @@ pub fn describe(name: &str) -> Option<String> {
     };
     let table = |k: &str| {
         v.get(k).and_then(Value::as_table).map(|t| {
-            t.iter().map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect::<Vec<_>>().join("&")
+            t.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .collect::<Vec<_>>()
+                .join("&")
         })
     };
     let mut out = vec![format!("{name}: {}", s("display_name").unwrap_or_else(|| name.to_string()))];
@@ -384,7 +387,8 @@ mod tests {
         }
         // HubSpot's dated token endpoints; Shopify's expiring offline tokens and API version;
         // Sign for Government on its own preset, not a shard of adobesign.com.
-        let hubspot = Catalog::parse("[providers.h]\npreset = \"hubspot\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        let hubspot =
+            Catalog::parse("[providers.h]\npreset = \"hubspot\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
         let h = hubspot.get("h").unwrap();
         assert_eq!(h.token_url.as_str(), "https://api.hubapi.com/oauth/2026-03/token");
         assert_eq!(h.revocation_url.as_ref().unwrap().as_str(), "https://api.hubapi.com/oauth/2026-03/token/revoke");
@@ -393,10 +397,13 @@ mod tests {
         assert_eq!(s.token_params, [("expiring".to_string(), "1".to_string())]);
         assert!(s.api_base_url.as_ref().unwrap().as_str().ends_with("/admin/api/2026-10/"));
         assert!(with("adobe-sign", "shard = \"gov1\"").is_err());
-        let gov = Catalog::parse("[providers.g]\npreset = \"adobe-sign-gov\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        let gov =
+            Catalog::parse("[providers.g]\npreset = \"adobe-sign-gov\"\nclient_id = \"c\"\nclient_secret = \"s\"\n")
+                .unwrap();
         assert_eq!(gov.get("g").unwrap().token_url.host_str(), Some("secure.na1.adobesign.us"));
         // Google's iss is checked when sent, not required.
-        let google = Catalog::parse("[providers.g]\npreset = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
+        let google =
+            Catalog::parse("[providers.g]\npreset = \"google\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap();
         let g = google.get("g").unwrap();
         assert_eq!((g.issuer.as_deref(), g.issuer_required), (Some("https://accounts.google.com"), false));
     }

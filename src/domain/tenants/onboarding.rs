@@ -84,7 +84,9 @@ impl Tenants {
         let outcome = match access.check(&t).await {
             OrgCheck::Ready => Ok(()),
             OrgCheck::MissingTables(missing) => failure(
-                format!("the organisation does not have the product's tables yet ({missing}): open a new set-up link, or run `handler onboard --org` against it"),
+                format!(
+                    "the organisation does not have the product's tables yet ({missing}): open a new set-up link, or run `handler onboard --org` against it"
+                ),
                 true,
             ),
             OrgCheck::Refused { code, message } => failure(

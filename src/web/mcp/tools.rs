@@ -151,7 +151,10 @@ pub async fn call(svc: &Agents, caller: &Caller, params: &Value) -> ToolResult {
             let path = text("path").ok_or((RpcCode::InvalidParams, "path is required".into()))?;
             let method = text("method").unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
             if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
-                return Err((RpcCode::InvalidParams, format!("method {method:?} is not GET, POST, PUT, PATCH or DELETE")));
+                return Err((
+                    RpcCode::InvalidParams,
+                    format!("method {method:?} is not GET, POST, PUT, PATCH or DELETE"),
+                ));
             }
             let request = ApiCall { method, path, query: text("query"), body: args.get("body").cloned() };
             call_provider_api(svc, &connections, caller, &id, request).await
@@ -203,17 +206,16 @@ async fn list_connections(
     status: Option<String>,
 ) -> Result<Value, String> {
     let status = match status {
-        Some(s) => Some(Status::parse(&s).ok_or(format!("status {s:?} is not pending, active, needs_reauth or failed"))?),
+        Some(s) => {
+            Some(Status::parse(&s).ok_or(format!("status {s:?} is not pending, active, needs_reauth or failed"))?)
+        }
         None => None,
     };
     let filter = ListFilter { provider, status, limit: 500, ..Default::default() };
     let list = connections.list(&filter).await.map_err(|e| e.to_string())?;
     let catalog = connections.catalog();
-    let usable: Vec<Value> = list
-        .iter()
-        .filter(|c| catalog.get(&c.provider).is_some_and(|p| allowed(&p, caller)))
-        .map(view)
-        .collect();
+    let usable: Vec<Value> =
+        list.iter().filter(|c| catalog.get(&c.provider).is_some_and(|p| allowed(&p, caller))).map(view).collect();
     Ok(json!({ "connections": usable }))
 }
 
@@ -227,7 +229,8 @@ async fn usable(
         ConnectionError::NotFound(_) => format!("there is no connection {id:?} you can reach"),
         other => other.to_string(),
     })?;
-    let provider = connections.catalog().get(&c.provider).ok_or(format!("provider {:?} is not configured", c.provider))?;
+    let provider =
+        connections.catalog().get(&c.provider).ok_or(format!("provider {:?} is not configured", c.provider))?;
     if !allowed(&provider, caller) {
         return Err(refusal(&c.provider));
     }
