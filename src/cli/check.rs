@@ -78,7 +78,7 @@ pub async fn run(settings: Settings, config: Config) -> Report {
             c
         }
         Err(e) => {
-            report.add("provider catalog", Err(e));
+            report.add("provider catalog", Err(e.to_string()));
             Catalog::default()
         }
     };

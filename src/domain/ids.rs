@@ -107,12 +107,10 @@ pub struct OrgUrl(url::Url);
 impl OrgUrl {
     /// Parses either form; `https` only (plain `http` only on a loopback address, for
     /// local work and tests).
-    pub fn parse(text: &str) -> Result<OrgUrl, String> {
+    pub fn parse(text: &str) -> Result<OrgUrl, OrgUrlError> {
         let mut url = crate::support::config::parse_service_url(text.trim())?;
         if url.path() != "/" && !url.path().is_empty() || url.query().is_some() {
-            return Err(format!(
-                "must be the organisation's URL without a path, like https://org.crm.dynamics.com (got {text:?})"
-            ));
+            return Err(OrgUrlError::HasPath(text.to_string()));
         }
         if let Some(host) = url.host_str().map(str::to_ascii_lowercase) {
             let labels: Vec<&str> = host.split('.').collect();
@@ -122,7 +120,7 @@ impl OrgUrl {
             } else {
                 host
             };
-            url.set_host(Some(&host)).map_err(|e| format!("is not a valid host ({e}): {text:?}"))?;
+            url.set_host(Some(&host)).map_err(|reason| OrgUrlError::Host { value: text.to_string(), reason })?;
         }
         url.set_path("");
         Ok(OrgUrl(url))
@@ -152,6 +150,17 @@ impl OrgUrl {
     pub fn scope(&self) -> String {
         format!("{}/.default", self.as_str())
     }
+}
+
+/// Why a text is not an organisation's URL (the sentence follows the field's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrgUrlError {
+    #[error(transparent)]
+    Url(#[from] crate::support::config::ServiceUrlError),
+    #[error("must be the organisation's URL without a path, like https://org.crm.dynamics.com (got {0:?})")]
+    HasPath(String),
+    #[error("is not a valid host ({reason}): {value:?}")]
+    Host { value: String, reason: url::ParseError },
 }
 
 impl std::fmt::Display for OrgUrl {

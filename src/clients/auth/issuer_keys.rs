@@ -164,7 +164,7 @@ impl IssuerKeys {
         let url = Url::parse(&format!("{base}/.well-known/openid-configuration"))
             .map_err(|e| KeysError::JwksUri(format!("cannot be built from the issuer: {e}")))?;
         let doc: Discovery = get_json(&self.http, &url).await?;
-        parse_service_url(&doc.jwks_uri).map_err(KeysError::JwksUri)
+        parse_service_url(&doc.jwks_uri).map_err(|e| KeysError::JwksUri(e.to_string()))
     }
 }
 

@@ -15,7 +15,7 @@ use super::{Dataverse, DataverseError};
 use crate::clients::azure::StaticToken;
 use crate::clients::entra::{OrgToken, TenantCredentials};
 use crate::clients::store::dataverse::DataverseStore;
-use crate::domain::tenants::onboarding::{OrgCheck, OrganisationAccess, SetupError, SetupReport};
+use crate::domain::tenants::onboarding::{OrgAddressError, OrgCheck, OrganisationAccess, SetupError, SetupReport};
 use crate::domain::{ConnectionStore, Tenant};
 
 pub struct DataverseOrganisations {
@@ -30,8 +30,8 @@ impl DataverseOrganisations {
     /// A client for the tenant's organisation with the app's token from that tenant.
     /// Its token is for the environment (`{Url}/.default`), its requests go to the Web
     /// API's host (`ApiUrl`): see [`OrgUrl`].
-    fn dataverse(&self, t: &Tenant) -> Result<Arc<Dataverse>, String> {
-        let org = OrgUrl::parse(t.org_url.as_deref().ok_or("no org_url was given")?)?;
+    fn dataverse(&self, t: &Tenant) -> Result<Arc<Dataverse>, OrgAddressError> {
+        let org = OrgUrl::parse(t.org_url.as_deref().ok_or(OrgAddressError::NoUrl)?)?;
         let tokens =
             Arc::new(OrgToken { credentials: self.credentials.clone(), tenant: t.id.clone(), scope: org.scope() });
         Ok(Arc::new(Dataverse::new(&org.api(), self.http.clone(), tokens, None).with_concurrency(self.max_concurrency)))
@@ -40,14 +40,14 @@ impl DataverseOrganisations {
 
 #[async_trait]
 impl OrganisationAccess for DataverseOrganisations {
-    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, String> {
+    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, OrgAddressError> {
         Ok(Arc::new(DataverseStore::new(self.dataverse(tenant)?, self.schema.clone())))
     }
 
     async fn check(&self, tenant: &Tenant) -> OrgCheck {
         let dv = match self.dataverse(tenant) {
             Ok(dv) => dv,
-            Err(e) => return OrgCheck::Failed(e),
+            Err(e) => return OrgCheck::Failed(e.to_string()),
         };
         match dv.who_am_i().await {
             Ok(_) => match verify(&dv, &self.schema).await {

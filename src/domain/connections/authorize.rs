@@ -176,7 +176,7 @@ impl Connections {
         let key = match self.deps.catalog.instance_key(&req.provider, &req.params) {
             Ok(key) => key,
             Err(detail) if self.deps.catalog.names().contains(&req.provider.as_str()) => {
-                return Err(ConnectionError::Invalid(InvalidInput::ProviderParams, detail));
+                return Err(ConnectionError::Invalid(InvalidInput::ProviderParams, detail.to_string()));
             }
             Err(_) => req.provider.clone(),
         };

@@ -28,14 +28,19 @@
 //! Client secrets are never written in the catalog, only named.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
 use url::Url;
 
-use crate::support::config::{parse_service_url, validate_secret_name};
+mod validate;
+
+pub use validate::EntryError;
+use validate::{canonical_key, valid_name, validate, validate_named};
+
+use super::presets::PresetError;
 
 /// How the client authenticates at the token and revocation endpoints (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -259,24 +264,24 @@ const MAX_PROVIDER_KEY: usize = 64;
 impl Catalog {
     /// Loads the catalog file. A missing file is an empty catalog when `required` is
     /// false (the embedded defaults), an error otherwise.
-    pub fn load(path: &Path, required: bool) -> Result<Catalog, String> {
+    pub fn load(path: &Path, required: bool) -> Result<Catalog, CatalogError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(Catalog::default()),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(e) => return Err(CatalogError::Read { path: path.to_path_buf(), reason: e.to_string() }),
         };
-        Catalog::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        Catalog::parse(&text).map_err(|e| CatalogError::In { path: path.to_path_buf(), error: Box::new(e) })
     }
 
-    pub fn parse(text: &str) -> Result<Catalog, String> {
-        let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Catalog, CatalogError> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| CatalogError::Syntax(e.to_string()))?;
         // Presets first (`preset = "xero"`): each entry is the preset under its own fields.
         let mut templates = BTreeMap::new();
         if let Some(toml::Value::Table(entries)) = doc.get_mut("providers") {
             let names: Vec<String> = entries.keys().cloned().collect();
             for name in names {
                 let Some(toml::Value::Table(t)) = entries.get_mut(&name) else { continue };
-                match super::presets::apply(std::mem::take(t)).map_err(|e| format!("provider {name:?}: {e}"))? {
+                match super::presets::apply(std::mem::take(t)).map_err(|e| CatalogError::entry(&name, e.into()))? {
                     super::presets::Applied::Complete(table) => *t = table,
                     super::presets::Applied::PerConnection(template) => {
                         // Check now what can be checked: the entry with sample values.
@@ -286,14 +291,15 @@ impl Catalog {
                 }
             }
         }
-        let file: CatalogFile = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let file: CatalogFile =
+            toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| CatalogError::Syntax(e.to_string()))?;
         let mut providers = BTreeMap::new();
         for (name, spec) in file.providers {
-            let provider = validate(&name, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
+            let provider = validate(&name, spec).map_err(|e| CatalogError::entry(&name, e))?;
             providers.insert(name, Arc::new(provider));
         }
         for name in templates.keys() {
-            valid_name(name).map_err(|e| format!("provider {name:?}: {e}"))?;
+            valid_name(name).map_err(|e| CatalogError::entry(name, e))?;
         }
         Ok(Catalog { providers, templates, resolved: Mutex::default() })
     }
@@ -341,24 +347,25 @@ impl Catalog {
 
     /// The key a new connection stores as its provider: the name alone, or the name with
     /// the connection's parameters (checked against the preset's patterns and hosts).
-    pub fn instance_key(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String, String> {
+    pub fn instance_key(&self, name: &str, params: &BTreeMap<String, String>) -> Result<String, CatalogError> {
         if self.providers.contains_key(name) {
             if !params.is_empty() {
-                return Err(format!("provider {name:?} takes no connection parameters"));
+                return Err(CatalogError::TakesNoParams(name.to_string()));
             }
             return Ok(name.to_string());
         }
-        let template = self.templates.get(name).ok_or_else(|| format!("there is no provider {name:?}"))?;
+        let template = self.templates.get(name).ok_or_else(|| CatalogError::Unknown(name.to_string()))?;
         let pairs: Vec<(String, String)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let table = template.fill(&pairs)?;
-        let spec: ProviderSpec = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        // The preset's own words (which parameter, which pattern), not the entry's name.
+        let table = template.fill(&pairs).map_err(CatalogError::Params)?;
+        let spec: ProviderSpec = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| CatalogError::entry(name, EntryError::Shape(e.to_string())))?;
         let key = canonical_key(name, params);
         if key.len() > MAX_PROVIDER_KEY {
-            return Err(format!(
-                "the provider with its parameters ({key}) is longer than {MAX_PROVIDER_KEY} characters"
-            ));
+            return Err(CatalogError::KeyTooLong(key));
         }
-        validate_named(&key, spec).map_err(|e| format!("provider {name:?}: {e}"))?;
+        validate_named(&key, spec).map_err(|e| CatalogError::entry(name, e))?;
         Ok(key)
     }
 
@@ -405,109 +412,32 @@ impl Catalog {
     }
 }
 
-/// `name?k1=v1&k2=v2`, the parameters in name order and form-encoded: the one spelling of
-/// a per-connection provider.
-fn canonical_key(name: &str, params: &BTreeMap<String, String>) -> String {
-    let mut q = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in params {
-        q.append_pair(k, v);
-    }
-    format!("{name}?{}", q.finish())
+/// Why the catalog, or a connection's provider in it, cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("{}: {error}", path.display())]
+    In { path: PathBuf, error: Box<CatalogError> },
+    /// Not TOML, or not the catalog's shape (TOML's own words, with the line).
+    #[error("{0}")]
+    Syntax(String),
+    #[error("provider {name:?}: {error}")]
+    Entry { name: String, error: EntryError },
+    #[error("there is no provider {0:?}")]
+    Unknown(String),
+    #[error("provider {0:?} takes no connection parameters")]
+    TakesNoParams(String),
+    #[error(transparent)]
+    Params(PresetError),
+    #[error("the provider with its parameters ({0}) is longer than {MAX_PROVIDER_KEY} characters")]
+    KeyTooLong(String),
 }
 
-fn valid_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-    {
-        return Err("the name must be 1-64 lower-case letters, digits, '-' or '_'".into());
+impl CatalogError {
+    fn entry(name: &str, error: EntryError) -> CatalogError {
+        CatalogError::Entry { name: name.to_string(), error }
     }
-    Ok(())
-}
-
-fn validate(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
-    valid_name(name)?;
-    validate_named(name, spec)
-}
-
-/// Validates an entry under any key (a per-connection one carries its parameters).
-fn validate_named(name: &str, spec: ProviderSpec) -> Result<Provider, String> {
-    let url = |field: &str, v: &str| parse_service_url(v).map_err(|e| format!("{field} {e}"));
-    let authorization_url = url("authorization_url", &spec.authorization_url)?;
-    let token_url = url("token_url", &spec.token_url)?;
-    let revocation_url = spec.revocation_url.as_deref().map(|v| url("revocation_url", v)).transpose()?;
-    let refresh_url = spec.refresh_url.as_deref().map(|v| url("refresh_url", v)).transpose()?;
-    let mut api_base_url = spec.api_base_url.as_deref().map(|v| url("api_base_url", v)).transpose()?;
-    if let Some(base) = api_base_url.as_mut() {
-        // Joining relative paths onto the base must not drop its last segment.
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
-        }
-    }
-    if spec.client_id.trim().is_empty() {
-        return Err("client_id is empty".into());
-    }
-    let client_auth = spec.client_auth.unwrap_or(if spec.client_secret.is_some() {
-        ClientAuth::ClientSecretBasic
-    } else {
-        ClientAuth::None
-    });
-    match (&spec.client_secret, client_auth) {
-        (Some(secret), ClientAuth::None) => {
-            return Err(format!("client_auth is \"none\" but client_secret names {secret:?}"));
-        }
-        (None, ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost) => {
-            return Err("client_auth needs a client_secret (the name of the secret, not its value)".into());
-        }
-        (Some(secret), _) => validate_secret_name(secret).map_err(|e| format!("client_secret: {e}"))?,
-        (None, ClientAuth::None) => {}
-    }
-    for key in spec.authorization_params.keys() {
-        if RESERVED_AUTH_PARAMS.contains(&key.as_str()) {
-            return Err(format!("authorization_params may not set {key:?}; the handler sets it"));
-        }
-    }
-    for key in spec.token_params.keys() {
-        if RESERVED_TOKEN_PARAMS.contains(&key.as_str()) {
-            return Err(format!("token_params may not set {key:?}; the handler sets it"));
-        }
-    }
-    let mut proxy_headers = Vec::new();
-    for h in &spec.proxy_headers {
-        let lower = h.trim().to_ascii_lowercase();
-        if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(format!("proxy_headers: {h:?} is not a header name"));
-        }
-        if never_proxied(&lower) {
-            return Err(format!("proxy_headers may not pass {h:?}: the proxy never forwards it"));
-        }
-        proxy_headers.push(lower);
-    }
-    Ok(Provider {
-        name: name.to_string(),
-        display_name: spec.display_name.unwrap_or_else(|| name.to_string()),
-        authorization_url,
-        token_url,
-        refresh_url,
-        revocation_url,
-        issuer_required: spec.issuer_required.unwrap_or(true),
-        issuer: spec.issuer.filter(|s| !s.is_empty()),
-        client_id: spec.client_id,
-        client_secret: spec.client_secret,
-        client_auth,
-        scopes: spec.scopes,
-        scope_separator: spec.scope_separator.unwrap_or_else(|| " ".into()),
-        pkce: spec.pkce.unwrap_or(true),
-        authorization_params: spec.authorization_params.into_iter().collect(),
-        token_params: spec.token_params.into_iter().collect(),
-        api_base_url,
-        token_response: spec.token_response,
-        refresh_keepalive: spec.refresh_keepalive_seconds.map(Duration::from_secs),
-        portal: spec.portal.unwrap_or_default(),
-        agents: spec.agents,
-        proxy_headers,
-    })
 }
 
 #[cfg(test)]

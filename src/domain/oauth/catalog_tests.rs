@@ -76,6 +76,6 @@ fn rejects_what_would_be_unsafe_or_ambiguous() {
     ];
     for (text, needle) in cases {
         let err = Catalog::parse(&text).unwrap_err();
-        assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        assert!(err.to_string().contains(needle), "{err:?} should mention {needle:?}");
     }
 }

@@ -140,22 +140,24 @@ impl Template {
 
     /// The entry for one connection's parameters: each checked against its pattern, every
     /// filled URL against the preset's hosts.
-    pub fn fill(&self, given: &[(String, String)]) -> Result<Table, String> {
+    pub fn fill(&self, given: &[(String, String)]) -> Result<Table, PresetError> {
         let open = self.open_params();
         for (k, _) in given {
             if !open.contains(&k.as_str()) {
-                return Err(format!(
-                    "{} takes no connection parameter {k:?} (it takes: {})",
-                    self.preset,
-                    none_if_empty(&open)
-                ));
+                return Err(PresetError::NoConnectionParam {
+                    preset: self.preset.clone(),
+                    param: k.clone(),
+                    takes: none_if_empty(&open),
+                });
             }
         }
         let mut values = self.fixed.clone();
         for p in &open {
-            let v = given.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone()).ok_or_else(|| {
-                format!("{} needs the connection parameter {p:?} (params: {{\"{p}\": \"...\"}})", self.preset)
-            })?;
+            let v = given
+                .iter()
+                .find(|(k, _)| k == p)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| PresetError::NeedsParam { preset: self.preset.clone(), param: p.to_string() })?;
             values.push((p.to_string(), v));
         }
         check_values(&self.preset, &self.specs, &values)?;
@@ -171,12 +173,12 @@ impl Template {
 /// The entry with its preset applied: the preset's fields under the entry's own (tables
 /// such as `authorization_params` merged key by key), placeholders filled and checked.
 /// An entry without `preset` comes back as it was.
-pub fn apply(mut entry: Table) -> Result<Applied, String> {
+pub fn apply(mut entry: Table) -> Result<Applied, PresetError> {
     let Some(name) = entry.remove("preset") else { return Ok(Applied::Complete(entry)) };
-    let name = name.as_str().ok_or("preset must be a preset's name")?.to_string();
+    let name = name.as_str().ok_or(PresetError::NotAName)?.to_string();
     let preset = PRESETS.get(&name).and_then(Value::as_table).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.keys().map(String::as_str).collect();
-        format!("there is no preset {name:?} (handler providers lists them: {})", names.join(", "))
+        PresetError::NoPreset { name: name.clone(), known: names.join(", ") }
     })?;
     let params_spec = preset.get("params").and_then(Value::as_table).cloned().unwrap_or_default();
     let specs: Vec<(String, String)> = params_spec
@@ -193,19 +195,19 @@ pub fn apply(mut entry: Table) -> Result<Applied, String> {
     let given = match entry.remove("params") {
         Some(Value::Table(t)) => t,
         None => Table::new(),
-        Some(_) => return Err("params must be a table (params = { account = \"...\" })".into()),
+        Some(_) => return Err(PresetError::ParamsNotTable),
     };
     for key in given.keys() {
         if !params_spec.contains_key(key) {
             let known: Vec<&str> = params_spec.keys().map(String::as_str).collect();
-            return Err(format!("preset {name:?} has no parameter {key:?} (it takes: {})", none_if_empty(&known)));
+            return Err(PresetError::NoParam { preset: name, param: key.clone(), takes: none_if_empty(&known) });
         }
     }
     let mut values = Vec::new();
     let mut missing = false;
     for (param, spec) in &params_spec {
         let value = match given.get(param) {
-            Some(v) => Some(v.as_str().ok_or_else(|| format!("params.{param} must be a string"))?.to_string()),
+            Some(v) => Some(v.as_str().ok_or_else(|| PresetError::ParamNotString(param.clone()))?.to_string()),
             None => spec.get("default").and_then(Value::as_str).map(str::to_string),
         };
         match value {
@@ -233,10 +235,14 @@ pub fn apply(mut entry: Table) -> Result<Applied, String> {
     Ok(Applied::Complete(fill_urls(&name, merged, &values, &hosts)?))
 }
 
-fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, String)]) -> Result<(), String> {
+fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, String)]) -> Result<(), PresetError> {
     for (param, value) in values {
         let pattern = specs.iter().find(|(p, _)| p == param).map(|(_, pat)| pat.as_str()).unwrap_or("^$");
-        let re = regex::Regex::new(pattern).map_err(|e| format!("preset {preset:?}: bad pattern for {param}: {e}"))?;
+        let re = regex::Regex::new(pattern).map_err(|e| PresetError::BadPattern {
+            preset: preset.to_string(),
+            param: param.clone(),
+            reason: e.to_string(),
+        })?;
         if !re.is_match(value) {
             // The preset's words for it when it has some (a NetSuite account id's host form),
             // then the pattern.
@@ -248,15 +254,24 @@ fn check_values(preset: &str, specs: &[(String, String)], values: &[(String, Str
                 .and_then(Value::as_str)
                 .map(|h| format!("{h}; "))
                 .unwrap_or_default();
-            return Err(format!(
-                "params.{param} {value:?} is not a valid {param} for {preset} ({hint}expected {pattern})"
-            ));
+            return Err(PresetError::Invalid {
+                preset: preset.to_string(),
+                param: param.clone(),
+                value: value.clone(),
+                hint,
+                pattern: pattern.to_string(),
+            });
         }
     }
     Ok(())
 }
 
-fn fill_urls(preset: &str, mut table: Table, values: &[(String, String)], hosts: &[String]) -> Result<Table, String> {
+fn fill_urls(
+    preset: &str,
+    mut table: Table,
+    values: &[(String, String)],
+    hosts: &[String],
+) -> Result<Table, PresetError> {
     for field in URL_FIELDS {
         let Some(Value::String(url)) = table.get_mut(field) else { continue };
         if !url.contains('{') {
@@ -266,17 +281,47 @@ fn fill_urls(preset: &str, mut table: Table, values: &[(String, String)], hosts:
             *url = url.replace(&format!("{{{param}}}"), value);
         }
         if url.contains('{') {
-            return Err(format!("{field} {url:?} has a placeholder no parameter fills"));
+            return Err(PresetError::Unfilled { field, url: url.clone() });
         }
         let host = url::Url::parse(url)
             .ok()
             .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-            .ok_or_else(|| format!("{field} {url:?} is not a URL"))?;
+            .ok_or_else(|| PresetError::NotUrl { field, url: url.clone() })?;
         if !hosts.iter().any(|h| host_matches(h, &host)) {
-            return Err(format!("{field}: host {host:?} is not one of {preset}'s hosts ({})", hosts.join(", ")));
+            return Err(PresetError::Host { field, host, preset: preset.to_string(), hosts: hosts.join(", ") });
         }
     }
     Ok(table)
+}
+
+/// Why a preset cannot make an entry (the sentence follows `provider "name": `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PresetError {
+    #[error("preset must be a preset's name")]
+    NotAName,
+    #[error("there is no preset {name:?} (handler providers lists them: {known})")]
+    NoPreset { name: String, known: String },
+    #[error("params must be a table (params = {{ account = \"...\" }})")]
+    ParamsNotTable,
+    #[error("preset {preset:?} has no parameter {param:?} (it takes: {takes})")]
+    NoParam { preset: String, param: String, takes: String },
+    #[error("params.{0} must be a string")]
+    ParamNotString(String),
+    #[error("{preset} takes no connection parameter {param:?} (it takes: {takes})")]
+    NoConnectionParam { preset: String, param: String, takes: String },
+    #[error("{preset} needs the connection parameter {param:?} (params: {{\"{param}\": \"...\"}})")]
+    NeedsParam { preset: String, param: String },
+    #[error("preset {preset:?}: bad pattern for {param}: {reason}")]
+    BadPattern { preset: String, param: String, reason: String },
+    /// `hint`: the preset's words for the value when it has some, ending in "; ".
+    #[error("params.{param} {value:?} is not a valid {param} for {preset} ({hint}expected {pattern})")]
+    Invalid { preset: String, param: String, value: String, hint: String, pattern: String },
+    #[error("{field} {url:?} has a placeholder no parameter fills")]
+    Unfilled { field: &'static str, url: String },
+    #[error("{field} {url:?} is not a URL")]
+    NotUrl { field: &'static str, url: String },
+    #[error("{field}: host {host:?} is not one of {preset}'s hosts ({hosts})")]
+    Host { field: &'static str, host: String, preset: String, hosts: String },
 }
 
 fn none_if_empty(list: &[&str]) -> String {
@@ -357,10 +402,10 @@ mod tests {
             ("account = \"a\", region = \"eu\"", "no parameter \"region\""),
         ] {
             let err = Catalog::parse(&entry(params)).unwrap_err();
-            assert!(err.contains(needle), "{params}: {err}");
+            assert!(err.to_string().contains(needle), "{params}: {err}");
         }
         let err = Catalog::parse("[providers.x]\npreset = \"nope\"\nclient_id = \"c\"\n").unwrap_err();
-        assert!(err.contains("no preset \"nope\""), "{err}");
+        assert!(err.to_string().contains("no preset \"nope\""), "{err}");
     }
 
     /// Issue [4/7]: what the providers document on 2026-12-03.
@@ -427,13 +472,13 @@ mod tests {
             (params(&[("account", "a"), ("region", "eu")]), "no connection parameter \"region\""),
         ] {
             let err = c.instance_key("ns", &given).unwrap_err();
-            assert!(err.contains(needle), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
         }
         // A key that did not come from instance_key is checked all the same.
         assert!(c.get("ns?account=evil.example%2Fx").is_none());
         let fixed = "[providers.x]\npreset = \"xero\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
         let err = Catalog::parse(fixed).unwrap().instance_key("x", &params(&[("a", "b")])).unwrap_err();
-        assert!(err.contains("takes no connection parameters"), "{err}");
+        assert!(err.to_string().contains("takes no connection parameters"), "{err}");
     }
 
     #[test]

@@ -55,12 +55,21 @@ pub enum SetupError {
     Organisation(String),
 }
 
+/// A tenant record that does not say where its organisation is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrgAddressError {
+    #[error("no org_url was given")]
+    NoUrl,
+    #[error("org_url {0}")]
+    Url(#[from] crate::domain::ids::OrgUrlError),
+}
+
 /// The port to customers' organisations.
 #[async_trait]
 pub trait OrganisationAccess: Send + Sync {
     /// The store in the tenant's organisation, reached with the app's token from that
     /// tenant (made once per organisation and kept by the caller).
-    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, String>;
+    fn store_for(&self, tenant: &Tenant) -> Result<Arc<dyn ConnectionStore>, OrgAddressError>;
 
     /// Checks the organisation with the app's own token.
     async fn check(&self, tenant: &Tenant) -> OrgCheck;

@@ -181,7 +181,7 @@ impl Organisations {
             Some(k) => k.connections,
             None => {
                 let store =
-                    t.access.store_for(&record).map_err(|reason| ScopeError::Org { tenant: id.to_string(), reason })?;
+                    t.access.store_for(&record).map_err(|e| ScopeError::Org { tenant: id.to_string(), reason: e.to_string() })?;
                 let mut deps = self.home.deps().clone();
                 deps.store = store;
                 deps.scope = Some(id.to_string());
@@ -255,8 +255,11 @@ mod tests {
 
     #[async_trait]
     impl OrganisationAccess for NoOrganisations {
-        fn store_for(&self, _: &crate::domain::Tenant) -> Result<Arc<dyn crate::domain::ConnectionStore>, String> {
-            Err("not in this test".into())
+        fn store_for(
+            &self,
+            _: &crate::domain::Tenant,
+        ) -> Result<Arc<dyn crate::domain::ConnectionStore>, crate::domain::tenants::onboarding::OrgAddressError> {
+            Err(crate::domain::tenants::onboarding::OrgAddressError::NoUrl)
         }
         async fn check(&self, _: &crate::domain::Tenant) -> OrgCheck {
             OrgCheck::Failed("not in this test".into())

@@ -22,7 +22,7 @@ use url::Url;
 pub use callers::{BackOfficeAuth, ContactLookup, IssuerConfig, PortalConfig, PortalOidcConfig, PowerPagesConfig, dev};
 pub use credential::CredentialConfig;
 pub use limits::Limits;
-pub use settings::{Settings, is_loopback, parse_service_url};
+pub use settings::{ServiceUrlError, Settings, is_loopback, parse_service_url};
 pub use telemetry::{IngestionAuth, TelemetryConfig};
 pub use tenancy::{AppCredential, TenancyConfig, is_guid};
 
@@ -35,18 +35,25 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(setting: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError { setting: setting.into(), problem: problem.into() }
+    /// `problem` is anything that reads as the sentence after the setting's name: a
+    /// message, or one of the typed errors below (`ServiceUrlError`, `SecretNameError`...).
+    pub fn new(setting: impl Into<String>, problem: impl std::fmt::Display) -> Self {
+        ConfigError { setting: setting.into(), problem: problem.to_string() }
     }
 }
 
 /// Checks a secret name against Key Vault's rules, which are the strictest we meet.
-pub fn validate_secret_name(name: &str) -> Result<(), String> {
+pub fn validate_secret_name(name: &str) -> Result<(), SecretNameError> {
     if name.is_empty() || name.len() > 127 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("secret name {name:?} must be 1-127 letters, digits or dashes (the Key Vault rule)"));
+        return Err(SecretNameError(name.to_string()));
     }
     Ok(())
 }
+
+/// A secret name Key Vault would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("secret name {0:?} must be 1-127 letters, digits or dashes (the Key Vault rule)")]
+pub struct SecretNameError(pub String);
 
 /// Everything the handler needs to know, parsed once.
 #[derive(Debug, Clone)]

@@ -178,14 +178,26 @@ fn holds_secret(name: &str, value: &str) -> bool {
 
 /// Parses a URL the handler will call or hand out. HTTPS is required except for
 /// loopback hosts, which local development and the tests use.
-pub fn parse_service_url(v: &str) -> Result<Url, String> {
-    let url = Url::parse(v).map_err(|e| format!("is not a valid URL ({e}): {v:?}"))?;
+pub fn parse_service_url(v: &str) -> Result<Url, ServiceUrlError> {
+    let url = Url::parse(v).map_err(|reason| ServiceUrlError::Invalid { value: v.to_string(), reason })?;
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback(&url) => Ok(url),
-        "http" => Err(format!("must use https (plain http is accepted only for localhost): {v:?}")),
-        other => Err(format!("must be an https URL, not {other}: {v:?}")),
+        "http" => Err(ServiceUrlError::PlainHttp(v.to_string())),
+        other => Err(ServiceUrlError::Scheme { scheme: other.to_string(), value: v.to_string() }),
     }
+}
+
+/// Why a URL the handler would call or hand out is refused (the sentence follows the
+/// setting's or field's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceUrlError {
+    #[error("is not a valid URL ({reason}): {value:?}")]
+    Invalid { value: String, reason: url::ParseError },
+    #[error("must use https (plain http is accepted only for localhost): {0:?}")]
+    PlainHttp(String),
+    #[error("must be an https URL, not {scheme}: {value:?}")]
+    Scheme { scheme: String, value: String },
 }
 
 pub fn is_loopback(url: &Url) -> bool {
