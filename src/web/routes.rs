@@ -77,6 +77,41 @@ impl Route {
     }
 }
 
+// The table's row builders: an operation with the defaults, then one change each.
+
+const fn op(method: &'static str, operation_id: &'static str, summary: &'static str, description: &'static str) -> Op {
+    Op {
+        method,
+        operation_id,
+        summary,
+        description,
+        visibility: Visibility::Normal,
+        body: None,
+        ok: (200, None),
+        query: &[],
+    }
+}
+
+const fn internal(op: Op) -> Op {
+    Op { visibility: Visibility::Internal, ..op }
+}
+
+const fn important(op: Op) -> Op {
+    Op { visibility: Visibility::Important, ..op }
+}
+
+const fn body(op: Op, definition: &'static str) -> Op {
+    Op { body: Some(definition), ..op }
+}
+
+const fn ok(op: Op, status: u16, definition: Option<&'static str>) -> Op {
+    Op { ok: (status, definition), ..op }
+}
+
+const fn query(op: Op, query: &'static [Query]) -> Op {
+    Op { query, ..op }
+}
+
 mod table;
 
 pub use table::ROUTES;

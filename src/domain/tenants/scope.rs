@@ -180,8 +180,10 @@ impl Organisations {
         let connections = match known.filter(|k| k.org_url == record.org_url) {
             Some(k) => k.connections,
             None => {
-                let store =
-                    t.access.store_for(&record).map_err(|e| ScopeError::Org { tenant: id.to_string(), reason: e.to_string() })?;
+                let store = t
+                    .access
+                    .store_for(&record)
+                    .map_err(|e| ScopeError::Org { tenant: id.to_string(), reason: e.to_string() })?;
                 let mut deps = self.home.deps().clone();
                 deps.store = store;
                 deps.scope = Some(id.to_string());
@@ -258,7 +260,8 @@ mod tests {
         fn store_for(
             &self,
             _: &crate::domain::Tenant,
-        ) -> Result<Arc<dyn crate::domain::ConnectionStore>, crate::domain::tenants::onboarding::OrgAddressError> {
+        ) -> Result<Arc<dyn crate::domain::ConnectionStore>, crate::domain::tenants::onboarding::OrgAddressError>
+        {
             Err(crate::domain::tenants::onboarding::OrgAddressError::NoUrl)
         }
         async fn check(&self, _: &crate::domain::Tenant) -> OrgCheck {

@@ -7,6 +7,7 @@
 //! that names the setting, so start-up can stop with one readable line.
 
 mod callers;
+mod capture;
 mod credential;
 mod limits;
 mod settings;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use url::Url;
 
 pub use callers::{BackOfficeAuth, ContactLookup, IssuerConfig, PortalConfig, PortalOidcConfig, PowerPagesConfig, dev};
+pub use capture::{CaptureMode, CapturePolicy, FnoConfig};
 pub use credential::CredentialConfig;
 pub use limits::Limits;
 pub use settings::{ServiceUrlError, Settings, is_loopback, parse_service_url};
@@ -184,39 +186,6 @@ impl StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaptureMode {
-    /// States we did not issue are rejected.
-    Off,
-    /// States we did not issue are kept as capture records in the store.
-    Store,
-    /// Kept in the store and delivered to Finance & Operations.
-    Fno(Box<FnoConfig>),
-}
-
-/// Which foreign states capture mode keeps, and how many may wait.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CapturePolicy {
-    /// `CAPTURE_STATES=any` keeps every state; otherwise only registered or signed ones.
-    pub any_state: bool,
-    /// The secret (by name) Dynamics signs states with (`dcx1.` states), if it does.
-    pub state_key_secret: Option<String>,
-    /// Captures not yet delivered to F&O past which new ones are refused.
-    pub max_pending: usize,
-}
-
-/// Where captures go in Finance & Operations.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FnoConfig {
-    /// The environment URL, `https://env.operations.dynamics.com`.
-    pub url: Url,
-    /// `/api/services/{group}/{service}/{operation}` or `/data/{Entity}`.
-    pub path: String,
-    pub data_area: Option<String>,
-    /// An F&O-specific credential; `None` uses the app's.
-    pub credential: Option<CredentialConfig>,
-}
-
 #[derive(Debug, Clone)]
 pub struct OAuthConfig {
     pub state_ttl: Duration,
@@ -358,71 +327,6 @@ impl StoreConfig {
                 .ok_or_else(|| ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse")),
             other => Err(ConfigError::new("STORE", format!("expected \"sqlite\" or \"dataverse\", got {other:?}"))),
         }
-    }
-}
-
-impl CaptureMode {
-    fn from_settings(s: &Settings) -> Result<CaptureMode, ConfigError> {
-        match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
-            "off" => Ok(CaptureMode::Off),
-            "store" => Ok(CaptureMode::Store),
-            "fno" => {
-                let url = s
-                    .url("FNO_URL")?
-                    .ok_or_else(|| ConfigError::new("FNO_URL", "is required with CAPTURE_MODE=fno"))?;
-                let path = s.require("FNO_CAPTURE_PATH")?.to_string();
-                if !(path.starts_with("/api/services/") || path.starts_with("/data/")) {
-                    return Err(ConfigError::new(
-                        "FNO_CAPTURE_PATH",
-                        format!(
-                            "must be a custom service (/api/services/...) or a data entity (/data/...), got {path:?}"
-                        ),
-                    ));
-                }
-                Ok(CaptureMode::Fno(Box::new(FnoConfig {
-                    url,
-                    path,
-                    data_area: s.get("FNO_DATA_AREA_ID").map(str::to_string),
-                    credential: CredentialConfig::from_settings(s, "FNO")?,
-                })))
-            }
-            other => {
-                Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\", \"fno\" or \"off\", got {other:?}")))
-            }
-        }
-    }
-
-    /// The setting's own word for the mode, for logs and `check`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            CaptureMode::Off => "off",
-            CaptureMode::Store => "store",
-            CaptureMode::Fno(_) => "fno",
-        }
-    }
-}
-
-impl CapturePolicy {
-    fn from_settings(s: &Settings) -> Result<CapturePolicy, ConfigError> {
-        let any_state = match s.get("CAPTURE_STATES").unwrap_or("registered").to_ascii_lowercase().as_str() {
-            "registered" => false,
-            "any" => true,
-            other => {
-                return Err(ConfigError::new(
-                    "CAPTURE_STATES",
-                    format!("expected \"registered\" or \"any\", got {other:?}"),
-                ));
-            }
-        };
-        let state_key_secret = s.get("CAPTURE_STATE_KEY_SECRET").map(str::to_string);
-        if let Some(name) = &state_key_secret {
-            validate_secret_name(name).map_err(|e| ConfigError::new("CAPTURE_STATE_KEY_SECRET", e))?;
-        }
-        Ok(CapturePolicy {
-            any_state,
-            state_key_secret,
-            max_pending: s.parse("CAPTURE_MAX_PENDING", 1000, "a number")?,
-        })
     }
 }
 

@@ -1,40 +1,7 @@
 //! The route table's rows: every path, its methods and what each operation does.
 
-use super::{Op, Query, Route, Visibility};
+use super::{Query, Route, body, important, internal, ok, op, query};
 use crate::web::error::Audience;
-
-const fn op(method: &'static str, operation_id: &'static str, summary: &'static str, description: &'static str) -> Op {
-    Op {
-        method,
-        operation_id,
-        summary,
-        description,
-        visibility: Visibility::Normal,
-        body: None,
-        ok: (200, None),
-        query: &[],
-    }
-}
-
-const fn internal(op: Op) -> Op {
-    Op { visibility: Visibility::Internal, ..op }
-}
-
-const fn important(op: Op) -> Op {
-    Op { visibility: Visibility::Important, ..op }
-}
-
-const fn body(op: Op, definition: &'static str) -> Op {
-    Op { body: Some(definition), ..op }
-}
-
-const fn ok(op: Op, status: u16, definition: Option<&'static str>) -> Op {
-    Op { ok: (status, definition), ..op }
-}
-
-const fn query(op: Op, query: &'static [Query]) -> Op {
-    Op { query, ..op }
-}
 
 const PROXY_SUMMARY: &str = "Call the provider's API";
 const PROXY_DESCRIPTION: &str = "Sends the request to the provider's api_base_url plus the rest of this path, with the connection's access token; refreshes and retries once on 401.";
