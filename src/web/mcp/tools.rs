@@ -163,7 +163,7 @@ pub async fn call(svc: &Agents, caller: &Caller, params: &Value) -> ToolResult {
     };
     let (ok, result) = match outcome {
         Ok(structured) => (true, tool_result(structured)),
-        Err(message) => (false, tool_error(&message)),
+        Err(e) => (false, tool_error(&e.to_string())),
     };
     let connection = args.get("connection_id").and_then(|v| v.as_str()).unwrap_or("-");
     let actor = agent(caller);
@@ -186,10 +186,45 @@ fn allowed(provider: &Provider, caller: &Caller) -> bool {
     provider.agents.as_ref().is_some_and(|a| a.allows(caller.client_id.as_deref(), &caller.roles))
 }
 
-fn refusal(provider: &str) -> String {
-    format!(
-        "you may not use connections of provider {provider:?}: its providers.toml entry lists the agents that may ([providers.{provider}.agents] callers or roles)"
-    )
+/// Why a tool did not do its work: the agent reads it as the tool's error result
+/// (`isError`), not as a protocol error.
+#[derive(Debug, thiserror::Error)]
+enum ToolError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("status {0:?} is not pending, active, needs_reauth or failed")]
+    Status(String),
+    #[error("there is no connection {0:?} you can reach")]
+    NoConnection(String),
+    #[error("provider {0:?} is not configured")]
+    NotConfigured(String),
+    #[error("there is no provider {0:?}")]
+    NoProvider(String),
+    #[error(
+        "you may not use connections of provider {0:?}: its providers.toml entry lists the agents that may ([providers.{0}.agents] callers or roles)"
+    )]
+    Refused(String),
+    /// A connection that needs a person: what the agent should do about it.
+    #[error("{0}: ask a person to connect it again (start_connection gives the link)")]
+    Reconnect(ConnectionError),
+    #[error(transparent)]
+    Connection(ConnectionError),
+    /// The request the agent asked for cannot be sent (path, method): the proxy's words.
+    #[error("{0}")]
+    Request(String),
+    #[error("the provider's API did not answer: {0}")]
+    Unreachable(String),
+    #[error("the provider's answer broke off: {0}")]
+    BrokeOff(String),
+}
+
+impl From<ConnectionError> for ToolError {
+    fn from(e: ConnectionError) -> ToolError {
+        match e {
+            ConnectionError::NeedsReauth { .. } | ConnectionError::NotAuthorized { .. } => ToolError::Reconnect(e),
+            other => ToolError::Connection(other),
+        }
+    }
 }
 
 fn view(c: &crate::domain::Connection) -> Value {
@@ -204,15 +239,13 @@ async fn list_connections(
     caller: &Caller,
     provider: Option<String>,
     status: Option<String>,
-) -> Result<Value, String> {
+) -> Result<Value, ToolError> {
     let status = match status {
-        Some(s) => {
-            Some(Status::parse(&s).ok_or(format!("status {s:?} is not pending, active, needs_reauth or failed"))?)
-        }
+        Some(s) => Some(Status::parse(&s).ok_or(ToolError::Status(s))?),
         None => None,
     };
     let filter = ListFilter { provider, status, limit: 500, ..Default::default() };
-    let list = connections.list(&filter).await.map_err(|e| e.to_string())?;
+    let list = connections.list(&filter).await?;
     let catalog = connections.catalog();
     let usable: Vec<Value> =
         list.iter().filter(|c| catalog.get(&c.provider).is_some_and(|p| allowed(&p, caller))).map(view).collect();
@@ -224,20 +257,20 @@ async fn usable(
     connections: &Connections,
     caller: &Caller,
     id: &str,
-) -> Result<(crate::domain::Connection, Arc<Provider>), String> {
+) -> Result<(crate::domain::Connection, Arc<Provider>), ToolError> {
     let c = connections.get(id).await.map_err(|e| match e {
-        ConnectionError::NotFound(_) => format!("there is no connection {id:?} you can reach"),
-        other => other.to_string(),
+        ConnectionError::NotFound(_) => ToolError::NoConnection(id.to_string()),
+        other => other.into(),
     })?;
     let provider =
-        connections.catalog().get(&c.provider).ok_or(format!("provider {:?} is not configured", c.provider))?;
+        connections.catalog().get(&c.provider).ok_or_else(|| ToolError::NotConfigured(c.provider.clone()))?;
     if !allowed(&provider, caller) {
-        return Err(refusal(&c.provider));
+        return Err(ToolError::Refused(c.provider));
     }
     Ok((c, provider))
 }
 
-async fn get_connection(connections: &Connections, caller: &Caller, id: &str) -> Result<Value, String> {
+async fn get_connection(connections: &Connections, caller: &Caller, id: &str) -> Result<Value, ToolError> {
     usable(connections, caller, id).await.map(|(c, _)| view(&c))
 }
 
@@ -254,13 +287,13 @@ async fn call_provider_api(
     caller: &Caller,
     id: &str,
     call: ApiCall,
-) -> Result<Value, String> {
+) -> Result<Value, ToolError> {
     let (c, provider) = usable(connections, caller, id).await?;
-    let base = proxy::api_base(&provider).map_err(|e| e.detail)?;
+    let base = proxy::api_base(&provider).map_err(|e| ToolError::Request(e.detail))?;
     let query = call.query.as_deref().map(|q| format!("query={}", urlencoding(q)));
-    let target = proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| e.detail)?;
-    let method = reqwest::Method::from_bytes(call.method.as_bytes()).map_err(|e| e.to_string())?;
-    let token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await.map_err(|e| advice(&e))?;
+    let target = proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| ToolError::Request(e.detail))?;
+    let method = reqwest::Method::from_bytes(call.method.as_bytes()).map_err(|e| ToolError::Request(e.to_string()))?;
+    let token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await?;
     let request = || {
         let out = svc.http.request(method.clone(), target.clone()).header(header::ACCEPT, "application/json");
         match &call.body {
@@ -270,8 +303,8 @@ async fn call_provider_api(
     };
     let sent = audit::acting(agent(caller), proxy::send_authorized(connections, &c.id, token, request)).await;
     let (resp, token) = sent.map_err(|e| match e {
-        proxy::Unanswered::Token(e) => advice(&e),
-        proxy::Unanswered::Unreachable(why) => format!("the provider's API did not answer: {why}"),
+        proxy::Unanswered::Token(e) => e.into(),
+        proxy::Unanswered::Unreachable(why) => ToolError::Unreachable(why.to_string()),
     })?;
     let status = resp.status().as_u16();
     let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -287,11 +320,11 @@ async fn call_provider_api(
 }
 
 /// The answer's body, up to [`MAX_BODY`].
-async fn bounded(resp: reqwest::Response) -> Result<(Vec<u8>, bool), String> {
+async fn bounded(resp: reqwest::Response) -> Result<(Vec<u8>, bool), ToolError> {
     let mut stream = resp.bytes_stream();
     let mut out = Vec::new();
     while let Some(chunk) = outbound::upstream(stream.next()).await {
-        let chunk = chunk.map_err(|e| format!("the provider's answer broke off: {}", outbound::error_text(e)))?;
+        let chunk = chunk.map_err(|e| ToolError::BrokeOff(outbound::error_text(e).to_string()))?;
         let room = MAX_BODY - out.len();
         if chunk.len() > room {
             out.extend_from_slice(&chunk[..room]);
@@ -321,27 +354,17 @@ fn redact(bytes: Vec<u8>, secret: &[u8]) -> Vec<u8> {
     out
 }
 
-/// What an agent should do about a connection that cannot give a token.
-fn advice(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::NeedsReauth { .. } | ConnectionError::NotAuthorized { .. } => {
-            format!("{e}: ask a person to connect it again (start_connection gives the link)")
-        }
-        other => other.to_string(),
-    }
-}
-
 async fn start_connection(
     connections: &Connections,
     caller: &Caller,
     provider: Option<String>,
     connection_id: Option<String>,
     owner: Option<String>,
-) -> Result<Value, String> {
-    let name = provider.ok_or("provider is required")?;
-    let p = connections.catalog().get(&name).ok_or(format!("there is no provider {name:?}"))?;
+) -> Result<Value, ToolError> {
+    let name = provider.ok_or(ToolError::Missing("provider"))?;
+    let p = connections.catalog().get(&name).ok_or_else(|| ToolError::NoProvider(name.clone()))?;
     if !allowed(&p, caller) {
-        return Err(refusal(&name));
+        return Err(ToolError::Refused(name));
     }
     let started = match &connection_id {
         Some(id) if connections.get(id).await.is_ok() => {
@@ -360,8 +383,7 @@ async fn start_connection(
             };
             connections.start(new).await
         }
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     Ok(json!({
         "connection_id": started.connection.id,
         "authorization_url": started.authorization_url.as_str(),
