@@ -55,7 +55,7 @@ struct Certificate {
 impl Certificate {
     /// From the PEM Key Vault keeps for a certificate of content type PEM: the private key
     /// (PKCS#8 or PKCS#1) and the certificate.
-    fn from_pem(pem: &str) -> Result<Certificate, String> {
+    fn from_pem(pem: &str) -> Result<Certificate, CertificateError> {
         use base64::Engine;
         use sha1::Digest;
         let block = |label: &str| {
@@ -64,19 +64,16 @@ impl Certificate {
             let end = pem[start..].find(&format!("-----END {label}-----"))? + start;
             Some(pem[start..end].split_whitespace().collect::<String>())
         };
-        let cert = block("CERTIFICATE").ok_or("no CERTIFICATE block (store the certificate as PEM, with its key)")?;
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(cert)
-            .map_err(|e| format!("the certificate is not base64: {e}"))?;
+        let cert = block("CERTIFICATE").ok_or(CertificateError::NoCertificate)?;
+        let der = base64::engine::general_purpose::STANDARD.decode(cert).map_err(CertificateError::NotBase64)?;
         let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(&der));
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
-            .map_err(|e| format!("no RSA private key in the PEM ({e})"))?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(CertificateError::NoKey)?;
         Ok(Certificate { key, x5t })
     }
 
     /// A client assertion for `client_id` at `token_url` (RFC 7523; Entra's certificate
     /// credentials): short-lived, single-use by its `jti`.
-    fn assertion(&self, client_id: &str, token_url: &str) -> Result<String, String> {
+    fn assertion(&self, client_id: &str, token_url: &str) -> Result<String, jsonwebtoken::errors::Error> {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.x5t = Some(self.x5t.clone());
         let now = crate::support::time::now();
@@ -84,8 +81,19 @@ impl Certificate {
             "aud": token_url, "iss": client_id, "sub": client_id,
             "jti": crate::support::crypto::random_hex::<16>(), "nbf": now - 30, "iat": now, "exp": now + 600,
         });
-        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&header, &claims, &self.key)
     }
+}
+
+/// Why a certificate secret cannot sign client assertions.
+#[derive(Debug, thiserror::Error)]
+enum CertificateError {
+    #[error("no CERTIFICATE block (store the certificate as PEM, with its key)")]
+    NoCertificate,
+    #[error("the certificate is not base64: {0}")]
+    NotBase64(base64::DecodeError),
+    #[error("no RSA private key in the PEM ({0})")]
+    NoKey(jsonwebtoken::errors::Error),
 }
 
 impl std::fmt::Debug for Certificate {
@@ -118,7 +126,7 @@ impl TenantCredentials {
             AppCredential::Certificate { secret_name } => {
                 let pem = secrets.get(secret_name).await?;
                 let certificate = Certificate::from_pem(pem.expose_secret())
-                    .map_err(|reason| SecretError::Unavailable { name: secret_name.clone(), reason })?;
+                    .map_err(|e| SecretError::Unavailable { name: secret_name.clone(), reason: e.to_string() })?;
                 Proof::Certificate(Arc::new(certificate))
             }
         };
@@ -188,7 +196,7 @@ impl TenantCredentials {
             Proof::Certificate(certificate) => {
                 let assertion = certificate
                     .assertion(&self.app_id, &self.token_url(tenant))
-                    .map_err(|message| TenantTokenError { code: None, message })?;
+                    .map_err(|e| TenantTokenError { code: None, message: e.to_string() })?;
                 Ok(vec![
                     ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()),
                     ("client_assertion", assertion),

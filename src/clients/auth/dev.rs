@@ -71,7 +71,12 @@ pub fn key(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// A development token with `roles` (and a tenant, to try a customer's view), valid for
 /// `minutes`.
-pub fn mint(key: &[u8], roles: &[String], tenant: Option<&str>, minutes: i64) -> Result<String, String> {
+pub fn mint(
+    key: &[u8],
+    roles: &[String],
+    tenant: Option<&str>,
+    minutes: i64,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = crate::support::time::now();
     let claims = Claims {
         iss: ISSUER.into(),
@@ -84,7 +89,6 @@ pub fn mint(key: &[u8], roles: &[String], tenant: Option<&str>, minutes: i64) ->
         tid: tenant.map(str::to_string),
     };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key))
-        .map_err(|e| e.to_string())
 }
 
 /// The caller of a development token signed with `key`.

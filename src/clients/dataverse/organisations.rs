@@ -52,7 +52,7 @@ impl OrganisationAccess for DataverseOrganisations {
         match dv.who_am_i().await {
             Ok(_) => match verify(&dv, &self.schema).await {
                 Ok(Ok(())) => OrgCheck::Ready,
-                Ok(Err(missing)) => OrgCheck::MissingTables(missing),
+                Ok(Err(missing)) => OrgCheck::MissingTables(missing.to_string()),
                 Err(e) => OrgCheck::Failed(e.to_string()),
             },
             Err(DataverseError::Service { status: 403, message, code, .. }) => OrgCheck::Refused { code, message },

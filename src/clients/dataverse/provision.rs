@@ -452,7 +452,7 @@ async fn wait_for_key(
 
 /// Whether the tables and their alternate keys exist and are active: one metadata read
 /// per table. `Ok(Err(what))` names what is missing.
-pub async fn verify(dv: &Dataverse, schema: &Schema) -> Result<Result<(), String>, DataverseError> {
+pub async fn verify(dv: &Dataverse, schema: &Schema) -> Result<Result<(), SchemaGap>, DataverseError> {
     for t in CORE_TABLES {
         let logical = schema.table(&t);
         let key_name = schema.key_name(&t);
@@ -460,15 +460,28 @@ pub async fn verify(dv: &Dataverse, schema: &Schema) -> Result<Result<(), String
             "EntityDefinitions(LogicalName='{logical}')/Keys?$select=SchemaName,LogicalName,KeyAttributes,EntityKeyIndexStatus"
         );
         let Some(keys) = dv.raw(Method::GET, &path, None, "read keys").await? else {
-            return Ok(Err(format!("table {logical} does not exist")));
+            return Ok(Err(SchemaGap::NoTable(logical)));
         };
         match key_status(Some(&keys), &key_name).as_deref() {
             Some("Active") => {}
-            Some(status) => return Ok(Err(format!("key {key_name} of table {logical} is not active ({status})"))),
-            None => return Ok(Err(format!("table {logical} has no key {key_name}"))),
+            Some(status) => {
+                return Ok(Err(SchemaGap::KeyInactive { table: logical, key: key_name, status: status.to_string() }));
+            }
+            None => return Ok(Err(SchemaGap::NoKey { table: logical, key: key_name })),
         }
     }
     Ok(Ok(()))
+}
+
+/// What [`verify`] found missing from an organisation's tables.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaGap {
+    #[error("table {0} does not exist")]
+    NoTable(String),
+    #[error("table {table} has no key {key}")]
+    NoKey { table: String, key: String },
+    #[error("key {key} of table {table} is not active ({status})")]
+    KeyInactive { table: String, key: String, status: String },
 }
 
 fn key_status(keys: Option<&Value>, schema_name: &str) -> Option<String> {

@@ -211,15 +211,26 @@ impl PowerPages {
             .await
     }
 
-    async fn fetch(&self, url: &url::Url) -> Result<DecodingKey, String> {
-        let resp =
-            outbound::upstream(outbound::send(self.http.get(url.clone()))).await.map_err(outbound::error_text)?;
+    async fn fetch(&self, url: &url::Url) -> Result<DecodingKey, KeyFetchError> {
+        let unreachable = |e| KeyFetchError::Unreachable(outbound::error_text(e));
+        let resp = outbound::upstream(outbound::send(self.http.get(url.clone()))).await.map_err(unreachable)?;
         if !resp.status().is_success() {
-            return Err(format!("answered {}", resp.status()));
+            return Err(KeyFetchError::Status(resp.status().as_u16()));
         }
-        let pem = outbound::upstream(resp.text()).await.map_err(outbound::error_text)?;
-        DecodingKey::from_rsa_pem(pem.trim().as_bytes()).map_err(|e| format!("is not an RSA public key in PEM: {e}"))
+        let pem = outbound::upstream(resp.text()).await.map_err(unreachable)?;
+        DecodingKey::from_rsa_pem(pem.trim().as_bytes()).map_err(KeyFetchError::NotRsaPem)
     }
+}
+
+/// Why the portal's public key could not be read (the sentence follows its URL).
+#[derive(Debug, thiserror::Error)]
+enum KeyFetchError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("answered {0}")]
+    Status(u16),
+    #[error("is not an RSA public key in PEM: {0}")]
+    NotRsaPem(jsonwebtoken::errors::Error),
 }
 
 fn exp_of(claims: &Map<String, Value>) -> Option<i64> {

@@ -61,37 +61,46 @@ impl TelemetryConfig {
 }
 
 /// `Key=Value;Key=Value`, as both strings are written.
-fn pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
+fn pairs(s: &str) -> Result<Vec<(&str, &str)>, PairsError> {
     s.split(';')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim(), v.trim()))
-                .ok_or_else(|| "expected Key=Value pairs separated by ';'".to_string())
-        })
+        .map(|p| p.split_once('=').map(|(k, v)| (k.trim(), v.trim())).ok_or(PairsError::NotPairs))
         .collect()
 }
 
-fn authentication(s: &str) -> Result<IngestionAuth, String> {
+fn authentication(s: &str) -> Result<IngestionAuth, PairsError> {
     let mut aad = false;
     let mut client_id = None;
     for (k, v) in pairs(s)? {
         if k.eq_ignore_ascii_case("Authorization") {
             if !v.eq_ignore_ascii_case("AAD") {
-                return Err(format!("Authorization={v} is not supported; use Authorization=AAD"));
+                return Err(PairsError::Authorization(v.to_string()));
             }
             aad = true;
         } else if k.eq_ignore_ascii_case("ClientId") {
             client_id = Some(v.to_string()).filter(|c| !c.is_empty());
         } else {
-            return Err(format!("unknown key {k:?}; expected Authorization=AAD and optionally ClientId=<client id>"));
+            return Err(PairsError::UnknownKey(k.to_string()));
         }
     }
     if !aad {
-        return Err("expected Authorization=AAD".into());
+        return Err(PairsError::NoAuthorization);
     }
     Ok(IngestionAuth::Entra { client_id })
+}
+
+/// Why the connection string or the authentication string is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum PairsError {
+    #[error("expected Key=Value pairs separated by ';'")]
+    NotPairs,
+    #[error("Authorization={0} is not supported; use Authorization=AAD")]
+    Authorization(String),
+    #[error("unknown key {0:?}; expected Authorization=AAD and optionally ClientId=<client id>")]
+    UnknownKey(String),
+    #[error("expected Authorization=AAD")]
+    NoAuthorization,
 }
 
 #[cfg(test)]

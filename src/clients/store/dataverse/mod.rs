@@ -36,7 +36,7 @@ pub struct DataverseStore {
     pub(super) capture_columns: Vec<String>,
     pub(super) tenant_columns: Vec<String>,
     /// The last answer of [`verify`]: whether the tables and keys exist.
-    pub(super) schema_checked: Cache<(), Result<(), String>>,
+    pub(super) schema_checked: Cache<(), Result<(), crate::clients::dataverse::provision::SchemaGap>>,
     /// Connection names by primary id, as the change feed saw them: deletions come back
     /// by primary id only.
     pub(super) feed_names: std::sync::Mutex<std::collections::HashMap<String, String>>,
@@ -215,7 +215,7 @@ impl ConnectionStore for DataverseStore {
                 Ok::<_, StoreError>((verdict, ttl))
             })
             .await?;
-        verdict.map_err(StoreError::NotProvisioned)
+        verdict.map_err(|gap| StoreError::NotProvisioned(gap.to_string()))
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
