@@ -83,6 +83,11 @@ pub struct Connection {
     pub created_at: i64,
     pub updated_at: i64,
     pub refreshed_at: Option<i64>,
+    /// The last use of the connection's token (handed out, proxied, an agent's call) and
+    /// who used it (the audit record's actor), kept at most once a minute per connection
+    /// and instance. Stores write these only through `record_use`, never with the record.
+    pub last_used_at: Option<i64>,
+    pub last_used_by: Option<String>,
     pub version: Version,
 }
 
@@ -107,6 +112,8 @@ impl Connection {
             created_at: now,
             updated_at: now,
             refreshed_at: None,
+            last_used_at: None,
+            last_used_by: None,
             version: Version::default(),
         }
     }

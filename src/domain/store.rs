@@ -110,6 +110,12 @@ pub trait ConnectionStore: Send + Sync + 'static {
     /// Deletes a connection if it still has `expected`.
     async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()>;
 
+    /// Records a use of the connection: `last_used_at` and `last_used_by` alone, without
+    /// the record's version (a use must not make a refresh's write conflict for long: the
+    /// writer re-reads and writes again, keeping these two fields). `Ok` when the record
+    /// is gone (nothing to note).
+    async fn record_use(&self, id: &str, at: i64, by: &str) -> StoreResult<()>;
+
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Connection>>;
 
     /// The connections the timer should refresh (see [`Due`]).

@@ -53,8 +53,8 @@ impl Actor {
         Actor { kind: "timer", ..Default::default() }
     }
 
-    /// In words, for the log line.
-    fn describe(&self) -> String {
+    /// In words, for the log line and a connection's `last_used_by`.
+    pub fn describe(&self) -> String {
         match (&self.contact, &self.app_id, self.kind) {
             (Some(c), _, _) => format!("contact {c}"),
             (None, Some(a), _) => format!("app {a}"),

@@ -147,6 +147,7 @@ fn definitions() -> Value {
             "authorization_pending": { "type": "boolean", "x-ms-summary": "Authorization pending" },
             "has_refresh_token": { "type": "boolean", "x-ms-summary": "Has refresh token" },
             "access_token_expires_at": s("Access token expires at"), "last_refreshed_at": s("Last refreshed at"),
+            "last_used_at": s("Last used at"), "last_used_by": s("Last used by"),
             "created_at": s("Created at"), "updated_at": s("Updated at"),
         }},
         "ConnectionList": { "type": "object", "properties": {

@@ -141,6 +141,9 @@ pub struct ConnectionView {
     pub has_refresh_token: bool,
     pub access_token_expires_at: Option<String>,
     pub last_refreshed_at: Option<String>,
+    /// The last use of its token and by whom (kept at most once a minute).
+    pub last_used_at: Option<String>,
+    pub last_used_by: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -158,6 +161,8 @@ impl From<&Connection> for ConnectionView {
             has_refresh_token: c.has_refresh_token,
             access_token_expires_at: c.access_expires_at.map(rfc3339),
             last_refreshed_at: c.refreshed_at.map(rfc3339),
+            last_used_at: c.last_used_at.map(rfc3339),
+            last_used_by: c.last_used_by.clone(),
             created_at: rfc3339(c.created_at),
             updated_at: rfc3339(c.updated_at),
         }

@@ -76,6 +76,8 @@ pub const CONNECTIONS: Table = Table {
         col("createdat", "Created at (Unix)", Kind::BigInt),
         col("updatedat", "Updated at (Unix)", Kind::BigInt),
         col("refreshedat", "Refreshed at (Unix)", Kind::BigInt),
+        col("lastusedat", "Last used at (Unix)", Kind::BigInt),
+        col("lastusedby", "Last used by", Kind::Text(400)),
     ],
 };
 

@@ -25,6 +25,7 @@ pub mod reseal;
 #[cfg(test)]
 pub(crate) mod testing;
 mod unsaved;
+mod usage;
 mod validate;
 
 use std::sync::Arc;
@@ -130,6 +131,8 @@ pub struct Connections {
     /// them until the provider accepted their refresh token, so a refused import, which the
     /// caller is told never existed, raises no event.
     importing: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// When this process last recorded each connection's use (lower-case ids, Unix seconds).
+    uses: usage::Uses,
 }
 
 /// Store writes retry transient failures for `STORE_RETRY_SECONDS` (30 s by default):
@@ -153,6 +156,7 @@ impl Connections {
             refreshes_ok: Default::default(),
             refreshes_failed: Default::default(),
             importing: Default::default(),
+            uses: Default::default(),
         }
     }
 

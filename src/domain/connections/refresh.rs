@@ -77,10 +77,12 @@ impl Connections {
         let asked_at = self.deps.clock.now_millis();
         let margin = self.deps.cfg.refresh_margin.as_secs() as i64;
         let want = if force { Want::RefreshedAfter(asked_at) } else { Want::Fresh { margin, asked_at_ms: asked_at } };
-        if let Some(t) = self.cached(id, want) {
-            return Ok(t);
-        }
-        self.refresh_single_flight(id, want, None).await
+        let token = match self.cached(id, want) {
+            Some(t) => t,
+            None => self.refresh_single_flight(id, want, None).await?,
+        };
+        self.note_use(id);
+        Ok(token)
     }
 
     /// Who owns a connection, when its token is in the cache (no store read); `None` when

@@ -271,3 +271,56 @@ async fn the_change_feed_drops_other_instances_changes_but_not_our_own_writes() 
     assert_eq!(fx.token().await.unwrap(), "at-1");
     assert_eq!(fx.racing.gets.load(Ordering::SeqCst), reads + 2);
 }
+
+/// Lets the background write of a noted use land.
+async fn settle(fx: &Fx, uses: i64) {
+    for _ in 0..200 {
+        if fx.racing.uses.load(std::sync::atomic::Ordering::SeqCst) >= uses && fx.record().await.last_used_at.is_some()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_use_is_recorded_once_a_minute_with_who_used_it_and_a_refresh_keeps_it() {
+    use crate::support::audit::{Actor, acting};
+    use std::sync::atomic::Ordering;
+    let fx = fixture();
+    fx.seed("at-0", Some("rt-0"), T0 - 60, T0 + 3540).await;
+    let app = Actor { app_id: Some("app-1".into()), ..Default::default() };
+    for _ in 0..5 {
+        assert_eq!(acting(app.clone(), fx.token()).await.unwrap(), "at-0");
+    }
+    settle(&fx, 1).await;
+    let rec = fx.record().await;
+    assert_eq!((rec.last_used_at, rec.last_used_by.as_deref()), (Some(T0), Some("app app-1")));
+    assert_eq!(fx.racing.uses.load(Ordering::SeqCst), 1, "five uses within a minute: one write");
+
+    // The timer's refreshes are not uses; a minute later, the next caller's use is.
+    acting(Actor::timer(), fx.token()).await.unwrap();
+    fx.clock.advance(Duration::from_secs(59));
+    acting(app.clone(), fx.token()).await.unwrap();
+    assert_eq!(fx.racing.uses.load(Ordering::SeqCst), 1);
+    fx.clock.advance(Duration::from_secs(1));
+    let portal = Actor { contact: Some("c-1".into()), ..Default::default() };
+    acting(portal, fx.token()).await.unwrap();
+    for _ in 0..200 {
+        if fx.record().await.last_used_by.as_deref() == Some("contact c-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rec = fx.record().await;
+    assert_eq!((rec.last_used_at, rec.last_used_by.as_deref()), (Some(T0 + 60), Some("contact c-1")));
+    assert_eq!(fx.racing.uses.load(Ordering::SeqCst), 2);
+
+    // A refresh writes the whole record: the last use stays as it was.
+    fx.clock.advance(Duration::from_secs(3300));
+    fx.endpoint.answer(Answer::Tokens { access: "at-1", refresh: Some("rt-1"), expires_in: 3600 });
+    assert_eq!(acting(Actor::timer(), fx.token()).await.unwrap(), "at-1");
+    let rec = fx.record().await;
+    assert_eq!((rec.refreshed_at, rec.last_used_at), (Some(T0 + 3360), Some(T0 + 60)));
+    assert_eq!(rec.last_used_by.as_deref(), Some("contact c-1"));
+}

@@ -119,6 +119,8 @@ pub struct RacingStore {
     /// Updates still served before every further one answers "unavailable"; negative
     /// for never.
     pub updates_before_outage: AtomicI64,
+    /// How many uses were recorded (`record_use` calls).
+    pub uses: AtomicI64,
 }
 
 #[async_trait]
@@ -163,6 +165,11 @@ impl ConnectionStore for RacingStore {
 
     async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()> {
         self.inner.delete(id, expected).await
+    }
+
+    async fn record_use(&self, id: &str, at: i64, by: &str) -> StoreResult<()> {
+        self.uses.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.record_use(id, at, by).await
     }
 
     async fn list(&self, f: &ListFilter) -> StoreResult<Vec<Connection>> {
@@ -275,6 +282,7 @@ pub fn fixture() -> Fx {
         tenant_gets: AtomicI64::new(0),
         before_update: Mutex::new(None),
         updates_before_outage: AtomicI64::new(-1),
+        uses: AtomicI64::new(0),
     });
     let keys = Arc::new(Keyring::parse(&Keyring::generate_spec("k1")).unwrap());
     let catalog = Catalog::parse(

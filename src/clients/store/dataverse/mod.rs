@@ -24,6 +24,9 @@ use crate::clients::dataverse::{Condition, Dataverse, DataverseError, Key, Recor
 mod captures;
 mod tenants;
 
+/// The connections table's last-use columns, written by `record_use` only.
+const USAGE_COLUMNS: [&str; 2] = ["lastusedat", "lastusedby"];
+
 pub struct DataverseStore {
     pub(super) dv: Arc<Dataverse>,
     pub(super) schema: Schema,
@@ -33,6 +36,13 @@ pub struct DataverseStore {
     pub(super) tenants: String,
     pub(super) key: String,
     pub(super) connection_columns: Vec<String>,
+    /// The same without `lastusedat`/`lastusedby`, for a table made before them.
+    connection_columns_unused: Vec<String>,
+    /// Whether the connections table has the last-use columns. A table made by an older
+    /// `handler provision` has not (Dataverse answers 400 `0x80060888` "Could not find a
+    /// property named ..." for them): reads then leave them out and uses are not kept,
+    /// with one warning naming the fix, instead of every read failing.
+    usage_columns: std::sync::atomic::AtomicBool,
     pub(super) capture_columns: Vec<String>,
     pub(super) tenant_columns: Vec<String>,
     /// The last answer of [`verify`]: whether the tables and keys exist.
@@ -55,6 +65,11 @@ impl DataverseStore {
             tenants: schema.entity_set(&TENANTS),
             tenant_columns: with_key(TENANTS.columns),
             connection_columns: with_key(CONNECTIONS.columns),
+            connection_columns_unused: with_key(CONNECTIONS.columns)
+                .into_iter()
+                .filter(|c| !USAGE_COLUMNS.iter().any(|u| *c == schema.column(u)))
+                .collect(),
+            usage_columns: std::sync::atomic::AtomicBool::new(true),
             capture_columns: with_key(CAPTURES.columns),
             key,
             schema,
@@ -158,6 +173,8 @@ impl DataverseStore {
             created_at: i("createdat").unwrap_or(0),
             updated_at: i("updatedat").unwrap_or(0),
             refreshed_at: i("refreshedat"),
+            last_used_at: i("lastusedat"),
+            last_used_by: s("lastusedby"),
             version: Version(r.etag),
         }
     }
@@ -168,12 +185,41 @@ impl DataverseStore {
         orderby: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<Connection>> {
-        let rows = self
-            .dv
-            .query(&self.connections, filter, &Self::select(&self.connection_columns), orderby, limit)
-            .await
-            .map_err(map_err)?;
+        let rows = match self.dv.query(&self.connections, filter, &self.read_columns(), orderby, limit).await {
+            Err(e) if self.lacks_usage_columns(&e) => {
+                self.dv.query(&self.connections, filter, &self.read_columns(), orderby, limit).await
+            }
+            other => other,
+        }
+        .map_err(map_err)?;
         Ok(rows.into_iter().map(|r| self.connection_from(r)).collect())
+    }
+
+    /// The columns a read of connections selects.
+    fn read_columns(&self) -> Vec<&str> {
+        if self.usage_columns.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::select(&self.connection_columns)
+        } else {
+            Self::select(&self.connection_columns_unused)
+        }
+    }
+
+    /// Whether `e` says the table has no last-use columns; if so, reads leave them out
+    /// from now on (the caller reads again).
+    fn lacks_usage_columns(&self, e: &DataverseError) -> bool {
+        let DataverseError::Service { status: 400, message, .. } = e else { return false };
+        if !USAGE_COLUMNS.iter().any(|u| message.contains(&format!("'{}'", self.c(u)))) {
+            return false;
+        }
+        if self.usage_columns.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                table = %self.connections,
+                "the connections table has no last-use columns ({}, {}): run `handler provision` to add them; until then the last use of a connection is not kept",
+                self.c("lastusedat"),
+                self.c("lastusedby")
+            );
+        }
+        true
     }
 }
 
@@ -219,12 +265,26 @@ impl ConnectionStore for DataverseStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Connection>> {
-        let rec = self
-            .dv
-            .get(&self.connections, &Key::Alternate(&self.key, id), &Self::select(&self.connection_columns))
-            .await
-            .map_err(map_err)?;
+        let key = Key::Alternate(&self.key, id);
+        let rec = match self.dv.get(&self.connections, &key, &self.read_columns()).await {
+            Err(e) if self.lacks_usage_columns(&e) => self.dv.get(&self.connections, &key, &self.read_columns()).await,
+            other => other,
+        }
+        .map_err(map_err)?;
         Ok(rec.map(|r| self.connection_from(r)))
+    }
+
+    async fn record_use(&self, id: &str, at: i64, by: &str) -> StoreResult<()> {
+        if !self.usage_columns.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let fields = json!({ self.c("lastusedat"): at, self.c("lastusedby"): by });
+        match self.dv.write(&self.connections, &Key::Alternate(&self.key, id), &fields, Condition::Exists, &[]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) if self.lacks_usage_columns(&e) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn find_by_state(&self, state_hash: &str) -> StoreResult<Option<Connection>> {

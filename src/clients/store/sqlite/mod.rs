@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS connections (
     created_at        INTEGER NOT NULL,
     updated_at        INTEGER NOT NULL,
     refreshed_at      INTEGER,
-    version           INTEGER NOT NULL
+    version           INTEGER NOT NULL,
+    last_used_at      INTEGER,
+    last_used_by      TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS connections_expiry ON connections (status, access_expires_at);
 CREATE INDEX IF NOT EXISTS connections_owner ON connections (owner);
@@ -92,10 +94,10 @@ CREATE INDEX IF NOT EXISTS captures_received ON captures (received_at);
 /// `OR` the query would scan the table. An active connection always has `refreshed_at`.
 fn due_query() -> String {
     format!(
-        "SELECT {COLUMNS} FROM connections WHERE status = 'active' AND access_expires_at < ?1 AND has_refresh_token = 1 \
+        "SELECT {READ_COLUMNS} FROM connections WHERE status = 'active' AND access_expires_at < ?1 AND has_refresh_token = 1 \
          AND (next_attempt_at IS NULL OR next_attempt_at <= ?4) \
          UNION \
-         SELECT {COLUMNS} FROM connections WHERE status = 'active' AND refreshed_at < ?2 AND has_refresh_token = 1 \
+         SELECT {READ_COLUMNS} FROM connections WHERE status = 'active' AND refreshed_at < ?2 AND has_refresh_token = 1 \
          AND (next_attempt_at IS NULL OR next_attempt_at <= ?4) \
          ORDER BY access_expires_at LIMIT ?3"
     )
@@ -108,6 +110,10 @@ AND (?5 IS NULL OR created_at > ?5 OR (created_at = ?5 AND id > ?6))";
 const COLUMNS: &str = "id, provider, owner, scopes, status, status_detail, tokens, access_expires_at, \
 has_refresh_token, state_hash, pending_sealed, state_expires_at, lease_owner, lease_until_ms, failures, \
 next_attempt_at, created_at, updated_at, refreshed_at, version";
+/// What a read returns: the written columns, then the last use (written by `record_use` only).
+const READ_COLUMNS: &str = "id, provider, owner, scopes, status, status_detail, tokens, access_expires_at, \
+has_refresh_token, state_hash, pending_sealed, state_expires_at, lease_owner, lease_until_ms, failures, \
+next_attempt_at, created_at, updated_at, refreshed_at, version, last_used_at, last_used_by";
 
 mod captures;
 mod tenants;
@@ -162,7 +168,7 @@ impl SqliteStore {
     async fn one_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Connection>> {
         let value = value.to_string();
         self.with(move |c| {
-            c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE {column} = ?1"))?
+            c.prepare_cached(&format!("SELECT {READ_COLUMNS} FROM connections WHERE {column} = ?1"))?
                 .query_row([value], from_row)
                 .optional()
         })
@@ -176,6 +182,12 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         let mut stmt = conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?;
         stmt.exists([column])
     };
+    if !has("connections", "last_used_at")? {
+        conn.execute_batch(
+            "ALTER TABLE connections ADD COLUMN last_used_at INTEGER; \
+             ALTER TABLE connections ADD COLUMN last_used_by TEXT",
+        )?;
+    }
     if !has("captures", "delivered_at")? {
         conn.execute_batch("ALTER TABLE captures ADD COLUMN delivered_at INTEGER")?;
     }
@@ -232,6 +244,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Connection> {
         updated_at: row.get(17)?,
         refreshed_at: row.get(18)?,
         version: Version(row.get::<_, i64>(19)?.to_string()),
+        last_used_at: row.get(20)?,
+        last_used_by: row.get(21)?,
     })
 }
 
@@ -338,6 +352,16 @@ impl ConnectionStore for SqliteStore {
         }
     }
 
+    async fn record_use(&self, id: &str, at: i64, by: &str) -> StoreResult<()> {
+        let (id, by) = (id.to_string(), by.to_string());
+        self.with(move |c| {
+            c.prepare_cached("UPDATE connections SET last_used_at = ?2, last_used_by = ?3 WHERE id = ?1")?
+                .execute(params![id, at, by])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete(&self, id: &str, expected: &Version) -> StoreResult<()> {
         let id = id.to_string();
         let expected = parse_version(expected);
@@ -362,7 +386,7 @@ impl ConnectionStore for SqliteStore {
             let limit = if f.limit == 0 { 1000 } else { f.limit } as i64;
             let (after_created, after_id) = f.after.clone().unzip();
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"
+                "SELECT {READ_COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"
             ))?;
             let args = params![f.provider, f.owner, f.status.map(Status::as_str), limit, after_created, after_id];
             let rows = stmt.query_map(args, from_row)?;
@@ -383,8 +407,9 @@ impl ConnectionStore for SqliteStore {
 
     async fn expired_pending(&self, now: i64, limit: usize) -> StoreResult<Vec<Connection>> {
         self.with(move |c| {
-            let mut stmt =
-                c.prepare_cached(&format!("SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {READ_COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![now, limit as i64], from_row)?;
             rows.collect()
         })
@@ -470,13 +495,13 @@ mod tests {
         assert!(due.contains("connections_expiry") && due.contains("connections_idle"), "{due}");
         let expired = plan(
             &conn,
-            &format!("SELECT {COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"),
+            &format!("SELECT {READ_COLUMNS} FROM connections WHERE state_expires_at < ?1 LIMIT ?2"),
             params![1, 5],
         );
         assert!(expired.contains("connections_state_expiry") && !expired.contains("SCAN"), "{expired}");
         let list = plan(
             &conn,
-            &format!("SELECT {COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"),
+            &format!("SELECT {READ_COLUMNS} FROM connections WHERE {LIST_WHERE} ORDER BY created_at, id LIMIT ?4"),
             params![None::<String>, None::<String>, None::<String>, 10, None::<i64>, None::<String>],
         );
         assert!(!list.contains("TEMP B-TREE"), "the list sorts: {list}");
