@@ -217,6 +217,33 @@ async fn contract(store: Arc<dyn Store>) {
     let whole: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(paged, whole);
 
+    // A use is recorded alone: the record's own fields are untouched, a writer holding
+    // the version it read either still wins (SQLite) or re-reads (Dataverse's ETag moves),
+    // and its write keeps the use. An id that is gone is nothing to note.
+    let mut fresh = connection("erp-use", "acme", "account:9");
+    fresh.version = store.insert(&fresh).await.unwrap();
+    let before = store.get("erp-use").await.unwrap().unwrap();
+    assert_eq!((before.last_used_at, before.last_used_by.as_deref()), (None, None));
+    store.record_use("ERP-USE", 1_234, "app 11111111-2222-3333-4444-555555555555").await.unwrap();
+    let used = store.get("erp-use").await.unwrap().unwrap();
+    assert_eq!(used.last_used_at, Some(1_234));
+    assert_eq!(used.last_used_by.as_deref(), Some("app 11111111-2222-3333-4444-555555555555"));
+    let mut written = used.clone();
+    written.status_detail = Some("a refresh's write".into());
+    written.last_used_at = None;
+    written.last_used_by = None;
+    let version = match store.update(&written, &before.version).await {
+        Ok(v) => v,
+        Err(StoreError::Conflict(_)) => store.update(&written, &used.version).await.unwrap(),
+        Err(e) => panic!("{e}"),
+    };
+    let after = store.get("erp-use").await.unwrap().unwrap();
+    assert_eq!(after.version, version);
+    assert_eq!(after.status_detail.as_deref(), Some("a refresh's write"));
+    assert_eq!((after.last_used_at, after.last_used_by), (Some(1_234), used.last_used_by));
+    store.record_use("never-there", 1_234, "app x").await.unwrap();
+    assert!(store.get("never-there").await.unwrap().is_none(), "a use creates no record");
+
     tenant_contract(store.as_ref()).await;
 }
 
