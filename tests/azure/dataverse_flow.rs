@@ -305,9 +305,20 @@ async fn valid_tokens_are_served_without_dataverse_calls() {
     let served =
         futures_util::stream::iter(ids.iter().map(|id| c.token(id))).buffer_unordered(16).collect::<Vec<_>>().await;
     assert_eq!(served.len(), 1000);
+    // Each connection's last use is written once (at most once a minute per connection),
+    // in the background: wait for the 10 writes, then count.
+    for _ in 0..100 {
+        let rows = w.dataverse.rows("dc_connections").await;
+        if rows.iter().filter(|r| r["dc_lastusedat"].is_i64()).count() == 10 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let rows = w.dataverse.rows("dc_connections").await;
+    assert!(rows.iter().all(|r| r["dc_lastusedat"].is_i64() && r["dc_lastusedby"].as_str().is_some()), "{rows:?}");
     let calls = w.dataverse.requests().await - before;
-    println!("Dataverse calls per 1000 token requests for valid tokens: {calls}");
-    assert!(calls < 10, "{calls} Dataverse calls for 1000 token requests");
+    println!("Dataverse calls per 1000 token requests for valid tokens: {calls} (10 of them last-use writes)");
+    assert!(calls < 20, "{calls} Dataverse calls for 1000 token requests: 10 last-use writes and fewer than 10 others");
 }
 
 /// Issue [3/7]: the proxy needs no Dataverse read while the connection's token is cached.
