@@ -56,15 +56,106 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    if std::env::var("DC_BENCH_ONLY").as_deref() == Ok("audit") {
-        println!("{}", rt.block_on(async { audit_cost(&world().await).await }));
-        return;
+    match std::env::var("DC_BENCH_ONLY").as_deref() {
+        Ok("audit") => return println!("{}", rt.block_on(async { audit_cost(&world().await).await })),
+        Ok("proxy") => return println!("{}", rt.block_on(async { proxy_section(&world().await).await.0 })),
+        _ => {}
     }
     let report = rt.block_on(run());
     println!("{report}");
     let path = format!("{}/target/bench-report.md", env!("CARGO_MANIFEST_DIR"));
     let _ = std::fs::write(&path, &report);
     eprintln!("(written to {path})");
+}
+
+/// 4b. The proxy with a cached token, next to calling the same fast upstream (the minimal
+/// warp handler) directly and to the minimal forwarder, on both stores: the table's rows,
+/// and the Dataverse requests during the Dataverse runs with the proxied calls they served.
+async fn proxy_section(w: &World) -> (String, (u64, u64)) {
+    let mut r = String::new();
+    let seeder = scale::other_instance(&w.dataverse.url);
+    let far = 1_900_000_000;
+    scale::insert_all(
+        &seeder,
+        vec![scale::connection(&w.keys, "fast", "px", far), scale::connection(&w.keys, "slow", "px10", far)],
+    )
+    .await;
+    let sqlite_h = {
+        let b = HandlerBuilder::new()
+            .file("providers.toml", &w.catalog)
+            .env("PUBLIC_BASE_URL", PUBLIC)
+            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
+            .env("TOKEN_ENCRYPTION_KEYS", &w.key_spec)
+            .env("LOG_LEVEL", "warn")
+            .envs(w.issuer.settings());
+        std::fs::create_dir_all(b.root().join(".data")).unwrap();
+        let store = dynamics_companion::clients::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db"))
+            .unwrap();
+        scale::insert_all(&store, vec![scale::connection(&w.keys, "fast", "px", far)]).await;
+        drop(store);
+        b.start().await
+    };
+    let caller = vec![("Authorization".to_string(), format!("Bearer {}", w.bearer))];
+    let mut proxy_dv = (0, 0);
+    let runs = [
+        ("Dataverse", &w.h, &w.api, "px", "upstream without latency"),
+        ("SQLite", &sqlite_h, &w.api, "px", "upstream without latency"),
+        ("Dataverse", &w.h, &w.api10, "px10", "upstream answering in 10 ms"),
+    ];
+    for (label, h, api, id, upstream) in runs {
+        let probe = h
+            .get(&format!("/api/connections/{id}/proxy/items"), &[("Authorization", &format!("Bearer {}", w.bearer))])
+            .await;
+        assert_eq!(probe.status, 200, "{}", probe.body);
+        let dv_before = w.dataverse.requests().await;
+        let forwarder = start_forwarder(&api.url);
+        // Interleaved: direct, the minimal forwarder, ours; the median of each.
+        let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
+            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, vec![], None, None).await);
+            o.push(
+                load(
+                    &format!("{}/api/connections/{id}/proxy/items", h.base),
+                    Method::GET,
+                    caller.clone(),
+                    None,
+                    Some(h.pid()),
+                )
+                .await,
+            );
+        }
+        drop(forwarder);
+        let (direct, floor, proxied) = (median_load(&d), median_load(&f), median_load(&o));
+        if label == "Dataverse" {
+            let (calls, requests) = proxy_dv;
+            proxy_dv = (calls + w.dataverse.requests().await - dv_before, requests + proxied.requests);
+        }
+        r.push_str(&format!(
+            "| the same {upstream} called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+            direct.rps, direct.p50, direct.p99, direct.errors
+        ));
+        r.push_str(&format!(
+            "| a minimal forwarding proxy (warp + one pooled reqwest client, fixed bearer) to it | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | — |\n",
+            floor.rps,
+            floor.rps / direct.rps,
+            floor.p50,
+            floor.p99,
+            floor.errors
+        ));
+        r.push_str(&format!(
+            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} ({:.2} × the forwarder) | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+            proxied.rps,
+            proxied.rps / direct.rps,
+            proxied.rps / floor.rps,
+            proxied.p50,
+            proxied.p99,
+            proxied.errors,
+            proxied.peak_rss
+        ));
+    }
+    drop(sqlite_h);
+    (r, proxy_dv)
 }
 
 /// The minimal warp handler: a fixed JSON body for any request, as a reference point;
@@ -636,91 +727,8 @@ async fn run() -> String {
     ));
     drop(base);
 
-    // 4b. The proxy with a cached token, next to calling the same fast upstream (the
-    // minimal warp handler) directly, on both stores; Dataverse requests counted.
-    let seeder = scale::other_instance(&w.dataverse.url);
-    let far = 1_900_000_000;
-    scale::insert_all(
-        &seeder,
-        vec![scale::connection(&w.keys, "fast", "px", far), scale::connection(&w.keys, "slow", "px10", far)],
-    )
-    .await;
-    let sqlite_h = {
-        let b = HandlerBuilder::new()
-            .file("providers.toml", &w.catalog)
-            .env("PUBLIC_BASE_URL", PUBLIC)
-            .env("TEST_PROVIDER_SECRET", CLIENT_SECRET)
-            .env("TOKEN_ENCRYPTION_KEYS", &w.key_spec)
-            .env("LOG_LEVEL", "warn")
-            .envs(w.issuer.settings());
-        std::fs::create_dir_all(b.root().join(".data")).unwrap();
-        let store = dynamics_companion::clients::store::sqlite::SqliteStore::open(&b.root().join(".data/companion.db"))
-            .unwrap();
-        scale::insert_all(&store, vec![scale::connection(&w.keys, "fast", "px", far)]).await;
-        drop(store);
-        b.start().await
-    };
-    let caller = vec![("Authorization".to_string(), format!("Bearer {}", w.bearer))];
-    let mut proxy_dv = (0, 0);
-    let runs = [
-        ("Dataverse", &w.h, &w.api, "px", "upstream without latency"),
-        ("SQLite", &sqlite_h, &w.api, "px", "upstream without latency"),
-        ("Dataverse", &w.h, &w.api10, "px10", "upstream answering in 10 ms"),
-    ];
-    for (label, h, api, id, upstream) in runs {
-        let probe = h
-            .get(&format!("/api/connections/{id}/proxy/items"), &[("Authorization", &format!("Bearer {}", w.bearer))])
-            .await;
-        assert_eq!(probe.status, 200, "{}", probe.body);
-        let dv_before = w.dataverse.requests().await;
-        let forwarder = start_forwarder(&api.url);
-        // Interleaved: direct, the minimal forwarder, ours; the median of each.
-        let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
-            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, vec![], None, None).await);
-            o.push(
-                load(
-                    &format!("{}/api/connections/{id}/proxy/items", h.base),
-                    Method::GET,
-                    caller.clone(),
-                    None,
-                    Some(h.pid()),
-                )
-                .await,
-            );
-        }
-        drop(forwarder);
-        let (direct, floor, proxied) = (median_load(&d), median_load(&f), median_load(&o));
-        if label == "Dataverse" {
-            let (calls, requests) = proxy_dv;
-            proxy_dv = (calls + w.dataverse.requests().await - dv_before, requests + proxied.requests);
-        }
-        r.push_str(&format!(
-            "| the same {upstream} called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-            direct.rps, direct.p50, direct.p99, direct.errors
-        ));
-        r.push_str(&format!(
-            "| a minimal forwarding proxy (warp + one pooled reqwest client, fixed bearer) to it | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | — |\n",
-            floor.rps,
-            floor.rps / direct.rps,
-            floor.p50,
-            floor.p99,
-            floor.errors
-        ));
-        r.push_str(&format!(
-            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} ({:.2} × the forwarder) | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-            proxied.rps,
-            proxied.rps / direct.rps,
-            proxied.rps / floor.rps,
-            proxied.p50,
-            proxied.p99,
-            proxied.errors,
-            proxied.peak_rss
-        ));
-    }
-    drop(sqlite_h);
-    let (proxy_dv_calls, proxied_requests) = proxy_dv;
+    let (proxy_rows, (proxy_dv_calls, proxied_requests)) = proxy_section(&w).await;
+    r.push_str(&proxy_rows);
 
     // 5. Dataverse calls per 1000 token requests (during the token load above).
     let per_1000 = dv_calls as f64 * 1000.0 / token.requests.max(1) as f64;

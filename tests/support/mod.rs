@@ -501,7 +501,15 @@ impl Handler {
         if let Some(body) = body.filter(|b| !b.is_empty() || self.mode == HostMode::Proxying) {
             req = req.body(body);
         }
-        let resp = req.send().await.expect("the handler answers");
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer at all (the process died, a connection cut): what it said last,
+                // after a moment for its final lines to come through the pipe.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                panic!("the handler did not answer: {e}\nits output:\n{}", self.logs.all())
+            }
+        };
         Reply {
             status: resp.status().as_u16(),
             headers: resp.headers().clone(),

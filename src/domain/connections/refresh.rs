@@ -79,7 +79,10 @@ impl Connections {
         let want = if force { Want::RefreshedAfter(asked_at) } else { Want::Fresh { margin, asked_at_ms: asked_at } };
         let token = match self.cached(id, want) {
             Some(t) => t,
-            None => self.refresh_single_flight(id, want, None).await?,
+            // Boxed: the refresh's future is large (the lease, the provider's call, the
+            // store's retries), and callers above it (the proxy's 401 retry) add their own;
+            // kept inline, a debug build's worker stack overflowed on that path.
+            None => Box::pin(self.refresh_single_flight(id, want, None)).await?,
         };
         self.note_use(id);
         Ok(token)
