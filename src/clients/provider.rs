@@ -26,7 +26,7 @@ use url::Url;
 use crate::clients::auth::jwt::{Segment, unverified};
 use crate::clients::secrets::SecretSource;
 use crate::domain::oauth::catalog::{ClientAuth, ExpiresInUnit, Provider};
-use crate::domain::oauth::{CodeGrant, ErrorCode, OAuthError, State, TokenEndpoint, TokenHint, TokenSet};
+use crate::domain::oauth::{CodeGrant, ErrorCode, OAuthError, TokenEndpoint, TokenHint, TokenSet};
 use crate::support::outbound::{self, Backoff};
 
 /// The token endpoint over HTTPS, with the client secret from the secrets layer. `http`
@@ -42,35 +42,6 @@ const MAX_EXPIRES_IN: i64 = 365 * 24 * 3600;
 
 /// One retry, after 200 ms, of a request whose connection could not be made.
 const CONNECT_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(200));
-
-/// Builds the authorization URL for a provider.
-pub fn authorization_url(
-    provider: &Provider,
-    redirect_uri: &Url,
-    state: &State,
-    code_challenge: Option<&str>,
-    scopes: &[String],
-) -> Url {
-    let mut url = provider.authorization_url.clone();
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("response_type", "code");
-        q.append_pair("client_id", &provider.client_id);
-        q.append_pair("redirect_uri", redirect_uri.as_str());
-        if !scopes.is_empty() {
-            q.append_pair("scope", &scopes.join(&provider.scope_separator));
-        }
-        q.append_pair("state", state.secret());
-        if let Some(challenge) = code_challenge {
-            q.append_pair("code_challenge", challenge);
-            q.append_pair("code_challenge_method", "S256");
-        }
-        for (k, v) in &provider.authorization_params {
-            q.append_pair(k, v);
-        }
-    }
-    url
-}
 
 #[async_trait]
 impl TokenEndpoint for HttpTokenEndpoint {
@@ -400,22 +371,5 @@ mod tests {
         assert!(matches!(classify_error(reqwest::StatusCode::TOO_MANY_REQUESTS, b""), OAuthError::Transient(_)));
         assert!(matches!(classify_error(reqwest::StatusCode::FORBIDDEN, b"<html>"), OAuthError::Protocol(_)));
         assert!(parse(&provider(""), "application/json", r#"{"token_type":"bearer"}"#, None).is_err());
-    }
-
-    #[test]
-    fn authorization_url_carries_pkce_state_and_extra_params() {
-        let p = provider("scope_separator = \",\"\nauthorization_params = { prompt = \"consent\" }");
-        let url = authorization_url(
-            &p,
-            &Url::parse("https://dc.example/api/oauth/callback").unwrap(),
-            &State::new("st"),
-            Some("ch"),
-            &["a".into(), "b".into()],
-        );
-        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
-        assert_eq!(q["scope"], "a,b");
-        assert_eq!(q["code_challenge_method"], "S256");
-        assert_eq!(q["prompt"], "consent");
-        assert_eq!(q["redirect_uri"], "https://dc.example/api/oauth/callback");
     }
 }

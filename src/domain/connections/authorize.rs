@@ -15,7 +15,6 @@ use url::Url;
 use super::unsaved::{Unsaved, Withdrawal, withdraw};
 use super::validate::{validate_id, validate_owner, validate_scopes};
 use super::{ConnectionError, Connections, InvalidInput};
-use crate::clients::provider::authorization_url;
 use crate::domain::oauth::catalog::Provider;
 use crate::domain::oauth::{AuthorizationCode, CodeGrant, ErrorCode, OAuthError, PkceVerifier, State, TokenSet};
 use crate::domain::{Connection, PendingAuth, Status, StoreError};
@@ -250,7 +249,7 @@ impl Connections {
         challenge: Option<&str>,
         expires_at: i64,
     ) -> StartedAuthorization {
-        let authorization_url = authorization_url(p, &self.deps.redirect_uri, state, challenge, &connection.scopes);
+        let authorization_url = p.authorization_request(&self.deps.redirect_uri, state, challenge, &connection.scopes);
         StartedAuthorization { connection, authorization_url, expires_at }
     }
 

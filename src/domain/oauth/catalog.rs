@@ -211,6 +211,39 @@ pub struct Provider {
     pub proxy_headers: Vec<String>,
 }
 
+impl Provider {
+    /// The authorization request (RFC 6749 §4.1.1) a person's browser is sent to: our
+    /// callback, the state, the PKCE challenge (RFC 7636 §4.3, S256) and the entry's own
+    /// parameters, which may not set any of ours ([`RESERVED_AUTH_PARAMS`]).
+    pub fn authorization_request(
+        &self,
+        redirect_uri: &Url,
+        state: &super::State,
+        code_challenge: Option<&str>,
+        scopes: &[String],
+    ) -> Url {
+        let mut url = self.authorization_url.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("response_type", "code");
+            q.append_pair("client_id", &self.client_id);
+            q.append_pair("redirect_uri", redirect_uri.as_str());
+            if !scopes.is_empty() {
+                q.append_pair("scope", &scopes.join(&self.scope_separator));
+            }
+            q.append_pair("state", state.secret());
+            if let Some(challenge) = code_challenge {
+                q.append_pair("code_challenge", challenge);
+                q.append_pair("code_challenge_method", "S256");
+            }
+            for (k, v) in &self.authorization_params {
+                q.append_pair(k, v);
+            }
+        }
+        url
+    }
+}
+
 /// Parameters the handler sets itself; a catalog entry may not override them.
 const RESERVED_AUTH_PARAMS: &[&str] =
     &["response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method", "scope"];

@@ -79,3 +79,26 @@ fn rejects_what_would_be_unsafe_or_ambiguous() {
         assert!(err.to_string().contains(needle), "{err:?} should mention {needle:?}");
     }
 }
+
+#[test]
+fn the_authorization_request_carries_pkce_state_and_extra_params() {
+    let text = GOOD.replace(
+        "api_base_url",
+        "scope_separator = \",\"\nauthorization_params = { prompt = \"consent\" }\napi_base_url",
+    );
+    let p = Catalog::parse(&text).unwrap().get("acme").unwrap();
+    let url = p.authorization_request(
+        &Url::parse("https://dc.example/api/oauth/callback").unwrap(),
+        &crate::domain::oauth::State::new("st"),
+        Some("ch"),
+        &["a".into(), "b".into()],
+    );
+    let q: HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["response_type"], "code");
+    assert_eq!(q["client_id"], "dc");
+    assert_eq!(q["scope"], "a,b");
+    assert_eq!(q["state"], "st");
+    assert_eq!((q["code_challenge"].as_ref(), q["code_challenge_method"].as_ref()), ("ch", "S256"));
+    assert_eq!(q["prompt"], "consent");
+    assert_eq!(q["redirect_uri"], "https://dc.example/api/oauth/callback");
+}

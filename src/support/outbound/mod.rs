@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod dependency;
 pub mod gate;
 pub mod timing;
+mod tls;
 
 use std::time::Duration;
 
@@ -27,11 +28,15 @@ pub use timing::upstream;
 
 /// Why the outbound client could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("the HTTPS client could not be built: {0}")]
-pub struct ClientError(#[from] reqwest::Error);
+pub enum ClientError {
+    #[error("the HTTPS client could not be built: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("the TLS configuration could not be built: {0}")]
+    Tls(#[from] rustls::Error),
+}
 
-/// The one pooled client for every outbound call. Building one loads the TLS roots,
-/// which is most of the start-up time, and clones share the connection pool.
+/// The one pooled client for every outbound call; clones share the connection pool. The
+/// TLS roots are loaded by the first handshake of any client ([`tls`]), not here.
 ///
 /// It follows no redirects: a redirecting token endpoint is a misconfiguration, and
 /// following it would send credentials somewhere unchecked. Idle connections are dropped
@@ -40,6 +45,7 @@ pub struct ClientError(#[from] reqwest::Error);
 /// reaching it, which for a single-use code is not something to retry blindly.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
     Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::config()?)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10).min(timeout))
         .timeout(timeout)
@@ -57,6 +63,7 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
 /// The cost is one connection set-up per token call, which are rare next to API calls.
 pub fn unpooled_client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
     Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::config()?)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10).min(timeout))
         .timeout(timeout)
