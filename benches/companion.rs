@@ -59,6 +59,7 @@ fn main() {
     match std::env::var("DC_BENCH_ONLY").as_deref() {
         Ok("audit") => return println!("{}", rt.block_on(async { audit_cost(&world().await).await })),
         Ok("proxy") => return println!("{}", rt.block_on(async { proxy_section(&world().await).await.0 })),
+        Ok("token") => return println!("{}", rt.block_on(async { token_section(&world().await).await.0 })),
         _ => {}
     }
     let report = rt.block_on(run());
@@ -66,6 +67,50 @@ fn main() {
     let path = format!("{}/target/bench-report.md", env!("CARGO_MANIFEST_DIR"));
     let _ = std::fs::write(&path, &report);
     eprintln!("(written to {path})");
+}
+
+/// 3. The token endpoint for valid tokens, next to the minimal warp handler: 64 sockets,
+/// one connection id. The table's head and two rows, the load, and the Dataverse requests
+/// made meanwhile.
+async fn token_section(w: &World) -> (String, Load, u64) {
+    let mut r = String::new();
+    for i in 0..16 {
+        let cb = w.start_and_consent(&w.peer, "test", &format!("load-{i}")).await;
+        assert_eq!(w.h.get(&cb, &[]).await.status, 200);
+    }
+    let base = start_baseline();
+    let auth = vec![
+        ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
+        ("Content-Type".into(), "application/json".into()),
+    ];
+    let dv_before = w.dataverse.requests().await;
+    let (baseline_token, token) = paired(
+        &format!("{}/api/connections/load-0/token", base.url),
+        &format!("{}/api/connections/load-0/token", w.h.base),
+        Method::POST,
+        auth.clone(),
+        Some("{}".into()),
+        w.h.pid(),
+    )
+    .await;
+    let dv_calls = w.dataverse.requests().await - dv_before;
+    r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
+    r.push_str(&format!(
+        "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
+        baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
+    ));
+    r.push_str(&format!(
+        "| `POST /api/connections/{{id}}/token`, valid token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
+        token.rps,
+        token.rps / baseline_token.rps,
+        token.p50,
+        token.p99,
+        token.errors,
+        token.peak_rss
+    ));
+
+    drop(base);
+    (r, token, dv_calls)
 }
 
 /// 4b. The proxy with a cached token, next to calling the same fast upstream (the minimal
@@ -665,41 +710,10 @@ async fn run() -> String {
         percentile(&own, 0.9)
     ));
 
-    // 3. The token endpoint for valid tokens, next to the baseline: 64 sockets, one connection id.
-    for i in 0..16 {
-        let cb = w.start_and_consent(&w.peer, "test", &format!("load-{i}")).await;
-        assert_eq!(w.h.get(&cb, &[]).await.status, 200);
-    }
+    // 3. The token endpoint for valid tokens, next to the baseline.
+    let (token_rows, token, dv_calls) = token_section(&w).await;
+    r.push_str(&token_rows);
     let base = start_baseline();
-    let auth = vec![
-        ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
-        ("Content-Type".into(), "application/json".into()),
-    ];
-    let dv_before = w.dataverse.requests().await;
-    let (baseline_token, token) = paired(
-        &format!("{}/api/connections/load-0/token", base.url),
-        &format!("{}/api/connections/load-0/token", w.h.base),
-        Method::POST,
-        auth.clone(),
-        Some("{}".into()),
-        w.h.pid(),
-    )
-    .await;
-    let dv_calls = w.dataverse.requests().await - dv_before;
-    r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
-    r.push_str(&format!(
-        "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-        baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
-    ));
-    r.push_str(&format!(
-        "| `POST /api/connections/{{id}}/token`, valid token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-        token.rps,
-        token.rps / baseline_token.rps,
-        token.p50,
-        token.p99,
-        token.errors,
-        token.peak_rss
-    ));
 
     // 4. The portal's /me with token verification.
     let portal_auth = vec![("Authorization".to_string(), format!("Bearer {}", w.portal.token(CONTACT_A)))];
