@@ -176,7 +176,10 @@ impl App {
         clock: &Arc<dyn Clock>,
     ) -> Result<Captures, StartupError> {
         let fno = match &config.oauth.capture {
-            CaptureMode::Fno(f) => Some(Arc::new(build::fno_client(f, config, secrets, http.clone()).await?)),
+            CaptureMode::Fno(f) => {
+                let fno = build::fno_client(f, config, secrets, http.clone()).await?;
+                Some(Arc::new(fno) as Arc<dyn crate::domain::captures::CaptureDelivery>)
+            }
             _ => None,
         };
         let policy = config.oauth.capture_policy.clone();

@@ -31,6 +31,8 @@ use serde_json::{Value, json};
 use url::Url;
 
 use crate::clients::azure::{IdentityError, TokenSource};
+pub use crate::domain::captures::Delivery;
+use crate::domain::captures::{CaptureDelivery, DeliveryFailure};
 use crate::support::outbound;
 
 /// Why a capture did not reach Finance & Operations.
@@ -68,19 +70,6 @@ impl FnoError {
             FnoError::Path(_) | FnoError::Join { .. } => false,
         }
     }
-}
-
-/// A capture in clear, as delivered.
-#[derive(Debug, Clone)]
-pub struct Delivery<'a> {
-    /// The capture's id: the idempotency key F&O receives.
-    pub id: &'a str,
-    pub code: Option<&'a str>,
-    pub state: &'a str,
-    pub iss: Option<&'a str>,
-    pub error: Option<&'a str>,
-    pub error_description: Option<&'a str>,
-    pub received_at: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,5 +214,30 @@ impl Fno {
             .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
             .unwrap_or_else(|| text.chars().take(200).collect());
         Err(FnoError::Refused { status, message })
+    }
+}
+
+impl DeliveryFailure for FnoError {
+    fn wait(&self) -> Option<Duration> {
+        FnoError::wait(self)
+    }
+
+    fn environment_failing(&self) -> bool {
+        FnoError::environment_failing(self)
+    }
+}
+
+#[async_trait::async_trait]
+impl CaptureDelivery for Fno {
+    fn timeout(&self) -> Duration {
+        Fno::timeout(self)
+    }
+
+    fn paused_for(&self) -> Option<Duration> {
+        Fno::paused_for(self)
+    }
+
+    async fn deliver(&self, delivery: &Delivery<'_>, timeout: Duration) -> Result<(), Box<dyn DeliveryFailure>> {
+        Fno::deliver(self, delivery, timeout).await.map_err(|e| Box::new(e) as Box<dyn DeliveryFailure>)
     }
 }

@@ -31,7 +31,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::clients::fno::{Delivery, Fno, FnoError};
 use crate::domain::oauth::AuthorizationCode;
 use crate::domain::{Capture, CaptureStore, ExpectationStore, StoreError};
 use crate::support::config::CapturePolicy;
@@ -89,7 +88,7 @@ pub struct Captures {
     /// The key Dynamics signs `dcx1.` states with, when configured.
     pub state_key: Option<SecretString>,
     /// Where captures go besides the store (Finance & Operations), if anywhere.
-    pub fno: Option<Arc<Fno>>,
+    pub fno: Option<Arc<dyn CaptureDelivery>>,
 }
 
 /// What one delivery pass did.
@@ -210,7 +209,7 @@ impl Captures {
             error_description: r.error_description.map(str::to_string),
             received_at,
             delivered_at: if self.fno.is_some() { None } else { Some(received_at) },
-            claim_until_ms: self.fno.as_ref().map(|f| now_ms + claim_for(f).as_millis() as i64),
+            claim_until_ms: self.fno.as_ref().map(|f| now_ms + claim_for(f.as_ref()).as_millis() as i64),
             attempts: 0,
         };
         let fresh = self.store.insert_capture(&capture).await?;
@@ -258,7 +257,7 @@ impl Captures {
                     if left <= 0 || failing.load(std::sync::atomic::Ordering::Relaxed) || fno.paused_for().is_some() {
                         return Ok(None);
                     }
-                    let until = now_ms + claim_for(fno).as_millis() as i64;
+                    let until = now_ms + claim_for(fno.as_ref()).as_millis() as i64;
                     if !self.store.claim_capture(&c.key, now_ms, until).await? {
                         return Ok(None);
                     }
@@ -315,11 +314,45 @@ impl Captures {
     }
 }
 
+/// Where captures go besides the store: the port Finance & Operations' client
+/// (`clients::fno`) implements. One call is one delivery; retries, claims and pauses are
+/// the rules' (above).
+#[async_trait::async_trait]
+pub trait CaptureDelivery: Send + Sync {
+    /// How long one delivery may take.
+    fn timeout(&self) -> Duration;
+    /// How long nothing may be sent, when the environment said so (a `429`'s wait).
+    fn paused_for(&self) -> Option<Duration>;
+    /// Delivers one capture within `timeout`.
+    async fn deliver(&self, delivery: &Delivery<'_>, timeout: Duration) -> Result<(), Box<dyn DeliveryFailure>>;
+}
+
+/// Why a delivery did not happen: the client's own error, with what the rules need of it.
+pub trait DeliveryFailure: std::error::Error + Send + Sync {
+    /// How long the environment asked that nothing be sent, when it did.
+    fn wait(&self) -> Option<Duration>;
+    /// Whether the environment as a whole is failing (not this capture): the pass stops.
+    fn environment_failing(&self) -> bool;
+}
+
+/// A capture in clear, as delivered.
+#[derive(Debug, Clone)]
+pub struct Delivery<'a> {
+    /// The capture's id: the idempotency key the receiver gets.
+    pub id: &'a str,
+    pub code: Option<&'a str>,
+    pub state: &'a str,
+    pub iss: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub error_description: Option<&'a str>,
+    pub received_at: i64,
+}
+
 /// Delivers captures this instance holds a claim on, and records how it went.
 struct Courier {
     store: Arc<dyn CaptureStore>,
     clock: Arc<dyn Clock>,
-    fno: Arc<Fno>,
+    fno: Arc<dyn CaptureDelivery>,
 }
 
 impl Courier {
@@ -330,7 +363,7 @@ impl Courier {
         c: &Capture,
         code: Option<&AuthorizationCode>,
         timeout: Duration,
-    ) -> Result<Result<(), FnoError>, StoreError> {
+    ) -> Result<Result<(), Box<dyn DeliveryFailure>>, StoreError> {
         let delivery = Delivery {
             id: &c.key,
             code: code.map(AuthorizationCode::secret),
@@ -345,7 +378,7 @@ impl Courier {
             Ok(()) => self.store.mark_capture_delivered(&c.key, self.clock.now()).await?,
             Err(e) => {
                 tracing::warn!(error = %e, attempts = c.attempts + 1, "capture kept; F&O did not take it yet");
-                self.release(c, Some(e)).await?;
+                self.release(c, Some(e.as_ref())).await?;
             }
         }
         Ok(outcome)
@@ -353,16 +386,16 @@ impl Courier {
 
     /// Gives a claim up after a failed delivery: the next attempt waits as long as F&O
     /// asked, or a back-off by the attempts so far.
-    async fn release(&self, c: &Capture, error: Option<&FnoError>) -> Result<(), StoreError> {
+    async fn release(&self, c: &Capture, error: Option<&dyn DeliveryFailure>) -> Result<(), StoreError> {
         let attempts = c.attempts.saturating_add(1);
-        let wait = error.and_then(FnoError::wait).unwrap_or_else(|| REDELIVERY.delay(attempts));
+        let wait = error.and_then(DeliveryFailure::wait).unwrap_or_else(|| REDELIVERY.delay(attempts));
         let not_before = self.clock.now_millis().saturating_add(wait.as_millis() as i64);
         self.store.release_capture(&c.key, not_before, attempts).await
     }
 }
 
 /// How long a claim lasts: one delivery, its token, and a margin.
-fn claim_for(fno: &Fno) -> Duration {
+fn claim_for(fno: &dyn CaptureDelivery) -> Duration {
     fno.timeout() * 2 + Duration::from_secs(30)
 }
 
