@@ -12,6 +12,8 @@ use azure_core::credentials::TokenCredential;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clients::secrets::{SecretError, SecretSource};
+pub use crate::domain::tenants::TenantTokenError;
+use crate::domain::tenants::TenantTokens;
 use crate::support::cache::Cache;
 use crate::support::config::{AppCredential, TenancyConfig};
 use crate::support::outbound;
@@ -21,23 +23,6 @@ const TOKENS_KEPT: usize = 4096;
 
 /// The audience of a managed-identity token used as a federated credential (global cloud).
 const TOKEN_EXCHANGE_SCOPE: &str = "api://AzureADTokenExchange/.default";
-
-/// Why no token could be had from a customer's tenant.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct TenantTokenError {
-    /// The `AADSTS` code Entra answered with, when it did (`7000229`).
-    pub code: Option<u32>,
-    pub message: String,
-}
-
-impl TenantTokenError {
-    /// The app has no service principal in the tenant yet (no consent, or it has not
-    /// propagated): worth a short retry right after consent.
-    pub fn is_missing_consent(&self) -> bool {
-        matches!(self.code, Some(700016 | 7000229))
-    }
-}
 
 enum Proof {
     ManagedIdentity(Arc<dyn TokenCredential>),
@@ -297,6 +282,21 @@ fn aadsts_code(text: &str) -> Option<u32> {
     let at = text.find("AADSTS")?;
     let digits: String = text[at + 6..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+#[async_trait]
+impl TenantTokens for TenantCredentials {
+    async fn token(&self, tenant: &str, scope: &str) -> Result<SecretString, TenantTokenError> {
+        TenantCredentials::token(self, tenant, scope).await
+    }
+
+    async fn client_auth(&self, tenant: &str) -> Result<Vec<(&'static str, String)>, TenantTokenError> {
+        TenantCredentials::client_auth(self, tenant).await
+    }
+
+    fn forget(&self, tenant: &str) {
+        TenantCredentials::forget(self, tenant)
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use url::Url;
 
-use crate::clients::entra::{TenantCredentials, TenantTokenError};
 use crate::domain::{StoreError, Tenant, TenantStatus, TenantStore, Version};
 use crate::support::config::{TenancyConfig, is_guid};
 use crate::support::crypto::{Keyring, StateError};
@@ -99,12 +98,43 @@ pub struct CheckFailure {
     pub suspends: bool,
 }
 
+/// Why no token could be had from a customer's tenant (Entra's answer).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TenantTokenError {
+    /// The `AADSTS` code Entra answered with, when it did (`7000229`).
+    pub code: Option<u32>,
+    pub message: String,
+}
+
+impl TenantTokenError {
+    /// The app has no service principal in the tenant yet (no consent, or it has not
+    /// propagated): worth a short retry right after consent.
+    pub fn is_missing_consent(&self) -> bool {
+        matches!(self.code, Some(700016 | 7000229))
+    }
+}
+
+/// The app's tokens from customers' tenants: the port `clients::entra` implements (a
+/// client-credential grant at each tenant, the app proving itself with its federated
+/// credential, a certificate or a secret).
+#[async_trait::async_trait]
+pub trait TenantTokens: Send + Sync {
+    /// A token for `scope` from `tenant`.
+    async fn token(&self, tenant: &str, scope: &str) -> Result<secrecy::SecretString, TenantTokenError>;
+    /// The form fields that prove the app at `tenant`'s token endpoint, for a code
+    /// redemption of its own (the administrator's sign-in).
+    async fn client_auth(&self, tenant: &str) -> Result<Vec<(&'static str, String)>, TenantTokenError>;
+    /// Drops what is kept for `tenant` (it was off-boarded).
+    fn forget(&self, tenant: &str);
+}
+
 pub struct Tenants {
     store: Arc<dyn TenantStore>,
     keys: Arc<Keyring>,
     clock: Arc<dyn Clock>,
     cfg: TenancyConfig,
-    credentials: Arc<TenantCredentials>,
+    credentials: Arc<dyn TenantTokens>,
     /// For the administrator's sign-in: a client that never reuses a connection (a code
     /// is spent once; see [`crate::support::outbound::unpooled_client`]).
     http: reqwest::Client,
@@ -116,7 +146,7 @@ impl Tenants {
         keys: Arc<Keyring>,
         clock: Arc<dyn Clock>,
         cfg: TenancyConfig,
-        credentials: Arc<TenantCredentials>,
+        credentials: Arc<dyn TenantTokens>,
         http: reqwest::Client,
     ) -> Tenants {
         Tenants { store, keys, clock, cfg, credentials, http }
