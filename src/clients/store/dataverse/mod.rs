@@ -279,7 +279,11 @@ impl ConnectionStore for DataverseStore {
             return Ok(());
         }
         let fields = json!({ self.c("lastusedat"): at, self.c("lastusedby"): by });
-        match self.dv.write(&self.connections, &Key::Alternate(&self.key, id), &fields, Condition::Exists, &[]).await {
+        match self
+            .dv
+            .write(&self.connections, &Key::Alternate(&self.key, id), &fields, Condition::Exists, &[&self.key])
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Ok(()),
             Err(e) if self.lacks_usage_columns(&e) => Ok(()),
