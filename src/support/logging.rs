@@ -83,14 +83,28 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
     ]
 });
 
-/// One pass over a line that says whether any pattern could apply (most lines: none).
+/// The literals every match of [`PATTERNS`] contains, in any case: `bearer`, `basic`,
+/// `eyJ`, and each secret name followed by `=`, `"` or `\"`. A line with none of them
+/// cannot match, and most lines have none: one Aho-Corasick pass over them instead of the
+/// patterns themselves, which `perf` put at 6 % of the token endpoint's cycles (the lazy
+/// DFA of four case-insensitive patterns, on two lines per request).
+static CANDIDATES: LazyLock<Option<aho_corasick::AhoCorasick>> = LazyLock::new(|| {
+    let mut literals = vec!["bearer".to_string(), "basic".to_string(), "eyj".to_string()];
+    for name in SECRET_NAMES.split('|') {
+        literals.extend([format!("{name}="), format!("{name}\""), format!("{name}\\\"")]);
+    }
+    aho_corasick::AhoCorasick::builder().ascii_case_insensitive(true).build(literals).ok()
+});
+
+/// One pass over a line that says whether any pattern could apply.
 static ANY: LazyLock<regex::RegexSet> = LazyLock::new(|| {
     regex::RegexSet::new(PATTERNS.iter().map(|(re, _)| re.as_str())).expect("redaction patterns are valid")
 });
 
 /// Masks secret-looking values in one log line.
 pub fn redact(line: &str) -> std::borrow::Cow<'_, str> {
-    if !ANY.is_match(line) {
+    // Without the literal pre-check (it could not be built), every line goes to the patterns.
+    if CANDIDATES.as_ref().is_some_and(|c| !c.is_match(line)) || !ANY.is_match(line) {
         return std::borrow::Cow::Borrowed(line);
     }
     let mut out = std::borrow::Cow::Borrowed(line);
@@ -139,9 +153,16 @@ impl Drop for LineWriter {
         if self.buf.is_empty() {
             return;
         }
-        let text = String::from_utf8_lossy(&self.buf);
-        let clean = redact(&text).into_owned().into_bytes();
-        sink::write(self.to_stderr, clean);
+        // Most lines are valid UTF-8 with nothing to mask: handed over as they are, not copied.
+        let masked = match String::from_utf8_lossy(&self.buf) {
+            std::borrow::Cow::Borrowed(text) => match redact(text) {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(clean) => Some(clean.into_bytes()),
+            },
+            std::borrow::Cow::Owned(text) => Some(redact(&text).into_owned().into_bytes()),
+        };
+        let line = masked.unwrap_or_else(|| std::mem::take(&mut self.buf));
+        sink::write(self.to_stderr, line);
     }
 }
 
@@ -244,6 +265,38 @@ mod tests {
         let out = redact(r#"body: "{\"access_token\":\"at-9\",\"expires_in\":3600}""#);
         assert!(!out.contains("at-9"), "{out}");
         assert!(out.contains("3600"));
+    }
+
+    /// The literal pre-check never lets through a line a pattern would change: each line
+    /// below is redacted exactly as the patterns alone redact it.
+    #[test]
+    fn the_literal_pre_check_passes_every_line_a_pattern_matches() {
+        use super::{PATTERNS, SECRET_NAMES};
+        let by_patterns = |line: &str| {
+            let mut out = line.to_string();
+            for (re, replacement) in PATTERNS.iter() {
+                out = re.replace_all(&out, *replacement).into_owned();
+            }
+            out
+        };
+        let mut lines = vec![
+            "Authorization: BEARER abc.def".to_string(),
+            "basic   dXNlcjpwdw==".to_string(),
+            "id eyJhbGciOi.eyJzdWIiOi.sig end".to_string(),
+            "plain line route=/api/x status=200 ms=0.4 action=token_handed_out".to_string(),
+            r#"request{otel.name=POST}: audit connection=c1 who="app a" outcome=ok"#.to_string(),
+        ];
+        for name in SECRET_NAMES.split('|') {
+            let upper = name.to_ascii_uppercase();
+            lines.push(format!("x {name}=v1&y=2"));
+            lines.push(format!("x {upper}=v1"));
+            lines.push(format!(r#"body {{"{name}": "v2", "n": 1}}"#));
+            lines.push(format!(r#"debug "{{\"{upper}\":\"v3\"}}""#));
+            lines.push(format!("no match {name}_x {name} : v"));
+        }
+        for line in &lines {
+            assert_eq!(redact(line), by_patterns(line), "{line}");
+        }
     }
 
     #[test]
