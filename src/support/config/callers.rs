@@ -173,16 +173,7 @@ impl PortalConfig {
         {
             origins.push(pp.url.origin());
         }
-        let handler_cors = match s.get("CORS_LAYER").unwrap_or("handler").to_ascii_lowercase().as_str() {
-            "handler" => true,
-            "platform" => false,
-            other => {
-                return Err(ConfigError::new(
-                    "CORS_LAYER",
-                    format!("expected \"handler\" or \"platform\", got {other:?}"),
-                ));
-            }
-        };
+        let handler_cors = s.choice("CORS_LAYER", &[("handler", true), ("platform", false)])?;
         Ok(PortalConfig { power_pages, oidc, origins, handler_cors })
     }
 }

@@ -41,10 +41,16 @@ pub struct FnoConfig {
 
 impl CaptureMode {
     pub(super) fn from_settings(s: &Settings) -> Result<CaptureMode, ConfigError> {
-        match s.get("CAPTURE_MODE").unwrap_or("store").to_ascii_lowercase().as_str() {
-            "off" => Ok(CaptureMode::Off),
-            "store" => Ok(CaptureMode::Store),
-            "fno" => {
+        #[derive(Clone, Copy)]
+        enum Mode {
+            Off,
+            Store,
+            Fno,
+        }
+        match s.choice("CAPTURE_MODE", &[("store", Mode::Store), ("fno", Mode::Fno), ("off", Mode::Off)])? {
+            Mode::Off => Ok(CaptureMode::Off),
+            Mode::Store => Ok(CaptureMode::Store),
+            Mode::Fno => {
                 let url = s
                     .url("FNO_URL")?
                     .ok_or_else(|| ConfigError::new("FNO_URL", "is required with CAPTURE_MODE=fno"))?;
@@ -64,9 +70,6 @@ impl CaptureMode {
                     credential: CredentialConfig::from_settings(s, "FNO")?,
                 })))
             }
-            other => {
-                Err(ConfigError::new("CAPTURE_MODE", format!("expected \"store\", \"fno\" or \"off\", got {other:?}")))
-            }
         }
     }
 
@@ -82,16 +85,7 @@ impl CaptureMode {
 
 impl CapturePolicy {
     pub(super) fn from_settings(s: &Settings) -> Result<CapturePolicy, ConfigError> {
-        let any_state = match s.get("CAPTURE_STATES").unwrap_or("registered").to_ascii_lowercase().as_str() {
-            "registered" => false,
-            "any" => true,
-            other => {
-                return Err(ConfigError::new(
-                    "CAPTURE_STATES",
-                    format!("expected \"registered\" or \"any\", got {other:?}"),
-                ));
-            }
-        };
+        let any_state = s.choice("CAPTURE_STATES", &[("registered", false), ("any", true)])?;
         let state_key_secret = s.get("CAPTURE_STATE_KEY_SECRET").map(str::to_string);
         if let Some(name) = &state_key_secret {
             validate_secret_name(name).map_err(|e| ConfigError::new("CAPTURE_STATE_KEY_SECRET", e))?;

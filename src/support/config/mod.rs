@@ -319,13 +319,13 @@ impl DataverseConfig {
 
 impl StoreConfig {
     fn from_settings(s: &Settings, dataverse: Option<&DataverseConfig>) -> Result<StoreConfig, ConfigError> {
-        match s.get("STORE").unwrap_or("sqlite").to_ascii_lowercase().as_str() {
-            "sqlite" => Ok(StoreConfig::Sqlite { path: s.path("SQLITE_PATH", ".data/companion.db") }),
-            "dataverse" => dataverse
+        if s.choice("STORE", &[("sqlite", false), ("dataverse", true)])? {
+            dataverse
                 .cloned()
                 .map(StoreConfig::Dataverse)
-                .ok_or_else(|| ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse")),
-            other => Err(ConfigError::new("STORE", format!("expected \"sqlite\" or \"dataverse\", got {other:?}"))),
+                .ok_or_else(|| ConfigError::new("DATAVERSE_URL", "is required with STORE=dataverse"))
+        } else {
+            Ok(StoreConfig::Sqlite { path: s.path("SQLITE_PATH", ".data/companion.db") })
         }
     }
 }

@@ -131,6 +131,22 @@ impl Settings {
         }
     }
 
+    /// One of a setting's words (any case), the first being its default: the value paired
+    /// with it, or an error listing the words (`expected "a", "b" or "c", got "x"`).
+    pub(super) fn choice<T: Copy>(&self, name: &str, choices: &[(&str, T)]) -> Result<T, ConfigError> {
+        let default = choices.first().map_or("", |(word, _)| *word);
+        let given = self.get(name).unwrap_or(default).to_ascii_lowercase();
+        if let Some(&(_, value)) = choices.iter().find(|(word, _)| *word == given) {
+            return Ok(value);
+        }
+        let words: Vec<String> = choices.iter().map(|(word, _)| format!("{word:?}")).collect();
+        let expected = match words.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => words.join(""),
+        };
+        Err(ConfigError::new(name, format!("expected {expected}, got {given:?}")))
+    }
+
     pub(super) fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
         self.parse(name, default, "a whole number of seconds").map(Duration::from_secs)
     }
@@ -218,7 +234,21 @@ fn app_root_from(env: &HashMap<String, String>) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::holds_secret;
+    use super::{Settings, holds_secret};
+
+    #[test]
+    fn a_choice_takes_its_first_word_by_default_any_case_and_names_every_word_when_wrong() {
+        let with = |v: Option<&str>| {
+            Settings::from_map(v.map(|v| [("MODE".to_string(), v.to_string())].into()).unwrap_or_default())
+        };
+        let three = [("store", 1), ("fno", 2), ("off", 3)];
+        assert_eq!(with(None).choice("MODE", &three).unwrap(), 1);
+        assert_eq!(with(Some("FNO")).choice("MODE", &three).unwrap(), 2);
+        let e = with(Some("Nope")).choice("MODE", &three).unwrap_err();
+        assert_eq!(e.to_string(), r#"configuration error: MODE: expected "store", "fno" or "off", got "nope""#);
+        let e = with(Some("x")).choice("MODE", &[("handler", true), ("platform", false)]).unwrap_err();
+        assert_eq!(e.problem, r#"expected "handler" or "platform", got "x""#);
+    }
 
     #[test]
     fn secret_named_settings_are_told_from_settings_that_name_a_secret() {
