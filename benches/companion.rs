@@ -69,9 +69,9 @@ fn main() {
     eprintln!("(written to {path})");
 }
 
-/// 3. The token endpoint for valid tokens, next to the minimal warp handler: 64 sockets,
-/// one connection id. The table's head and two rows, the load, and the Dataverse requests
-/// made meanwhile.
+/// Section 3: the token endpoint for valid tokens, next to the minimal warp handler, 64
+/// sockets, one connection id. The table's head and two rows, the load, and the Dataverse
+/// requests made meanwhile.
 async fn token_section(w: &World) -> (String, Load, u64) {
     let mut r = String::new();
     for i in 0..16 {

@@ -390,7 +390,7 @@ impl Catalog {
         let template = self.templates.get(name).ok_or_else(|| CatalogError::Unknown(name.to_string()))?;
         let pairs: Vec<(String, String)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         // The preset's own words (which parameter, which pattern), not the entry's name.
-        let table = template.fill(&pairs).map_err(CatalogError::Params)?;
+        let table = template.fill(&pairs).map_err(|e| CatalogError::Params(Box::new(e)))?;
         let spec: ProviderSpec = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| CatalogError::entry(name, EntryError::Shape(e.to_string())))?;
@@ -456,20 +456,20 @@ pub enum CatalogError {
     #[error("{0}")]
     Syntax(String),
     #[error("provider {name:?}: {error}")]
-    Entry { name: String, error: EntryError },
+    Entry { name: String, error: Box<EntryError> },
     #[error("there is no provider {0:?}")]
     Unknown(String),
     #[error("provider {0:?} takes no connection parameters")]
     TakesNoParams(String),
     #[error(transparent)]
-    Params(PresetError),
+    Params(Box<PresetError>),
     #[error("the provider with its parameters ({0}) is longer than {MAX_PROVIDER_KEY} characters")]
     KeyTooLong(String),
 }
 
 impl CatalogError {
     fn entry(name: &str, error: EntryError) -> CatalogError {
-        CatalogError::Entry { name: name.to_string(), error }
+        CatalogError::Entry { name: name.to_string(), error: Box::new(error) }
     }
 }
 
