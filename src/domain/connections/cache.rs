@@ -157,7 +157,7 @@ impl TokenCache {
 
 /// Connection ids compare without case, as Dataverse compares them: `ERP-1` and `erp-1`
 /// are one connection, with one cache entry and one refresh turn.
-fn key(id: &str) -> std::borrow::Cow<'_, str> {
+pub(super) fn key(id: &str) -> std::borrow::Cow<'_, str> {
     if id.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(id.to_ascii_lowercase())
     } else {

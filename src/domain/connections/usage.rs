@@ -15,7 +15,8 @@ pub const EVERY: i64 = 60;
 /// Past this many connections noted, the notes older than [`EVERY`] are dropped.
 const PRUNE_AT: usize = 10_000;
 
-/// When this process last recorded each connection's use.
+/// When this process last recorded each connection's use, by the token cache's key (the
+/// id without case).
 #[derive(Default)]
 pub(super) struct Uses(Mutex<HashMap<String, i64>>);
 
@@ -43,7 +44,7 @@ impl Connections {
             return;
         }
         let now = self.deps.clock.now();
-        if !self.uses.due(&id.to_ascii_lowercase(), now) {
+        if !self.uses.due(&super::cache::key(id), now) {
             return;
         }
         let store = self.deps.store.clone();
