@@ -12,7 +12,7 @@ use azure_core::credentials::TokenCredential;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clients::secrets::{SecretError, SecretSource};
-pub use crate::domain::tenants::TenantTokenError;
+use crate::domain::tenants::TenantTokenError;
 use crate::domain::tenants::TenantTokens;
 use crate::support::cache::Cache;
 use crate::support::config::{AppCredential, TenancyConfig};

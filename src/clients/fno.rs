@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 use crate::clients::azure::{IdentityError, TokenSource};
-pub use crate::domain::captures::Delivery;
+use crate::domain::captures::Delivery;
 use crate::domain::captures::{CaptureDelivery, DeliveryFailure};
 use crate::support::outbound;
 

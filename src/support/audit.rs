@@ -124,3 +124,8 @@ pub async fn acting<F: std::future::Future>(actor: Actor, f: F) -> F::Output {
 pub fn current() -> Actor {
     ACTOR.try_with(Actor::clone).unwrap_or_default()
 }
+
+/// The kind of the current actor (`timer`, `callback`, or empty), without copying it.
+pub fn current_kind() -> &'static str {
+    ACTOR.try_with(|a| a.kind).unwrap_or_default()
+}
