@@ -173,3 +173,19 @@ async fn check_prints_the_table_and_fails_when_something_is_wrong() {
     assert!(stdout.contains("1 of "), "{stdout}");
     let _: Value = Value::Null;
 }
+
+/// The outbound client's certificate check (one shared TLS configuration whose system
+/// roots load on the first handshake): a server whose certificate no system root signed
+/// (the doubles' test CA, which this test process does not trust) is refused at the
+/// handshake, with rustls' reason, and nothing is sent to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbound_client_refuses_a_certificate_no_system_root_signed() {
+    let azure = AzureDoubles::start(json!({}));
+    let client = dynamics_companion::support::outbound::client(std::time::Duration::from_secs(10)).unwrap();
+    for _ in 0..2 {
+        let err = client.get(&azure.ingestion).send().await.expect_err("an untrusted certificate is refused");
+        assert!(err.is_connect(), "{err:?}");
+        let chain = format!("{err:?}");
+        assert!(chain.contains("UnknownIssuer") || chain.contains("certificate"), "{chain}");
+    }
+}
