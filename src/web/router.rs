@@ -17,6 +17,14 @@ use crate::app::services::Services;
 
 type Outcome = (&'static str, Audience, Result<Response, ApiError>);
 
+/// A route's work, boxed.
+type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, ApiError>> + Send + 'a>>;
+
+/// An answer known without waiting, as a [`Handling`].
+fn ready<'a>(answer: Result<Response, ApiError>) -> Handling<'a> {
+    Box::pin(std::future::ready(answer))
+}
+
 /// Runs the route the request matched ([`super::filters`]), or says why none did: a path
 /// that some routes match but none with this method is `405` with `Allow`, any other
 /// `404`. Returns the route template (for the log line), who the caller is (for the
@@ -25,42 +33,46 @@ pub async fn dispatch(s: &Services, req: Request, matched: Option<Matched>) -> O
     let Some(Matched { route, params }) = matched else { return unmatched(&req) };
     let id = params.first().map(|p| percent_decode(p)).unwrap_or_default();
     let id = id.as_str();
-    let result = match route.template {
+    // Each route's work is boxed: one allocation of its own size, where the unboxed match
+    // made this future as large as the largest handler's (9 KB; 28 KB once wrapped by the
+    // request's span and upstream timing), copied whole at each layer on every request
+    // (`perf`: `memmove` 12 % of the proxy's cycles).
+    let handling: Handling<'_> = match route.template {
         // The host's readiness probe and health ping: any answer counts.
-        "/" => Ok(response::text(StatusCode::OK, "ok\n")),
-        "/refresh" => timer::invoke(&s.timer, req).await,
-        "/api/openapi.json" => Ok(super::openapi::serve(&s.server.redirect_uri)),
-        "/api/health" => health::handle(&s.health, req).await,
-        "/api/oauth/callback" => callback::handle(&s.callback, req).await,
-        "/api/oauth/bind" => binding::handle(&s.callback, req).await,
-        "/api/oauth/consent" => tenants::consent(&s.tenants, req).await,
-        "/api/oauth/onboard" => tenants::onboard(&s.tenants, req).await,
-        "/api/connections" => connections::collection(&s.back_office, req).await,
-        "/api/connections/import" => connections::import(&s.back_office, req).await,
-        "/api/connections/{id}" => connections::item(&s.back_office, req, id).await,
-        "/api/connections/{id}/token" => connections::token(&s.back_office, req, id).await,
-        "/api/connections/{id}/reconnect" => connections::reconnect(&s.back_office, req, id).await,
-        "/api/connections/{id}/proxy/{*path}" => connections::proxy(&s.back_office, req, id).await,
+        "/" => ready(Ok(response::text(StatusCode::OK, "ok\n"))),
+        "/refresh" => Box::pin(timer::invoke(&s.timer, req)),
+        "/api/openapi.json" => ready(Ok(super::openapi::serve(&s.server.redirect_uri))),
+        "/api/health" => Box::pin(health::handle(&s.health, req)),
+        "/api/oauth/callback" => Box::pin(callback::handle(&s.callback, req)),
+        "/api/oauth/bind" => Box::pin(binding::handle(&s.callback, req)),
+        "/api/oauth/consent" => Box::pin(tenants::consent(&s.tenants, req)),
+        "/api/oauth/onboard" => Box::pin(tenants::onboard(&s.tenants, req)),
+        "/api/connections" => Box::pin(connections::collection(&s.back_office, req)),
+        "/api/connections/import" => Box::pin(connections::import(&s.back_office, req)),
+        "/api/connections/{id}" => Box::pin(connections::item(&s.back_office, req, id)),
+        "/api/connections/{id}/token" => Box::pin(connections::token(&s.back_office, req, id)),
+        "/api/connections/{id}/reconnect" => Box::pin(connections::reconnect(&s.back_office, req, id)),
+        "/api/connections/{id}/proxy/{*path}" => Box::pin(connections::proxy(&s.back_office, req, id)),
         "/api/connections/{id}/call/{*path}" => {
-            let tail = params.get(1).cloned().unwrap_or_default();
-            connections::call(&s.back_office, req, id, &tail).await
+            let tail = params.get(1).map(String::as_str).unwrap_or_default();
+            Box::pin(connections::call(&s.back_office, req, id, tail))
         }
-        "/api/captures" => captures::handle(&s.back_office, req).await,
-        "/api/mcp" => super::mcp::handle(&s.agents, req).await,
+        "/api/captures" => Box::pin(captures::handle(&s.back_office, req)),
+        "/api/mcp" => Box::pin(super::mcp::handle(&s.agents, req)),
         "/api/mcp/.well-known/oauth-protected-resource" | "/.well-known/oauth-protected-resource/api/mcp" => {
-            Ok(super::mcp::metadata(&s.agents))
+            ready(Ok(super::mcp::metadata(&s.agents)))
         }
-        "/api/tenants" => tenants::collection(&s.tenants, req).await,
-        "/api/tenants/{id}" => tenants::item(&s.tenants, req, id).await,
-        "/api/tenants/{id}/onboard" => tenants::onboard_link(&s.tenants, req, id).await,
-        "/api/tenants/{id}/check" => tenants::check(&s.tenants, req, id).await,
-        "/api/portal/me" => portal::me(&s.portal, req).await,
-        "/api/portal/connections" => portal::connections(&s.portal, req).await,
-        "/api/portal/connections/{id}" => portal::connection(&s.portal, req, id).await,
-        "/api/portal/connections/{id}/proxy/{*path}" => portal::proxy(&s.portal, req, id).await,
-        other => Err(ApiError::internal(format!("the route {other} has no handler"))),
+        "/api/tenants" => Box::pin(tenants::collection(&s.tenants, req)),
+        "/api/tenants/{id}" => Box::pin(tenants::item(&s.tenants, req, id)),
+        "/api/tenants/{id}/onboard" => Box::pin(tenants::onboard_link(&s.tenants, req, id)),
+        "/api/tenants/{id}/check" => Box::pin(tenants::check(&s.tenants, req, id)),
+        "/api/portal/me" => Box::pin(portal::me(&s.portal, req)),
+        "/api/portal/connections" => Box::pin(portal::connections(&s.portal, req)),
+        "/api/portal/connections/{id}" => Box::pin(portal::connection(&s.portal, req, id)),
+        "/api/portal/connections/{id}/proxy/{*path}" => Box::pin(portal::proxy(&s.portal, req, id)),
+        other => ready(Err(ApiError::internal(format!("the route {other} has no handler")))),
     };
-    (route.template, route.audience, result)
+    (route.template, route.audience, handling.await)
 }
 
 /// `405` with `Allow` when some route has this path, else `404`.
