@@ -38,6 +38,12 @@ const FORWARDED_REQUEST_HEADERS: &[&str] = &[
 /// Response headers that never reach the caller: hop-by-hop ones (RFC 9110 §7.6.1), the
 /// provider's cookies, its authentication challenges, and its CORS headers (the
 /// handler's own CORS layer alone decides what a browser may read).
+///
+/// `Content-Length` passes: the body is the provider's bytes unchanged (the outbound client
+/// is built without decompression), so an answer with a length is sent length-delimited
+/// while it streams; without it hyper would re-chunk every answer and, not knowing where
+/// the body ends, write its last chunk apart (a second write, and a second wake-up of the
+/// caller, on every proxied call). An answer without a length stays chunked.
 fn forwardable_response_header(name: &str) -> bool {
     !(matches!(
         name,
@@ -49,7 +55,6 @@ fn forwardable_response_header(name: &str) -> bool {
             | "upgrade"
             | "set-cookie"
             | "set-cookie2"
-            | "content-length"
             | "www-authenticate"
             | "proxy-authenticate"
             | "proxy-connection"

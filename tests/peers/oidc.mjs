@@ -584,6 +584,10 @@ function normalizeTokenFault(f) {
 const issued = [];
 // `/__api/` answers 401 to its next `unauthorized` calls (a token rejected early).
 const apiFaults = { unauthorized: 0 };
+// `/__api/...?stream=1` answers in two chunks without a length: the first at once, the
+// second only when `POST /__control/api-release` says so (a proxy that buffered the body
+// would hold the first back).
+let releaseStreams = [];
 
 // A protected resource for proxy tests: `/__api/...` answers 200 with what it received
 // when the bearer token is active (checked by introspection), 401 otherwise.
@@ -599,6 +603,14 @@ provider.use(async (ctx, next) => {
     return;
   }
   const body = await readBody(ctx.req).catch(() => Buffer.alloc(0));
+  if (/(^|&)stream=1(&|$)/.test(ctx.querystring)) {
+    ctx.respond = false;
+    ctx.res.writeHead(200, { 'content-type': 'text/plain; charset=utf-8' });
+    ctx.res.write('first chunk\n');
+    await new Promise((resolve) => releaseStreams.push(resolve));
+    ctx.res.end('second chunk\n');
+    return;
+  }
   // `?hostile=1`: answer with what a proxy must not pass to a browser (CORS, cookies,
   // hop-by-hop headers), next to one ordinary header it must pass.
   if (/(^|&)hostile=1(&|$)/.test(ctx.querystring)) {
@@ -664,6 +676,14 @@ provider.use(async (ctx, next) => {
         const b = await readJson(ctx);
         apiFaults.unauthorized = Number.isInteger(b.unauthorized) && b.unauthorized >= 0 ? b.unauthorized : 0;
         sendJson(ctx, 200, apiFaults);
+        return;
+      }
+      case 'POST /__control/api-release': {
+        await readBody(ctx.req);
+        const waiting = releaseStreams.length;
+        releaseStreams.forEach((release) => release());
+        releaseStreams = [];
+        sendJson(ctx, 200, { released: waiting });
         return;
       }
       case 'GET /__control/issued':

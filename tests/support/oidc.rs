@@ -112,6 +112,11 @@ api_base_url = "{iss}/__api/"
         self.control(reqwest::Method::POST, "api-faults", Some(json!({ "unauthorized": n }))).await;
     }
 
+    /// Lets every `/__api/...?stream=1` answer waiting on its second chunk finish; how many.
+    pub async fn release_api_streams(&self) -> u64 {
+        self.control(reqwest::Method::POST, "api-release", None).await["released"].as_u64().unwrap_or(0)
+    }
+
     pub async fn is_active(&self, token: &str) -> bool {
         self.control(reqwest::Method::POST, "introspect", Some(json!({ "token": token }))).await["active"] == true
     }

@@ -199,6 +199,35 @@ async fn the_proxy_forwards_an_allow_list_of_headers_and_none_that_reroute() {
     assert!(r.json()["headers"].get("accept-language").is_none(), "{}", r.body);
 }
 
+/// The provider's answer is streamed through, not buffered: the first chunk reaches the
+/// caller while the provider still holds back the second. An answer with a length keeps
+/// it (sent length-delimited, not re-chunked); one without stays chunked.
+#[tokio::test]
+async fn the_proxy_streams_the_providers_answer_and_keeps_its_length() {
+    let w = world(Setup::default()).await;
+    w.connect("p5").await;
+    let bearer = format!("Bearer {}", w.bearer);
+    let r = w.h.forward(Method::GET, "/api/connections/p5/proxy/items", &[("Authorization", &bearer)], None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["content-length"].to_str().unwrap(), r.body.len().to_string(), "{:?}", r.headers);
+    assert!(r.headers.get("transfer-encoding").is_none(), "{:?}", r.headers);
+
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/api/connections/p5/proxy/items?stream=1", w.h.base))
+        .header("Authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-length").is_none(), "{:?}", resp.headers());
+    let first = tokio::time::timeout(Duration::from_secs(10), resp.chunk()).await;
+    let first = first.expect("the first chunk came before the provider finished").unwrap().unwrap();
+    assert_eq!(&first[..], b"first chunk\n");
+    assert_eq!(w.peer.release_api_streams().await, 1, "the provider was still holding its second chunk");
+    let rest = tokio::time::timeout(Duration::from_secs(10), resp.bytes()).await.unwrap().unwrap();
+    assert_eq!(&rest[..], b"second chunk\n");
+}
+
 #[tokio::test]
 async fn the_proxy_refuses_paths_a_server_behind_it_could_read_differently() {
     let w = world(Setup::default()).await;
