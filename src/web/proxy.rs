@@ -225,9 +225,11 @@ const PATH_UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'}');
 
 /// Sends a request to the provider's API with the connection's token (from the cache when
-/// it is there: a proxied call then reads no store); on 401, forces one refresh and
-/// retries once (the token may have been revoked early).
+/// it is there: a proxied call then reads no store); on 401, forces one refresh (on behalf
+/// of `actor`) and retries once (the token may have been revoked early).
+#[allow(clippy::too_many_arguments)]
 pub async fn send_with_token(
+    actor: &crate::support::audit::Actor,
     http: &reqwest::Client,
     connections: &crate::domain::connections::Connections,
     provider: &Provider,
@@ -251,7 +253,7 @@ pub async fn send_with_token(
         }
         out
     };
-    let (resp, _) = send_authorized(connections, id, token, request).await.map_err(|e| match e {
+    let (resp, _) = send_authorized(connections, id, token, actor, request).await.map_err(|e| match e {
         Unanswered::Token(e) => ApiError::from(e),
         Unanswered::Unreachable(why) => {
             ApiError::bad_gateway("provider-api-unreachable", format!("The provider's API did not answer: {why}"))
@@ -284,11 +286,14 @@ pub enum Unanswered {
 /// Sends the request `request` makes, with the connection's token; on 401, forces one
 /// refresh and sends it once more (the token may have been revoked early). Returns the
 /// answer and the token it was sent with. The one way the proxy, the connector's call and
-/// the agents' tool reach a provider's API.
+/// the agents' tool reach a provider's API. The refresh is recorded as `actor`'s: only it
+/// runs in the actor's scope, not the whole call (the scope's future would hold a copy of
+/// the call's, moved on every request).
 pub async fn send_authorized(
     connections: &crate::domain::connections::Connections,
     id: &str,
     mut token: CachedToken,
+    actor: &crate::support::audit::Actor,
     request: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<(reqwest::Response, CachedToken), Unanswered> {
     let mut retried = false;
@@ -300,7 +305,8 @@ pub async fn send_authorized(
             .map_err(|e| Unanswered::Unreachable(outbound::error_text(e)))?;
         if resp.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
-            token = connections.access_token(id, true).await.map_err(Unanswered::Token)?;
+            let refreshed = crate::support::audit::acting(actor.clone(), connections.access_token(id, true));
+            token = Box::pin(refreshed).await.map_err(Unanswered::Token)?;
             continue;
         }
         return Ok((resp, token));
@@ -321,7 +327,7 @@ pub async fn send_audited(
     req: &mut Request,
 ) -> Result<Response, ApiError> {
     use crate::support::audit;
-    let sent = audit::acting(actor.clone(), send_with_token(http, connections, provider, id, token, target, req)).await;
+    let sent = send_with_token(&actor, http, connections, provider, id, token, target, req).await;
     audit::record(audit::Action::ProxiedCall, id, &provider.name, &actor, &outcome(&sent));
     sent
 }

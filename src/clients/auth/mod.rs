@@ -194,7 +194,9 @@ impl BearerVerifier {
         }
         let kid = rs256_header(token)?
             .ok_or_else(|| AuthError::Unauthenticated("The bearer token has no key id (kid).".into()))?;
-        let key = self.keys.key(&kid).await?;
+        // Boxed: fetching the issuer's keys is rare (a token not verified before) and its
+        // future is large; inline it would make every caller's future as large.
+        let key = Box::pin(self.keys.key(&kid)).await?;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| rejection(&e, &self.cfg.issuer.issuer))?
             .claims;

@@ -301,7 +301,7 @@ async fn call_provider_api(
             None => out,
         }
     };
-    let sent = audit::acting(agent(caller), proxy::send_authorized(connections, &c.id, token, request)).await;
+    let sent = proxy::send_authorized(connections, &c.id, token, &agent(caller), request).await;
     let (resp, token) = sent.map_err(|e| match e {
         proxy::Unanswered::Token(e) => e.into(),
         proxy::Unanswered::Unreachable(why) => ToolError::Unreachable(why.to_string()),
