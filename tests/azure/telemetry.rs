@@ -125,6 +125,9 @@ async fn requests_and_their_outbound_calls_are_exported_as_one_operation() {
     assert_eq!(parent(exchange), request_id, "{exchange}");
     assert_eq!(exchange["data"]["baseData"]["resultCode"], "200", "{exchange}");
     assert_eq!(exchange["data"]["baseData"]["type"], "HTTP", "{exchange}");
+    // Named by the method and host (recorded on the span after it was opened).
+    let name = exchange["data"]["baseData"]["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("POST ") && !name.contains("/token"), "{exchange}");
 
     // The request's log line is a trace record of the same operation, under the request.
     let logs = find(&items, "MessageData", trace1);

@@ -13,24 +13,31 @@ use tracing::field::Empty;
 pub async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
     let (client, built) = req.build_split();
     let mut request = built?;
-    let url = request.url();
-    let host = url.host_str().unwrap_or_default().to_string();
-    let port = url.port_or_known_default().unwrap_or_default();
-    let mut target = url.clone();
-    target.set_query(None);
-    target.set_fragment(None);
-    let method = request.method().clone();
     let span = tracing::info_span!(
         "dependency",
         otel.kind = "client",
-        otel.name = %format_args!("{method} {host}"),
-        http.request.method = %method,
-        server.address = %host,
-        server.port = port,
-        url.full = %target,
+        otel.name = Empty,
+        http.request.method = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        url.full = Empty,
         http.response.status_code = Empty,
         otel.status_code = Empty,
     );
+    // The fields are worked out only for a span some layer keeps: a proxied call at
+    // `LOG_LEVEL=warn` without export copies no URL.
+    if !span.is_disabled() {
+        let (url, method) = (request.url(), request.method());
+        let host = url.host_str().unwrap_or_default();
+        let mut target = url.clone();
+        target.set_query(None);
+        target.set_fragment(None);
+        span.record("otel.name", format_args!("{method} {host}"));
+        span.record("http.request.method", format_args!("{method}"));
+        span.record("server.address", host);
+        span.record("server.port", url.port_or_known_default().unwrap_or_default());
+        span.record("url.full", format_args!("{target}"));
+    }
     async move {
         crate::support::trace_context::inject(request.headers_mut());
         let result = client.execute(request).await;
