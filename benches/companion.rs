@@ -158,7 +158,9 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
         let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
             d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
-            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, vec![], None, None).await);
+            // The same request as ours gets, caller's bearer included (the forwarder ignores
+            // it): any token-injecting proxy receives the caller's credential.
+            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, caller.clone(), None, None).await);
             o.push(
                 load(
                     &format!("{}/api/connections/{id}/proxy/items", h.base),
