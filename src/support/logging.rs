@@ -87,11 +87,10 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
 /// nothing a pattern needs, and this says so in a few SIMD scans. Every match of a pattern
 /// contains `eyJ`, or `bearer` / `basic` in some case, or a secret name (in some case) as
 /// the whole word right before `=`, or quoted right before `"` or `\"`; this looks for
-/// exactly those. The patterns
-/// fold case by Unicode (`K`, the Kelvin sign, is a `k` to them), so a line with any
-/// non-ASCII byte goes to the patterns unchecked. Replaced an Aho-Corasick pass over the
-/// same literals, which `perf` put at 7 % of the token endpoint's cycles (it read every byte
-/// of two lines per request through its automaton).
+/// exactly those. The patterns fold case by Unicode (U+212A KELVIN SIGN is a `k` to them),
+/// so a line with any non-ASCII byte goes to the patterns unchecked. It replaced an
+/// Aho-Corasick pass over the same literals, which `perf` put at 7 % of the token
+/// endpoint's cycles (it read every byte of two lines per request through its automaton).
 fn may_hold_secret(line: &str) -> bool {
     let bytes = line.as_bytes();
     if !line.is_ascii() || memchr::memmem::find(bytes, b"eyJ").is_some() {

@@ -50,32 +50,56 @@ pub fn routes() -> impl Filter<Extract = (Option<Matched>,), Error = std::conver
 
 /// The first route whose template matches `path` and whose methods include `method`.
 pub fn route_for(path: &str, method: &Method) -> Option<Matched> {
-    ROUTES.iter().find_map(|route| {
-        let params = raw_match(route.template, path)?;
+    TEMPLATES.iter().find_map(|(route, parts)| {
+        let params = raw_match(parts, path)?;
         route.allows(method.as_str()).then_some(Matched { route, params })
     })
+}
+
+/// One segment of a route's template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Literal(&'static str),
+    /// `{id}`: one non-empty segment.
+    Param,
+    /// `{*path}`: whatever remains.
+    Tail,
+}
+
+/// The route table's templates taken apart once, in the table's order.
+static TEMPLATES: std::sync::LazyLock<Vec<(&'static Route, Vec<Part>)>> =
+    std::sync::LazyLock::new(|| ROUTES.iter().map(|route| (route, parts(route.template))).collect());
+
+fn parts(template: &'static str) -> Vec<Part> {
+    let mut out = Vec::new();
+    for part in template.split('/').filter(|s| !s.is_empty()) {
+        if part.starts_with("{*") {
+            out.push(Part::Tail);
+            break;
+        }
+        out.push(if part.starts_with('{') { Part::Param } else { Part::Literal(part) });
+    }
+    out
 }
 
 /// A template against a path as received (still percent-encoded), as warp's path filters
 /// match it: a literal segment equals the path's next segment, `{id}` takes a non-empty
 /// one, `{*path}` takes whatever remains (possibly nothing), and otherwise nothing may
 /// remain but one trailing slash. Returns the parameters, as received.
-fn raw_match(template: &str, path: &str) -> Option<Vec<String>> {
+fn raw_match(parts: &[Part], path: &str) -> Option<Vec<String>> {
     let mut rest = path.strip_prefix('/').unwrap_or(path);
     let mut params = Vec::new();
-    for part in template.split('/').filter(|s| !s.is_empty()) {
-        if part.starts_with("{*") {
-            params.push(rest.to_string());
-            return Some(params);
-        }
+    for part in parts {
         let segment = rest.split('/').next().unwrap_or_default();
-        if part.starts_with('{') {
-            if segment.is_empty() {
-                return None;
+        match part {
+            Part::Tail => {
+                params.push(rest.to_string());
+                return Some(params);
             }
-            params.push(segment.to_string());
-        } else if segment != part {
-            return None;
+            Part::Param if segment.is_empty() => return None,
+            Part::Param => params.push(segment.to_string()),
+            Part::Literal(literal) if segment != *literal => return None,
+            Part::Literal(_) => {}
         }
         // Past the segment and the slash after it, as warp's `set_unmatched_path` does.
         rest = rest.get(segment.len() + 1..).unwrap_or_default();
@@ -194,7 +218,7 @@ mod tests {
             let chain = warp_chain(route.template);
             for path in paths {
                 let by_warp = warp::test::request().path(path).filter(&chain).await.ok();
-                assert_eq!(raw_match(route.template, path), by_warp, "{} against {path}", route.template);
+                assert_eq!(raw_match(&parts(route.template), path), by_warp, "{} against {path}", route.template);
             }
         }
     }
