@@ -211,6 +211,16 @@ async fn the_proxy_streams_the_providers_answer_and_keeps_its_length() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.headers["content-length"].to_str().unwrap(), r.body.len().to_string(), "{:?}", r.headers);
     assert!(r.headers.get("transfer-encoding").is_none(), "{:?}", r.headers);
+    // HEAD: the provider's length comes back without a body (and without a hang).
+    let head = tokio::time::timeout(
+        Duration::from_secs(10),
+        w.h.forward(Method::HEAD, "/api/connections/p5/proxy/items", &[("Authorization", &bearer)], None),
+    )
+    .await
+    .expect("HEAD answered");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "{}", head.body);
+    assert!(head.headers.get("content-length").is_some(), "{:?}", head.headers);
 
     let mut resp = reqwest::Client::new()
         .get(format!("{}/api/connections/p5/proxy/items?stream=1", w.h.base))
