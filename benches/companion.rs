@@ -95,19 +95,9 @@ async fn token_section(w: &World) -> (String, Load, u64) {
     .await;
     let dv_calls = w.dataverse.requests().await - dv_before;
     r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
-    r.push_str(&format!(
-        "| minimal warp handler (fixed JSON) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-        baseline_token.rps, baseline_token.p50, baseline_token.p99, baseline_token.errors
-    ));
-    r.push_str(&format!(
-        "| `POST /api/connections/{{id}}/token`, valid token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-        token.rps,
-        token.rps / baseline_token.rps,
-        token.p50,
-        token.p99,
-        token.errors,
-        token.peak_rss
-    ));
+    r.push_str(&load_row("minimal warp handler (fixed JSON)", &baseline_token, "1.00", false));
+    let ratio = format!("{:.2}", token.rps / baseline_token.rps);
+    r.push_str(&load_row("`POST /api/connections/{id}/token`, valid token", &token, &ratio, true));
 
     drop(base);
     (r, token, dv_calls)
@@ -178,27 +168,18 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
             let (calls, requests) = proxy_dv;
             proxy_dv = (calls + w.dataverse.requests().await - dv_before, requests + proxied.requests);
         }
-        r.push_str(&format!(
-            "| the same {upstream} called directly (reference) | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-            direct.rps, direct.p50, direct.p99, direct.errors
+        r.push_str(&load_row(&format!("the same {upstream} called directly (reference)"), &direct, "1.00", false));
+        r.push_str(&load_row(
+            "a minimal forwarding proxy (warp + one pooled reqwest client, fixed bearer) to it",
+            &floor,
+            &format!("{:.2}", floor.rps / direct.rps),
+            false,
         ));
-        r.push_str(&format!(
-            "| a minimal forwarding proxy (warp + one pooled reqwest client, fixed bearer) to it | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | — |\n",
-            floor.rps,
-            floor.rps / direct.rps,
-            floor.p50,
-            floor.p99,
-            floor.errors
-        ));
-        r.push_str(&format!(
-            "| `GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream} | {:.0} | {:.2} ({:.2} × the forwarder) | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-            proxied.rps,
-            proxied.rps / direct.rps,
-            proxied.rps / floor.rps,
-            proxied.p50,
-            proxied.p99,
-            proxied.errors,
-            proxied.peak_rss
+        r.push_str(&load_row(
+            &format!("`GET /api/connections/{{id}}/proxy/items`, token cached, {label} store, {upstream}"),
+            &proxied,
+            &format!("{:.2} ({:.2} × the forwarder)", proxied.rps / direct.rps, proxied.rps / floor.rps),
+            true,
         ));
     }
     drop(sqlite_h);
@@ -372,6 +353,13 @@ struct Load {
 }
 
 const RUNS: usize = 3;
+
+/// One row of a load table: what was loaded, requests/s, the ratio cell as given, p50, p99,
+/// errors, and the peak RSS (`—` for a reference server, whose memory is not ours).
+fn load_row(label: &str, l: &Load, ratio: &str, with_rss: bool) -> String {
+    let rss = if with_rss { format!("{:.1} MiB", l.peak_rss) } else { "—".to_string() };
+    format!("| {label} | {:.0} | {ratio} | {:.2} ms | {:.2} ms | {} | {rss} |\n", l.rps, l.p50, l.p99, l.errors)
+}
 
 /// The median run of several, figure by figure (requests and errors are summed).
 fn median_load(runs: &[Load]) -> Load {
@@ -728,19 +716,9 @@ async fn run() -> String {
         w.h.pid(),
     )
     .await;
-    r.push_str(&format!(
-        "| minimal warp handler (fixed JSON), alongside | {:.0} | 1.00 | {:.2} ms | {:.2} ms | {} | — |\n",
-        baseline_me.rps, baseline_me.p50, baseline_me.p99, baseline_me.errors
-    ));
-    r.push_str(&format!(
-        "| `GET /api/portal/me`, Power Pages token | {:.0} | {:.2} | {:.2} ms | {:.2} ms | {} | {:.1} MiB |\n",
-        me.rps,
-        me.rps / baseline_me.rps,
-        me.p50,
-        me.p99,
-        me.errors,
-        me.peak_rss
-    ));
+    r.push_str(&load_row("minimal warp handler (fixed JSON), alongside", &baseline_me, "1.00", false));
+    let ratio = format!("{:.2}", me.rps / baseline_me.rps);
+    r.push_str(&load_row("`GET /api/portal/me`, Power Pages token", &me, &ratio, true));
     drop(base);
 
     let (proxy_rows, (proxy_dv_calls, proxied_requests)) = proxy_section(&w).await;
