@@ -113,9 +113,7 @@ fn may_hold_secret(line: &str) -> bool {
         let word = &bytes[start..end];
         // Before `"`, the name is quoted (`"token"`), not the end of a path (`/token"`).
         let quoted = bytes[at] != b'"' || (start > 0 && bytes[start - 1] == b'"');
-        quoted
-            && (start > from || from == 0)
-            && SECRET_NAMES.split('|').any(|n| n.as_bytes().eq_ignore_ascii_case(word))
+        quoted && (start > from || from == 0) && std::str::from_utf8(word).is_ok_and(is_secret_name)
     })
 }
 
