@@ -53,13 +53,17 @@ impl Actor {
         Actor { kind: "timer", ..Default::default() }
     }
 
-    /// In words, for the log line and a connection's `last_used_by`.
-    pub fn describe(&self) -> String {
+}
+
+/// The actor in words (`contact …`, `app …`, `timer`, `a caller`): the log line's `who`
+/// and a connection's `last_used_by`.
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.contact, &self.app_id, self.kind) {
-            (Some(c), _, _) => format!("contact {c}"),
-            (None, Some(a), _) => format!("app {a}"),
-            (None, None, "") => "a caller".into(),
-            (None, None, k) => k.to_string(),
+            (Some(c), _, _) => write!(f, "contact {c}"),
+            (None, Some(a), _) => write!(f, "app {a}"),
+            (None, None, "") => f.write_str("a caller"),
+            (None, None, k) => f.write_str(k),
         }
     }
 }
@@ -75,7 +79,7 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
         action = action.as_str(),
         connection,
         provider,
-        who = %actor.describe(),
+        who = %actor,
         tenant = actor.tenant.as_deref(),
         app_id = actor.app_id.as_deref(),
         object_id = actor.object_id.as_deref(),
@@ -91,7 +95,7 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
         ai.customEvent.name = "DynamicsCompanion.Audit",
         connection,
         provider,
-        who = %actor.describe(),
+        who = %actor,
         tenant = actor.tenant.as_deref(),
         app_id = actor.app_id.as_deref(),
         contact = actor.contact.as_deref(),

@@ -9,11 +9,14 @@
 //! [`redact`] before it is written: bearer values, JWTs and `name=value` / `"name":"value"`
 //! pairs for OAuth secrets are masked whatever code produced them.
 
+mod audit_line;
+
 use std::io::{self, Write};
 use std::sync::LazyLock;
 
 use regex::Regex;
 use tracing::Level;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -33,12 +36,18 @@ pub enum LogFormat {
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
 /// `export` is the telemetry layer ([`crate::clients::telemetry::Telemetry::layer`]) when
 /// Application Insights export is on; the console lines are written either way.
-pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
+pub fn init(level: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
     let filter = with_directives(
-        EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")),
+        EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
         // The audit record follows LOG_LEVEL (info by default; `warn,audit=info` keeps it
         // alone); its Application Insights twin is never a console line.
-        &["appinsights_event=off"],
+        // The audit line is written by a layer of its own (below), which keeps the spans
+        // the console keeps and only the audit events.
+        &["appinsights_event=off", "audit=off"],
+    );
+    let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let audit = audit_line::AuditLines::new(format, emit).with_filter(
+        audit_filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_span() || m.target() == audit_line::TARGET)),
     );
     let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let console = match format {
@@ -47,7 +56,7 @@ pub fn init(filter: &str, format: LogFormat, export: Option<Box<dyn Layer<Regist
             console.json().flatten_event(true).with_current_span(false).with_span_list(true).with_filter(filter).boxed()
         }
     };
-    let _ = tracing_subscriber::registry().with(export).with(console).try_init();
+    let _ = tracing_subscriber::registry().with(export).with(console).with(audit).try_init();
 }
 
 /// `filter` with `directives` added (each a valid directive).
@@ -61,25 +70,43 @@ pub fn with_directives(mut filter: EnvFilter, directives: &[&str]) -> EnvFilter 
 }
 
 /// Names whose values are secret wherever they appear in a line.
-const SECRET_NAMES: &str = "access_token|refresh_token|id_token|client_secret|code_verifier|code|\
-assertion|client_assertion|password|token|secret|state|key|authorization";
+const SECRET_NAMES: [&str; 14] = [
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "client_secret",
+    "code_verifier",
+    "code",
+    "assertion",
+    "client_assertion",
+    "password",
+    "token",
+    "secret",
+    "state",
+    "key",
+    "authorization",
+];
 
 /// Whether a field or property of this name holds a secret (exact name, any case).
+/// Asked for every word before a `=` or a quote of every line (see [`may_hold_secret`]), so
+/// it compares lengths before letters: `perf` put splitting a `|`-joined list here at 7 %
+/// of the audited token endpoint's cycles, and its comparisons at 3 % more.
 pub fn is_secret_name(name: &str) -> bool {
-    SECRET_NAMES.split('|').any(|n| n.eq_ignore_ascii_case(name))
+    SECRET_NAMES.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
 }
 
 static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
     let compile = |p: &str| Regex::new(p).expect("redaction patterns are valid");
+    let names = SECRET_NAMES.join("|");
     vec![
         // `Authorization: Bearer xyz`, `bearer xyz`
         (compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9\-._~+/=]+"), "$1 [redacted]"),
         // JWTs anywhere (three base64url segments, the first starting with a JSON `{"`).
         (compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
         // query-string or form pairs: `code=abc&state=...`
-        (compile(&format!(r"(?i)\b({SECRET_NAMES})=[^&\s;,]+")), "$1=[redacted]"),
+        (compile(&format!(r"(?i)\b({names})=[^&\s;,]+")), "$1=[redacted]"),
         // JSON pairs: `"refresh_token": "abc"`, also with escaped quotes inside Debug output.
-        (compile(&format!(r#"(?i)(\\?"(?:{SECRET_NAMES})\\?"\s*:\s*\\?")[^"\\]*"#)), "$1[redacted]"),
+        (compile(&format!(r#"(?i)(\\?"(?:{names})\\?"\s*:\s*\\?")[^"\\]*"#)), "$1[redacted]"),
     ]
 });
 
@@ -173,20 +200,23 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        if self.buf.is_empty() {
-            return;
+        if !self.buf.is_empty() {
+            emit(self.to_stderr, std::mem::take(&mut self.buf));
         }
-        // Most lines are valid UTF-8 with nothing to mask: handed over as they are, not copied.
-        let masked = match String::from_utf8_lossy(&self.buf) {
-            std::borrow::Cow::Borrowed(text) => match redact(text) {
-                std::borrow::Cow::Borrowed(_) => None,
-                std::borrow::Cow::Owned(clean) => Some(clean.into_bytes()),
-            },
-            std::borrow::Cow::Owned(text) => Some(redact(&text).into_owned().into_bytes()),
-        };
-        let line = masked.unwrap_or_else(|| std::mem::take(&mut self.buf));
-        sink::write(self.to_stderr, line);
     }
+}
+
+/// Redacts one formatted line and hands it to the writer thread.
+fn emit(to_stderr: bool, buf: Vec<u8>) {
+    // Most lines are valid UTF-8 with nothing to mask: handed over as they are, not copied.
+    let masked = match String::from_utf8_lossy(&buf) {
+        std::borrow::Cow::Borrowed(text) => match redact(text) {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(clean) => Some(clean.into_bytes()),
+        },
+        std::borrow::Cow::Owned(text) => Some(redact(&text).into_owned().into_bytes()),
+    };
+    sink::write(to_stderr, masked.unwrap_or(buf));
 }
 
 /// The console lines, written by a thread of their own: a request formats its line and
@@ -323,7 +353,7 @@ mod tests {
             "x my_code=v5 xcode=v4".to_string(),
             r#"{\"token\": \"v3\"}"#.to_string(),
         ];
-        for name in SECRET_NAMES.split('|') {
+        for name in SECRET_NAMES {
             let upper = name.to_ascii_uppercase();
             lines.push(format!("x {name}=v1&y=2"));
             lines.push(format!("x {upper}=v1"));
@@ -341,7 +371,7 @@ mod tests {
     #[test]
     fn the_pre_check_lets_ordinary_lines_through() {
         use super::{LONGEST_SECRET_NAME, SECRET_NAMES, may_hold_secret};
-        assert_eq!(SECRET_NAMES.split('|').map(str::len).max(), Some(LONGEST_SECRET_NAME));
+        assert_eq!(SECRET_NAMES.iter().map(|n| n.len()).max(), Some(LONGEST_SECRET_NAME));
         for line in [
             r#"2026-12-03T15:40:00.123456Z  INFO request{otel.kind="server" otel.name=POST}: POST /api/connections/{id}/token 200 0.12 ms route="/api/connections/{id}/token" status=200"#,
             r#"INFO request{otel.kind="server"}: audit action="token_handed_out" connection="au" who=app x actor="" outcome="ok""#,

@@ -48,7 +48,7 @@ impl Connections {
             return;
         }
         let store = self.deps.store.clone();
-        let (id, by) = (id.to_string(), audit::current().describe());
+        let (id, by) = (id.to_string(), audit::current().to_string());
         tokio::spawn(async move {
             if let Err(e) = store.record_use(&id, now, &by).await {
                 tracing::warn!(connection = %id, error = %e, "the connection's last use could not be recorded");
