@@ -113,8 +113,8 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
 /// Whether any of [`PATTERNS`] could match `line`, without running them: most lines hold
 /// nothing a pattern needs, and this says so in a few SIMD scans. Every match of a pattern
 /// contains `eyJ`, or `bearer` / `basic` in some case, or a secret name (in some case) as
-/// the whole word right before `=`, or quoted right before `"` or `\"`; this looks for
-/// exactly those. The patterns fold case by Unicode (U+212A KELVIN SIGN is a `k` to them),
+/// the whole word right before `=` and a value, or quoted right before `"` or `\"` and a
+/// `:`; this looks for exactly those. The patterns fold case by Unicode (U+212A KELVIN SIGN is a `k` to them),
 /// so a line with any non-ASCII byte goes to the patterns unchecked. It replaced an
 /// Aho-Corasick pass over the same literals, which `perf` put at 7 % of the token
 /// endpoint's cycles (it read every byte of two lines per request through its automaton).
@@ -129,6 +129,17 @@ fn may_hold_secret(line: &str) -> bool {
         return true;
     }
     memchr::memchr2_iter(b'=', b'"', bytes).any(|at| {
+        // What must follow, looked at first since it rules out most candidates: after
+        // `name=` a value (a byte other than `&`, `;`, `,` or a space); after a quoted name,
+        // optional spaces and a `:`. (`\s` in the patterns, for ASCII: these six bytes.)
+        let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r');
+        let followed = match bytes[at] {
+            b'=' => bytes.get(at + 1).is_some_and(|&b| !(space(b) || matches!(b, b'&' | b';' | b','))),
+            _ => bytes[at + 1..].iter().find(|&&b| !space(b)) == Some(&b':'),
+        };
+        if !followed {
+            return false;
+        }
         // `name\"`: the name ends before the backslash.
         let end = if bytes[at] == b'"' && at > 0 && bytes[at - 1] == b'\\' { at - 1 } else { at };
         // The whole word before it, looked at no further back than the longest name.
@@ -209,12 +220,12 @@ impl Drop for LineWriter {
 /// Redacts one formatted line and hands it to the writer thread.
 fn emit(to_stderr: bool, buf: Vec<u8>) {
     // Most lines are valid UTF-8 with nothing to mask: handed over as they are, not copied.
-    let masked = match String::from_utf8_lossy(&buf) {
-        std::borrow::Cow::Borrowed(text) => match redact(text) {
+    let masked = match std::str::from_utf8(&buf) {
+        Ok(text) => match redact(text) {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(clean) => Some(clean.into_bytes()),
         },
-        std::borrow::Cow::Owned(text) => Some(redact(&text).into_owned().into_bytes()),
+        Err(_) => Some(redact(&String::from_utf8_lossy(&buf)).into_owned().into_bytes()),
     };
     sink::write(to_stderr, masked.unwrap_or(buf));
 }
@@ -352,6 +363,10 @@ mod tests {
             "code=v6".to_string(),
             "x my_code=v5 xcode=v4".to_string(),
             r#"{\"token\": \"v3\"}"#.to_string(),
+            "x \"token\" \t\x0B: \"v\" \"token\" \"v\"".to_string(),
+            "x token= v token=&v token=;v token=\x0Bv token=,v token=\"v\"".to_string(),
+            "x \"token\"".to_string(),
+            "x token=".to_string(),
         ];
         for name in SECRET_NAMES {
             let upper = name.to_ascii_uppercase();

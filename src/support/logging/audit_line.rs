@@ -178,6 +178,12 @@ impl Visit for TextFields<'_> {
         self.pad();
         if field.name() == "message" {
             self.line.push_str(value);
+        } else if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
+            // What `Debug` writes for a string with nothing to escape, without its machinery.
+            self.line.push_str(field.name());
+            self.line.push_str("=\"");
+            self.line.push_str(value);
+            self.line.push('"');
         } else {
             let _ = write!(self.line, "{}={value:?}", field.name());
         }
