@@ -282,7 +282,7 @@ fn start_baseline_with_delay(delay_ms: u64) -> Baseline {
 }
 
 fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
 
