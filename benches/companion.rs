@@ -90,11 +90,11 @@ async fn token_section(w: &World) -> (String, Load, u64) {
         Method::POST,
         auth.clone(),
         Some("{}".into()),
-        w.h.pid(),
+        (base.child.id(), w.h.pid()),
     )
     .await;
     let dv_calls = w.dataverse.requests().await - dv_before;
-    r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|\n");
+    r.push_str("\n| load (64 sockets, one connection id, median of 3 × 5 s) | requests/s | ratio to minimal warp | p50 | p99 | errors | peak RSS | CPU per request (the server's, all threads) |\n|---|---|---|---|---|---|---|---|\n");
     r.push_str(&load_row("minimal warp handler (fixed JSON)", &baseline_token, "1.00", false));
     let ratio = format!("{:.2}", token.rps / baseline_token.rps);
     r.push_str(&load_row("`POST /api/connections/{id}/token`, valid token", &token, &ratio, true));
@@ -147,10 +147,13 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
         // Interleaved: direct, the minimal forwarder, ours; the median of each.
         let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, None).await);
+            d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, Some(api.child.id())).await);
             // The same request as ours gets, caller's bearer included (the forwarder ignores
             // it): any token-injecting proxy receives the caller's credential.
-            f.push(load(&format!("{}/proxy/items", forwarder.url), Method::GET, caller.clone(), None, None).await);
+            f.push(
+                load(&format!("{}/proxy/items", forwarder.url), Method::GET, caller.clone(), None, Some(forwarder.child.id()))
+                    .await,
+            );
             o.push(
                 load(
                     &format!("{}/api/connections/{id}/proxy/items", h.base),
@@ -371,7 +374,8 @@ const RUNS: usize = 3;
 /// errors, and the peak RSS (`—` for a reference server, whose memory is not ours).
 fn load_row(label: &str, l: &Load, ratio: &str, with_rss: bool) -> String {
     let rss = if with_rss { format!("{:.1} MiB", l.peak_rss) } else { "—".to_string() };
-    format!("| {label} | {:.0} | {ratio} | {:.2} ms | {:.2} ms | {} | {rss} |\n", l.rps, l.p50, l.p99, l.errors)
+    let cpu = if l.cpu_us.is_nan() { "—".to_string() } else { format!("{:.1} µs", l.cpu_us) };
+    format!("| {label} | {:.0} | {ratio} | {:.2} ms | {:.2} ms | {} | {rss} | {cpu} |\n", l.rps, l.p50, l.p99, l.errors)
 }
 
 /// The median run of several, figure by figure (requests and errors are summed).
@@ -396,9 +400,9 @@ async fn paired(
     method: Method,
     headers: Vec<(String, String)>,
     body: Option<String>,
-    pid: u32,
+    (baseline_pid, pid): (u32, u32),
 ) -> (Load, Load) {
-    paired_each((baseline_url, headers.clone()), (handler_url, headers), method, body, pid).await
+    paired_each((baseline_url, headers.clone()), (handler_url, headers), method, body, (baseline_pid, pid)).await
 }
 
 /// [`paired`], with headers of its own for each side (the proxy's caller authenticates
@@ -408,11 +412,11 @@ async fn paired_each(
     (handler_url, handler_headers): (&str, Vec<(String, String)>),
     method: Method,
     body: Option<String>,
-    pid: u32,
+    (baseline_pid, pid): (u32, u32),
 ) -> (Load, Load) {
     let (mut base, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        base.push(load(baseline_url, method.clone(), baseline_headers.clone(), body.clone(), None).await);
+        base.push(load(baseline_url, method.clone(), baseline_headers.clone(), body.clone(), Some(baseline_pid)).await);
         ours.push(load(handler_url, method.clone(), handler_headers.clone(), body.clone(), Some(pid)).await);
     }
     (median_load(&base), median_load(&ours))
@@ -733,7 +737,7 @@ async fn run() -> String {
         Method::GET,
         portal_auth,
         None,
-        w.h.pid(),
+        (base.child.id(), w.h.pid()),
     )
     .await;
     r.push_str(&load_row("minimal warp handler (fixed JSON), alongside", &baseline_me, "1.00", false));
