@@ -37,26 +37,50 @@ pub enum LogFormat {
 /// `export` is the telemetry layer ([`crate::clients::telemetry::Telemetry::layer`]) when
 /// Application Insights export is on; the console lines are written either way.
 pub fn init(level: &str, format: LogFormat, export: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
+    let _ = subscriber(level, format, export).try_init();
+}
+
+/// The subscriber [`init`] installs. Without export there is no export layer at all: an
+/// absent `Option` layer counts as a layer that wants every span and event, so the
+/// registry created every span at every `LOG_LEVEL` (`perf`: the request's span and each
+/// outbound call's entered, recorded and closed on every proxied call at `warn`, for no
+/// line).
+fn subscriber(
+    level: &str,
+    format: LogFormat,
+    export: Option<Box<dyn Layer<Registry> + Send + Sync>>,
+) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    match export {
+        Some(export) => Box::new(tracing_subscriber::registry().with(export).with(console(level, format))),
+        None => Box::new(tracing_subscriber::registry().with(console(level, format))),
+    }
+}
+
+/// The console's layers: every line but the audit record's through tracing-subscriber's
+/// formatter, and the audit record's through [`audit_line`]; both follow `level`.
+fn console<S>(level: &str, format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
     let filter = with_directives(
         EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
         // The audit record follows LOG_LEVEL (info by default; `warn,audit=info` keeps it
-        // alone); its Application Insights twin is never a console line.
-        // The audit line is written by a layer of its own (below), which keeps the spans
-        // the console keeps and only the audit events.
+        // alone), written by a layer of its own (below), which keeps the spans the console
+        // keeps and only the audit events. The Application Insights twin is never a line.
         &["appinsights_event=off", "audit=off"],
     );
     let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let audit = audit_line::AuditLines::new(format, emit).with_filter(
         audit_filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_span() || m.target() == audit_line::TARGET)),
     );
-    let console = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
-    let console = match format {
-        LogFormat::Text => console.with_target(false).with_filter(filter).boxed(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
+    let lines = match format {
+        LogFormat::Text => lines.with_target(false).with_filter(filter).boxed(),
         LogFormat::Json => {
-            console.json().flatten_event(true).with_current_span(false).with_span_list(true).with_filter(filter).boxed()
+            lines.json().flatten_event(true).with_current_span(false).with_span_list(true).with_filter(filter).boxed()
         }
     };
-    let _ = tracing_subscriber::registry().with(export).with(console).with(audit).try_init();
+    lines.and_then(audit).boxed()
 }
 
 /// `filter` with `directives` added (each a valid directive).
@@ -319,6 +343,20 @@ pub fn flush() {
 mod tests {
     use super::redact;
 
+    /// A span below `LOG_LEVEL` is not created (no layer keeps it), with export off.
+    #[test]
+    fn spans_below_the_level_are_not_made() {
+        use super::{LogFormat, subscriber};
+        tracing::subscriber::with_default(subscriber("warn", LogFormat::Text, None), || {
+            assert!(tracing::info_span!("request").is_disabled());
+            assert!(!tracing::warn_span!("kept").is_disabled());
+        });
+        tracing::subscriber::with_default(subscriber("info", LogFormat::Json, None), || {
+            assert!(!tracing::info_span!("request").is_disabled());
+            assert!(tracing::debug_span!("detail").is_disabled());
+        });
+    }
+
     #[test]
     fn masks_bearer_values_jwts_and_named_pairs() {
         let line = r#"GET /x?code=abc123&state=s1 Authorization: Bearer tok.en "refresh_token":"rt-1" eyJhbGciOi.eyJzdWIiOi.sig"#;
@@ -414,3 +452,4 @@ pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
         Some((at, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..at])),
     }
 }
+
