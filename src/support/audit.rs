@@ -104,8 +104,20 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
     );
 }
 
-/// The current span's trace id (none without the telemetry layer or a span).
+/// Whether spans carry trace contexts: only the export layer gives them one.
+static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that spans carry trace contexts from now on (the export layer is installed).
+pub fn spans_are_traced() {
+    TRACED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current span's trace id (none without the telemetry layer or a span). Without the
+/// layer no span has one, and asking would clone and drop the current span per record.
 fn current_trace_id() -> Option<String> {
+    if !TRACED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let context = tracing::Span::current().context();

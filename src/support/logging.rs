@@ -51,7 +51,10 @@ fn subscriber(
     export: Option<Box<dyn Layer<Registry> + Send + Sync>>,
 ) -> Box<dyn tracing::Subscriber + Send + Sync> {
     match export {
-        Some(export) => Box::new(tracing_subscriber::registry().with(export).with(console(level, format))),
+        Some(export) => {
+            crate::support::audit::spans_are_traced();
+            Box::new(tracing_subscriber::registry().with(export).with(console(level, format)))
+        }
         None => Box::new(tracing_subscriber::registry().with(console(level, format))),
     }
 }
@@ -70,9 +73,7 @@ where
         &["appinsights_event=off", "audit=off"],
     );
     let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let audit = audit_line::AuditLines::new(format, emit).with_filter(
-        audit_filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_span() || m.target() == audit_line::TARGET)),
-    );
+    let audit = audit_line::AuditLines::new(format, emit).with_filter(audit_filter.and(audit_line::SpansAndAudit));
     let lines = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let lines = match format {
         LogFormat::Text => lines.with_target(false).with_filter(filter).boxed(),

@@ -16,11 +16,12 @@
 use std::fmt::Write as _;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::format::{DefaultFields, JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::FormattedFields;
-use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::LogFormat;
@@ -39,6 +40,26 @@ impl<W: Fn(bool, Vec<u8>) + Send + Sync + 'static> AuditLines<W> {
 
 /// The target this layer writes (and the console layer leaves alone).
 pub const TARGET: &str = "audit";
+
+/// What the layer looks at: spans (for the line's span prefix, as the console keeps them)
+/// and audit events. Decided per callsite, once, rather than asked on every event.
+pub struct SpansAndAudit;
+
+impl SpansAndAudit {
+    fn wants(meta: &Metadata<'_>) -> bool {
+        meta.is_span() || meta.target() == TARGET
+    }
+}
+
+impl<S> Filter<S> for SpansAndAudit {
+    fn enabled(&self, meta: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        Self::wants(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if Self::wants(meta) { Interest::always() } else { Interest::never() }
+    }
+}
 
 impl<S, W> Layer<S> for AuditLines<W>
 where
@@ -322,7 +343,7 @@ mod tests {
         let console = console.with_filter(filter::filter_fn(|m| m.target() != TARGET));
         let out = ours.clone();
         let audit = AuditLines::new(format, move |_, line: Vec<u8>| out.0.lock().unwrap().extend_from_slice(&line))
-            .with_filter(filter::filter_fn(|m| m.is_span() || m.target() == TARGET));
+            .with_filter(super::SpansAndAudit);
         tracing::subscriber::with_default(tracing_subscriber::registry().with(console).with(audit), emit);
         (theirs.text(), ours.text())
     }
