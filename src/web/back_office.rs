@@ -168,12 +168,13 @@ pub async fn token(svc: &BackOffice, mut req: Request, id: &str) -> Result<Respo
     let body: Option<TokenRequest> = req.json().await?;
     let force =
         body.map(|b| b.force_refresh).unwrap_or(false) || req.query_param("force_refresh").is_some_and(|v| v == "true");
-    let token = audit::acting(actor(&who), connections.access_token(id, force)).await;
+    let actor = actor(&who);
+    let token = connections.access_token_for(id, force, &actor).await;
     let (provider, outcome) = match &token {
         Ok(t) => (t.provider.as_str(), "ok"),
         Err(_) => ("-", "refused"),
     };
-    audit::record(Action::TokenHandedOut, id, provider, &actor(&who), outcome);
+    audit::record(Action::TokenHandedOut, id, provider, &actor, outcome);
     Ok(response::json_no_store(StatusCode::OK, &TokenResponse::new(id, &token?)))
 }
 
@@ -189,17 +190,19 @@ pub async fn reconnect(svc: &BackOffice, mut req: Request, id: &str) -> Result<R
 /// path as one URL-encoded parameter, the provider's query as another).
 pub async fn call(svc: &BackOffice, mut req: Request, id: &str, raw_path: &str) -> Result<Response, ApiError> {
     let (who, connections) = caller_and_connections(svc, &req).await?;
-    let token = audit::acting(actor(&who), connections.access_token(id, false)).await?;
+    let actor = actor(&who);
+    let token = connections.access_token_for(id, false, &actor).await?;
     let provider = proxy::provider_of(connections.catalog(), &token, id)?;
     let base = proxy::api_base(&provider)?;
     let target = proxy::call_target(base, raw_path, req.query.as_deref())?;
-    proxy::send_audited(actor(&who), &svc.http, &connections, &provider, id, token, target, &mut req).await
+    proxy::send_audited(actor, &svc.http, &connections, &provider, id, token, target, &mut req).await
 }
 
 /// `/api/connections/{id}/proxy/{*path}`: calls the provider's API with the token.
 pub async fn proxy(svc: &BackOffice, mut req: Request, id: &str) -> Result<Response, ApiError> {
     let (who, connections) = caller_and_connections(svc, &req).await?;
-    let token = audit::acting(actor(&who), connections.access_token(id, false)).await?;
+    let actor = actor(&who);
+    let token = connections.access_token_for(id, false, &actor).await?;
     let (provider, target) = proxy::target(connections.catalog(), &token, id, &req)?;
-    proxy::send_audited(actor(&who), &svc.http, &connections, &provider, id, token, target, &mut req).await
+    proxy::send_audited(actor, &svc.http, &connections, &provider, id, token, target, &mut req).await
 }

@@ -74,6 +74,27 @@ impl Connections {
     /// A valid access token for a connection, refreshing first when it expires within
     /// the margin (or always, with `force`).
     pub async fn access_token(&self, id: &str, force: bool) -> Result<CachedToken, ConnectionError> {
+        self.access_token_as(id, force, None).await
+    }
+
+    /// [`Self::access_token`] on behalf of `actor`: a refresh it causes is recorded as the
+    /// actor's. The actor's scope is entered only for a refresh: a cached token needs none
+    /// (the scope held a copy of the whole lookup's future, on every proxied call).
+    pub async fn access_token_for(
+        &self,
+        id: &str,
+        force: bool,
+        actor: &crate::support::audit::Actor,
+    ) -> Result<CachedToken, ConnectionError> {
+        self.access_token_as(id, force, Some(actor)).await
+    }
+
+    async fn access_token_as(
+        &self,
+        id: &str,
+        force: bool,
+        actor: Option<&crate::support::audit::Actor>,
+    ) -> Result<CachedToken, ConnectionError> {
         let asked_at = self.deps.clock.now_millis();
         let margin = self.deps.cfg.refresh_margin.as_secs() as i64;
         let want = if force { Want::RefreshedAfter(asked_at) } else { Want::Fresh { margin, asked_at_ms: asked_at } };
@@ -82,7 +103,13 @@ impl Connections {
             // Boxed: the refresh's future is large (the lease, the provider's call, the
             // store's retries), and callers above it (the proxy's 401 retry) add their own;
             // kept inline, a debug build's worker stack overflowed on that path.
-            None => Box::pin(self.refresh_single_flight(id, want, None)).await?,
+            None => match actor {
+                Some(actor) => {
+                    let refresh = self.refresh_single_flight(id, want, None);
+                    Box::pin(crate::support::audit::acting(actor.clone(), refresh)).await?
+                }
+                None => Box::pin(self.refresh_single_flight(id, want, None)).await?,
+            },
         };
         self.note_use(id);
         Ok(token)
