@@ -348,10 +348,21 @@ pub async fn send_audited(
 }
 
 /// A proxied call's outcome for the audit record: the provider's status, or why not.
-fn outcome(sent: &Result<Response, ApiError>) -> String {
+fn outcome(sent: &Result<Response, ApiError>) -> std::borrow::Cow<'static, str> {
     match sent {
-        Ok(r) => format!("provider answered {}", r.status().as_u16()),
-        Err(e) => format!("refused: {}", e.code),
+        Ok(r) => answered(r.status()),
+        Err(e) => format!("refused: {}", e.code).into(),
+    }
+}
+
+/// `provider answered {status}`, for the statuses HTTP defines made once: formatted per call
+/// it was an allocation on every proxied call, the audit line written or not.
+fn answered(status: StatusCode) -> std::borrow::Cow<'static, str> {
+    static ANSWERED: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (100..600).map(|s| format!("provider answered {s}")).collect());
+    match ANSWERED.get(usize::from(status.as_u16()).wrapping_sub(100)) {
+        Some(text) => text.as_str().into(),
+        None => format!("provider answered {}", status.as_u16()).into(),
     }
 }
 
@@ -363,6 +374,14 @@ fn bearer_scheme(token_type: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outcome_names_any_status() {
+        for code in [100, 200, 401, 599, 600, 999] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(answered(status), format!("provider answered {code}"));
+        }
+    }
 
     #[test]
     fn proxy_paths_stay_under_the_base() {
