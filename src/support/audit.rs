@@ -104,18 +104,10 @@ pub fn record(action: Action, connection: &str, provider: &str, actor: &Actor, o
     );
 }
 
-/// Whether spans carry trace contexts: only the export layer gives them one.
-static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Says that spans carry trace contexts from now on (the export layer is installed).
-pub fn spans_are_traced() {
-    TRACED.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// The current span's trace id (none without the telemetry layer or a span). Without the
 /// layer no span has one, and asking would clone and drop the current span per record.
 fn current_trace_id() -> Option<String> {
-    if !TRACED.load(std::sync::atomic::Ordering::Relaxed) {
+    if !crate::support::trace_context::active() {
         return None;
     }
     use opentelemetry::trace::TraceContextExt;

@@ -52,7 +52,7 @@ fn subscriber(
 ) -> Box<dyn tracing::Subscriber + Send + Sync> {
     match export {
         Some(export) => {
-            crate::support::audit::spans_are_traced();
+            crate::support::trace_context::activate();
             Box::new(tracing_subscriber::registry().with(export).with(console(level, format)))
         }
         None => Box::new(tracing_subscriber::registry().with(console(level, format))),

@@ -9,8 +9,27 @@ use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 
-/// The caller's trace context from a request's headers (empty when absent or malformed).
+/// Whether spans carry trace contexts: only the telemetry layer gives them one, and
+/// without it a context read from a request is dropped and none is ever sent, so neither
+/// is worked out (two propagator passes per proxied call, for nothing).
+static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that spans carry trace contexts from now on (the telemetry layer is installed).
+pub fn activate() {
+    ACTIVE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether spans carry trace contexts ([`activate`]).
+pub fn active() -> bool {
+    ACTIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The caller's trace context from a request's headers (empty when absent or malformed,
+/// or when no span could carry it).
 pub fn incoming(headers: &reqwest::header::HeaderMap) -> opentelemetry::Context {
+    if !active() {
+        return opentelemetry::Context::new();
+    }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
@@ -19,5 +38,8 @@ pub fn incoming(headers: &reqwest::header::HeaderMap) -> opentelemetry::Context 
 pub fn inject(headers: &mut reqwest::header::HeaderMap) {
     headers.remove("traceparent");
     headers.remove("tracestate");
+    if !active() {
+        return;
+    }
     TraceContextPropagator::new().inject_context(&opentelemetry::Context::current(), &mut HeaderInjector(headers));
 }
