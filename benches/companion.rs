@@ -151,8 +151,14 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
             // The same request as ours gets, caller's bearer included (the forwarder ignores
             // it): any token-injecting proxy receives the caller's credential.
             f.push(
-                load(&format!("{}/proxy/items", forwarder.url), Method::GET, caller.clone(), None, Some(forwarder.child.id()))
-                    .await,
+                load(
+                    &format!("{}/proxy/items", forwarder.url),
+                    Method::GET,
+                    caller.clone(),
+                    None,
+                    Some(forwarder.child.id()),
+                )
+                .await,
             );
             o.push(
                 load(

@@ -52,7 +52,6 @@ impl Actor {
     pub fn timer() -> Actor {
         Actor { kind: "timer", ..Default::default() }
     }
-
 }
 
 /// The actor in words (`contact …`, `app …`, `timer`, `a caller`): the log line's `who`

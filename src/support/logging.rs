@@ -139,10 +139,11 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
 /// nothing a pattern needs, and this says so in a few SIMD scans. Every match of a pattern
 /// contains `eyJ`, or `bearer` / `basic` in some case, or a secret name (in some case) as
 /// the whole word right before `=` and a value, or quoted right before `"` or `\"` and a
-/// `:`; this looks for exactly those. The patterns fold case by Unicode (U+212A KELVIN SIGN is a `k` to them),
-/// so a line with any non-ASCII byte goes to the patterns unchecked. It replaced an
-/// Aho-Corasick pass over the same literals, which `perf` put at 7 % of the token
-/// endpoint's cycles (it read every byte of two lines per request through its automaton).
+/// `:`; this looks for exactly those. The patterns fold case by Unicode (U+212A KELVIN SIGN
+/// is a `k` to them), so a line with any non-ASCII byte goes to the patterns unchecked. It
+/// replaced an Aho-Corasick pass over the same literals, which `perf` put at 7 % of the
+/// token endpoint's cycles (it read every byte of two lines per request through its
+/// automaton).
 fn may_hold_secret(line: &str) -> bool {
     let bytes = line.as_bytes();
     if !line.is_ascii() || memchr::memmem::find(bytes, b"eyJ").is_some() {
@@ -453,4 +454,3 @@ pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
         Some((at, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..at])),
     }
 }
-
