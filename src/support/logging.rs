@@ -73,7 +73,7 @@ where
         &["appinsights_event=off", "audit=off"],
     );
     let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let audit = audit_line::AuditLines::new(format, emit).with_filter(audit_filter.and(audit_line::SpansAndAudit));
+    let audit = audit_line::AuditLines::new(format, emit_text).with_filter(audit_filter.and(audit_line::SpansAndAudit));
     let lines = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let lines = match format {
         LogFormat::Text => lines.with_target(false).with_filter(filter).boxed(),
@@ -245,15 +245,20 @@ impl Drop for LineWriter {
 
 /// Redacts one formatted line and hands it to the writer thread.
 fn emit(to_stderr: bool, buf: Vec<u8>) {
-    // Most lines are valid UTF-8 with nothing to mask: handed over as they are, not copied.
-    let masked = match std::str::from_utf8(&buf) {
-        Ok(text) => match redact(text) {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(clean) => Some(clean.into_bytes()),
-        },
-        Err(_) => Some(redact(&String::from_utf8_lossy(&buf)).into_owned().into_bytes()),
+    match String::from_utf8(buf) {
+        Ok(text) => emit_text(to_stderr, text),
+        Err(e) => sink::write(to_stderr, redact(&String::from_utf8_lossy(e.as_bytes())).into_owned().into_bytes()),
+    }
+}
+
+/// [`emit`] for a line already known to be UTF-8 (the audit line's layer builds a `String`):
+/// not validated again. Most lines have nothing to mask and are handed over as they are.
+fn emit_text(to_stderr: bool, line: String) {
+    let masked = match redact(&line) {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(clean) => Some(clean),
     };
-    sink::write(to_stderr, masked.unwrap_or(buf));
+    sink::write(to_stderr, masked.unwrap_or(line).into_bytes());
 }
 
 /// The console lines, written by a thread of their own: a request formats its line and

@@ -32,7 +32,7 @@ pub struct AuditLines<W> {
     out: W,
 }
 
-impl<W: Fn(bool, Vec<u8>) + Send + Sync + 'static> AuditLines<W> {
+impl<W: Fn(bool, String) + Send + Sync + 'static> AuditLines<W> {
     pub fn new(format: LogFormat, out: W) -> Self {
         AuditLines { format, out }
     }
@@ -64,7 +64,7 @@ impl<S> Filter<S> for SpansAndAudit {
 impl<S, W> Layer<S> for AuditLines<W>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    W: Fn(bool, Vec<u8>) + Send + Sync + 'static,
+    W: Fn(bool, String) + Send + Sync + 'static,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         if event.metadata().target() != TARGET {
@@ -75,7 +75,7 @@ where
             LogFormat::Text => text(&mut line, event, &ctx),
             LogFormat::Json => json(&mut line, event, &ctx),
         }
-        (self.out)(*event.metadata().level() == Level::ERROR, line.into_bytes());
+        (self.out)(*event.metadata().level() == Level::ERROR, line);
     }
 }
 
@@ -342,8 +342,9 @@ mod tests {
         };
         let console = console.with_filter(filter::filter_fn(|m| m.target() != TARGET));
         let out = ours.clone();
-        let audit = AuditLines::new(format, move |_, line: Vec<u8>| out.0.lock().unwrap().extend_from_slice(&line))
-            .with_filter(super::SpansAndAudit);
+        let audit =
+            AuditLines::new(format, move |_, line: String| out.0.lock().unwrap().extend_from_slice(line.as_bytes()))
+                .with_filter(super::SpansAndAudit);
         tracing::subscriber::with_default(tracing_subscriber::registry().with(console).with(audit), emit);
         (theirs.text(), ours.text())
     }
