@@ -156,7 +156,7 @@ fn parts(template: &'static str) -> Vec<Part> {
 /// remain but one trailing slash. Returns the parameters, as received.
 fn raw_match(parts: &[Part], path: &str) -> Option<Vec<String>> {
     // The parameters are slices of `path` until the whole template matched: most templates
-    // tried fail after taking an id, and allocating it first was most of `route_for`'s cost.
+    // tried fail after taking an id, and each allocated it first.
     let mut taken: [&str; MAX_PARAMS] = [""; MAX_PARAMS];
     let mut count = 0;
     let mut rest = path.strip_prefix('/').unwrap_or(path);
