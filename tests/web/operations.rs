@@ -502,6 +502,16 @@ async fn every_use_of_a_credential_leaves_one_audit_event() {
     w.connect("audited").await;
     let r = w.token("audited", false).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // The connection shows who used it: the caller's app, not "a caller".
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let shown = loop {
+        let c = w.api(Method::GET, "/api/connections/audited", Value::Null).await;
+        if !c.json()["last_used_by"].is_null() || Instant::now() > deadline {
+            break c.json();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(shown["last_used_by"], format!("app {}", support::issuer::CLIENT_ID), "{shown}");
     let r = w.token("audited", true).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let bearer = format!("Bearer {}", w.bearer);

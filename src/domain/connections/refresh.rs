@@ -77,9 +77,10 @@ impl Connections {
         self.access_token_as(id, force, None).await
     }
 
-    /// [`Self::access_token`] on behalf of `actor`: a refresh it causes is recorded as the
-    /// actor's. The actor's scope is entered only for a refresh: a cached token needs none
-    /// (the scope held a copy of the whole lookup's future, on every proxied call).
+    /// [`Self::access_token`] on behalf of `actor`: a refresh it causes, and the use itself
+    /// (`last_used_by`), are recorded as the actor's. The actor's task-local scope is entered
+    /// only for a refresh: a cached token needs none (the scope held a copy of the whole
+    /// lookup's future, on every proxied call).
     pub async fn access_token_for(
         &self,
         id: &str,
@@ -111,7 +112,7 @@ impl Connections {
                 None => Box::pin(self.refresh_single_flight(id, want, None)).await?,
             },
         };
-        self.note_use(id);
+        self.note_use(id, actor);
         Ok(token)
     }
 

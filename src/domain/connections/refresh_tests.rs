@@ -283,6 +283,19 @@ async fn settle(fx: &Fx, uses: i64) {
     }
 }
 
+/// A caller that names itself (`access_token_for`, outside any actor scope, as the back
+/// office and the agents' tools ask) is who the use is recorded for, on a cached token too.
+#[tokio::test]
+async fn a_use_asked_for_an_actor_is_recorded_as_that_actor() {
+    use crate::support::audit::Actor;
+    let fx = fixture();
+    fx.seed("at-0", Some("rt-0"), T0 - 60, T0 + 3540).await;
+    let app = Actor { app_id: Some("app-2".into()), ..Default::default() };
+    assert_eq!(fx.conns.access_token_for(ID, false, &app).await.unwrap().secret(), "at-0");
+    settle(&fx, 1).await;
+    assert_eq!(fx.record().await.last_used_by.as_deref(), Some("app app-2"));
+}
+
 #[tokio::test]
 async fn a_use_is_recorded_once_a_minute_with_who_used_it_and_a_refresh_keeps_it() {
     use crate::support::audit::{Actor, acting};

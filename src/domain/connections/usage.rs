@@ -36,11 +36,11 @@ impl Uses {
 }
 
 impl Connections {
-    /// Notes that the connection's token served the current actor (the audit record's).
-    /// The timer's refreshes are not uses.
-    pub(super) fn note_use(&self, id: &str) {
+    /// Notes that the connection's token served `actor`, or when none is given the current
+    /// task's actor (the audit record's). The timer's refreshes are not uses.
+    pub(super) fn note_use(&self, id: &str, actor: Option<&audit::Actor>) {
         // Checked before the actor is copied: most calls within the minute stop here.
-        if audit::current_kind() == "timer" {
+        if actor.map_or_else(audit::current_kind, |a| a.kind) == "timer" {
             return;
         }
         let now = self.deps.clock.now();
@@ -48,7 +48,8 @@ impl Connections {
             return;
         }
         let store = self.deps.store.clone();
-        let (id, by) = (id.to_string(), audit::current().to_string());
+        let by = actor.map_or_else(|| audit::current().to_string(), audit::Actor::to_string);
+        let id = id.to_string();
         tokio::spawn(async move {
             if let Err(e) = store.record_use(&id, now, &by).await {
                 tracing::warn!(connection = %id, error = %e, "the connection's last use could not be recorded");
