@@ -301,9 +301,8 @@ pub enum Unanswered {
 /// Sends the request `request` makes, with the connection's token; on 401, forces one
 /// refresh and sends it once more (the token may have been revoked early). Returns the
 /// answer and the token it was sent with. The one way the proxy, the connector's call and
-/// the agents' tool reach a provider's API. The refresh is recorded as `actor`'s: only it
-/// runs in the actor's scope, not the whole call (the scope's future would hold a copy of
-/// the call's, moved on every request).
+/// the agents' tool reach a provider's API. The refresh is recorded as `actor`'s
+/// ([`Connections::access_token_for`](crate::domain::connections::Connections::access_token_for)).
 pub async fn send_authorized(
     connections: &crate::domain::connections::Connections,
     id: &str,
@@ -320,8 +319,7 @@ pub async fn send_authorized(
             .map_err(|e| Unanswered::Unreachable(outbound::error_text(e)))?;
         if resp.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
-            let refreshed = crate::support::audit::acting(actor.clone(), connections.access_token(id, true));
-            token = Box::pin(refreshed).await.map_err(Unanswered::Token)?;
+            token = connections.access_token_for(id, true, actor).await.map_err(Unanswered::Token)?;
             continue;
         }
         return Ok((resp, token));
@@ -355,9 +353,10 @@ fn outcome(sent: &Result<Response, ApiError>) -> std::borrow::Cow<'static, str> 
     }
 }
 
-/// `provider answered {status}`, for the statuses HTTP defines made once: formatted per call
-/// it was an allocation on every proxied call, the audit line written or not.
-fn answered(status: StatusCode) -> std::borrow::Cow<'static, str> {
+/// A provider's answer as the audit record's outcome, `provider answered {status}` (the
+/// proxy's and the agents' tool's), for the statuses HTTP defines made once: formatted per
+/// call it was an allocation on every proxied call, the audit line written or not.
+pub fn answered(status: StatusCode) -> std::borrow::Cow<'static, str> {
     static ANSWERED: std::sync::LazyLock<Vec<String>> =
         std::sync::LazyLock::new(|| (100..600).map(|s| format!("provider answered {s}")).collect());
     match ANSWERED.get(usize::from(status.as_u16()).wrapping_sub(100)) {

@@ -293,7 +293,8 @@ async fn call_provider_api(
     let query = call.query.as_deref().map(|q| format!("query={}", urlencoding(q)));
     let target = proxy::call_target(base, &call.path, query.as_deref()).map_err(|e| ToolError::Request(e.detail))?;
     let method = reqwest::Method::from_bytes(call.method.as_bytes()).map_err(|e| ToolError::Request(e.to_string()))?;
-    let token = audit::acting(agent(caller), connections.access_token(&c.id, false)).await?;
+    let agent = agent(caller);
+    let token = connections.access_token_for(&c.id, false, &agent).await?;
     let request = || {
         let out = svc.http.request(method.clone(), target.clone()).header(header::ACCEPT, "application/json");
         match &call.body {
@@ -301,12 +302,12 @@ async fn call_provider_api(
             None => out,
         }
     };
-    let sent = proxy::send_authorized(connections, &c.id, token, &agent(caller), request).await;
+    let sent = proxy::send_authorized(connections, &c.id, token, &agent, request).await;
     let (resp, token) = sent.map_err(|e| match e {
         proxy::Unanswered::Token(e) => e.into(),
         proxy::Unanswered::Unreachable(why) => ToolError::Unreachable(why.to_string()),
     })?;
-    let status = resp.status().as_u16();
+    let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let (bytes, truncated) = bounded(resp).await?;
     // The token never reaches the agent, even when the provider echoes the request.
@@ -315,8 +316,8 @@ async fn call_provider_api(
         Ok(v) if !truncated => v,
         _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
     };
-    audit::record(Action::ProxiedCall, &c.id, &c.provider, &agent(caller), &format!("provider answered {status}"));
-    Ok(json!({ "status": status, "content_type": content_type, "body": body, "truncated": truncated }))
+    audit::record(Action::ProxiedCall, &c.id, &c.provider, &agent, &proxy::answered(status));
+    Ok(json!({ "status": status.as_u16(), "content_type": content_type, "body": body, "truncated": truncated }))
 }
 
 /// The answer's body, up to [`MAX_BODY`].
