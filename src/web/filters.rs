@@ -50,21 +50,18 @@ pub fn routes() -> impl Filter<Extract = (Option<Matched>,), Error = std::conver
 
 /// The first route whose template matches `path` and whose methods include `method`.
 pub fn route_for(path: &str, method: &Method) -> Option<Matched> {
-    // The path walked once (each template then compares slices), unless it has more
-    // segments than the walk keeps; walking it again for each template tried was most of
-    // what matching cost.
+    // The path walked once, each template then comparing slices: walking it again for each
+    // template tried was most of what matching cost.
     let walk = Walk::of(path);
     TEMPLATES.iter().find_map(|(route, parts)| {
-        let params = match &walk {
-            Some(walk) => walk.matches(parts)?,
-            None => raw_match(parts, path)?,
-        };
+        let params = walk.matches(parts)?;
         route.allows(method.as_str()).then_some(Matched { route, params })
     })
 }
 
-/// A path walked as [`raw_match`] walks it: the segment at each step and what remains
-/// after it (past the slash that ends it).
+/// A path as received (still percent-encoded), walked as warp's path filters walk it: the
+/// segment at each step and what remains after it (past the slash that ends it, as warp's
+/// `set_unmatched_path` does).
 struct Walk<'a> {
     /// `(segment, rest after it)` for each step while something remained.
     steps: [(&'a str, &'a str); WALK_STEPS],
@@ -73,25 +70,25 @@ struct Walk<'a> {
     len: usize,
 }
 
-/// The most segments a walked path keeps; a longer path is matched by [`raw_match`].
+/// The most steps a walk takes: at least as many as the longest template has parts (a test
+/// checks), so no template looks past them.
 const WALK_STEPS: usize = 12;
 
 impl<'a> Walk<'a> {
-    fn of(path: &'a str) -> Option<Walk<'a>> {
+    fn of(path: &'a str) -> Walk<'a> {
         let first = path.strip_prefix('/').unwrap_or(path);
         let mut walk = Walk { steps: [("", ""); WALK_STEPS], first, len: 0 };
         let mut rest = first;
-        while !rest.is_empty() {
-            let step = walk.steps.get_mut(walk.len)?;
+        while !rest.is_empty() && walk.len < WALK_STEPS {
             let segment = rest.split('/').next().unwrap_or_default();
             rest = rest.get(segment.len() + 1..).unwrap_or_default();
-            *step = (segment, rest);
+            walk.steps[walk.len] = (segment, rest);
             walk.len += 1;
         }
-        Some(walk)
+        walk
     }
 
-    /// What remained before step `i` (nothing, past the end).
+    /// What remained before step `i` (nothing, past the end of a path walked to its end).
     fn rest_before(&self, i: usize) -> &'a str {
         match i {
             0 => self.first,
@@ -100,7 +97,11 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// [`raw_match`]'s answer for `parts`, from the steps.
+    /// A template against the path, as warp's path filters match it: a literal segment
+    /// equals the path's next segment, `{id}` takes a non-empty one, `{*path}` takes
+    /// whatever remains (possibly nothing), and otherwise nothing may remain but one
+    /// trailing slash. Returns the parameters, as received. They stay slices of the path
+    /// until the whole template matched: most templates tried fail after taking an id.
     fn matches(&self, parts: &[Part]) -> Option<Vec<String>> {
         let mut taken: [&str; MAX_PARAMS] = [""; MAX_PARAMS];
         let mut count = 0;
@@ -150,39 +151,6 @@ fn parts(template: &'static str) -> Vec<Part> {
     out
 }
 
-/// A template against a path as received (still percent-encoded), as warp's path filters
-/// match it: a literal segment equals the path's next segment, `{id}` takes a non-empty
-/// one, `{*path}` takes whatever remains (possibly nothing), and otherwise nothing may
-/// remain but one trailing slash. Returns the parameters, as received.
-fn raw_match(parts: &[Part], path: &str) -> Option<Vec<String>> {
-    // The parameters are slices of `path` until the whole template matched: most templates
-    // tried fail after taking an id, and each allocated it first.
-    let mut taken: [&str; MAX_PARAMS] = [""; MAX_PARAMS];
-    let mut count = 0;
-    let mut rest = path.strip_prefix('/').unwrap_or(path);
-    for part in parts {
-        let segment = rest.split('/').next().unwrap_or_default();
-        match part {
-            Part::Tail => {
-                *taken.get_mut(count)? = rest;
-                count += 1;
-                rest = "";
-                break;
-            }
-            Part::Param if segment.is_empty() => return None,
-            Part::Param => {
-                *taken.get_mut(count)? = segment;
-                count += 1;
-            }
-            Part::Literal(literal) if segment != *literal => return None,
-            Part::Literal(_) => {}
-        }
-        // Past the segment and the slash after it, as warp's `set_unmatched_path` does.
-        rest = rest.get(segment.len() + 1..).unwrap_or_default();
-    }
-    rest.is_empty().then(|| taken[..count].iter().map(|p| p.to_string()).collect())
-}
-
 /// The most parameters a template has (checked by a test over the route table).
 const MAX_PARAMS: usize = 4;
 
@@ -222,7 +190,7 @@ mod tests {
     use warp::filters::BoxedFilter;
 
     /// warp's own path filters for a template, as the routes were built before: the
-    /// reference [`raw_match`] is held to.
+    /// reference [`Walk::matches`] is held to.
     fn warp_chain(template: &'static str) -> BoxedFilter<(Vec<String>,)> {
         let mut chain = warp::any().map(Vec::new).boxed();
         for segment in template.split('/').filter(|s| !s.is_empty()) {
@@ -255,10 +223,11 @@ mod tests {
         for (route, parts) in TEMPLATES.iter() {
             let params = parts.iter().filter(|p| !matches!(p, Part::Literal(_))).count();
             assert!(params <= MAX_PARAMS, "{} has {params} parameters, more than MAX_PARAMS", route.template);
+            assert!(parts.len() <= WALK_STEPS, "{} has more parts than a walk takes steps", route.template);
         }
         let paths = [
             "/",
-            // Longer than the walk keeps: matched by raw_match.
+            // Longer than a walk goes: the templates look no further than its steps.
             "/api/connections/c/proxy/a/b/c/d/e/f/g/h/i/j/k",
             "/api/connections/c/proxy/a/b/c/d/e/f/g/h/",
             "//",
@@ -304,10 +273,8 @@ mod tests {
             let chain = warp_chain(route.template);
             for path in paths {
                 let by_warp = warp::test::request().path(path).filter(&chain).await.ok();
-                assert_eq!(raw_match(&parts(route.template), path), by_warp, "{} against {path}", route.template);
                 let template = parts(route.template);
-                let walked = Walk::of(path).map_or_else(|| raw_match(&template, path), |walk| walk.matches(&template));
-                assert_eq!(walked, by_warp, "{} against {path}, walked", route.template);
+                assert_eq!(Walk::of(path).matches(&template), by_warp, "{} against {path}", route.template);
             }
         }
     }
