@@ -369,15 +369,16 @@ struct Load {
     p50: f64,
     p99: f64,
     peak_rss: f64,
-    /// The handler's CPU time (user and system, all its threads) per request while
-    /// measuring, in µs; NaN for a reference server.
+    /// The loaded server's CPU time (user and system, all its threads) per request while
+    /// measuring, in µs; NaN when its process was not given.
     cpu_us: f64,
 }
 
 const RUNS: usize = 3;
 
 /// One row of a load table: what was loaded, requests/s, the ratio cell as given, p50, p99,
-/// errors, and the peak RSS (`—` for a reference server, whose memory is not ours).
+/// errors, the peak RSS (`—` for a reference server, whose memory is not ours) and the CPU
+/// per request (`—` when not measured).
 fn load_row(label: &str, l: &Load, ratio: &str, with_rss: bool) -> String {
     let rss = if with_rss { format!("{:.1} MiB", l.peak_rss) } else { "—".to_string() };
     let cpu = if l.cpu_us.is_nan() { "—".to_string() } else { format!("{:.1} µs", l.cpu_us) };
