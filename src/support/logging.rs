@@ -7,7 +7,8 @@
 //! [`secrecy::SecretString`], whose `Debug` prints nothing, and request logs carry the
 //! route, never the query string. Second, every formatted line passes through
 //! [`redact`] before it is written: bearer values, JWTs and `name=value` / `"name":"value"`
-//! pairs for OAuth secrets are masked whatever code produced them.
+//! pairs for OAuth secrets are masked whatever code produced them. (The audit line passes
+//! part by part: its span prefix and each of its values; see `audit_line::plain`.)
 
 mod audit_line;
 
@@ -73,7 +74,11 @@ where
         &["appinsights_event=off", "audit=off"],
     );
     let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let audit = audit_line::AuditLines::new(format, emit_text).with_filter(audit_filter.and(audit_line::SpansAndAudit));
+    // The audit layer redacts its line part by part (see `audit_line::plain`) and hands it
+    // over as it is.
+    let audit =
+        audit_line::AuditLines::new(format, |to_stderr, line: String| sink::write(to_stderr, line.into_bytes()))
+            .with_filter(audit_filter.and(audit_line::SpansAndAudit));
     let lines = tracing_subscriber::fmt::layer().with_writer(SplitWriter).with_ansi(false);
     let lines = match format {
         LogFormat::Text => lines.with_target(false).with_filter(filter).boxed(),
@@ -251,8 +256,8 @@ fn emit(to_stderr: bool, buf: Vec<u8>) {
     }
 }
 
-/// [`emit`] for a line already known to be UTF-8 (the audit line's layer builds a `String`):
-/// not validated again. Most lines have nothing to mask and are handed over as they are.
+/// [`emit`] for a line known to be UTF-8. Most lines have nothing to mask and are handed
+/// over as they are.
 fn emit_text(to_stderr: bool, line: String) {
     let masked = match redact(&line) {
         std::borrow::Cow::Borrowed(_) => None,
