@@ -11,6 +11,7 @@
 //! part by part: its span prefix and each of its values; see `audit_line::plain`.)
 
 mod audit_line;
+mod plain;
 
 use std::io::{self, Write};
 use std::sync::LazyLock;
@@ -133,8 +134,10 @@ static PATTERNS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
         (compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9\-._~+/=]+"), "$1 [redacted]"),
         // JWTs anywhere (three base64url segments, the first starting with a JSON `{"`).
         (compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
-        // query-string or form pairs: `code=abc&state=...`
-        (compile(&format!(r"(?i)\b({names})=[^&\s;,]+")), "$1=[redacted]"),
+        // query-string or form pairs: `code=abc&state=...`. The value ends at a quote or a
+        // backslash too: `"url":"/x?code=abc"` keeps its closing quote (a JSON line stays
+        // JSON) and `\"` in Debug output its escape.
+        (compile(&format!(r#"(?i)\b({names})=[^&\s;,"\\]+"#)), "$1=[redacted]"),
         // JSON pairs: `"refresh_token": "abc"`, also with escaped quotes inside Debug output.
         (compile(&format!(r#"(?i)(\\?"(?:{names})\\?"\s*:\s*\\?")[^"\\]*"#)), "$1[redacted]"),
     ]
@@ -165,7 +168,7 @@ fn may_hold_secret(line: &str) -> bool {
         // optional spaces and a `:`. (`\s` in the patterns, for ASCII: these six bytes.)
         let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r');
         let followed = match bytes[at] {
-            b'=' => bytes.get(at + 1).is_some_and(|&b| !(space(b) || matches!(b, b'&' | b';' | b','))),
+            b'=' => bytes.get(at + 1).is_some_and(|&b| !(space(b) || matches!(b, b'&' | b';' | b',' | b'"' | b'\\'))),
             _ => bytes[at + 1..].iter().find(|&&b| !space(b)) == Some(&b':'),
         };
         if !followed {
@@ -378,6 +381,18 @@ mod tests {
         }
         assert!(out.contains("code=[redacted]"));
         assert!(out.contains("Bearer [redacted]"));
+    }
+
+    /// A JSON line whose value holds a secret pair is still JSON once masked (the pair's
+    /// value ended at the end of the line's value, taking the closing quote with it).
+    #[test]
+    fn a_masked_json_line_stays_json() {
+        let line = r#"{"message":"call","url.full":"https://p/x?code=abc&x=1","path":"/a?state=s2","q":"token=t3\"x"}"#;
+        let out = redact(line);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(parsed["url.full"], "https://p/x?code=[redacted]&x=1");
+        assert_eq!(parsed["path"], "/a?state=[redacted]");
+        assert_eq!(parsed["q"], "token=[redacted]\"x");
     }
 
     #[test]

@@ -17,7 +17,10 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::FormattedFields;
@@ -27,16 +30,20 @@ use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::LogFormat;
+use super::plain::{AllPlain, SpanValues, plain};
 
 /// Formats `target: "audit"` events and hands each line to `out` (`is_error`, line).
 pub struct AuditLines<W> {
     format: LogFormat,
     out: W,
+    /// Set by the first audit event: until then (and for good at `audit=off`) spans are not
+    /// looked at.
+    auditing: AtomicBool,
 }
 
 impl<W: Fn(bool, String) + Send + Sync + 'static> AuditLines<W> {
     pub fn new(format: LogFormat, out: W) -> Self {
-        AuditLines { format, out }
+        AuditLines { format, out, auditing: AtomicBool::new(false) }
     }
 }
 
@@ -68,9 +75,35 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: Fn(bool, String) + Send + Sync + 'static,
 {
+    /// Notes whether the span's values are plain, so an audit line inside it need not put
+    /// its span prefix through the patterns (a span without the note gets them).
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if !self.auditing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut all = AllPlain(true);
+        attrs.record(&mut all);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanValues(all.0));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if let Some(note) = extensions.get_mut::<SpanValues>().filter(|n| n.0) {
+            let mut all = AllPlain(true);
+            values.record(&mut all);
+            note.0 = all.0;
+        }
+    }
+
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         if event.metadata().target() != TARGET {
             return;
+        }
+        if !self.auditing.load(Ordering::Relaxed) {
+            self.auditing.store(true, Ordering::Relaxed);
         }
         let mut line = String::with_capacity(512);
         match self.format {
@@ -92,11 +125,12 @@ fn text<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
         for span in scope.from_root() {
             line.push_str(span.metadata().name());
             seen = true;
-            if let Some(fields) = span.extensions().get::<FormattedFields<DefaultFields>>()
+            let extensions = span.extensions();
+            if let Some(fields) = extensions.get::<FormattedFields<DefaultFields>>()
                 && !fields.is_empty()
             {
                 line.push('{');
-                line.push_str(&super::redact(fields));
+                line.push_str(&prefix_part(fields, extensions.get::<SpanValues>()));
                 line.push('}');
             }
             line.push(':');
@@ -127,10 +161,11 @@ fn json<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
             }
             line.push('{');
             // The console layer's JSON of the span's fields: an object, spliced in.
-            if let Some(fields) = span.extensions().get::<FormattedFields<JsonFields>>() {
+            let extensions = span.extensions();
+            if let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() {
                 let inner = fields.trim().trim_start_matches('{').trim_end_matches('}').trim();
                 if !inner.is_empty() {
-                    line.push_str(&super::redact(inner));
+                    line.push_str(&prefix_part(inner, extensions.get::<SpanValues>()));
                     line.push(',');
                 }
             }
@@ -202,32 +237,10 @@ fn masked(value: &str) -> Cow<'_, str> {
     if plain(value) { Cow::Borrowed(value) } else { super::redact(value) }
 }
 
-/// Whether [`super::redact`] is sure to leave `value` as it is, decided in one pass over its
-/// bytes. Every match of its patterns holds a `=` (a form pair), a `"` (a JSON pair),
-/// whitespace after `bearer` or `basic`, or `eyJ` (a JWT), and the patterns fold case by
-/// Unicode; so printable ASCII with no `=`, `"` or `\\`, no `eyJ`, and spaces only where
-/// there is no `b` or `B`, cannot match. Ids, provider names, `app <id>` (most of the time)
-/// and outcomes are plain; anything else goes through the patterns.
-///
-/// The audit line is redacted part by part, this way, rather than whole: the span prefix
-/// through the patterns and each value through this. The whole line's pre-check looked
-/// at every `=` and `"` of its twelve `name="value"` fields (callgrind: 6,500 of the line's
-/// 14,800 instructions). The line's own text (names, quotes, the timestamp) holds no
-/// secret; a value does only if it is not plain, and then it is redacted.
-fn plain(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    let (mut space, mut b) = (false, false);
-    for (i, &c) in bytes.iter().enumerate() {
-        match c {
-            b' ' => space = true,
-            b'b' | b'B' => b = true,
-            b'J' if i >= 2 && &bytes[i - 2..i] == b"ey" => return false,
-            b'=' | b'"' | b'\\' => return false,
-            b'!'..=b'~' => {}
-            _ => return false,
-        }
-    }
-    !(space && b)
+/// A span's formatted fields as the line shows them: as they are when every value recorded
+/// on the span was plain, else through the patterns.
+fn prefix_part<'a>(fields: &'a str, note: Option<&SpanValues>) -> Cow<'a, str> {
+    if note.is_some_and(|n| n.0) { Cow::Borrowed(fields) } else { super::redact(fields) }
 }
 
 /// A JSON string literal.
@@ -346,6 +359,8 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::{Layer, filter};
 
+    use tracing::field::Empty;
+
     use super::{AuditLines, LogFormat, TARGET};
     use crate::support::audit::{Action, Actor};
 
@@ -396,6 +411,13 @@ mod tests {
         crate::support::audit::record(Action::Deletion, "c3", "p", &Actor::default(), "ok");
     }
 
+    /// Twice: the first time the audit layer has not looked at the spans (no event had come
+    /// yet), the second time it has, and their prefixes are written as they are.
+    fn twice() {
+        emit();
+        emit();
+    }
+
     /// The line each way: tracing-subscriber's formatter alone, and ours beside a console
     /// layer that leaves audit events alone (as `logging::init` builds it).
     fn both(format: LogFormat) -> (String, String) {
@@ -410,7 +432,7 @@ mod tests {
         };
         // As the product's console: the Application Insights twin is never a console line.
         let fmt = fmt.with_filter(filter::filter_fn(|m| m.target() != "appinsights_event"));
-        tracing::subscriber::with_default(tracing_subscriber::registry().with(fmt), emit);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(fmt), twice);
 
         let ours = Captured::default();
         let console = tracing_subscriber::fmt::layer().with_writer(std::io::sink).with_ansi(false);
@@ -423,7 +445,7 @@ mod tests {
         let audit =
             AuditLines::new(format, move |_, line: String| out.0.lock().unwrap().extend_from_slice(line.as_bytes()))
                 .with_filter(super::SpansAndAudit);
-        tracing::subscriber::with_default(tracing_subscriber::registry().with(console).with(audit), emit);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(console).with(audit), twice);
         (theirs.text(), ours.text())
     }
 
@@ -435,8 +457,8 @@ mod tests {
     #[test]
     fn lines_match_tracing_subscribers() {
         let (theirs, ours) = both(LogFormat::Text);
-        assert_eq!(theirs.lines().count(), 3, "{theirs}");
-        assert_eq!(ours.lines().count(), 3, "{ours}");
+        assert_eq!(theirs.lines().count(), 6, "{theirs}");
+        assert_eq!(ours.lines().count(), 6, "{ours}");
         for (t, o) in theirs.lines().zip(ours.lines()) {
             assert_eq!(after_time(o), after_time(t));
             let (t_time, o_time) = (t.split(' ').next().unwrap(), o.split(' ').next().unwrap());
@@ -446,7 +468,7 @@ mod tests {
         assert!(ours.contains("request{otel.kind=\"server\""), "{ours}");
 
         let (theirs, ours) = both(LogFormat::Json);
-        assert_eq!(ours.lines().count(), 3, "{ours}");
+        assert_eq!(ours.lines().count(), 6, "{ours}");
         for (t, o) in theirs.lines().zip(ours.lines()) {
             let mut t: serde_json::Value = serde_json::from_str(t).unwrap();
             let mut o: serde_json::Value = serde_json::from_str(o).unwrap();
@@ -455,76 +477,6 @@ mod tests {
             assert_eq!(o, t);
         }
         assert!(ours.contains("\"spans\":[{"), "{ours}");
-    }
-
-    /// `plain` is a promise that the patterns leave a value alone, in the line as well as
-    /// on its own. Strings built from the pieces patterns look for (and their near misses),
-    /// a thousand of them from a fixed seed: every one called plain must come through
-    /// `redact` unchanged, alone and inside an audit line's fields.
-    #[test]
-    fn plain_values_are_ones_redaction_leaves_alone() {
-        let pieces = [
-            "bearer ",
-            "Basic",
-            "b",
-            " ",
-            "eyJ",
-            "ey",
-            "J",
-            "hbGciOi",
-            ".",
-            "=",
-            "\"",
-            "\\",
-            ":",
-            "token",
-            "code",
-            "access_token",
-            "STATE",
-            "x",
-            "0b5c-1",
-            "/",
-            "-",
-            "_",
-            "é",
-            "\u{212A}ey",
-            "\t",
-            "&",
-            "app ",
-            "refused: ",
-        ];
-        let mut seed: u64 = 0x5eed;
-        let mut next = |n: usize| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (seed >> 33) as usize % n
-        };
-        let (mut plain_seen, mut other_seen) = (0, 0);
-        for _ in 0..1000 {
-            let value: String = (0..1 + next(6)).map(|_| pieces[next(pieces.len())]).collect();
-            if !super::plain(&value) {
-                other_seen += 1;
-                continue;
-            }
-            plain_seen += 1;
-            assert_eq!(crate::support::logging::redact(&value), value.as_str());
-            // Quoted, and unquoted (as `who` is) at the end. (In the middle, an unquoted value
-            // ending in `basic` makes the whole line's patterns mask the next field's name;
-            // part by part, the line keeps it. Neither is a secret.)
-            let line = format!(
-                "INFO request{{otel.kind=\"server\"}}: audit action=\"x\" connection=\"{value}\" outcome=\"ok\" who={value}\n"
-            );
-            assert_eq!(crate::support::logging::redact(&line), line.as_str(), "{value:?}");
-            let json = format!("{{\"message\":\"audit\",\"connection\":{},\"who\":\"x\"}}", serde_json::json!(value));
-            assert_eq!(crate::support::logging::redact(&json), json.as_str(), "{value:?}");
-        }
-        // Both kinds were drawn (the test is not vacuous).
-        assert!(plain_seen > 100 && other_seen > 100, "{plain_seen} plain, {other_seen} not");
-        for secretish in ["Bearer abc", "x token=abc", "eyJhbGciOi", "\"code\":\"abc\"", "é", "basic\tabc", "a\\b"] {
-            assert!(!super::plain(secretish), "{secretish}");
-        }
-        for ordinary in ["app 1111-aaaa", "refused: invalid_grant", "token_handed_out", "erp-1", "contact 42"] {
-            assert!(super::plain(ordinary), "{ordinary}");
-        }
     }
 
     /// The attacker's values: a secret in a connection id, an app id, a contact, and in the
@@ -545,8 +497,6 @@ mod tests {
                 LogFormat::Json => console.json().boxed(),
             };
             tracing::subscriber::with_default(tracing_subscriber::registry().with(console).with(audit), || {
-                let span = tracing::info_span!("request", faas.invocation_id = "Bearer SECRET-ONE");
-                let _in = span.enter();
                 let actor = Actor {
                     tenant: Some("t".into()),
                     app_id: Some("Bearer SECRET-TWO".into()),
@@ -554,17 +504,52 @@ mod tests {
                     contact: None,
                     kind: "",
                 };
-                crate::support::audit::record(Action::TokenHandedOut, "c access_token=SECRET-FOUR", "p", &actor, "ok");
+                let record = || {
+                    crate::support::audit::record(
+                        Action::TokenHandedOut,
+                        "c access_token=SECRET-FOUR",
+                        "p",
+                        &actor,
+                        "ok",
+                    )
+                };
+                // Before the first audit event, after it (the span's values noted when it
+                // is made), and with the secret recorded on the span later.
+                for round in 0..3 {
+                    let secret = if round == 2 { "plain-at-first" } else { "Bearer SECRET-ONE" };
+                    let span = tracing::info_span!("request", faas.invocation_id = secret, http.route = Empty);
+                    let _in = span.enter();
+                    if round == 2 {
+                        span.record("http.route", "/x?code=SECRET-FIVE");
+                    }
+                    record();
+                }
+                // A span whose values are all plain keeps its prefix as it is.
+                let span = tracing::info_span!("request", otel.kind = "server", http.route = "/api/{id}/token");
+                let _in = span.enter();
+                crate::support::audit::record(Action::Deletion, "c", "p", &Actor::timer(), "ok");
             });
             let text = ours.text();
-            assert_eq!(text.lines().count(), 1, "{text}");
-            for secret in ["SECRET-ONE", "SECRET-TWO", "U0VDUkVULVRIUkVF", "SECRET-FOUR"] {
+            assert_eq!(text.lines().count(), 4, "{text}");
+            for secret in ["SECRET-ONE", "SECRET-TWO", "U0VDUkVULVRIUkVF", "SECRET-FOUR", "SECRET-FIVE"] {
                 assert!(!text.contains(secret), "{secret} in {text}");
             }
             assert!(text.contains("[redacted]") && text.contains("[redacted-jwt]"), "{text}");
-            if format == LogFormat::Json {
-                let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
-                assert_eq!(line["connection"], "c access_token=[redacted]");
+            let last = text.lines().last().unwrap_or_default();
+            match format {
+                LogFormat::Text => {
+                    assert!(last.contains("request{otel.kind=\"server\" http.route=\"/api/{id}/token\"}:"), "{last}")
+                }
+                LogFormat::Json => {
+                    for line in text.lines() {
+                        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                        assert_eq!(line["connection"].as_str().unwrap_or("c"), line["connection"].as_str().unwrap());
+                    }
+                    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+                    assert_eq!(first["connection"], "c access_token=[redacted]");
+                    let last: serde_json::Value = serde_json::from_str(last).unwrap();
+                    assert_eq!(last["spans"][0]["http.route"], "/api/{id}/token");
+                }
             }
         }
     }
