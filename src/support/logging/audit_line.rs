@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
+use tracing::span::{Attributes, Id};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::FormattedFields;
@@ -30,7 +30,7 @@ use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::LogFormat;
-use super::plain::{AllPlain, SpanValues, plain};
+use super::plain::{AllPlain, plain};
 
 /// Formats `target: "audit"` events and hands each line to `out` (`is_error`, line).
 pub struct AuditLines<W> {
@@ -75,26 +75,25 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: Fn(bool, String) + Send + Sync + 'static,
 {
-    /// Notes whether the span's values are plain, so an audit line inside it need not put
-    /// its span prefix through the patterns (a span without the note gets them).
+    /// Notes that the span's values are plain, with the console layer's text of them (it
+    /// runs before this one), so an audit line inside the span need not put that text
+    /// through the patterns. A value recorded later changes the text (appended in text,
+    /// replaced in JSON): text other than the noted, or a span without the note, goes
+    /// through the patterns.
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if !self.auditing.load(Ordering::Relaxed) {
             return;
         }
         let mut all = AllPlain(true);
         attrs.record(&mut all);
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(SpanValues(all.0));
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
+        let Some(span) = ctx.span(id).filter(|_| all.0) else { return };
         let mut extensions = span.extensions_mut();
-        if let Some(note) = extensions.get_mut::<SpanValues>().filter(|n| n.0) {
-            let mut all = AllPlain(true);
-            values.record(&mut all);
-            note.0 = all.0;
+        let text = match self.format {
+            LogFormat::Text => extensions.get_mut::<FormattedFields<DefaultFields>>().map(|f| f.fields.clone()),
+            LogFormat::Json => extensions.get_mut::<FormattedFields<JsonFields>>().map(|f| f.fields.clone()),
+        };
+        if let Some(text) = text {
+            extensions.insert(PlainFields(text));
         }
     }
 
@@ -130,7 +129,7 @@ fn text<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
                 && !fields.is_empty()
             {
                 line.push('{');
-                line.push_str(&prefix_part(fields, extensions.get::<SpanValues>()));
+                line.push_str(&prefix_part(fields, fields, extensions.get::<PlainFields>()));
                 line.push('}');
             }
             line.push(':');
@@ -165,7 +164,7 @@ fn json<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
             if let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() {
                 let inner = fields.trim().trim_start_matches('{').trim_end_matches('}').trim();
                 if !inner.is_empty() {
-                    line.push_str(&prefix_part(inner, extensions.get::<SpanValues>()));
+                    line.push_str(&prefix_part(fields, inner, extensions.get::<PlainFields>()));
                     line.push(',');
                 }
             }
@@ -237,10 +236,13 @@ fn masked(value: &str) -> Cow<'_, str> {
     if plain(value) { Cow::Borrowed(value) } else { super::redact(value) }
 }
 
-/// A span's formatted fields as the line shows them: as they are when every value recorded
-/// on the span was plain, else through the patterns.
-fn prefix_part<'a>(fields: &'a str, note: Option<&SpanValues>) -> Cow<'a, str> {
-    if note.is_some_and(|n| n.0) { Cow::Borrowed(fields) } else { super::redact(fields) }
+/// A span's formatted fields when all its values were plain (noted when the span was made).
+struct PlainFields(String);
+
+/// `part` of a span's formatted `fields` as the line shows it: as it is when the fields are
+/// still the plain ones noted, else through the patterns.
+fn prefix_part<'a>(fields: &str, part: &'a str, note: Option<&PlainFields>) -> Cow<'a, str> {
+    if note.is_some_and(|n| n.0 == fields) { Cow::Borrowed(part) } else { super::redact(part) }
 }
 
 /// A JSON string literal.
@@ -358,8 +360,6 @@ mod tests {
 
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::{Layer, filter};
-
-    use tracing::field::Empty;
 
     use super::{AuditLines, LogFormat, TARGET};
     use crate::support::audit::{Action, Actor};
@@ -514,14 +514,19 @@ mod tests {
                     )
                 };
                 // Before the first audit event, after it (the span's values noted when it
-                // is made), and with the secret recorded on the span later.
-                for round in 0..3 {
-                    let secret = if round == 2 { "plain-at-first" } else { "Bearer SECRET-ONE" };
-                    let span = tracing::info_span!("request", faas.invocation_id = secret, http.route = Empty);
+                // is made), with the secret recorded on the span later, and recorded over a
+                // plain value of the same length (JSON replaces it: the text keeps its
+                // length).
+                for round in 0..4 {
+                    let secret = if round >= 2 { "plain-at-first" } else { "Bearer SECRET-ONE" };
+                    let route = if round == 3 { "aaaaaaaaaaaaaaaa" } else { "" };
+                    let span = tracing::info_span!("request", faas.invocation_id = secret, http.route = route);
                     let _in = span.enter();
-                    if round == 2 {
-                        span.record("http.route", "/x?code=SECRET-FIVE");
-                    }
+                    match round {
+                        2 => span.record("http.route", "/x?code=SECRET-FIVE"),
+                        3 => span.record("http.route", "Bearer SECRET-6X"),
+                        _ => &span,
+                    };
                     record();
                 }
                 // A span whose values are all plain keeps its prefix as it is.
@@ -530,8 +535,8 @@ mod tests {
                 crate::support::audit::record(Action::Deletion, "c", "p", &Actor::timer(), "ok");
             });
             let text = ours.text();
-            assert_eq!(text.lines().count(), 4, "{text}");
-            for secret in ["SECRET-ONE", "SECRET-TWO", "U0VDUkVULVRIUkVF", "SECRET-FOUR", "SECRET-FIVE"] {
+            assert_eq!(text.lines().count(), 5, "{text}");
+            for secret in ["SECRET-ONE", "SECRET-TWO", "U0VDUkVULVRIUkVF", "SECRET-FOUR", "SECRET-FIVE", "SECRET-6X"] {
                 assert!(!text.contains(secret), "{secret} in {text}");
             }
             assert!(text.contains("[redacted]") && text.contains("[redacted-jwt]"), "{text}");

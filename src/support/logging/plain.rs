@@ -8,7 +8,7 @@
 //!
 //! The audit line is redacted part by part with this ([`super::audit_line`]): each value
 //! that is not plain goes through the patterns, and so does the span prefix unless every
-//! value recorded on the span was plain ([`SpanValues`]). The whole line's pre-check looked
+//! value recorded on the span was plain ([`AllPlain`]). The whole line's pre-check looked
 //! at every `=` and `"` of its `name="value"` fields, and the line has about twenty
 //! (callgrind: 6,500 of the line's 14,800 instructions). The line's own text (names,
 //! quotes, the timestamp) holds no secret.
@@ -87,10 +87,6 @@ impl std::fmt::Write for Plainness {
         Ok(())
     }
 }
-
-/// Whether every value recorded on a span so far was plain: kept in the span's extensions
-/// by the audit layer, so the span prefix of an audit line inside it needs no patterns.
-pub struct SpanValues(pub bool);
 
 /// Visits a span's values and says whether all are plain. Each value is judged alone, as
 /// it is in the line (a space in one and a `b` in the next cannot make a `bearer` pair).
