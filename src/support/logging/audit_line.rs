@@ -182,35 +182,37 @@ fn json<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
 /// thread keeps the current second's text and writes only the microseconds (callgrind: the
 /// library's timer took 1,500 instructions a line, most of them formatting the date).
 fn timestamp(line: &mut String) {
-    use std::cell::Cell;
+    use std::cell::RefCell;
     thread_local! {
-        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+        /// The second's Unix time and its text, `YYYY-MM-DDTHH:MM:SS.`.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
     let Ok(since) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
         return library_timestamp(line);
     };
     let secs = since.as_secs();
-    let (cached, mut text) = SECOND.get();
-    if cached != secs {
-        let formatted = i64::try_from(secs).map(crate::support::time::rfc3339).unwrap_or_default();
-        // `YYYY-MM-DDTHH:MM:SSZ`; any other year (the library writes those its own way)
-        // goes to the library.
-        match formatted.strip_suffix('Z').map(str::as_bytes) {
-            Some(date) if date.len() == text.len() => text.copy_from_slice(date),
-            _ => return library_timestamp(line),
+    let known = SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            let formatted = i64::try_from(secs).map(crate::support::time::rfc3339).unwrap_or_default();
+            // `YYYY-MM-DDTHH:MM:SSZ`; any other year (the library writes those its own
+            // way) goes to the library.
+            let Some(date) = formatted.strip_suffix('Z').filter(|d| d.len() == 19) else { return false };
+            text.clear();
+            text.push_str(date);
+            text.push('.');
+            *cached = secs;
         }
-        SECOND.set((secs, text));
+        line.push_str(text);
+        true
+    });
+    if !known {
+        return library_timestamp(line);
     }
-    // The 19 bytes came from a `String` and are ASCII digits and separators.
-    line.push_str(std::str::from_utf8(&text).unwrap_or_default());
     let micros = since.subsec_micros();
-    let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
-    let mut rest = micros;
-    for d in digits[1..7].iter_mut().rev() {
-        *d = b'0' + (rest % 10) as u8;
-        rest /= 10;
+    for scale in [100_000, 10_000, 1_000, 100, 10, 1] {
+        line.push(char::from(b'0' + (micros / scale % 10) as u8));
     }
-    line.push_str(std::str::from_utf8(&digits).unwrap_or_default());
+    line.push('Z');
 }
 
 /// tracing-subscriber's own timer.
