@@ -119,27 +119,36 @@ fn text<S: Subscriber + for<'a> LookupSpan<'a>>(line: &mut String, event: &Event
     line.push(' ');
     line.push_str(padded_level(event.metadata().level()));
     line.push(' ');
-    if let Some(scope) = ctx.event_scope(event) {
-        let mut seen = false;
-        for span in scope.from_root() {
-            line.push_str(span.metadata().name());
-            seen = true;
-            let extensions = span.extensions();
-            if let Some(fields) = extensions.get::<FormattedFields<DefaultFields>>()
-                && !fields.is_empty()
-            {
-                line.push('{');
-                line.push_str(&prefix_part(fields, fields, extensions.get::<PlainFields>()));
-                line.push('}');
+    if let Some(leaf) = ctx.event_span(event) {
+        // Most audit events are in one span (the request's): it needs no list of spans.
+        if leaf.parent().is_none() {
+            span_prefix(line, &leaf);
+        } else {
+            for span in leaf.scope().from_root() {
+                span_prefix(line, &span);
             }
-            line.push(':');
         }
-        if seen {
-            line.push(' ');
-        }
+        line.push(' ');
     }
     event.record(&mut TextFields { line, first: true });
     line.push('\n');
+}
+
+/// `name{fields}:`, one span's part of the text line's prefix.
+fn span_prefix<'a, R: tracing_subscriber::registry::LookupSpan<'a>>(
+    line: &mut String,
+    span: &tracing_subscriber::registry::SpanRef<'a, R>,
+) {
+    line.push_str(span.metadata().name());
+    let extensions = span.extensions();
+    if let Some(fields) = extensions.get::<FormattedFields<DefaultFields>>()
+        && !fields.is_empty()
+    {
+        line.push('{');
+        line.push_str(&prefix_part(fields, fields, extensions.get::<PlainFields>()));
+        line.push('}');
+    }
+    line.push(':');
 }
 
 /// `{"timestamp":...,"level":"INFO","message":"audit",<fields>,"target":"audit","spans":[...]}`
