@@ -8,7 +8,7 @@
 //! route, never the query string. Second, every formatted line passes through
 //! [`redact`] before it is written: bearer values, JWTs and `name=value` / `"name":"value"`
 //! pairs for OAuth secrets are masked whatever code produced them. (The audit line passes
-//! part by part: its span prefix and each of its values; see `audit_line::plain`.)
+//! part by part: its span prefix and each of its values; see `plain.rs`.)
 
 mod audit_line;
 mod plain;
@@ -75,7 +75,7 @@ where
         &["appinsights_event=off", "audit=off"],
     );
     let audit_filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    // The audit layer redacts its line part by part (see `audit_line::plain`) and hands it
+    // The audit layer redacts its line part by part (see `plain.rs`) and hands it
     // over as it is.
     let audit =
         audit_line::AuditLines::new(format, |to_stderr, line: String| sink::write(to_stderr, line.into_bytes()))

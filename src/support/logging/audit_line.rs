@@ -18,7 +18,6 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
