@@ -23,7 +23,7 @@ pub mod portal;
 pub mod seed;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -328,19 +328,26 @@ impl HandlerBuilder {
             let logs = logs.clone();
             let counting = self.counting;
             std::thread::spawn(move || {
-                let mut reader = BufReader::with_capacity(256 * 1024, pipe);
+                let mut pipe = pipe;
                 if let Some(marker) = counting {
+                    // Big reads, and the marker counted in them (it appears once a line);
+                    // what could be the start of a marker cut by a read is kept for the next.
                     let finder = memchr::memmem::Finder::new(marker.as_bytes());
-                    let mut line = Vec::with_capacity(1024);
-                    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-                        if finder.find(&line).is_some() {
-                            logs.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let keep = marker.len() - 1;
+                    let (mut buf, mut held) = (vec![0u8; 256 * 1024], 0);
+                    while let Ok(n) = pipe.read(&mut buf[held..]) {
+                        if n == 0 {
+                            break;
                         }
-                        line.clear();
+                        let end = held + n;
+                        let found = finder.find_iter(&buf[..end]).count() as u64;
+                        logs.1.fetch_add(found, std::sync::atomic::Ordering::Relaxed);
+                        held = keep.min(end);
+                        buf.copy_within(end - held..end, 0);
                     }
                     return;
                 }
-                for line in reader.lines().map_while(Result::ok) {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     ALL_LOGS.push(stderr, line.clone());
                     logs.push(stderr, line);
                 }
