@@ -149,7 +149,7 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
         let (mut d, mut f, mut o) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..RUNS {
             d.push(load(&format!("{}/items", api.url), Method::GET, vec![], None, Some(api.child.id())).await);
-            for ours in if rep % 2 == 0 { [false, true] } else { [true, false] } {
+            for ours in pair_order(rep) {
                 // The forwarder gets the same request as ours, caller's bearer included (it
                 // ignores it): any token-injecting proxy receives the caller's credential.
                 let (url, pid) = if ours {
@@ -162,9 +162,7 @@ async fn proxy_section(w: &World) -> (String, (u64, u64)) {
             }
         }
         drop(forwarder);
-        let mut pairs: Vec<f64> = f.iter().zip(&o).map(|(f, o)| o.rps / f.rps).collect();
-        let shown = pairs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
-        let over_floor = median(&mut pairs);
+        let (over_floor, shown) = pair_ratios(&f, &o, |l| l.rps);
         let (direct, floor, proxied) = (median_load(&d), median_load(&f), median_load(&o));
         if label == "Dataverse" {
             let (calls, requests) = proxy_dv;
@@ -395,10 +393,9 @@ fn median_load(runs: &[Load]) -> Load {
     }
 }
 
-/// `RUNS` pairs of runs, the baseline and the handler alternating, so drift on a noisy
-/// machine affects both.
-/// The windows are adjacent pairs in alternating order; the ratio is the median of the
-/// pairs' ratios, with every pair's in words (see the audit table).
+/// `RUNS` pairs of adjacent windows, the baseline and the handler in alternating order
+/// ([`pair_order`]), so drift on a noisy machine affects both; the ratio is the median of
+/// the pairs' ratios, with every pair's in words ([`pair_ratios`]).
 async fn paired(
     baseline_url: &str,
     handler_url: &str,
@@ -409,16 +406,29 @@ async fn paired(
 ) -> (Load, Load, String) {
     let (mut base, mut ours) = (Vec::new(), Vec::new());
     for rep in 0..RUNS {
-        for handler in if rep % 2 == 0 { [false, true] } else { [true, false] } {
+        for handler in pair_order(rep) {
             let (url, pid) = if handler { (handler_url, pid) } else { (baseline_url, baseline_pid) };
             let l = load(url, method.clone(), headers.clone(), body.clone(), Some(pid)).await;
             if handler { ours.push(l) } else { base.push(l) }
         }
     }
-    let mut pairs: Vec<f64> = base.iter().zip(&ours).map(|(b, o)| o.rps / b.rps).collect();
-    let shown = pairs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
-    let ratio = format!("{:.2} (pairs {shown})", median(&mut pairs));
-    (median_load(&base), median_load(&ours), ratio)
+    let (ratio, shown) = pair_ratios(&base, &ours, |l| l.rps);
+    (median_load(&base), median_load(&ours), format!("{ratio:.2} (pairs {shown})"))
+}
+
+/// Which of a pair of adjacent windows goes first: the reference (`false`) in even pairs,
+/// the measured server (`true`) in odd ones. On two shared cores one server's throughput
+/// moves by a fifth between windows a minute apart; two adjacent windows share most of it.
+fn pair_order(pair: usize) -> [bool; 2] {
+    if pair % 2 == 0 { [false, true] } else { [true, false] }
+}
+
+/// The median over adjacent pairs of `f(measured) / f(reference)`, and every pair's ratio
+/// in words.
+fn pair_ratios(reference: &[Load], measured: &[Load], f: fn(&Load) -> f64) -> (f64, String) {
+    let mut ratios: Vec<f64> = reference.iter().zip(measured).map(|(r, m)| f(m) / f(r)).collect();
+    let shown = ratios.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+    (median(&mut ratios), shown)
 }
 
 /// `CONCURRENCY` connections sending requests back to back for `LOAD_SECS`, after a
@@ -645,24 +655,19 @@ async fn audit_cost(w: &World) -> String {
         ("Authorization".to_string(), format!("Bearer {}", w.bearer)),
         ("Content-Type".into(), "application/json".into()),
     ];
-    // Pairs of adjacent windows, in alternating order (off-on, on-off, ...), and the median
-    // of the pairs' ratios: on two shared cores the same server's throughput moves by a
-    // fifth between windows a minute apart, and two adjacent windows share most of it.
+    // Adjacent windows in alternating order (off-on, on-off, ...), and the medians of the
+    // pairs' ratios.
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for pair in 0..AUDIT_PAIRS {
-        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let h = &handlers[i];
+        for audited in pair_order(pair) {
+            let h = &handlers[usize::from(audited)];
             let url = format!("{}/api/connections/au/token", h.base);
             let l = load(&url, Method::POST, auth.clone(), Some("{}".into()), Some(h.pid())).await;
-            if i == 0 { off.push(l) } else { on.push(l) }
+            if audited { on.push(l) } else { off.push(l) }
         }
     }
-    let pair_ratios = |f: fn(&Load) -> f64| off.iter().zip(&on).map(|(a, b)| f(b) / f(a)).collect::<Vec<_>>();
-    let (mut rps_ratios, mut cpu_ratios) = (pair_ratios(|l| l.rps), pair_ratios(|l| l.cpu_us));
-    let shown = |r: &[f64]| r.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
-    let (rps_pairs, cpu_pairs) = (shown(&rps_ratios), shown(&cpu_ratios));
-    let (rps_ratio, cpu_ratio) = (median(&mut rps_ratios), median(&mut cpu_ratios));
+    let (rps_ratio, rps_pairs) = pair_ratios(&off, &on, |l| l.rps);
+    let (cpu_ratio, cpu_pairs) = pair_ratios(&off, &on, |l| l.cpu_us);
     let (off, on) = (median_load(&off), median_load(&on));
     let audited = handlers[1].logs.counted();
     format!(

@@ -317,8 +317,7 @@ impl Visit for TextFields<'_> {
         }
         let start = self.line.len();
         let _ = write!(self.line, "{value:?}");
-        if !plain(&self.line[start..]) {
-            let redacted = super::redact(&self.line[start..]).into_owned();
+        if let Cow::Owned(redacted) = masked(&self.line[start..]) {
             self.line.truncate(start);
             self.line.push_str(&redacted);
         }
