@@ -420,7 +420,7 @@ async fn paired(
 /// the measured server (`true`) in odd ones. On two shared cores one server's throughput
 /// moves by a fifth between windows a minute apart; two adjacent windows share most of it.
 fn pair_order(pair: usize) -> [bool; 2] {
-    if pair % 2 == 0 { [false, true] } else { [true, false] }
+    if pair.is_multiple_of(2) { [false, true] } else { [true, false] }
 }
 
 /// The median over adjacent pairs of `f(measured) / f(reference)`, and every pair's ratio
