@@ -8,6 +8,7 @@
 //! also where callers for one connection take turns ([`TokenCache::exclusive`]): the
 //! in-process half of the refresh single flight.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,15 @@ use crate::support::cache::Cache;
 
 /// An access token as handed to callers (never a refresh token), with what the proxies
 /// need to know of its connection, so a proxied call with a cached token reads no store.
+///
+/// Shared, not copied: every cache hit hands one out, and a copy of its strings was four
+/// allocations on every proxied call.
 #[derive(Debug, Clone)]
-pub struct CachedToken {
+pub struct CachedToken(Arc<TokenFields>);
+
+/// What a [`CachedToken`] holds.
+#[derive(Debug)]
+pub struct TokenFields {
     /// The connection's provider (catalog name) and owner.
     pub provider: String,
     pub owner: Option<String>,
@@ -38,7 +46,7 @@ pub struct CachedToken {
 
 impl CachedToken {
     pub fn for_connection(c: &Connection, t: &TokenSet, obtained_ms: i64) -> CachedToken {
-        CachedToken {
+        CachedToken(Arc::new(TokenFields {
             provider: c.provider.clone(),
             owner: c.owner.clone(),
             access_token: t.access_token.clone(),
@@ -47,11 +55,19 @@ impl CachedToken {
             scope: t.scope.clone(),
             obtained_ms,
             version: c.version.clone(),
-        }
+        }))
     }
 
     pub fn secret(&self) -> &str {
         self.access_token.expose_secret()
+    }
+}
+
+impl std::ops::Deref for CachedToken {
+    type Target = TokenFields;
+
+    fn deref(&self) -> &TokenFields {
+        &self.0
     }
 }
 

@@ -119,7 +119,7 @@ impl Connections {
     /// Who owns a connection, when its token is in the cache (no store read); `None` when
     /// it is not cached.
     pub fn cached_owner(&self, id: &str) -> Option<Option<String>> {
-        self.cache.peek(id).map(|t| t.owner)
+        self.cache.peek(id).map(|t| t.owner.clone())
     }
 
     fn cached(&self, id: &str, want: Want) -> Option<CachedToken> {
