@@ -8,6 +8,7 @@
 //! one), carrying the request's operation id: `customEvents | where name ==
 //! "DynamicsCompanion.Audit"`.
 
+use std::sync::Arc;
 /// What was done with a connection's credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -40,10 +41,10 @@ impl Action {
 /// contact, a person's browser at the callback, or the timer.
 #[derive(Debug, Clone, Default)]
 pub struct Actor {
-    pub tenant: Option<String>,
-    pub app_id: Option<String>,
-    pub object_id: Option<String>,
-    pub contact: Option<String>,
+    pub tenant: Option<Arc<str>>,
+    pub app_id: Option<Arc<str>>,
+    pub object_id: Option<Arc<str>>,
+    pub contact: Option<Arc<str>>,
     /// `timer`, `callback`, or empty for a caller with a token.
     pub kind: &'static str,
 }

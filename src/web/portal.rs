@@ -129,6 +129,7 @@ pub async fn proxy(svc: &PortalApi, mut req: Request, id: &str) -> Result<Respon
             req.method, provider.name
         )));
     }
-    let actor = crate::support::audit::Actor { contact: Some(portal::owner(&u)), kind: "portal", ..Default::default() };
+    let actor =
+        crate::support::audit::Actor { contact: Some(portal::owner(&u).into()), kind: "portal", ..Default::default() };
     proxy::send_audited(actor, &svc.http, home, &provider, id, token, target, &mut req).await
 }

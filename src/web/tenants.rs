@@ -65,7 +65,7 @@ async fn operator(svc: &TenantsApi, req: &Request) -> Result<Option<String>, Api
             "Tenants are managed by the deployment's own tenant; a customer's token cannot.",
         ));
     }
-    Ok(who.client_id)
+    Ok(who.client_id.as_deref().map(str::to_string))
 }
 
 /// `GET /api/tenants` (list) and `POST /api/tenants` (start onboarding: the link).

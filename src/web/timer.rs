@@ -114,7 +114,7 @@ pub async fn invoke(svc: &Timer, mut req: Request) -> Result<Response, ApiError>
             let runs: Vec<_> = futures_util::stream::iter(scopes)
                 .map(|(tenant, connections)| async move {
                     let run = crate::domain::sweep::run(&connections, None, next_run);
-                    let actor = Actor { tenant: Some(tenant.clone()), ..Actor::timer() };
+                    let actor = Actor { tenant: Some(tenant.as_str().into()), ..Actor::timer() };
                     (tenant, acting(actor, run).await)
                 })
                 .buffer_unordered(crate::domain::tenants::scope::TENANTS_AT_ONCE)

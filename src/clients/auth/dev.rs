@@ -102,11 +102,11 @@ pub fn verify(key: &[u8], token: &str) -> Result<Caller, AuthError> {
         .map_err(|e| super::jwt::rejection(&e, ISSUER))?
         .claims;
     Ok(Caller {
-        client_id: Some(claims.azp),
-        subject: Some(claims.sub),
-        roles: claims.roles,
+        client_id: Some(claims.azp.into()),
+        subject: Some(claims.sub.into()),
+        roles: claims.roles.into(),
         home: claims.tid.is_none(),
-        tenant: claims.tid,
+        tenant: claims.tid.map(Into::into),
     })
 }
 
@@ -118,7 +118,7 @@ mod tests {
         let token = super::mint(key, &["ops".into()], None, 5).unwrap();
         let caller = super::verify(key, &token).unwrap();
         assert_eq!(
-            (caller.client_id.as_deref(), caller.home, caller.roles.as_slice()),
+            (caller.client_id.as_deref(), caller.home, &caller.roles[..]),
             (Some(super::CLIENT), true, &["ops".to_string()][..])
         );
         assert!(super::verify(b"another key another key another key another key!", &token).is_err());

@@ -13,6 +13,8 @@ pub mod dev;
 pub mod issuer_keys;
 pub mod jwt;
 
+use std::sync::Arc;
+
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 
@@ -33,15 +35,19 @@ pub enum AuthError {
     Unavailable(String),
 }
 
-/// The verified caller.
+/// The verified caller. Its strings are shared: every request with a token already
+/// verified gets a copy from the cache, and the audit record's [`Actor`] shares them too
+/// (copied, they were five allocations on every proxied call).
+///
+/// [`Actor`]: crate::support::audit::Actor
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub client_id: Option<String>,
-    pub subject: Option<String>,
-    pub roles: Vec<String>,
+    pub client_id: Option<Arc<str>>,
+    pub subject: Option<Arc<str>>,
+    pub roles: Arc<[String]>,
     /// The Entra tenant the token was issued in (`tid`); with several tenants accepted
     /// ([`BearerVerifier::accepting_other_tenants`]), the one whose issuer signed it.
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     /// Issued by `AUTH_ISSUER` itself: a caller of the deployment's own tenant.
     pub home: bool,
 }
@@ -220,7 +226,13 @@ impl BearerVerifier {
                 client_id.as_deref().unwrap_or("no client id")
             )));
         }
-        let caller = Caller { client_id, subject: claims.sub, roles: claims.roles, tenant: claims.tid, home };
+        let caller = Caller {
+            client_id: client_id.map(Arc::from),
+            subject: claims.sub.map(Arc::from),
+            roles: claims.roles.into(),
+            tenant: claims.tid.map(Arc::from),
+            home,
+        };
         self.verified.put(token, caller.clone(), claims.exp);
         Ok(caller)
     }
