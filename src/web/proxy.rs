@@ -113,58 +113,60 @@ pub fn api_base(provider: &Provider) -> Result<&url::Url, ApiError> {
 /// `;` path parameters (`..;/`), double encoding (`%252e`), control characters and empty
 /// segments. The path is decoded once, here, only to check it.
 pub fn proxy_target(base: &url::Url, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
-    let segments: Vec<&str> = raw_path.split('/').collect();
     // What follows the route's `proxy` segment: `/api/connections/{id}/proxy/...` or
     // `/api/portal/connections/{id}/proxy/...` (an id that is itself `proxy` is not it).
-    let at = if segments.get(2) == Some(&"portal") { 6 } else { 5 };
-    if segments.get(at - 1) != Some(&"proxy") {
+    let at = if raw_path.split('/').nth(2) == Some("portal") { 6 } else { 5 };
+    let mut parts = raw_path.splitn(at + 1, '/');
+    if parts.nth(at - 1) != Some("proxy") {
         return Err(ApiError::bad_request("invalid-proxy-path", "This is not a proxy path."));
     }
-    let rest = &segments[at.min(segments.len())..];
-    let mut url = checked_join(base, rest)?;
+    let mut url = checked_join(base, parts.next())?;
     url.set_query(query);
     Ok(url)
 }
 
-/// Joins path segments (still percent-encoded) to the provider's API base, refusing
-/// what would leave it or what a server behind it could read differently: dot segments,
-/// encoded separators (`%2F`, `%5C`), `;` path parameters (`..;/`), double encoding
-/// (`%252e`), control characters and empty segments (but a trailing slash).
-fn checked_join(base: &url::Url, rest: &[&str]) -> Result<url::Url, ApiError> {
-    let last = rest.len().saturating_sub(1);
-    let refused = rest.iter().enumerate().any(|(i, seg)| {
-        if seg.is_empty() {
-            return i != last; // only a trailing slash may leave a segment empty
-        }
-        if seg.contains(';') || seg.contains('?') || seg.contains('#') {
-            return true;
-        }
-        match percent_encoding::percent_decode_str(seg).decode_utf8() {
-            Err(_) => true,
-            Ok(decoded) => {
-                decoded == "."
-                    || decoded == ".."
-                    || decoded.chars().any(|c| matches!(c, '/' | '\\' | ';' | '%') || c.is_control())
+/// Joins a path (still percent-encoded; `None` for no path at all) to the provider's API
+/// base, refusing what would leave it or what a server behind it could read differently:
+/// dot segments, encoded separators (`%2F`, `%5C`), `;` path parameters (`..;/`), double
+/// encoding (`%252e`), control characters and empty segments (but a trailing slash).
+fn checked_join(base: &url::Url, rest: Option<&str>) -> Result<url::Url, ApiError> {
+    let mut segments = rest.into_iter().flat_map(|r| r.split('/')).peekable();
+    let mut refused = segments.peek().is_none();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        refused |= if seg.is_empty() {
+            !last // only a trailing slash may leave a segment empty
+        } else if seg.contains(';') || seg.contains('?') || seg.contains('#') {
+            true
+        } else {
+            match percent_encoding::percent_decode_str(seg).decode_utf8() {
+                Err(_) => true,
+                Ok(decoded) => {
+                    decoded == "."
+                        || decoded == ".."
+                        || decoded.chars().any(|c| matches!(c, '/' | '\\' | ';' | '%') || c.is_control())
+                }
             }
+        };
+        if refused {
+            break;
         }
-    });
-    if refused || rest.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid-proxy-path",
-            "The proxied path may not contain '.', '..', empty segments, ';', encoded separators or double encoding.",
-        ));
     }
+    let rest = match rest {
+        Some(rest) if !refused => rest,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid-proxy-path",
+                "The proxied path may not contain '.', '..', empty segments, ';', encoded separators or double encoding.",
+            ));
+        }
+    };
     // The checked segments set as the path after the base's (which ends in `/`): what
     // `Url::join` would give for them, without parsing the whole URL again (its host
     // included) on every proxied call.
-    let mut path = String::with_capacity(base.path().len() + rest.iter().map(|s| s.len() + 1).sum::<usize>());
+    let mut path = String::with_capacity(base.path().len() + rest.len());
     path.push_str(base.path());
-    for (i, seg) in rest.iter().enumerate() {
-        if i > 0 {
-            path.push('/');
-        }
-        path.push_str(seg);
-    }
+    path.push_str(rest);
     let mut url = base.clone();
     url.set_query(None);
     url.set_fragment(None);
@@ -219,8 +221,7 @@ pub fn call_target(base: &url::Url, raw_tail: &str, request_query: Option<&str>)
     // The maker's path as a URL path: what is not allowed in one is escaped (a space), what
     // is (an escape the maker wrote) stays, and is then checked like any raw path.
     let encoded: String = percent_encoding::utf8_percent_encode(path, PATH_UNSAFE).to_string();
-    let segments: Vec<&str> = encoded.split('/').collect();
-    let mut url = checked_join(base, &segments)?;
+    let mut url = checked_join(base, Some(&encoded))?;
     url.set_query(query.as_deref().filter(|q| !q.is_empty()));
     Ok(url)
 }
@@ -395,6 +396,11 @@ mod tests {
         ] {
             assert!(proxy_target(&base, bad, None).is_err(), "{bad} should be refused");
         }
+        let root = proxy_target(&base, "/api/connections/c/proxy/", None).unwrap();
+        assert_eq!(root.as_str(), "https://api.example/v1/", "a trailing slash is the base itself");
+        for bad in ["/api/connections/c/proxy", "/api/connections/c/proxi/x", "/api/portal/connections/c/x/y"] {
+            assert!(proxy_target(&base, bad, None).is_err(), "{bad} has no path after proxy/");
+        }
     }
 
     /// The joined URL is what `Url::join` gives for every path the checks let through, read
@@ -407,8 +413,7 @@ mod tests {
             let base = url::Url::parse(base).unwrap();
             for rest in ["items", "items/42", "items/", "a%20b", "%C3%A9t%C3%A9/x", "a:b", "a@b/c", "~user/x!$&'()*+,="]
             {
-                let segments: Vec<&str> = rest.split('/').collect();
-                let ours = checked_join(&base, &segments).unwrap_or_else(|e| panic!("{base} + {rest}: {}", e.detail));
+                let ours = checked_join(&base, Some(rest)).unwrap_or_else(|e| panic!("{base} + {rest}: {}", e.detail));
                 let joined = base.join(&format!("./{rest}")).unwrap();
                 assert_eq!(ours.as_str(), joined.as_str(), "{base} + {rest}");
             }
